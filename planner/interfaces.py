@@ -1,0 +1,216 @@
+"""The contracts between proxy/, planner/ and runtime/: typing only, no behaviour.
+
+proxy/ implements `UpstreamSession` and `ResultSink` and calls a `StatementHandler`
+(implemented by planner/) for every statement whose text mentions ``pgml``.
+planner/ calls the `Runtime` (implemented by runtime/) with Python values and never
+sees sockets; runtime/ never sees wire bytes or SQL text written by clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+# A wire value: the bytes of one field in the format it was asked for, or None for SQL NULL.
+WireValue = bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One field of a RowDescription, exactly as Postgres describes it."""
+
+    name: str
+    type_oid: int
+    table_oid: int = 0
+    column_attr: int = 0
+    type_size: int = -1
+    type_modifier: int = -1
+    format: int = 0  # 0 text, 1 binary
+
+
+@dataclass(slots=True)
+class QueryResult:
+    """The complete result of one statement run upstream."""
+
+    columns: list[Column] | None  # None: the statement returns no rows (no RowDescription)
+    rows: list[list[WireValue]]
+    command_tag: str
+    notices: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StatementDescription:
+    """What Describe of a prepared statement answers."""
+
+    param_oids: list[int]
+    columns: list[Column] | None
+
+
+class UpstreamSession(Protocol):
+    """The client's own server connection, held for the duration of one statement.
+
+    Implemented by proxy/. Every method raises `proxy.errors.PgError` (carrying every
+    ErrorResponse field) when the upstream answers with an error; the session then
+    stays usable once the proxy has synced it (the implementation does the Sync).
+    """
+
+    @property
+    def transaction_status(self) -> str:
+        """'I' idle, 'T' in a transaction block, 'E' in a failed transaction block."""
+        ...
+
+    async def simple(self, sql: str) -> list[QueryResult]:
+        """Run `sql` with the simple query protocol (several statements allowed); text results."""
+        ...
+
+    async def execute(
+        self,
+        sql: str,
+        params: Sequence[WireValue] = (),
+        *,
+        param_oids: Sequence[int] = (),
+        param_formats: Sequence[int] = (),
+        result_formats: Sequence[int] = (),
+    ) -> QueryResult:
+        """Run one statement with the extended protocol (unnamed statement and portal)."""
+        ...
+
+    def stream(
+        self,
+        sql: str,
+        params: Sequence[WireValue] = (),
+        *,
+        param_oids: Sequence[int] = (),
+        param_formats: Sequence[int] = (),
+        result_formats: Sequence[int] = (),
+        chunk_rows: int = 1000,
+    ) -> AsyncIterator[QueryResult]:
+        """Run one statement and yield its rows in chunks of at most `chunk_rows`.
+
+        Uses Execute with a row limit (PortalSuspended) so memory stays bounded. Every
+        chunk carries the columns; the last one carries the command tag, the others "".
+        """
+        ...
+
+    async def describe(self, sql: str, param_oids: Sequence[int] = ()) -> StatementDescription:
+        """Parse (unnamed) and Describe `sql` upstream without running it."""
+        ...
+
+    async def copy_in(self, sql: str, data: bytes | AsyncIterator[bytes]) -> str:
+        """Run a `COPY ... FROM STDIN` and feed it `data`; returns the command tag."""
+        ...
+
+
+class ResultSink(Protocol):
+    """Where the planner writes what the client must see. Implemented by proxy/.
+
+    The sink encodes the protocol messages; the planner gives field values already
+    encoded in the client's requested format (psycopg's dumpers do that).
+    """
+
+    async def row_description(self, columns: Sequence[Column]) -> None: ...
+
+    async def data_rows(self, rows: Sequence[Sequence[WireValue]]) -> None: ...
+
+    async def command_complete(self, tag: str) -> None: ...
+
+    async def notice(self, fields: Mapping[str, str]) -> None:
+        """Send a NoticeResponse; `fields` keys are the one-letter codes (S, V, C, M, ...)."""
+        ...
+
+
+@dataclass
+class CallContext:
+    """Per-statement context the planner hands to runtime calls."""
+
+    # Sends an INFO/NOTICE to the client right away (training progress and the like).
+    notice: Callable[[str], Awaitable[None]]
+    # Connection parameters of the client (user, database, application_name).
+    user: str = ""
+    database: str = ""
+    # The client's upstream session, for functions that must see its transaction.
+    upstream: UpstreamSession | None = None
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """All model work. Implemented by runtime/ (`runtime.Runtime`).
+
+    Function names are the pgml function names without the schema (``embed``,
+    ``transform``, ``predict``, ``train``, ...). Each call is a mapping from the
+    reference's argument names (``../shared/reference/pgml-api.md``) to Python values,
+    defaults already applied, NULL-in-gives-NULL-out already handled by the planner:
+    text -> str, jsonb -> dict/list/str/number, real[]/float8[] -> list[float] (or a
+    numpy array), bigint/int -> int, bool -> bool, text[] -> list[str], jsonb[] -> list,
+    a row (``t.*``) -> dict column name -> value.
+    """
+
+    async def call_batch(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        """Run `function` for every call (batched inside) and return one result per call.
+
+        Scalar functions return the value (list[float] for real[], JSON-able Python for
+        jsonb, float for real, str for text). Set-returning functions return, per call,
+        a list of row tuples in the reference's column order.
+        Raises `proxy.errors.PgError` subclasses with the right SQLSTATE.
+        """
+        ...
+
+    def stream(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> AsyncIterator[Any]:
+        """Yield the rows of a streaming function (``transform_stream``) as they are made."""
+        ...
+
+
+class PreparedStatement(Protocol):
+    """A statement that mentions pgml, parsed by the planner at Parse time."""
+
+    async def describe(self, upstream: UpstreamSession) -> StatementDescription: ...
+
+    async def bind(
+        self,
+        params: Sequence[WireValue],
+        param_formats: Sequence[int],
+        result_formats: Sequence[int],
+    ) -> Portal: ...
+
+
+class Portal(Protocol):
+    async def describe(self, upstream: UpstreamSession) -> list[Column] | None: ...
+
+    async def execute(
+        self, upstream: UpstreamSession, sink: ResultSink, ctx: CallContext, max_rows: int = 0
+    ) -> bool:
+        """Write DataRows (and CommandComplete when done) to `sink`.
+
+        Returns True when the portal was suspended by `max_rows` (the proxy then sends
+        PortalSuspended and a later Execute continues), False when it completed.
+        Does not send RowDescription (the extended protocol sends it on Describe).
+        """
+        ...
+
+
+class StatementHandler(Protocol):
+    """The planner hook: the one place where the proxy hands over pgml statements."""
+
+    async def simple_query(
+        self, sql: str, upstream: UpstreamSession, sink: ResultSink, ctx: CallContext
+    ) -> None:
+        """Answer a whole simple-protocol Query message (one or more statements).
+
+        Writes RowDescription/DataRow/CommandComplete for each statement to `sink`;
+        raises PgError on the first failing statement (the proxy writes the
+        ErrorResponse and then ReadyForQuery).
+        """
+        ...
+
+    async def parse(self, sql: str, param_oids: Sequence[int]) -> PreparedStatement:
+        """Analyse a Parse message's text; raises PgError for SQL it cannot accept."""
+        ...
+
+
+def mentions_pgml(sql: str) -> bool:
+    """The proxy's cheap pre-filter: only statements that mention pgml reach the planner."""
+    # The common spelling first: a substring test costs well under a microsecond.
+    return "pgml" in sql or "pgml" in sql.lower()
