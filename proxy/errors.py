@@ -160,6 +160,12 @@ class UndefinedFunction(PgError):
     sqlstate = "42883"
 
 
+class InsufficientPrivilege(PgError):
+    """Not allowed by configuration (a model outside `runtime.allowed_models`, remote code)."""
+
+    sqlstate = "42501"
+
+
 class UndefinedTable(PgError):
     sqlstate = "42P01"
 

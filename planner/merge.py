@@ -1,0 +1,138 @@
+"""Stream-and-merge: the rows of a SELECT whose select list holds row-dependent pgml calls.
+
+Owns the layout of the rewritten SELECT's upstream columns (pass-through columns, whose
+bytes go to the client untouched in the format it asked for, and the ``__pgml_<id>_<k>``
+argument columns), one runtime batch per upstream chunk, and the overlap of fetching
+chunk n+1 while the model runs on chunk n. Memory holds at most two chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from planner.interfaces import Column, QueryResult, WireValue
+from planner.plan import StreamCallPlan
+from planner.values import TYPE_SIZES, Decoder, Encoder, decoder, encoder, type_oid
+
+if TYPE_CHECKING:
+    from planner.execute import Event, _Run
+
+
+@dataclass
+class _Slot:
+    upstream: int | None  # pass-through column index
+    call: StreamCallPlan | None = None
+    arg_cols: list[int] | None = None
+
+
+class Merger:
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.calls = {c.call.id: c for c in run.plan.stream or []}
+
+    async def _upstream_formats(self) -> list[int]:
+        """Per upstream column formats: the client's for pass-through columns, text for arguments."""
+        rf = list(self.run.bound.result_formats)
+        if len(rf) <= 1:
+            return rf
+        desc = await self.run.up.describe(self.run.plan.sql, self.run.oids)
+        from planner.execute import arg_column
+
+        out, i = [], 0
+        for c in desc.columns or []:
+            found = arg_column(c.name)
+            if found is None:
+                out.append(rf[i] if i < len(rf) else 0)
+            out += [] if found is None else [0]
+            i += 1 if found is None or found[1] == 0 else 0
+        return out
+
+    def _layout(self, columns: Sequence[Column]) -> list[_Slot]:
+        from planner.execute import arg_column
+
+        slots: list[_Slot] = []
+        by_call: dict[int, _Slot] = {}
+        for idx, col in enumerate(columns):
+            found = arg_column(col.name)
+            if found is None or found[0] not in self.calls:
+                slots.append(_Slot(idx))
+                continue
+            slot = by_call.get(found[0])
+            if slot is None:
+                slot = by_call[found[0]] = _Slot(None, self.calls[found[0]], [])
+                slots.append(slot)
+            assert slot.arg_cols is not None
+            slot.arg_cols.append(idx)
+        return slots
+
+    async def events(self) -> AsyncIterator[Event]:
+        run = self.run
+        vec = await run.ex.vector(run.up) if any(c.out_type == "vector" for c in self.calls.values()) else 0
+        formats = await self._upstream_formats()
+        slots: list[_Slot] | None = None
+        decs: list[Decoder] = []
+        encs: dict[int, Encoder] = {}
+        pending: asyncio.Future[list[list[WireValue]]] | None = None
+        tag = ""
+        count = 0
+        try:
+            async for chunk in run.up.stream(
+                run.plan.sql,
+                run.params,
+                param_oids=run.oids,
+                param_formats=run.formats,
+                result_formats=formats,
+                chunk_rows=run.ex.chunk_rows,
+            ):
+                if slots is None and chunk.columns is not None:
+                    slots = self._layout(chunk.columns)
+                    decs = [decoder(c.type_oid, c.format) for c in chunk.columns]
+                    out_cols = []
+                    for i, slot in enumerate(slots):
+                        if slot.call is None:
+                            assert slot.upstream is not None
+                            out_cols.append(chunk.columns[slot.upstream])
+                            continue
+                        fmt = run.bound.result_fmt(i)
+                        oid = type_oid(slot.call.out_type, vec)
+                        encs[slot.call.call.id] = encoder(slot.call.out_type, fmt, vec)
+                        out_cols.append(
+                            Column(slot.call.name, oid, type_size=TYPE_SIZES.get(oid, -1), format=fmt)
+                        )
+                    yield "columns", out_cols
+                count += len(chunk.rows)
+                if chunk.rows and slots is not None:
+                    task = asyncio.ensure_future(self._merge(chunk, slots, decs, encs))
+                    if pending is not None:
+                        yield "rows", await pending
+                    pending = task
+                if chunk.command_tag:
+                    tag = chunk.command_tag
+            if pending is not None:
+                rows, pending = await pending, None
+                yield "rows", rows
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+        # After Execute with a row limit, Postgres counts only the last batch: count them all.
+        yield "tag", f"SELECT {count}" if tag.startswith("SELECT") else tag
+
+    async def _merge(
+        self, chunk: QueryResult, slots: list[_Slot], decs: list[Decoder], encs: dict[int, Encoder]
+    ) -> list[list[WireValue]]:
+        rows = chunk.rows
+        columns: list[list[WireValue]] = []
+        for slot in slots:
+            if slot.call is None:
+                assert slot.upstream is not None
+                columns.append([r[slot.upstream] for r in rows])
+                continue
+            assert slot.arg_cols is not None
+            args: list[list[Any]] = [[decs[j](r[j]) for j in slot.arg_cols] for r in rows]
+            results = await self.run.batch(slot.call.call, args)
+            enc = encs[slot.call.call.id]
+            columns.append([enc(v) for v in results])
+        return [list(vals) for vals in zip(*columns, strict=True)] if columns else []

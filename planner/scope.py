@@ -1,0 +1,335 @@
+"""Materialise-and-join: rewrites for row-dependent pgml calls that cannot be streamed.
+
+Owns the "scope" of a call (the FROM, WHERE and GROUP BY its arguments are evaluated
+over, CTEs included), the temp-table DDL that collects the call's distinct argument
+tuples upstream, and the lookup that replaces the call (a scalar subquery, or for a
+set-returning call in FROM a LATERAL subquery). Calls are resolved in rounds: one whose
+scope still holds an unresolved pgml call waits until that call is replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pglast import ast
+from pglast.enums import SortByDir, SortByNulls
+
+from planner import sqltree as t
+from planner.args import ArgCollector
+from planner.catalog import BoundCall, is_runtime_call
+from planner.plan import StatementPlan, TempStep
+from proxy.errors import FeatureNotSupported
+
+_LEVELS = (ast.SelectStmt, Any, Any, Any)
+_GROUPED = ("targetList", "sortClause", "havingClause", "distinctClause")
+
+
+def _has_calls(node: object) -> bool:
+    return t.contains(node, lambda n: t.is_node(n, ast.FuncCall) and is_runtime_call(n))
+
+
+class Materialiser:
+    def __init__(
+        self, plan: StatementPlan, stmt: Any, bound: dict[int, BoundCall], collector: ArgCollector
+    ) -> None:
+        self.plan, self.stmt, self.bound, self.collector = plan, stmt, bound, collector
+
+    def run(self, pending: list[tuple[Any, t.Path]]) -> None:
+        remaining = list(pending)
+        while remaining:
+            done = [item for item in remaining if self._try(*item)]
+            if not done:
+                names = ", ".join(f"pgml.{n.funcname[1].sval}" for n, _ in remaining)
+                raise FeatureNotSupported(
+                    f"{names}: each call's rows depend on another pgml call (or on a recursive CTE), "
+                    "so the proxy cannot evaluate them in batches beforehand"
+                )
+            remaining = [item for item in remaining if item not in done]
+
+    def _try(self, node: Any, path: t.Path) -> bool:
+        b = self.bound[id(node)]
+        in_from = t.is_node(path[-1].parent, ast.RangeFunction)
+        scope = self._scope(node, path, in_from)
+        if scope is None:
+            return False
+        from_items, where, group, having, position = scope
+        exprs: list[Any] = []
+        call = self.collector.plan(b, exprs)
+        n = len(self.plan.steps) + 1
+        keys, results = f"pgml_k{n}", f"pgml_r{n}"
+        step = TempStep(
+            call=call,
+            keys=None,
+            create_keys=None,
+            fetch_keys=None,
+            results=results,
+            create_results="",
+            index_sql=[],
+            srf=in_from,
+            position=position,
+        )
+        if exprs:
+            if b.sig.strict:
+                where = where + [ast.NullTest(arg=copy.deepcopy(e), nulltesttype=1) for e in exprs]
+            with_clause = self._with_clause(path, from_items)
+            if with_clause is False:
+                return False
+            scope_sel = t.select(
+                [t.target(e, f"pgml_a{i}") for i, e in enumerate(exprs)],
+                from_items,
+                t.and_(where),
+                distinctClause=(None,),
+                groupClause=group or None,
+                havingClause=t.and_(having),
+                withClause=with_clause or None,
+            )
+            step.keys = keys
+            step.create_keys = f"CREATE TEMPORARY TABLE {keys} AS " + t.deparse(
+                t.select(
+                    [
+                        t.target(
+                            ast.FuncCall(
+                                funcname=(t.s("row_number"),), over=ast.WindowDef(frameOptions=1058)
+                            ),
+                            "pgml_k",
+                        ),
+                        t.target(ast.ColumnRef(fields=(t.s("pgml_d"), ast.A_Star()))),
+                    ],
+                    [
+                        ast.RangeSubselect(
+                            lateral=False, subquery=scope_sel, alias=ast.Alias(aliasname="pgml_d")
+                        )
+                    ],
+                )
+            )
+            step.fetch_keys = t.deparse(
+                t.select(
+                    [t.target(t.col("pgml_k"))] + [t.target(t.col(f"pgml_a{i}")) for i in range(len(exprs))],
+                    [t.rangevar(keys)],
+                    t.and_(
+                        [
+                            ast.A_Expr(kind=0, name=(t.s(">"),), lexpr=t.col("pgml_k"), rexpr=t.param(1)),
+                            ast.A_Expr(kind=0, name=(t.s("<="),), lexpr=t.col("pgml_k"), rexpr=t.param(2)),
+                        ]
+                    ),
+                )
+            )
+            step.index_sql = [
+                f"CREATE INDEX ON pg_temp.{keys} (pgml_k)",
+                f"CREATE INDEX ON pg_temp.{keys} USING hash (pgml_a0)",
+                f"ANALYZE pg_temp.{keys}",
+            ]
+        if in_from:
+            self._replace_srf(step, b, path, exprs)
+        else:
+            step.create_results = (
+                f"CREATE TEMPORARY TABLE {results} (pgml_k bigint PRIMARY KEY, "
+                f"pgml_v {_sql_type(b.sig.returns)})"
+            )
+            t.replace(path[-1], self._lookup(step, b.sig.name, exprs))
+        step.post_sql = [f"CREATE INDEX ON pg_temp.{results} (pgml_k)"] if in_from and exprs else []
+        step.post_sql.append(f"ANALYZE pg_temp.{results}")
+        self.plan.steps.append(step)
+        return True
+
+    # --- scope ----------------------------------------------------------------------------------
+    def _scope(
+        self, node: Any, path: t.Path, in_from: bool
+    ) -> tuple[list[Any], list[Any], list[Any], list[Any], str] | None:
+        idx = next(i for i in range(len(path) - 1, -1, -1) if isinstance(path[i].parent, _LEVELS))
+        level, clause = path[idx].parent, path[idx].attr
+        if t.is_node(level, ast.InsertStmt) or clause in (
+            "returningList",
+            "returningClause",
+            "onConflictClause",
+        ):
+            raise FeatureNotSupported(
+                f"pgml.{node.funcname[1].sval} with row-dependent arguments in {clause} is not supported: "
+                "its rows are not known before the statement runs"
+            )
+        if t.is_node(level, ast.SelectStmt) and not level.fromClause and not in_from:
+            outer = [
+                i
+                for i in range(idx - 1, -1, -1)
+                if t.is_node(path[i].parent, ast.SelectStmt | ast.UpdateStmt | ast.DeleteStmt)
+            ]
+            if outer:  # a FROM-less subquery's columns come from the enclosing query
+                idx = outer[0]
+                level, clause = path[idx].parent, path[idx].attr
+        position = f"{type(level).__name__}.{clause}"
+        if in_from:
+            rf = path[-1].parent
+            from_items = _left_of(level.fromClause, rf)
+            return (from_items, [], [], [], "FROM") if not _has_calls(from_items) else None
+        if t.is_node(level, ast.UpdateStmt):
+            from_items = [level.relation, *(level.fromClause or ())]
+        elif t.is_node(level, ast.DeleteStmt):
+            from_items = [level.relation, *(level.usingClause or ())]
+        else:
+            from_items = list(level.fromClause or ())
+        from_items = _copy_without_join_quals(from_items, path)
+        if _has_calls(from_items):
+            return None
+        where = [] if clause == "fromClause" else _clean(level.whereClause, node)
+        group: list[Any] = []
+        having: list[Any] = []
+        if t.is_node(level, ast.SelectStmt) and clause in _GROUPED and level.groupClause:
+            if _has_calls(level.groupClause):
+                return None
+            group = copy.deepcopy(list(level.groupClause))
+            having = _clean(level.havingClause, node)
+        return from_items, where, group, having, position
+
+    def _with_clause(self, path: t.Path, from_items: list[Any]) -> Any | bool | None:
+        """The non-modifying CTEs visible at the call; False when a needed CTE still has pgml calls."""
+        seen: dict[str, Any] = {}
+        recursive = False
+        clauses: list[Any] = [getattr(s.parent, "withClause", None) for s in reversed(path)]
+        for clause in clauses:
+            if not t.is_node(clause, ast.WithClause):
+                continue
+            recursive = recursive or bool(clause.recursive)
+            for cte in clause.ctes:
+                seen.setdefault(cte.ctename, cte)
+        if not seen:
+            return None
+        keep: list[Any] = []
+        referenced = {
+            n.relname
+            for n, _ in t.walk(tuple(from_items))
+            if t.is_node(n, ast.RangeVar) and n.schemaname is None
+        }
+        for clause in reversed([c for c in clauses if t.is_node(c, ast.WithClause)]):
+            for cte in clause.ctes:
+                if id(seen.get(cte.ctename)) != id(cte):
+                    continue
+                usable = t.is_node(cte.ctequery, ast.SelectStmt) and not _has_calls(cte.ctequery)
+                if usable:
+                    keep.append(copy.deepcopy(cte))
+                    referenced |= {n.relname for n, _ in t.walk(cte.ctequery) if t.is_node(n, ast.RangeVar)}
+                elif cte.ctename in referenced:
+                    if _has_calls(cte.ctequery):
+                        return False
+                    raise FeatureNotSupported(
+                        f'a pgml call reading the data-modifying CTE "{cte.ctename}" is not supported'
+                    )
+        return ast.WithClause(ctes=tuple(keep), recursive=recursive) if keep else None
+
+    # --- replacements ---------------------------------------------------------------------------
+    def _lookup(self, step: TempStep, name: str, exprs: list[Any]) -> Any:
+        assert step.keys is not None
+        sel = t.select(
+            [t.target(t.col("pgml_r", "pgml_v"), name)],
+            [
+                t.inner_join(
+                    t.rangevar(step.keys, "pgml_k"),
+                    t.rangevar(step.results, "pgml_r"),
+                    t.eq(t.col("pgml_r", "pgml_k"), t.col("pgml_k", "pgml_k")),
+                )
+            ],
+            t.and_([t.eq(t.col("pgml_k", f"pgml_a{i}"), copy.deepcopy(e)) for i, e in enumerate(exprs)]),
+        )
+        return t.scalar_subquery(sel)
+
+    def _replace_srf(self, step: TempStep, b: BoundCall, path: t.Path, exprs: list[Any]) -> None:
+        from planner.analyze import srf_columns
+
+        rf = path[-1].parent
+        if rf.is_rowsfrom or len(rf.functions) != 1 or rf.functions[0][1]:
+            raise FeatureNotSupported(
+                f"pgml.{b.sig.name} in ROWS FROM(...) or with a column definition list is not supported"
+            )
+        alias = rf.alias
+        extra = None
+        if alias is not None and rf.ordinality and len(alias.colnames or ()) > len(b.sig.out_columns()):
+            extra = alias.colnames[-1].sval
+            alias = ast.Alias(aliasname=alias.aliasname, colnames=alias.colnames[:-1])
+        cols = srf_columns(b, alias)
+        step.create_results = (
+            f"CREATE TEMPORARY TABLE {step.results} (pgml_k bigint, pgml_ord bigint, "
+            + ", ".join(f"pgml_c{i} {_sql_type(typ)}" for i, (_, typ) in enumerate(cols))
+            + ")"
+        )
+        targets = [t.target(t.col("pgml_s", f"pgml_c{i}"), name) for i, (name, _) in enumerate(cols)]
+        if rf.ordinality:
+            targets.append(t.target(t.col("pgml_s", "pgml_ord"), extra or "ordinality"))
+        order = (
+            ast.SortBy(
+                node=t.col("pgml_s", "pgml_ord"),
+                sortby_dir=SortByDir.SORTBY_DEFAULT,
+                sortby_nulls=SortByNulls.SORTBY_NULLS_DEFAULT,
+            ),
+        )
+        if step.keys is not None:
+            from_: list[Any] = [
+                t.inner_join(
+                    t.rangevar(step.keys, "pgml_k"),
+                    t.rangevar(step.results, "pgml_s"),
+                    t.eq(t.col("pgml_s", "pgml_k"), t.col("pgml_k", "pgml_k")),
+                )
+            ]
+            where = t.and_(
+                [t.eq(t.col("pgml_k", f"pgml_a{i}"), copy.deepcopy(e)) for i, e in enumerate(exprs)]
+            )
+        else:
+            from_, where = [t.rangevar(step.results, "pgml_s")], None
+        sub = ast.RangeSubselect(
+            lateral=step.keys is not None,
+            subquery=t.select(targets, from_, where, sortClause=order),
+            alias=ast.Alias(aliasname=rf.alias.aliasname if rf.alias else b.sig.name),
+        )
+        t.replace(path[-3], sub)
+
+
+def _sql_type(name: str) -> str:
+    return {"real[]": "real[]", "real": "real"}.get(name, name)
+
+
+def _clean(node: Any | None, call: Any) -> list[Any]:
+    """The AND-conjuncts without pgml calls: dropping a conjunct only widens the scope."""
+    return [
+        copy.deepcopy(c)
+        for c in t.conjuncts(node)
+        if not _has_calls(c) and not t.contains(c, lambda n: n is call)
+    ]
+
+
+def _copy_without_join_quals(items: list[Any], path: t.Path) -> list[Any]:
+    """A copy of FROM items where the JOIN ... ON holding the call (if any) becomes ON TRUE."""
+    joins = [s.parent for s in path if t.is_node(s.parent, ast.JoinExpr) and s.attr == "quals"]
+    saved = [(j, j.quals) for j in joins]
+    for j, _ in saved:
+        j.quals = t.true()
+    try:
+        return copy.deepcopy(items)
+    finally:
+        for j, quals in saved:
+            j.quals = quals
+
+
+def _contains_node(tree: object, target: Any) -> bool:
+    return t.contains(tree, lambda n: n is target)
+
+
+def _left_of(from_clause: tuple[Any, ...] | None, rf: Any) -> list[Any]:
+    """The FROM items a LATERAL function can see: everything before it (joined by ON TRUE)."""
+    out: list[Any] = []
+    for item in from_clause or ():
+        if _contains_node(item, rf):
+            left = _left_part(item, rf)
+            if left is not None:
+                out.append(left)
+            break
+        out.append(copy.deepcopy(item))
+    return out
+
+
+def _left_part(item: Any, rf: Any) -> Any | None:
+    if item is rf or not t.is_node(item, ast.JoinExpr):
+        return None
+    if _contains_node(item.rarg, rf):
+        right = _left_part(item.rarg, rf)
+        left = copy.deepcopy(item.larg)
+        return left if right is None else t.inner_join(left, right, t.true())
+    return _left_part(item.larg, rf)

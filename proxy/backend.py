@@ -1,0 +1,480 @@
+"""Server connections: the proxy playing the client to the upstream Postgres.
+
+Owns `ServerConn` (an asyncio Protocol: login, then either relaying the upstream's
+responses to the attached client or handing them to the proxy's own requests),
+the queue of responses each forwarded message still owes (`Expect`: how
+transaction pooling injects and swallows messages yet keeps the client's stream in
+order), `connect` (TCP or unix socket, TLS, md5/SCRAM via `proxy.auth`) and
+the proxy's own request/response reads (`run_simple`), the settings SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
+
+from planner.interfaces import QueryResult
+from proxy import messages as m
+from proxy.auth import UpstreamAuthenticator
+from proxy.errors import ClientCannotConnect, ConnectionFailure, PgError, ProtocolViolation
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+log = logging.getLogger("pgml_proxy.backend")
+_ids = itertools.count(1)
+
+# Synthetic-response entries carry the bytes to send when they reach the head of the queue.
+SWALLOW_NONE, SWALLOW_OK, SWALLOW_ALL = 0, 1, 2
+
+
+class Client(Protocol):
+    """What a server connection needs of the client it is attached to (frontend.Frontend)."""
+
+    def write(self, data: bytes | bytearray) -> None: ...
+    def server_error(self, batch: int) -> None: ...
+    def server_ready(self) -> None: ...
+    def server_param(self, name: str, value: str) -> None: ...
+    def server_lost(self, conn: ServerConn) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Expect:
+    """One response owed by the upstream: the message types that end it, and what to do with it."""
+
+    __slots__ = ("batch", "stmt", "swallow", "synthetic", "terminals")
+
+    def __init__(
+        self, terminals: bytes, batch: int, swallow: int = SWALLOW_NONE,
+        synthetic: bytes | None = None, stmt: str | None = None,
+    ) -> None:
+        self.terminals = terminals
+        self.batch = batch
+        self.swallow = swallow
+        self.synthetic = synthetic
+        self.stmt = stmt  # a server-side statement name whose Parse this is
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and as whom to connect upstream (from the DSN)."""
+
+    host: str
+    port: int
+    user: str
+    password: str | None
+    database: str
+    sslmode: str = "disable"
+
+    @property
+    def unix_path(self) -> str | None:
+        return f"{self.host}/.s.PGSQL.{self.port}" if self.host.startswith("/") else None
+
+
+def parse_dsn(dsn: str, sslmode: str = "prefer") -> Target:
+    """A libpq URL or key=value string as a Target; ConfigError-free (dsn checked at start)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    d = conninfo_to_dict(dsn)
+    host = str(d.get("host") or "/tmp").split(",")[0]
+    port = int(str(d.get("port") or 5432).split(",")[0])
+    mode = str(d.get("sslmode") or sslmode)
+    if host.startswith("/") and mode == "prefer":
+        mode = "disable"  # unix sockets do not speak TLS
+    return Target(host, port, str(d.get("user") or "postgres"),
+                  None if d.get("password") is None else str(d.get("password")),
+                  str(d.get("dbname") or d.get("user") or "postgres"),
+                  "disable" if mode == "allow" else mode)
+
+
+class ServerConn(asyncio.Protocol):
+    """One upstream connection. Relays to `client` unless `internal`, when responses queue up."""
+
+    def __init__(self, database: str, user: str) -> None:
+        self.id = next(_ids)
+        self.database, self.user = database, user
+        self.transport: asyncio.Transport | None = None
+        self.framer = m.Framer()
+        self.params: dict[str, str] = {}
+        self.extra: dict[str, str] = {}  # settings we applied that the server does not report
+        self.pid = 0
+        self.secret = 0
+        self.tx_status = "I"
+        self.client: Client | None = None
+        self.last_client: object | None = None
+        self.entries: deque[Expect] = deque()
+        self.internal = True  # until login completes, responses go to `inbox`
+        self.inbox: deque[tuple[int, bytes]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._idle_event: asyncio.Event | None = None
+        self.prepared: set[str] = set()
+        self.unnamed: object = None
+        self.closed = False
+        self.created_at = self.used_at = time.monotonic()
+        self.host = ""
+        self._ssl_answer: asyncio.Future[bytes] | None = None
+
+    # --- asyncio callbacks ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+        if self._idle_event is not None:
+            self._idle_event.set()
+        if self.client is not None and not self.internal:
+            self.client.server_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._ssl_answer is not None and not self._ssl_answer.done():
+            self._ssl_answer.set_result(data[:1])
+            return
+        if self._fast_relay(data):
+            return
+        fr = self.framer
+        fr.buf += data
+        try:
+            msgs, used = fr.scan()
+        except ProtocolViolation as exc:
+            log.error("server conn %d: %s", self.id, exc)
+            self.close()
+            return
+        if not msgs:
+            return
+        if not self.internal and self.client is None:  # idle in the pool: nobody is owed anything
+            for t, s, e in msgs:
+                if t == 0x53:
+                    self._param(bytes(fr.buf[s + 5 : e]))
+                elif t == 0x45:
+                    log.warning("server conn %d (idle) got: %s", self.id,
+                                m.ErrorResponse.parse(bytes(fr.buf[s + 5 : e])).fields.get("M"))
+            fr.drop(used)
+            return
+        if self.internal or self.client is None:
+            buf = fr.buf
+            for t, s, e in msgs:
+                if t == 0x41 and self.client is not None:  # NotificationResponse: the client's
+                    self.client.write(buf[s:e])
+                    continue
+                if t == 0x53:
+                    self._param(bytes(buf[s + 5 : e]))
+                    if self.client is not None:
+                        self.client.write(buf[s:e])
+                self.inbox.append((t, bytes(buf[s + 5 : e])))
+            fr.drop(used)
+            self._wake()
+            return
+        self._relay(fr.buf, msgs, used)
+        fr.drop(used)
+
+    def _fast_relay(self, data: bytes) -> bool:
+        """The common case, without copying: relay mode, nothing buffered. False: take the slow path."""
+        if self.internal or self.client is None or self.framer.buf or self._ssl_answer is not None:
+            return False
+        try:
+            msgs, used = m.scan(data, self.framer.max_size)
+        except ProtocolViolation:
+            return False
+        if msgs:
+            self._relay(data, msgs, used)
+        if used < len(data):
+            self.framer.feed(data[used:])
+        return True
+
+    # --- relaying ------------------------------------------------------------------------
+    def _relay(self, buf: bytes | bytearray, msgs: list[tuple[int, int, int]], used: int) -> None:
+        """Relay upstream responses as they are, settling the queue of owed responses."""
+        client = self.client
+        assert client is not None
+        entries = self.entries
+        out: list[bytes | bytearray] = []
+        span = 0
+        ready = False
+        for t, s, e in msgs:
+            if t == 0x44:  # DataRow: nothing to look at
+                if entries and entries[0].swallow:
+                    out.append(buf[span:s])
+                    span = e
+                continue
+            relay = True
+            if entries:
+                head = entries[0]
+                if head.swallow:
+                    relay = t == 0x45 and head.swallow == SWALLOW_OK
+                if t == 0x45:
+                    if head.terminals != b"Z":
+                        self._skip_to_sync()
+                    elif not head.swallow:
+                        client.server_error(-1)  # counted; a simple Query needs no skipping
+                elif t in head.terminals:
+                    entries.popleft()
+                    if t == 0x5A:
+                        self.tx_status = chr(buf[s + 5])
+                        ready = True
+                    out_synth = self._synthetics()
+                    if out_synth:
+                        if relay:
+                            out.append(buf[span:e])
+                        else:
+                            out.append(buf[span:s])
+                        out.extend(out_synth)
+                        span = e
+                        continue
+            if t == 0x53:
+                p = m.ParameterStatus.parse(bytes(buf[s + 5 : e]))
+                self.params[p.name] = p.value
+                client.server_param(p.name, p.value)
+            if not relay:
+                out.append(buf[span:s])
+                span = e
+        if not out:  # nothing held back: the bytes go on as they came
+            data = buf[:used] if used < len(buf) or isinstance(buf, bytearray) else buf
+        else:
+            out.append(buf[span:used])
+            data = b"".join(out)
+        if data:
+            client.write(data)
+        if not entries:
+            if self._idle_event is not None:
+                self._idle_event.set()
+            if ready:
+                client.server_ready()
+
+    def _skip_to_sync(self) -> None:
+        """After an error in an extended batch the upstream skips to Sync: so do the owed entries."""
+        entries = self.entries
+        batch = entries[0].batch
+        while entries and entries[0].terminals != b"Z":
+            stmt = entries.popleft().stmt
+            if stmt is not None:  # that Parse failed or was skipped: not prepared after all
+                self.prepared.discard(stmt)
+        if self.client is not None:
+            self.client.server_error(batch)
+
+    def _synthetics(self) -> list[bytes]:
+        out = []
+        entries = self.entries
+        while entries and entries[0].synthetic is not None:
+            out.append(entries.popleft().synthetic or b"")
+        return out
+
+    def expect(self, entry: Expect) -> None:
+        """Queue an owed response; a synthetic one with nothing ahead goes to the client at once."""
+        if entry.synthetic is not None and not self.entries:
+            assert self.client is not None
+            self.client.write(entry.synthetic)
+            return
+        self.entries.append(entry)
+
+    async def idle(self) -> None:
+        """Wait until every owed response has been relayed (asking the upstream to flush)."""
+        while self.entries and not self.closed:
+            if any(e.terminals != b"Z" and e.synthetic is None for e in self.entries):
+                self.send(m.FLUSH)
+            self._idle_event = asyncio.Event()
+            await self._idle_event.wait()
+        self._idle_event = None
+        if self.closed:
+            raise ConnectionFailure("the upstream connection was lost")
+
+    def _param(self, body: bytes) -> None:
+        p = m.ParameterStatus.parse(body)
+        self.params[p.name] = p.value
+        if self.client is not None and not self.internal:
+            self.client.server_param(p.name, p.value)
+
+    # --- the proxy's own requests --------------------------------------------------------
+    def send(self, data: bytes | bytearray) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def recv(self) -> tuple[int, bytes]:
+        """The next response (type, body) while `internal`; ConnectionFailure when the link drops."""
+        while not self.inbox:
+            if self.closed:
+                raise ConnectionFailure("the upstream connection was lost")
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        return self.inbox.popleft()
+
+    async def run_simple(self, sql: str) -> list[QueryResult]:
+        """Run a simple Query on this connection (which must be `internal`); raises PgError."""
+        self.send(m.Query(sql).encode())
+        return await self.read_results()
+
+    async def read_results(self) -> list[QueryResult]:
+        results: list[QueryResult] = []
+        cur: QueryResult | None = None
+        notices: list[dict[str, str]] = []
+        error: PgError | None = None
+        while True:
+            t, body = await self.recv()
+            if t == 0x54:
+                cur = QueryResult(list(m.RowDescription.parse(body).columns), [], "", notices)
+            elif t == 0x44:
+                if cur is not None:
+                    cur.rows.append(list(m.DataRow.parse(body).values))
+            elif t in (0x43, 0x49):
+                tag = m.CommandComplete.parse(body).tag if t == 0x43 else ""
+                if cur is None:
+                    cur = QueryResult(None, [], tag, notices)
+                cur.command_tag = tag
+                results.append(cur)
+                cur, notices = None, []
+            elif t == 0x45:
+                error = PgError.from_fields(m.ErrorResponse.parse(body).fields)
+            elif t == 0x4E:
+                notices.append(dict(m.ErrorResponse.parse(body, True).fields))
+            elif t == 0x47:  # CopyIn started by SQL that has no data to give: refuse it
+                self.send(m.frame(b"f", m.cstr("COPY FROM STDIN is not available here")))
+            elif t == 0x5A:
+                self.tx_status = chr(body[0])
+                if error is not None:
+                    raise error
+                return results
+
+    async def sync_after_error(self, error: PgError) -> PgError:
+        """Send Sync and read up to ReadyForQuery, so the connection is usable again."""
+        self.send(m.SYNC)
+        while True:
+            t, body = await self.recv()
+            if t == 0x5A:
+                self.tx_status = chr(body[0])
+                return error
+
+    def cancel_key(self) -> tuple[int, int]:
+        return self.pid, self.secret
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.send(m.TERMINATE)
+            self.transport.close()
+        self.closed = True
+
+
+async def connect(
+    target: Target, database: str, user: str, password: str | None,
+    ssl_context: Callable[[str], ssl.SSLContext | None] | None = None, timeout: float = 10.0,
+) -> ServerConn:
+    """Open and log in a server connection as `user` to `database`; raises PgError (class 08/28/3D)."""
+    loop = asyncio.get_running_loop()
+    conn = ServerConn(database, user)
+    try:
+        async with asyncio.timeout(timeout):
+            if target.unix_path:
+                await loop.create_unix_connection(lambda: conn, target.unix_path)
+            else:
+                await loop.create_connection(lambda: conn, target.host, target.port)
+            if target.sslmode != "disable" and ssl_context is not None:
+                await _start_tls(conn, target, ssl_context(target.sslmode))
+            await _login(conn, database, user, password)
+    except OSError as exc:
+        conn.close()
+        where = target.unix_path or f"{target.host}:{target.port}"
+        raise ClientCannotConnect(f"cannot reach the upstream Postgres at {where}: {exc}") from None
+    except TimeoutError:
+        conn.close()
+        raise ClientCannotConnect(f"the upstream did not answer within {timeout} s") from None
+    except BaseException:
+        conn.close()
+        raise
+    conn.internal = False
+    conn.host = target.host
+    return conn
+
+
+async def _start_tls(conn: ServerConn, target: Target, ctx: ssl.SSLContext | None) -> None:
+    if ctx is None:
+        return
+    conn._ssl_answer = asyncio.get_running_loop().create_future()
+    conn.send(m._I32.pack(8) + m._I32.pack(m.SSL_REQUEST))
+    answer = await conn._ssl_answer
+    conn._ssl_answer = None
+    if answer != b"S":
+        if target.sslmode == "require":
+            raise ClientCannotConnect("the upstream refused TLS and upstream sslmode is require")
+        return
+    assert conn.transport is not None
+    tr = await asyncio.get_running_loop().start_tls(conn.transport, conn, ctx, server_hostname=target.host)
+    conn.transport = cast(asyncio.Transport, tr)
+
+
+async def _login(conn: ServerConn, database: str, user: str, password: str | None) -> None:
+    conn.send(m.StartupMessage({"user": user, "database": database}).encode())
+    auth = UpstreamAuthenticator(user, password)
+    while True:
+        t, body = await conn.recv()
+        if t == 0x52:
+            for msg in auth.feed(body).messages:
+                conn.send(msg)
+        elif t == 0x4B:
+            key = m.BackendKeyData.parse(body)
+            conn.pid, conn.secret = key.pid, key.secret
+        elif t == 0x45:
+            raise PgError.from_fields(m.ErrorResponse.parse(body).fields)
+        elif t == 0x5A:
+            conn.tx_status = chr(body[0])
+            return
+        elif t == 0x76:
+            pass  # NegotiateProtocolVersion: we asked for 3.0, nothing to adjust
+
+
+async def send_cancel(target: Target, pid: int, secret: int) -> None:
+    """Ask the upstream to cancel what backend `pid` runs (a fresh connection, as libpq does)."""
+    try:
+        async with asyncio.timeout(5):
+            if target.unix_path:
+                _, writer = await asyncio.open_unix_connection(target.unix_path)
+            else:
+                _, writer = await asyncio.open_connection(target.host, target.port)
+            writer.write(m.CancelRequest(pid, secret).encode())
+            await writer.drain()
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        log.warning("cancel request to backend %d failed: %s", pid, exc)
+
+
+_GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
+
+
+def valid_setting_name(name: str) -> bool:
+    return bool(_GUC_NAME.match(name))
+
+
+def settings_sql(changes: Mapping[str, str | None]) -> str:
+    """Statements that apply `changes` (None: RESET to the default); names must be valid."""
+    sets = [f"pg_catalog.set_config({quote(k)}, {quote(v)}, false)"
+            for k, v in changes.items() if v is not None]
+    parts = ["SELECT " + ", ".join(sets)] if sets else []
+    parts += [f"RESET {k}" for k, v in changes.items() if v is None and valid_setting_name(k)]
+    return "; ".join(parts)
+
+
+def quote(text: str) -> str:
+    """A SQL string literal for `text` (E'' form when it holds a backslash)."""
+    body = text.replace("'", "''")
+    if "\\" in body:
+        return "E'" + body.replace("\\", "\\\\") + "'"
+    return "'" + body + "'"

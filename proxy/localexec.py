@@ -1,0 +1,190 @@
+"""What the proxy answers itself for one client: statements that mention pgml, and the admin db.
+
+Owns the client's locally prepared statements and portals (from the planner's
+`parse`/`bind`), running planner and admin work as a cancellable task, and turning
+what it raises into an ErrorResponse (then skip-to-Sync in the extended protocol).
+Every local answer waits until the upstream has delivered all it owed the client, so
+responses stay in the order the client sent its messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from planner.interfaces import Portal, PreparedStatement, StatementHandler
+from proxy import messages as m
+from proxy.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
+from proxy.upstream import HeldUpstream
+
+if TYPE_CHECKING:
+    from proxy.frontend import Frontend
+
+log = logging.getLogger("pgml_proxy.local")
+
+
+class LocalStatements:
+    def __init__(self, fe: Frontend) -> None:
+        self.fe = fe
+        self.stmts: dict[str, PreparedStatement] = {}
+        self.portals: dict[str, Portal] = {}
+        self.current: asyncio.Future[None] | None = None
+        self.upstream = HeldUpstream(fe.hold, self._status)
+
+    def _status(self) -> str:
+        return self.fe.server.tx_status if self.fe.server is not None else "I"
+
+    def _handler(self) -> StatementHandler:
+        handler = self.fe.app.handler
+        if handler is None:
+            raise FeatureNotSupported(
+                "pgml planner not available",
+                hint="this pgml-proxy runs without its planner; see the log for why it did not load",
+            )
+        return handler
+
+    def has_portal(self, execute_msg: bytes) -> bool:
+        return m.Execute.parse(execute_msg[5:]).portal in self.portals
+
+    def has_portal_name(self, name: str) -> bool:
+        return name in self.portals
+
+    def forget_statement(self, name: str) -> None:
+        self.stmts.pop(name, None)
+
+    def forget_portal(self, name: str) -> None:
+        self.portals.pop(name, None)
+
+    def cancel(self) -> None:
+        if self.current is not None:
+            self.current.cancel()
+
+    async def _guard(self, work: Callable[[], Awaitable[None]], extended: bool) -> None:
+        """Run `work` once earlier responses are out; its errors become an ErrorResponse."""
+        fe = self.fe
+        try:
+            if fe.server is not None:
+                await fe.server.idle()
+            if extended and fe.failed_batch == fe.batch:
+                return
+            self.current = asyncio.ensure_future(work())
+            await self.current
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self._error(QueryCanceled("canceling statement due to user request"), extended)
+        except PgError as exc:
+            self._error(exc, extended)
+        except Exception as exc:
+            log.exception("planner work failed for client %d", fe.id)
+            self._error(InternalError(f"pgml-proxy internal error: {type(exc).__name__}: {exc}"), extended)
+        finally:
+            self.current = None
+            fe.unhold()
+
+    def _error(self, exc: PgError, extended: bool) -> None:
+        self.fe.app.stats.errors += 1
+        self.fe.write(m.error_message(exc.fields))
+        if extended:
+            self.fe.failed_batch = self.fe.batch
+
+    def _finish_simple(self) -> None:
+        fe = self.fe
+        fe.write(m.ReadyForQuery(self._status()).encode())
+        fe.maybe_release()
+
+    # --- simple protocol -----------------------------------------------------------------
+    async def simple_query(self, sql: str) -> None:
+        fe = self.fe
+        fe.app.stats.pgml_queries += 1
+
+        async def work() -> None:
+            handler = self._handler()
+            sink = fe.sink()
+            await handler.simple_query(sql, self.upstream, sink, fe.context(sink.notice_text))
+
+        await self._guard(work, extended=False)
+        self._finish_simple()
+
+    async def admin_query(self, sql: str) -> None:
+        fe = self.fe
+
+        async def work() -> None:
+            try:
+                from proxy import admin
+            except ImportError:
+                raise FeatureNotSupported("the admin console (proxy/admin.py) is not installed") from None
+            sink = fe.sink()
+            for result in await admin.answer(sql, fe.app):
+                if result.columns is not None:
+                    await sink.row_description(result.columns)
+                await sink.data_rows(result.rows)
+                await sink.command_complete(result.command_tag)
+
+        await self._guard(work, extended=False)
+        fe.write(m.ReadyForQuery("I").encode())
+
+    async def refuse_extended(self, t: int) -> None:
+        async def work() -> None:
+            raise FeatureNotSupported("the pgml_proxy admin database answers simple queries only")
+
+        await self._guard(work, extended=True)
+
+    # --- extended protocol ---------------------------------------------------------------
+    async def parse(self, p: m.Parse) -> None:
+        fe = self.fe
+        fe.app.stats.pgml_queries += 1
+        fe.stmts.pop(p.name, None)
+
+        async def work() -> None:
+            self.stmts[p.name] = await self._handler().parse(p.sql, p.param_oids)
+            fe.write(m.PARSE_COMPLETE)
+
+        await self._guard(work, extended=True)
+
+    async def bind(self, b: m.Bind) -> None:
+        async def work() -> None:
+            stmt = self.stmts[b.statement]
+            self.portals[b.portal] = await stmt.bind(b.params, b.param_formats, b.result_formats)
+            self.fe.write(m.BIND_COMPLETE)
+
+        await self._guard(work, extended=True)
+
+    async def describe_statement(self, name: str) -> None:
+        async def work() -> None:
+            desc = await self.stmts[name].describe(self.upstream)
+            out = m.ParameterDescription(tuple(desc.param_oids)).encode()
+            out += m.NO_DATA if desc.columns is None else m.RowDescription(tuple(desc.columns)).encode()
+            self.fe.write(out)
+
+        await self._guard(work, extended=True)
+
+    async def describe_portal(self, name: str) -> None:
+        async def work() -> None:
+            cols = await self.portals[name].describe(self.upstream)
+            self.fe.write(m.NO_DATA if cols is None else m.RowDescription(tuple(cols)).encode())
+
+        await self._guard(work, extended=True)
+
+    async def execute(self, msg: bytes) -> None:
+        ex = m.Execute.parse(msg[5:])
+        fe = self.fe
+
+        async def work() -> None:
+            sink = fe.sink()
+            portal = self.portals[ex.portal]
+            suspended = await portal.execute(self.upstream, sink, fe.context(sink.notice_text), ex.max_rows)
+            if suspended:
+                fe.write(m.PORTAL_SUSPENDED)
+
+        await self._guard(work, extended=True)
+
+    async def close(self, kind: bytes, name: str) -> None:
+        async def work() -> None:
+            (self.stmts if kind == b"S" else self.portals).pop(name, None)
+            self.fe.write(m.CLOSE_COMPLETE)
+
+        await self._guard(work, extended=True)

@@ -1,0 +1,157 @@
+"""The `pgml-proxy` command: flags, configuration, embedded Postgres, runtime, signals.
+
+Owns the process lifecycle: parse flags into `proxy.config.load` overrides, start the
+embedded Postgres when no upstream is given, build the runtime and the planner handler
+(lazily: either may be missing while they are being written, then pgml statements get
+0A000), start the ProxyServer and metrics, and handle SIGINT (drain), SIGTERM (stop)
+and SIGHUP (reload; a bad config keeps the old one and logs the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from proxy.config import Config, load
+from proxy.errors import ConfigError
+
+log = logging.getLogger("pgml_proxy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgml-proxy",
+        description="PostgresML's SQL API (pgml.embed, pgml.transform, pgml.train, pgml.predict, ...) "
+        "as a Postgres wire-protocol proxy in front of any Postgres. Every flag can also be set "
+        "in the config file or with a PGML_PROXY_<KEY> environment variable; flags win.",
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", help="where clients connect (default 127.0.0.1:6432)")
+    p.add_argument("--upstream", metavar="DSN",
+                   help="the Postgres to serve, as a libpq URL or key=value string; "
+                   "empty: start the embedded Postgres in --data-dir")
+    p.add_argument("--pool-mode", choices=("session", "transaction"),
+                   help="session: a server connection per client for its whole session (default); "
+                   "transaction: shared between transactions")
+    p.add_argument("--config", metavar="PATH",
+                   help="TOML config file (default $PGML_PROXY_CONFIG or ./config.toml when present)")
+    p.add_argument("--data-dir", metavar="PATH",
+                   help="data directory of the embedded Postgres (default ./pgml-data)")
+    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"listen": args.listen, "upstream": args.upstream, "pool_mode": args.pool_mode,
+            "data_dir": args.data_dir, "log_level": args.log_level}
+
+
+async def _build_handler(config: Config, upstream: str) -> tuple[Any, Any]:
+    """(runtime, handler); either None when its package is not there yet or failed to load."""
+    try:
+        import runtime as runtime_pkg
+
+        runtime = runtime_pkg.Runtime(config.runtime, upstream)  # type: ignore[attr-defined]
+        await runtime.start()
+    except ConfigError:
+        raise
+    except (ImportError, AttributeError) as exc:
+        log.warning("runtime not available (%s): pgml functions that need models will fail", exc)
+        runtime = None
+    try:
+        import planner
+
+        handler = planner.build_handler(runtime, config.planner)  # type: ignore[attr-defined,arg-type]
+    except ConfigError:
+        raise
+    except (ImportError, AttributeError) as exc:
+        log.warning("planner not available (%s): pgml statements get SQLSTATE 0A000", exc)
+        handler = None
+    return runtime, handler
+
+
+async def serve(config: Config, config_path: str | None, overrides: dict[str, Any]) -> int:
+    from proxy.app import ProxyServer
+
+    embedded = None
+    upstream = config.upstream
+    if not upstream:
+        from proxy.embedded import EmbeddedPostgres
+
+        embedded = EmbeddedPostgres(config.data_dir)
+        upstream = await asyncio.to_thread(embedded.start)
+    runtime, handler = await _build_handler(config, upstream)
+    server = ProxyServer(config, upstream, handler)
+    server.load_config = lambda: load(config_path, overrides)
+    server.runtime = runtime
+    await server.start()
+    if config.metrics_port:
+        try:
+            from proxy import metrics
+
+            metrics.start(config, server)
+        except ImportError as exc:
+            log.warning("metrics not available: %s", exc)
+    print(f"pgml-proxy ready on {server.address}", file=sys.stderr, flush=True)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def drain() -> None:
+        log.info("SIGINT: draining (up to %.0f s)", server.config.shutdown_timeout)
+        await server.drain(server.config.shutdown_timeout)
+        done.set()
+
+    async def stop() -> None:
+        await server.stop()
+        done.set()
+
+    def reload() -> None:
+        try:
+            new = server.load_config() if server.load_config else load(config_path, overrides)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the old configuration: %s (key %s)", exc, exc.key)
+            return
+        server.reload(new)
+
+    def later(coro: Any) -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)
+
+    loop.add_signal_handler(signal.SIGINT, lambda: later(drain()))
+    loop.add_signal_handler(signal.SIGTERM, lambda: later(stop()))
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await done.wait()
+    if runtime is not None and hasattr(runtime, "close"):
+        await runtime.close()
+    if embedded is not None:
+        await asyncio.to_thread(embedded.stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = _overrides(args)
+    try:
+        config = load(args.config, overrides)
+    except ConfigError as exc:
+        print(f"pgml-proxy: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        return int(uvloop.run(serve(config, args.config, overrides)))
+    except ImportError:
+        return asyncio.run(serve(config, args.config, overrides))
+    except ConfigError as exc:
+        print(f"pgml-proxy: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

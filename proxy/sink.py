@@ -1,0 +1,40 @@
+"""`ClientSink`: the `ResultSink` the planner writes a client's results to.
+
+Owns encoding RowDescription/DataRow/CommandComplete/NoticeResponse for values the
+planner has already encoded in the client's requested formats; nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from planner.interfaces import Column, WireValue
+from proxy import messages as m
+
+
+class ClientSink:
+    """Writes protocol messages straight to one client's transport, in call order."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self.rows_sent = 0
+
+    async def row_description(self, columns: Sequence[Column]) -> None:
+        self._write(m.RowDescription(tuple(columns)).encode())
+
+    async def data_rows(self, rows: Sequence[Sequence[WireValue]]) -> None:
+        if rows:
+            self.rows_sent += len(rows)
+            self._write(b"".join(m.encode_data_row(r) for r in rows))
+
+    async def command_complete(self, tag: str) -> None:
+        self._write(m.CommandComplete(tag).encode())
+
+    async def notice(self, fields: Mapping[str, str]) -> None:
+        full = {"S": "NOTICE", "V": "NOTICE", "C": "00000", "M": ""}
+        full.update(fields)
+        self._write(m.error_message(full, notice=True))
+
+    async def notice_text(self, message: str) -> None:
+        """CallContext.notice: progress lines (training and the like) as INFO notices."""
+        await self.notice({"S": "INFO", "V": "INFO", "M": message})

@@ -1,0 +1,158 @@
+"""The first moments of a client connection: startup packet, TLS, authentication, login.
+
+Owns answering SSLRequest/GSSENCRequest/CancelRequest, reading the StartupMessage
+(its settings and `options`), running `proxy.auth`'s exchange, getting a first server
+connection with the client's settings applied, and the greeting (ParameterStatus,
+BackendKeyData, ReadyForQuery). Then `proxy.frontend.Frontend` takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+from proxy import messages as m
+from proxy.auth import ClientAuthenticator
+from proxy.backend import settings_sql, valid_setting_name
+from proxy.errors import FeatureNotSupported, InvalidAuthorization, PgError, ProtocolViolation
+
+if TYPE_CHECKING:
+    from proxy.frontend import Frontend
+
+# Reported by the server but not settable: never replayed.
+UNSETTABLE = frozenset({
+    "server_version", "server_encoding", "integer_datetimes", "is_superuser", "session_authorization",
+    "in_hot_standby", "scram_iterations",
+})
+
+
+def startup_bytes(fe: Frontend, data: bytes) -> None:
+    """Read the untyped first packet(s): SSL/GSS/Cancel requests, then the StartupMessage."""
+    buf = fe.startup_buf
+    buf += data
+    if len(buf) < 8:
+        return
+    length = int.from_bytes(buf[:4], "big")
+    if length < 8 or length > 10000:
+        raise ProtocolViolation(f"invalid length of startup packet: {length}")
+    if len(buf) < length:
+        return
+    body, rest = bytes(buf[4:length]), bytes(buf[length:])
+    buf.clear()
+    code = int.from_bytes(body[:4], "big")
+    if code == m.SSL_REQUEST:
+        fe.start_task(_ssl(fe, rest))
+    elif code == m.GSSENC_REQUEST:
+        fe.write(b"N")  # no GSS encryption; the client goes on in plain text or asks for SSL
+        if rest:
+            startup_bytes(fe, rest)
+    elif code == m.CANCEL_REQUEST:
+        req = m.CancelRequest.parse(body)
+        fe.app.cancel(req.pid, req.secret)
+        fe.close()
+    elif code >> 16 == 3:
+        fe.state = "auth"
+        fe.framer.feed(rest)
+        fe.start_task(_login(fe, m.StartupMessage.parse(body)))
+    else:
+        raise FeatureNotSupported(
+            f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: server supports 3.0"
+        )
+
+
+async def _ssl(fe: Frontend, rest: bytes) -> None:
+    ctx = fe.app.client_tls
+    if ctx is None or fe.transport is None or rest:
+        fe.write(b"N")
+        if rest:
+            startup_bytes(fe, rest)
+        return
+    fe.write(b"S")
+    loop = asyncio.get_running_loop()
+    tr = await loop.start_tls(fe.transport, fe, ctx, server_side=True)
+    fe.transport = cast(asyncio.Transport, tr)
+
+
+async def _login(fe: Frontend, startup: m.StartupMessage) -> None:
+    params = dict(startup.params)
+    user = params.pop("user", "")
+    database = params.pop("database", "") or user
+    if not user:
+        raise InvalidAuthorization("no PostgreSQL user name specified in startup packet")
+    if "replication" in params and params.pop("replication") not in ("false", "0", "off", "no"):
+        raise FeatureNotSupported("replication connections are not supported by pgml-proxy")
+    unknown = [k for k in params if k.startswith("_pq_.")]
+    settings = {k: v for k, v in params.items() if not k.startswith("_pq_.") and k != "options"}
+    settings.update(m.parse_options(params.get("options", "")))
+    for name in settings:
+        if not valid_setting_name(name):
+            raise InvalidAuthorization(f"invalid startup parameter name {name!r}")
+    fe.user, fe.database = user, database
+    fe.application_name = settings.get("application_name", "")
+    if startup.version & 0xFFFF or unknown:
+        fe.write(m.NegotiateProtocolVersion(0, tuple(unknown)).encode())
+    password = await _authenticate(fe, user)
+    if database == fe.app.ADMIN_DB:
+        _admin_ready(fe)
+        return
+    fe.app.check_client_limit()
+    fe.pool = fe.app.pool_for(database, user)
+    conn = await fe.pool.acquire(password)
+    conn.client = fe
+    conn.internal = True
+    # A pooled connection may carry an earlier client's settings: back to the defaults, then ours.
+    changes: dict[str, str | None] = {
+        k: v for k, v in fe.pool.defaults.items() if k not in UNSETTABLE and conn.params.get(k) != v
+    }
+    changes.update({k: None for k in conn.extra if k not in settings})
+    changes.update(settings)
+    try:
+        if changes:
+            await conn.run_simple(settings_sql(changes))
+    except PgError:
+        conn.internal = False
+        fe.pool.release(conn)  # a bad setting: the connection itself is fine
+        raise
+    except BaseException:
+        fe.pool.discard(conn)  # the client left mid-login: the reply may be half read
+        raise
+    conn.extra = {k: v for k, v in settings.items() if k not in conn.params}
+    fe.want = {k: v for k, v in conn.params.items() if k not in UNSETTABLE}
+    fe.want.update(conn.extra)
+    conn.last_client = fe
+    fe.write(b"".join(m.ParameterStatus(k, v).encode() for k, v in conn.params.items()))
+    fe.write(m.BackendKeyData(*fe.key).encode() + m.ReadyForQuery("I").encode())
+    conn.internal = False
+    if fe.tx:
+        conn.client = None
+        fe.pool.release(conn)
+    else:
+        fe.server = conn
+    fe.ready()
+
+
+async def _authenticate(fe: Frontend, user: str) -> str | None:
+    """Run the client's authentication exchange; the password to log in upstream with, if any."""
+    auth = ClientAuthenticator(fe.app.config, user)
+    fe.write(b"".join(auth.start()))
+    passthrough: str | None = None
+    while not auth.done:
+        t, body = await fe.auth_queue.get()
+        step = auth.feed(bytes([t]), body)
+        if step.error is not None:
+            raise step.error
+        fe.write(b"".join(step.messages))
+        passthrough = step.passthrough_password or passthrough
+    if passthrough is not None:
+        fe.write(m.AUTH_OK)
+    return passthrough
+
+
+def _admin_ready(fe: Frontend) -> None:
+    fe.admin = True
+    params = {"server_version": "16.0 (pgml-proxy admin)", "server_encoding": "UTF8",
+              "client_encoding": "UTF8", "DateStyle": "ISO, MDY", "integer_datetimes": "on",
+              "standard_conforming_strings": "on", "TimeZone": "UTC"}
+    fe.write(b"".join(m.ParameterStatus(k, v).encode() for k, v in params.items()))
+    fe.write(m.BackendKeyData(*fe.key).encode() + m.ReadyForQuery("I").encode())
+    fe.ready()

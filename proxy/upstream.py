@@ -1,0 +1,153 @@
+"""`HeldUpstream`: the `UpstreamSession` the planner runs its SQL on, over the client's server conn.
+
+Owns the proxy's own request/response exchanges on a held server connection: simple
+queries, one-shot extended statements, streaming with Execute row limits and
+PortalSuspended, Describe, and COPY FROM STDIN; upstream errors raise PgError after the
+connection has been synced, so it stays usable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+from planner.interfaces import Column, QueryResult, StatementDescription, WireValue
+from proxy import messages as m
+from proxy.backend import ServerConn
+from proxy.errors import PgError
+
+
+class HeldUpstream:
+    """The `UpstreamSession` over the client's server connection (acquired on first use).
+
+    `get_conn` hands out the connection in internal mode with nothing owed, so each
+    method writes its own messages and reads exactly its own responses.
+    """
+
+    def __init__(self, get_conn: Callable[[], Awaitable[ServerConn]], status: Callable[[], str]) -> None:
+        self._get = get_conn
+        self._status = status
+
+    @property
+    def transaction_status(self) -> str:
+        return self._status()
+
+    async def simple(self, sql: str) -> list[QueryResult]:
+        conn = await self._get()
+        return await conn.run_simple(sql)
+
+    def _extended(self, conn: ServerConn, sql: str, params: Sequence[WireValue], param_oids: Sequence[int],
+                  param_formats: Sequence[int], result_formats: Sequence[int]) -> None:
+        conn.send(m.Parse("", sql, tuple(param_oids)).encode()
+                  + m.Bind("", "", tuple(param_formats), tuple(params), tuple(result_formats)).encode()
+                  + m.Describe("P", "").encode())
+
+    async def execute(
+        self, sql: str, params: Sequence[WireValue] = (), *, param_oids: Sequence[int] = (),
+        param_formats: Sequence[int] = (), result_formats: Sequence[int] = (),
+    ) -> QueryResult:
+        conn = await self._get()
+        self._extended(conn, sql, params, param_oids, param_formats, result_formats)
+        conn.send(m.Execute("", 0).encode() + m.SYNC)
+        results = await conn.read_results()
+        return results[-1] if results else QueryResult(None, [], "")
+
+    async def stream(
+        self, sql: str, params: Sequence[WireValue] = (), *, param_oids: Sequence[int] = (),
+        param_formats: Sequence[int] = (), result_formats: Sequence[int] = (), chunk_rows: int = 1000,
+    ) -> AsyncIterator[QueryResult]:
+        conn = await self._get()
+        self._extended(conn, sql, params, param_oids, param_formats, result_formats)
+        execute = m.Execute("", max(chunk_rows, 1)).encode() + m.FLUSH
+        conn.send(execute)
+        columns: list[Column] | None = None
+        rows: list[list[WireValue]] = []
+        done = False
+        try:
+            while True:
+                t, body = await conn.recv()
+                if t == 0x54:
+                    columns = list(m.RowDescription.parse(body).columns)
+                elif t == 0x44:
+                    rows.append(list(m.DataRow.parse(body).values))
+                elif t == 0x73:  # PortalSuspended: hand this chunk over, ask for the next
+                    chunk, rows = QueryResult(columns, rows, ""), []
+                    yield chunk
+                    conn.send(execute)
+                elif t in (0x43, 0x49):
+                    tag = m.CommandComplete.parse(body).tag if t == 0x43 else ""
+                    done = True
+                    conn.send(m.SYNC)
+                    await _read_until_ready(conn)
+                    yield QueryResult(columns, rows, tag)
+                    return
+                elif t == 0x45:
+                    done = True
+                    err = PgError.from_fields(m.ErrorResponse.parse(body).fields)
+                    raise await conn.sync_after_error(err)
+        finally:
+            if not done and not conn.closed:  # the consumer stopped early: close the portal cleanly
+                conn.send(m.SYNC)
+                await _read_until_ready(conn)
+
+    async def describe(self, sql: str, param_oids: Sequence[int] = ()) -> StatementDescription:
+        conn = await self._get()
+        conn.send(m.Parse("", sql, tuple(param_oids)).encode() + m.Describe("S", "").encode() + m.SYNC)
+        oids: list[int] = []
+        cols: list[Column] | None = None
+        error: PgError | None = None
+        while True:
+            t, body = await conn.recv()
+            if t == 0x74:
+                oids = list(m.ParameterDescription.parse(body).oids)
+            elif t == 0x54:
+                cols = list(m.RowDescription.parse(body).columns)
+            elif t == 0x45:
+                error = PgError.from_fields(m.ErrorResponse.parse(body).fields)
+            elif t == 0x5A:
+                conn.tx_status = chr(body[0])
+                if error is not None:
+                    raise error
+                return StatementDescription(oids, cols)
+
+    async def copy_in(self, sql: str, data: bytes | AsyncIterator[bytes]) -> str:
+        conn = await self._get()
+        conn.send(m.Query(sql).encode())
+        tag = ""
+        error: PgError | None = None
+        while True:
+            t, body = await conn.recv()
+            if t == 0x47:
+                await _feed_copy(conn, data)
+            elif t == 0x43:
+                tag = m.CommandComplete.parse(body).tag
+            elif t == 0x45:
+                error = PgError.from_fields(m.ErrorResponse.parse(body).fields)
+            elif t == 0x48:
+                error = PgError("copy_in needs COPY ... FROM STDIN, got a COPY TO")
+            elif t == 0x5A:
+                conn.tx_status = chr(body[0])
+                if error is not None:
+                    raise error
+                return tag
+
+
+async def _feed_copy(conn: ServerConn, data: bytes | AsyncIterator[bytes]) -> None:
+    try:
+        if isinstance(data, bytes | bytearray):
+            for i in range(0, len(data), 65536):
+                conn.send(m.copy_data(bytes(data[i : i + 65536])))
+        else:
+            async for chunk in data:
+                conn.send(m.copy_data(chunk))
+    except Exception as exc:
+        conn.send(m.frame(b"f", m.cstr(f"copy source failed: {exc}")))
+        return
+    conn.send(m.COPY_DONE)
+
+
+async def _read_until_ready(conn: ServerConn) -> None:
+    while True:
+        t, body = await conn.recv()
+        if t == 0x5A:
+            conn.tx_status = chr(body[0])
+            return

@@ -1,0 +1,147 @@
+"""Engine and device choice, and the on-disk ONNX export cache shared by the model kinds.
+
+Owns the rule "ONNX Runtime on the CPU, torch (fp16) on CUDA", the cache folder layout
+(`<cache_dir>/onnx/<name>-<content key>[-int8]`) and the int8 quality gate: a quantised
+export is used only when its embeddings keep a cosine >= 0.99 against fp32 on a probe set,
+and the measured figure is recorded next to the export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.errors import InvalidParameterValue
+from runtime.config import RuntimeConfig
+from runtime.resolve import ResolvedModel
+
+QUANT_MIN_COSINE = 0.99
+_PROBE = [
+    "The quick brown fox jumps over the lazy dog.",
+    "PostgreSQL is a powerful, open source object-relational database system.",
+    "How do I reset my password?",
+    "Embeddings map text to vectors so that similar meanings lie close together.",
+    "a",
+    "The weather in Paris is mild in spring, with occasional rain showers and cool evenings.",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where and how a model runs."""
+
+    engine: str  # "onnx" | "torch"
+    device: str  # "cpu" | "cuda"
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def choose(config: RuntimeConfig, kwargs: dict[str, Any], onnx_capable: bool) -> Placement:
+    """The placement for a model; a call's `device` kwarg may narrow the configured one."""
+    device = str(kwargs.get("device", config.device))
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidParameterValue(f'device "{device}" is not one of auto, cpu, cuda')
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    elif device.startswith("cuda") and not cuda_available():
+        raise InvalidParameterValue(f'device "{device}" was asked for but no CUDA device is present')
+    device = "cuda" if device.startswith("cuda") else "cpu"
+    engine = config.engine
+    if engine == "auto":
+        engine = "onnx" if (device == "cpu" and onnx_capable) else "torch"
+    if engine == "onnx" and not onnx_capable:
+        engine = "torch"
+    return Placement(engine, device)
+
+
+def export_dir(config: RuntimeConfig, model: ResolvedModel, suffix: str = "") -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name).strip("_")[:80]
+    return config.cache_path / "onnx" / f"{safe}-{model.key}{suffix}"
+
+
+def onnx_sentence_transformer(config: RuntimeConfig, model: ResolvedModel, trust: bool) -> tuple[Any, str]:
+    """A SentenceTransformer on ONNX Runtime, exported once; returns (model, quantisation note)."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = export_dir(config, model)
+    if not (folder / "onnx" / "model.onnx").is_file():
+        with warnings.catch_warnings():
+            # The exporter traces the model; its TracerWarnings are expected and harmless.
+            warnings.simplefilter("ignore")
+            st = SentenceTransformer(
+                str(model.path),
+                backend="onnx",
+                device="cpu",
+                trust_remote_code=trust,
+                model_kwargs=_ort_kwargs(config),
+            )
+        # Save beside and rename: another process exporting the same model never sees half a folder.
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        st.save_pretrained(str(tmp))
+        if folder.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    st = SentenceTransformer(
+        str(folder), backend="onnx", device="cpu", trust_remote_code=trust, model_kwargs=_ort_kwargs(config)
+    )
+    if not config.quantize:
+        return st, "fp32"
+    return _maybe_quantized(config, folder, st, trust)
+
+
+def _ort_kwargs(config: RuntimeConfig) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = config.thread_count
+    return {"provider": "CPUExecutionProvider", "session_options": opts}
+
+
+def _maybe_quantized(config: RuntimeConfig, folder: Path, fp32: Any, trust: bool) -> tuple[Any, str]:
+    """int8 only where the probe set keeps cosine >= QUANT_MIN_COSINE; the figure is recorded."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
+
+    report = folder / "quantization.json"
+    if not report.is_file():
+        export_dynamic_quantized_onnx_model(fp32, "avx2", str(folder))
+    # The exporter names the file after its quantisation type (model_quint8_avx2.onnx today).
+    qfile = str(next((folder / "onnx").glob("model_*int8_avx2.onnx")).relative_to(folder))
+    if not report.is_file():
+        q = SentenceTransformer(
+            str(folder),
+            backend="onnx",
+            device="cpu",
+            trust_remote_code=trust,
+            model_kwargs={**_ort_kwargs(config), "file_name": qfile},
+        )
+        a = fp32.encode(_PROBE, normalize_embeddings=True)
+        b = q.encode(_PROBE, normalize_embeddings=True)
+        cosine = float(np.min(np.sum(a * b, axis=1)))
+        report.write_text(
+            json.dumps(
+                {"min_cosine": cosine, "threshold": QUANT_MIN_COSINE, "passed": cosine >= QUANT_MIN_COSINE}
+            )
+        )
+    result = json.loads(report.read_text())
+    if not result["passed"]:
+        return fp32, f"fp32 (int8 rejected: min cosine {result['min_cosine']:.4f})"
+    q = SentenceTransformer(
+        str(folder),
+        backend="onnx",
+        device="cpu",
+        trust_remote_code=trust,
+        model_kwargs={**_ort_kwargs(config), "file_name": qfile},
+    )
+    return q, f"int8 (min cosine {result['min_cosine']:.4f})"

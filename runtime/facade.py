@@ -1,0 +1,241 @@
+"""`runtime.Runtime`: the planner's one entry point for every pgml function.
+
+Owns dispatch by function name, argument validation into SQLSTATE errors, model lookup
+through the registry (one load per model for every connection) and the thread pool that
+all model work runs in. Language-model functions live in this package; tabular ones are
+handed to `runtime.tabular.TabularRuntime`, imported lazily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from planner.interfaces import CallContext
+from proxy.errors import InvalidParameterValue, UndefinedFunction
+from runtime import chunk as chunking
+from runtime import transform as tf
+from runtime.config import RuntimeConfig
+from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
+from runtime.engines import choose
+from runtime.registry import Loaded, Registry
+from runtime.resolve import Resolver
+
+_LM_FUNCTIONS = frozenset({"embed", "transform", "transform_stream", "rank", "chunk"})
+
+
+class Runtime:
+    """Implements `planner.interfaces.Runtime` (and `models_info` for SHOW MODELS)."""
+
+    def __init__(self, config: RuntimeConfig | Mapping[str, Any], upstream_dsn: str) -> None:
+        self.config = config if isinstance(config, RuntimeConfig) else RuntimeConfig.from_mapping(config)
+        self.upstream_dsn = upstream_dsn
+        self.resolver = Resolver(self.config)
+        self.executor = ThreadPoolExecutor(self.config.thread_count, thread_name_prefix="pgml-model")
+        self.registry = Registry(self.config, self.executor)
+        self._tabular: Any = None
+
+    async def start(self) -> None:
+        """Start the tabular side (its migrations) and warm the preload list."""
+        # No upstream (an LM-only runtime, as in unit tests and benchmarks): no tabular side.
+        if self.upstream_dsn:
+            self._tabular = _load_tabular(self.upstream_dsn, self.config.tabular)
+        if self._tabular is not None:
+            await self._tabular.start()
+        for name in self.config.preload:
+            await self.preload(name)
+
+    async def preload(self, name: str) -> None:
+        """Load `name` now: `embed:<model>`, `transform:<task>:<model>`, or a bare embed model."""
+        kind, _, rest = name.partition(":")
+        if kind == "transform":
+            task, _, model = rest.partition(":")
+            spec = tf.parse_task(task if not model else {"task": task, "model": model}, {}, self.config)
+            await self._pipeline(spec)
+        elif kind == "rank":
+            await self._rank_model(rest, {})
+        else:
+            await self._embed_model(rest if kind == "embed" else name, {})
+
+    async def close(self) -> None:
+        if self._tabular is not None:
+            await self._tabular.close()
+        await self.registry.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def models_info(self) -> list[dict[str, Any]]:
+        return self.registry.info()
+
+    async def call_batch(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        if function not in _LM_FUNCTIONS:
+            if self._tabular is not None and function in self._tabular.functions:
+                return list(await self._tabular.call_batch(function, calls, ctx))
+            raise UndefinedFunction(f"function pgml.{function} is not provided by the runtime")
+        if function == "transform_stream":
+            # A caller that cannot stream gets every row at once (set-returning: 1-tuples).
+            return list(await asyncio.gather(*(self._collect_stream(call, ctx) for call in calls)))
+        handler = {
+            "embed": self._embed,
+            "transform": self._transform,
+            "rank": self._rank,
+            "chunk": self._chunk,
+        }[function]
+        # Every call is submitted at once so the batcher sees them together.
+        return list(await asyncio.gather(*(handler(call) for call in calls)))
+
+    async def stream(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> AsyncIterator[Any]:
+        if function != "transform_stream":
+            raise UndefinedFunction(f"function pgml.{function} does not stream")
+        spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
+        tf.check_streamable(spec)
+        inputs = call.get("inputs")
+        as_list = inputs is not None
+        if inputs is None:
+            inputs = [call.get("input", "")]
+        entry = await self._pipeline(spec)
+        with _in_use(entry):
+            async for piece in tf.stream_generation(entry.obj, spec, list(inputs), as_list):
+                yield piece
+
+    async def _collect_stream(self, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[Any]]:
+        return [(piece,) async for piece in self.stream("transform_stream", call, ctx)]
+
+    # --- embed / rank ---------------------------------------------------------------------------
+    async def _embed_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
+        resolved = self.resolver.resolve(name, _revision(kwargs))
+        trust = self._trust(kwargs)
+        placement = choose(self.config, dict(kwargs), onnx_capable=True)
+        key = f"embed:{name}:{resolved.key}:{placement.engine}:{placement.device}"
+        return await self.registry.get(key, name, lambda: EmbedModel(self.config, resolved, placement, trust))
+
+    async def _embed(self, call: Mapping[str, Any]) -> Any:
+        name = _text_arg(call, "transformer", "embed")
+        kwargs = _kwargs(call, "embed")
+        opts = embed_options(kwargs)
+        many = "inputs" in call
+        raw = list(call["inputs"]) if many else [call.get("text")]
+        texts = [t for t in raw if isinstance(t, str)]
+        if len(texts) != len(raw):
+            raise InvalidParameterValue("pgml.embed: every input must be text")
+        entry = await self._embed_model(name, {k: v for k, v in kwargs.items() if k in MODEL_KWARGS})
+        with _in_use(entry):
+            vecs = await entry.batcher.submit([(t, opts) for t in texts], [approx_tokens(t) for t in texts])
+        as_lists = [v.tolist() for v in vecs]
+        return [(v,) for v in as_lists] if many else as_lists[0]
+
+    async def _rank_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
+        resolved = self.resolver.resolve(name, _revision(kwargs))
+        trust = self._trust(kwargs)
+        placement = choose(self.config, dict(kwargs), onnx_capable=False)
+        key = f"rank:{name}:{resolved.key}:{placement.device}"
+        return await self.registry.get(key, name, lambda: RankModel(self.config, resolved, placement, trust))
+
+    async def _rank(self, call: Mapping[str, Any]) -> list[tuple[int, float, str]]:
+        name = _text_arg(call, "transformer", "rank")
+        query = _text_arg(call, "query", "rank")
+        documents = list(call.get("documents") or [])
+        kwargs = _kwargs(call, "rank")
+        top_k = kwargs.get("top_k")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InvalidParameterValue("pgml.rank: top_k must be a positive integer")
+        unknown = sorted(set(kwargs) - MODEL_KWARGS - {"top_k", "return_documents", "batch_size"})
+        if unknown:
+            raise InvalidParameterValue(f'pgml.rank: unknown kwarg "{unknown[0]}"')
+        if not documents:
+            return []
+        entry = await self._rank_model(name, kwargs)
+        pairs = [(query, str(d)) for d in documents]
+        with _in_use(entry):
+            scores = await entry.batcher.submit(pairs, [approx_tokens(q + d) for q, d in pairs])
+        return rank_rows([str(d) for d in documents], scores, top_k)
+
+    # --- transform ----------------------------------------------------------------------------------
+    async def _pipeline(self, spec: tf.TaskSpec) -> Loaded:
+        resolved = self.resolver.resolve(spec.model, _revision(spec.model_kwargs))
+        trust = self._trust(spec.model_kwargs)
+        placement = choose(self.config, dict(spec.model_kwargs), onnx_capable=False)
+        key = f"transform:{spec.pipeline_task}:{spec.model}:{resolved.key}:{placement.device}"
+        return await self.registry.get(
+            key,
+            spec.model,
+            lambda: tf.PipelineModel(self.config, resolved, spec, placement, trust),
+        )
+
+    async def _transform(self, call: Mapping[str, Any]) -> Any:
+        spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
+        inputs = tf.check_inputs(spec, list(call.get("inputs") or []))
+        if not inputs:
+            return []
+        entry = await self._pipeline(spec)
+        with _in_use(entry):
+            outputs = await entry.batcher.submit(
+                [(x, spec.args_key) for x in inputs], [tf.input_cost(x) for x in inputs]
+            )
+        return tf.shape_outputs(spec, outputs)
+
+    # --- chunk ---------------------------------------------------------------------------------------
+    async def _chunk(self, call: Mapping[str, Any]) -> list[tuple[int, str]]:
+        splitter = _text_arg(call, "splitter", "chunk")
+        text = call.get("text")
+        if not isinstance(text, str):
+            raise InvalidParameterValue("pgml.chunk: text must be text")
+        kwargs = _kwargs(call, "chunk")
+        loop = asyncio.get_running_loop()
+        pieces = await loop.run_in_executor(self.executor, chunking.split, splitter, text, kwargs)
+        return [(i, piece) for i, piece in enumerate(pieces, start=1)]
+
+    def _trust(self, kwargs: Mapping[str, Any]) -> bool:
+        asked = bool(kwargs.get("trust_remote_code", False))
+        if asked and not self.config.trust_remote_code:
+            from proxy.errors import InsufficientPrivilege
+
+            raise InsufficientPrivilege(
+                "trust_remote_code is disabled", hint="set runtime.trust_remote_code = true to allow it"
+            )
+        return asked
+
+
+@contextlib.contextmanager
+def _in_use(entry: Loaded) -> Any:
+    entry.users += 1
+    try:
+        yield
+    finally:
+        entry.users -= 1
+
+
+def _revision(kwargs: Mapping[str, Any]) -> str | None:
+    revision = kwargs.get("revision")
+    if revision is not None and not isinstance(revision, str):
+        raise InvalidParameterValue("revision must be a text value (a branch, tag or commit)")
+    return revision
+
+
+def _text_arg(call: Mapping[str, Any], key: str, function: str) -> str:
+    value = call.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidParameterValue(f"pgml.{function}: {key} must be a non-empty text value")
+    return value
+
+
+def _kwargs(call: Mapping[str, Any], function: str) -> dict[str, Any]:
+    kwargs = call.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise InvalidParameterValue(f"pgml.{function}: kwargs must be a JSON object")
+    return dict(kwargs)
+
+
+def _load_tabular(dsn: str, settings: Mapping[str, Any]) -> Any:
+    """The tabular runtime when its package is present; None otherwise (names stay undefined)."""
+    try:
+        module = importlib.import_module("runtime.tabular")
+    except ImportError:
+        return None
+    klass = getattr(module, "TabularRuntime", None)
+    return None if klass is None else klass(dsn, settings)

@@ -1,0 +1,154 @@
+"""Loaded models: each loaded once for every connection, evicted least-recently-used.
+
+Owns the table of loaded models (name, kind, engine, device, memory, load time), one
+load per model even when many connections ask at once, the memory budget (LRU eviction
+of idle models), and each model's batcher. `SHOW MODELS` reads `info()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from proxy.errors import InternalError, InvalidParameterValue, PgError
+from runtime.batcher import Batcher
+from runtime.config import RuntimeConfig
+
+
+class ModelObject(Protocol):
+    kind: str
+    note: str
+
+    @property
+    def placement(self) -> Any: ...
+
+    def memory_bytes(self) -> int: ...
+
+
+@dataclass(slots=True)
+class Loaded:
+    key: str
+    name: str
+    obj: Any
+    batcher: Batcher
+    memory_bytes: int
+    loaded_at: float  # Unix time, as the admin console formats it
+    load_seconds: float
+    last_used: float = field(default_factory=time.monotonic)
+    users: int = 0  # calls in progress: never evict a model that is running
+
+
+class Registry:
+    """Loaded models keyed by (kind, name, engine, device)."""
+
+    def __init__(self, config: RuntimeConfig, executor: Executor) -> None:
+        self.config = config
+        self.executor = executor
+        self._models: OrderedDict[str, Loaded] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, key: str, name: str, loader: Callable[[], Any], run_attr: str = "run") -> Loaded:
+        """The loaded model for `key`, loading it (off the loop) on first use."""
+        entry = self._models.get(key)
+        if entry is None:
+            lock = self._locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                entry = self._models.get(key)
+                if entry is None:
+                    entry = await self._load(key, name, loader, run_attr)
+        self._models.move_to_end(key)
+        entry.last_used = time.monotonic()
+        return entry
+
+    async def _load(self, key: str, name: str, loader: Callable[[], Any], run_attr: str) -> Loaded:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            obj = await loop.run_in_executor(self.executor, loader)
+        except PgError:
+            raise
+        except (ValueError, OSError, KeyError, TypeError) as exc:
+            # Files that exist but are not a model of the kind asked for (or are damaged).
+            raise InvalidParameterValue(
+                f'model "{name}" cannot be loaded: {type(exc).__name__}: {str(exc)[:500]}'
+            ) from exc
+        except Exception as exc:
+            raise InternalError(f'model "{name}" failed to load: {type(exc).__name__}: {exc}') from exc
+        cfg = self.config
+        batcher = Batcher(
+            name,
+            getattr(obj, run_attr),
+            self.executor,
+            max_batch_size=cfg.max_batch_size,
+            max_batch_tokens=cfg.max_batch_tokens,
+            wait_s=cfg.batch_wait_ms / 1000.0,
+            queue_size=cfg.queue_size,
+        )
+        entry = Loaded(
+            key,
+            name,
+            obj,
+            batcher,
+            int(obj.memory_bytes()),
+            time.time(),
+            time.monotonic() - started,
+        )
+        self._models[key] = entry
+        await self._evict_over_budget(keep=key)
+        return entry
+
+    async def _evict_over_budget(self, keep: str) -> None:
+        budget = self.config.memory_budget_mb * 1024 * 1024
+        for key in list(self._models):
+            if sum(m.memory_bytes for m in self._models.values()) <= budget:
+                break
+            entry = self._models[key]
+            if key == keep or entry.users:
+                continue
+            await self.unload(key)
+
+    async def unload(self, key: str) -> None:
+        entry = self._models.pop(key, None)
+        if entry is None:
+            return
+        await entry.batcher.close()
+        del entry
+        gc.collect()
+        _free_cuda_cache()
+
+    async def close(self) -> None:
+        for key in list(self._models):
+            await self.unload(key)
+
+    def info(self) -> list[dict[str, Any]]:
+        out = []
+        for entry in self._models.values():
+            placement = entry.obj.placement
+            out.append(
+                {
+                    "name": entry.name,
+                    "kind": entry.obj.kind,
+                    "engine": placement.engine,
+                    "device": placement.device,
+                    "precision": entry.obj.note,
+                    "memory_bytes": entry.memory_bytes,
+                    "loaded_at": entry.loaded_at,
+                    "load_seconds": round(entry.load_seconds, 3),
+                    "batches": entry.batcher.stats.batches,
+                    "items": entry.batcher.stats.items,
+                }
+            )
+        return out
+
+
+def _free_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

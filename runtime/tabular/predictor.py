@@ -1,0 +1,300 @@
+"""Serving: deployed-model resolution, the in-process model cache and batched prediction.
+
+Model ids are immutable, so loaded models are cached by id for the process's life; the
+project -> deployed id map is the only thing that changes, and a NOTIFY on
+`pgml_deploy` (from any proxy instance) drops the entry so the next call re-reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from proxy.errors import DataException, InvalidParameterValue
+
+from . import preprocess, registry, storage
+from .batcher import Batcher
+
+OPS = ("predict", "predict_proba", "predict_joint", "predict_batch", "decompose")
+
+
+@dataclass
+class Served:
+    """A loaded model with what turning rows into features and outputs into values needs."""
+
+    model: storage.LoadedModel
+    features: list[dict[str, Any]]
+    classes: list[Any]
+    columns: list[str]  # every column of the snapshot, in relation order
+
+    def named(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The row keyed by column names.
+
+        A record of the relation's type (``t.*``) carries the names; an anonymous
+        ``ROW(...)`` arrives with Postgres's f1, f2, ... keys and is matched by position to
+        the snapshot's columns (all of them, or the feature columns alone).
+        """
+        names = [s["name"] for s in self.features]
+        if not row or any(n in row for n in names):
+            return row
+        keys = sorted(row, key=lambda k: int(k[1:]) if re.fullmatch(r"f\d+", k) else 0)
+        values = [row[k] for k in keys]
+        for columns in (self.columns, names):
+            if len(values) == len(columns):
+                return dict(zip(columns, values, strict=True))
+        raise InvalidParameterValue(
+            f"the row has {len(values)} fields but the model's relation has {len(self.columns)} columns"
+            f" ({len(names)} of them features)"
+        )
+
+    def labels(self, indices: np.ndarray) -> list[float]:
+        """`label` for a whole array of predicted class indices."""
+        if not self.classes or not all(isinstance(c, (int, float, bool)) for c in self.classes):
+            return [float(v) for v in indices.tolist()]
+        table = np.asarray([float(c) for c in self.classes])
+        mapped: list[float] = table[indices.astype(np.int64)].tolist()
+        return mapped
+
+    def label(self, index: float) -> float:
+        """A predicted class index as the label value (text labels answer their index)."""
+        if not self.classes:
+            return float(index)
+        value = self.classes[int(index)]
+        return float(value) if isinstance(value, (int, float, bool)) else float(index)
+
+
+class Predictor:
+    def __init__(
+        self, pool: registry.Pool, executor: Executor, max_rows: int, max_queue: int, max_models: int = 32
+    ) -> None:
+        self._pool = pool
+        self._executor = executor
+        self._max_rows, self._max_queue = max_rows, max_queue
+        self._deployed: dict[str, int] = {}
+        # Bumped by every forget: a lookup that started before a deploy's NOTIFY must not
+        # put the old model id back into the cache after the NOTIFY cleared it.
+        self._generation = 0
+        self._lookups: dict[str, asyncio.Task[int]] = {}
+        self._models: OrderedDict[int, asyncio.Task[Served]] = OrderedDict()
+        self._batchers: dict[tuple[int, str], Batcher] = {}
+        self._max_models = max_models
+
+    def forget_deployment(self, project: str | None = None) -> None:
+        """Drop the cached deployment of `project` (all of them when None)."""
+        self._generation += 1
+        if project is None:
+            self._deployed.clear()
+        else:
+            self._deployed.pop(project, None)
+
+    async def model_id(self, project: str) -> int:
+        cached = self._deployed.get(project)
+        if cached is not None:
+            return cached
+        # Single flight: concurrent misses for one project share one query (and so resume
+        # together, which keeps their rows in one batch).
+        lookup = self._lookups.get(project)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().create_task(self._lookup(project))
+            self._lookups[project] = lookup
+            lookup.add_done_callback(lambda _: self._lookups.pop(project, None))
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, project: str) -> int:
+        generation = self._generation
+        async with self._pool.connection() as conn:
+            model_id = await registry.deployed_model_id(conn, project)
+        if generation == self._generation:
+            self._deployed[project] = model_id
+        return model_id
+
+    async def served(self, model_id: int) -> Served:
+        task = self._models.get(model_id)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.get_running_loop().create_task(self._load(model_id))
+            self._models[model_id] = task
+            self._evict()
+        self._models.move_to_end(model_id)
+        if task.done():
+            return task.result()
+        return await asyncio.shield(task)
+
+    def _evict(self) -> None:
+        """Keep at most `max_models` loaded: the least recently used go, with their batchers."""
+        while len(self._models) > self._max_models:
+            old, _ = self._models.popitem(last=False)
+            for key in [k for k in self._batchers if k[0] == old]:
+                batcher = self._batchers.pop(key)
+                asyncio.get_running_loop().create_task(batcher.close())
+
+    async def _load(self, model_id: int) -> Served:
+        async with self._pool.connection() as conn:
+            rec = await registry.model_record(conn, model_id)
+        columns = rec["columns"] or []
+        labels = registry.label_specs(columns)
+        classes = (
+            labels[0]["statistics"].get("classes", []) if labels and rec["task"] == "classification" else []
+        )
+        lib = {"model.ubj": "xgboost", "model.txt": "lightgbm", "model.cbm": "catboost"}.get(
+            rec["path"], "sklearn"
+        )
+        model = await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            storage.load,
+            model_id,
+            rec["task"],
+            lib,
+            rec["algorithm"],
+            rec["data"],
+            int(rec["num_features"]),
+            len(classes),
+        )
+        names = [c["name"] for c in sorted(columns, key=lambda c: int(c.get("position", 0)))]
+        return Served(model, registry.feature_specs(columns), classes, names)
+
+    def _batcher(self, served: Served, op: str) -> Batcher:
+        key = (served.model.model_id, op)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            fn = served.model.predict_proba if op == "predict_proba" else served.model.predict
+            batcher = Batcher(fn, self._executor, self._max_rows, self._max_queue)
+            self._batchers[key] = batcher
+        return batcher
+
+    async def run(self, op: str, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """One result per call; ONE batched library call per model for all of them."""
+        # Resolve each distinct project or model id once, not once per row.
+        keys: list[int | str] = [
+            int(c["model_id"]) if c.get("model_id") is not None else str(c["project_name"]) for c in calls
+        ]
+        distinct = list(dict.fromkeys(keys))
+        # Few awaits on the common path (one project, cached): one-row calls from many
+        # connections then reach the batcher within the same loop turn and share a batch.
+        if len(distinct) == 1:
+            resolved = [await self._resolve(distinct[0])]
+        else:
+            resolved = list(await asyncio.gather(*(self._resolve(k) for k in distinct)))
+        ids = dict(zip(distinct, resolved, strict=True))
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(ids[key], []).append(i)
+        results: list[Any] = [None] * len(calls)
+        if len(groups) == 1:
+            [(mid, idx)] = groups.items()
+            await self._run_group(
+                op, mid, list(calls) if len(idx) == len(calls) else [calls[i] for i in idx], idx, results
+            )
+            return results
+        await asyncio.gather(
+            *(self._run_group(op, mid, [calls[i] for i in idx], idx, results) for mid, idx in groups.items())
+        )
+        return results
+
+    async def _resolve(self, key: int | str) -> int:
+        return key if isinstance(key, int) else await self.model_id(key)
+
+    async def _run_group(
+        self, op: str, model_id: int, calls: list[Mapping[str, Any]], where: list[int], results: list[Any]
+    ) -> None:
+        served = await self.served(model_id)
+        _check_op(op, served.model.task)
+        x, counts = self._matrix(op, served, calls)
+        out = await self._batcher(served, op).submit(x)
+        if op == "predict" and out.ndim == 1 and len(out) == len(calls):
+            # The common case, one value per call: converted for all rows at once.
+            values = served.labels(out) if served.model.task == "classification" else out.tolist()
+            for pos, value in zip(where, values, strict=True):
+                results[pos] = value
+            return
+        start = 0
+        for pos, count in zip(where, counts, strict=True):
+            results[pos] = _shape(op, served, out[start : start + count])
+            start += count
+
+    def _matrix(
+        self, op: str, served: Served, calls: list[Mapping[str, Any]]
+    ) -> tuple[np.ndarray, list[int]]:
+        """The feature rows of every call, and how many rows each call contributed."""
+        width = served.model.num_features
+        if all("row" in c for c in calls):
+            rows = [served.named(c["row"]) for c in calls]
+            cols = {
+                s["name"]: preprocess.as_column(s["kind"], [r.get(s["name"]) for r in rows])
+                for s in served.features
+            }
+            return preprocess.transform(served.features, cols, len(rows)), [1] * len(rows)
+        if any("row" in c for c in calls):
+            parts = [self._matrix(op, served, [c]) for c in calls]
+            return np.vstack([p[0] for p in parts]), [p[1][0] for p in parts]
+        feats = [c["features"] for c in calls]
+        if op == "predict_batch":
+            arrays = [
+                _floats(f).reshape(-1, width) if len(f) % width == 0 else _mismatch(len(f), width, True)
+                for f in feats
+            ]
+            return np.vstack(arrays), [len(a) for a in arrays]
+        bad = next((len(f) for f in feats if len(f) != width), None)
+        if bad is not None:
+            _mismatch(bad, width, False)
+        return _floats(feats).reshape(len(feats), width), [1] * len(feats)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per `model_id/op` batcher: library calls and rows so far (for metrics and tests)."""
+        return {
+            f"{mid}/{op}": {"batches": b.batches, "rows": b.rows} for (mid, op), b in self._batchers.items()
+        }
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
+
+
+def _floats(values: Any) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):  # NULL elements: NaN, which the tree libraries treat as missing
+        return np.asarray(
+            [[np.nan if v is None else float(v) for v in row] for row in values]
+            if values and isinstance(values[0], (list, tuple))
+            else [np.nan if v is None else float(v) for v in values],
+            dtype=np.float32,
+        )
+
+
+def _mismatch(got: int, width: int, flat: bool) -> np.ndarray:
+    what = f"a multiple of {width}" if flat else str(width)
+    raise InvalidParameterValue(f"the features array has {got} elements but the model expects {what}")
+
+
+def _check_op(op: str, task: str) -> None:
+    fits = {
+        "predict_proba": ("classification",),
+        "predict_joint": ("regression",),
+        "decompose": ("decomposition",),
+    }.get(op)
+    if fits is not None and task not in fits:
+        raise InvalidParameterValue(
+            f"{op} needs a {' or '.join(fits)} model; this project's task is {task!r}"
+        )
+
+
+def _shape(op: str, served: Served, out: np.ndarray) -> Any:
+    if op == "predict_batch":
+        if served.model.task == "classification":
+            return [(served.label(float(v)),) for v in out.ravel()]
+        return [(float(v),) for v in out.ravel()]
+    if op in ("predict_proba", "decompose", "predict_joint"):
+        return [float(v) for v in np.asarray(out[0]).ravel()]
+    value = np.asarray(out[0]).ravel()
+    if value.size != 1:
+        raise DataException("this model predicts several values per row: use pgml.predict_joint")
+    if served.model.task == "classification":
+        return served.label(float(value[0]))
+    return float(value[0])

@@ -1,0 +1,158 @@
+"""`TabularRuntime`: the tabular pgml functions behind `runtime.Runtime`'s dispatch.
+
+Owns the lifecycle (migrations at start, the LISTEN task for deploys from other
+instances, the worker threads), and routes each function name to the trainer, the
+predictor, deploy or load_dataset. Its own upstream connections only: training reads
+committed data, never the client's open transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+
+from planner.interfaces import CallContext
+from proxy.errors import ConfigError, InvalidParameterValue, UndefinedFunction, lookup
+
+from . import datasets, deploy, migrations, registry, trainer
+from .predictor import OPS, Predictor
+
+log = logging.getLogger(__name__)
+
+_SETTINGS = {
+    "pool_size": 4,
+    "predict_threads": 2,
+    "max_batch_rows": 4096,
+    "max_queue": 10000,
+    "max_models": 32,
+}
+
+
+def _settings(raw: Mapping[str, Any]) -> dict[str, int]:
+    out = dict(_SETTINGS)
+    for key, value in raw.items():
+        if key not in _SETTINGS:
+            continue  # other runtime keys belong to the language-model side
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"runtime.{key}", f"must be a positive integer, got {value!r}")
+        out[key] = value
+    return out
+
+
+class TabularRuntime:
+    """Training, prediction and the registry of tabular models in the upstream's `pgml` schema."""
+
+    functions = frozenset(
+        {
+            "train",
+            "train_joint",
+            "snapshot",
+            "predict",
+            "predict_proba",
+            "predict_joint",
+            "predict_batch",
+            "decompose",
+            "deploy",
+            "load_dataset",
+        }
+    )
+
+    def __init__(self, upstream_dsn: str, settings: Mapping[str, Any]) -> None:
+        self._dsn = upstream_dsn
+        cfg = _settings(settings)
+        self._pool = registry.Pool(upstream_dsn, cfg["pool_size"])
+        self._executor = ThreadPoolExecutor(cfg["predict_threads"], thread_name_prefix="pgml-predict")
+        self._predictor = Predictor(
+            self._pool, self._executor, cfg["max_batch_rows"], cfg["max_queue"], cfg["max_models"]
+        )
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+
+    async def start(self) -> None:
+        """Migrate the `pgml` schema (one proxy at a time) and start listening for deploys."""
+        async with self._pool.connection() as conn:
+            applied = await migrations.migrate(conn)
+        if applied:
+            log.info("pgml schema migrations applied: %s", applied)
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+        await asyncio.wait_for(self._listening.wait(), 30)
+
+    async def _listen(self) -> None:
+        """Drop cached deployments announced by any instance; reconnect after a failure."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {registry.DEPLOY_CHANNEL}")
+                    # Anything announced while we were not listening is unknown: start afresh.
+                    self._predictor.forget_deployment()
+                    self._listening.set()
+                    async for note in conn.notifies():
+                        self._predictor.forget_deployment(note.payload)
+            except psycopg.Error as exc:
+                log.warning("LISTEN %s failed (%s); retrying", registry.DEPLOY_CHANNEL, exc)
+                self._predictor.forget_deployment()
+                await asyncio.sleep(1)
+
+    def batch_stats(self) -> dict[str, dict[str, int]]:
+        """Library calls and rows per `model_id/op` since start: how well predicts batch."""
+        return self._predictor.stats()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self._predictor.close()
+        await self._pool.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def call_batch(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        """One result per call (see planner.interfaces.Runtime.call_batch)."""
+        if function not in self.functions:
+            raise UndefinedFunction(f"pgml.{function} is not a tabular function")
+        try:
+            if function in OPS:
+                return await self._predictor.run(function, calls)
+            # Training and registry changes run one call at a time, in order.
+            return [await self._one(function, call, ctx) for call in calls]
+        except psycopg.Error as exc:
+            # An upstream error on our own connections (permissions, a lost connection):
+            # the client gets its SQLSTATE and message rather than an internal error.
+            code = exc.sqlstate or "58000"
+            raise lookup(code)(f"pgml.{function}: {exc}".strip(), fields={"C": code}) from exc
+
+    async def _one(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[Any, ...]]:
+        if function in ("train", "train_joint"):
+            row = await trainer.train(self._pool, call, ctx, joint=function == "train_joint")
+            self._predictor.forget_deployment(str(call["project_name"]))
+            return [row]
+        if function == "snapshot":
+            return [await trainer.snapshot(self._pool, call)]
+        if function == "deploy":
+            row = await deploy.deploy(self._pool, call)
+            self._predictor.forget_deployment(row[0])
+            return [row]
+        return [await self._load_dataset(call)]
+
+    async def _load_dataset(self, call: Mapping[str, Any]) -> tuple[Any, ...]:
+        source = str(call.get("source") or "")
+        if not source:
+            raise InvalidParameterValue("load_dataset needs a source name")
+        limit = call.get("limit")
+        ds = await asyncio.to_thread(
+            datasets.build,
+            source,
+            call.get("subset"),
+            None if limit is None else int(limit),
+            dict(call.get("kwargs") or {}),
+        )
+        async with self._pool.connection() as conn:
+            return await datasets.store(conn, ds)

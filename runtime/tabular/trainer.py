@@ -1,0 +1,333 @@
+"""`pgml.train`, `train_joint` and `snapshot`: from arguments to a registered, maybe deployed model.
+
+Validates everything that can be validated before any work (project, task, algorithm,
+relation, columns, labels), reads the relation on the runtime's own connection (so it
+sees committed data only), fits in a worker thread while relaying progress as INFO
+notices, and writes project, snapshot, model, files and deployment in ONE transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from planner.interfaces import CallContext
+from proxy.errors import InvalidParameterValue, NullValueNotAllowed, UndefinedModel
+
+from . import algorithms, preprocess, registry, storage, training
+
+SAMPLINGS = ("stratified", "random", "last")
+_DEFAULT_STEPS = {"encode": "native", "impute": "error", "scale": "preserve"}
+
+
+@dataclass
+class Prepared:
+    """A relation read and preprocessed: what a snapshot records and a training consumes."""
+
+    relation: str
+    y_names: list[str]
+    specs: list[dict[str, Any]]  # every column, labels included, in relation order
+    x: np.ndarray
+    y: np.ndarray | None
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    test_size: float
+    sampling: str
+
+
+def _test_size(call: Mapping[str, Any]) -> float:
+    """The test share (<= 1) or row count (> 1); NULL means the default 0.25."""
+    value = call.get("test_size")
+    size = 0.25 if value is None else float(value)
+    if size < 0:
+        raise InvalidParameterValue(f"test_size must be >= 0, got {size}")
+    return size
+
+
+def _y_names(y: Any) -> list[str]:
+    if y is None:
+        return []
+    return [str(v) for v in y] if isinstance(y, (list, tuple)) else [str(y)]
+
+
+def _labels(task: str, specs: list[dict[str, Any]], data: Mapping[str, Any]) -> np.ndarray | None:
+    """The label array (class indices for classification); 22004 when a label is NULL."""
+    labels = registry.label_specs(specs)
+    if not labels:
+        return None
+    cols = []
+    for spec in labels:
+        values = data[spec["name"]]
+        nulls = [v is None for v in values] if spec["kind"] == "text" else np.isnan(values.astype(float))
+        if np.any(nulls):
+            raise NullValueNotAllowed(
+                f"label column {spec['name']!r} has {int(np.sum(nulls))} NULL values",
+                hint="filter them out with a view, labels cannot be imputed",
+            )
+        if task == "classification":
+            classes, idx = np.unique(
+                values if spec["kind"] != "text" else values.astype(str), return_inverse=True
+            )
+            spec["statistics"] = {"classes": [c.item() if isinstance(c, np.generic) else c for c in classes]}
+            cols.append(idx.astype(np.float64))
+        else:
+            spec["statistics"] = {}
+            cols.append(np.asarray(values, dtype=np.float64))
+    return cols[0] if len(cols) == 1 else np.column_stack(cols)
+
+
+async def prepare(
+    pool: registry.Pool,
+    task: str,
+    relation: str,
+    y_names: list[str],
+    test_size: float,
+    sampling: str,
+    steps: Mapping[str, Any],
+) -> Prepared:
+    """Read `relation`, check the labels, split, fit the preprocessing and build the matrix."""
+    if sampling not in SAMPLINGS:
+        raise InvalidParameterValue(f"test_sampling {sampling!r} is unknown", hint=f"accepted: {SAMPLINGS}")
+    async with pool.connection() as conn:
+        columns = await registry.relation_columns(conn, relation)
+        names = [n for n, _ in columns]
+        for y_name in y_names:
+            if y_name not in names:
+                raise InvalidParameterValue(
+                    f"column {y_name!r} is not in relation {relation!r}", hint=f"columns: {', '.join(names)}"
+                )
+        preprocess.validate(steps, names)
+        data, n = await registry.read_columns(conn, relation, registry.kinds(columns))
+    if n < 2:
+        raise InvalidParameterValue(f"relation {relation!r} has {n} rows; training needs at least 2")
+    specs = [
+        {
+            "name": name,
+            "pg_type": t,
+            "kind": preprocess.kind_of(t),
+            "position": i + 1,
+            "label": name in y_names,
+            "array": preprocess.kind_of(t) == "array",
+            "size": int(data[name].shape[1]) if preprocess.kind_of(t) == "array" else 1,
+            "preprocessor": {**_DEFAULT_STEPS, **steps.get(name, {})},
+        }
+        for i, (name, t) in enumerate(columns)
+    ]
+    y = _labels(task, specs, data)
+    # A fixed seed: the same relation gives the same split in every proxy and every retrain,
+    # so models of one project are compared on the same test rows.
+    train_idx, test_idx = training.split(n, y, test_size, sampling, task == "classification", seed=0)
+    features = registry.feature_specs(specs)
+    for spec in features:
+        preprocess.fit(spec, data[spec["name"]][train_idx], None if y is None else y[train_idx])
+    x = preprocess.transform(features, data, n)
+    return Prepared(relation, y_names, specs, x, y, train_idx, test_idx, test_size, sampling)
+
+
+async def _run_thread(
+    fn: Callable[[Callable[[str], None]], Any], ctx: CallContext, on_cancel: Callable[[], None]
+) -> Any:
+    """Run `fn(progress)` in a thread; relay its progress lines as notices; cancellable."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+
+    def progress(line: str) -> None:
+        loop.call_soon_threadsafe(lines.put_nowait, line)
+
+    fut = loop.run_in_executor(None, fn, progress)
+    try:
+        while not fut.done():
+            getter = asyncio.ensure_future(lines.get())
+            await asyncio.wait({fut, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                await ctx.notice(getter.result())
+            else:
+                getter.cancel()
+        while not lines.empty():
+            await ctx.notice(lines.get_nowait())
+        return fut.result()
+    except asyncio.CancelledError:
+        on_cancel()  # the thread stops at its next check; nothing has been written
+        raise
+
+
+def _arguments(call: Mapping[str, Any], task: str) -> tuple[str, dict[str, Any], str | None]:
+    algorithm = call.get("algorithm") or "linear"
+    if algorithm == "linear" and task in ("clustering", "decomposition"):
+        algorithm = algorithms.DEFAULT_ALGORITHM[task]
+    search = call.get("search")
+    if search not in (None, "grid", "random"):
+        raise InvalidParameterValue(f"search {search!r} is unknown", hint="accepted: grid, random")
+    hyperparams = dict(call.get("hyperparams") or {})
+    return str(algorithm), hyperparams, search
+
+
+def _source(
+    call: Mapping[str, Any], name: str, snap: Mapping[str, Any] | None
+) -> tuple[str, list[str], dict[str, Any], float, str]:
+    """(relation, y columns, preprocess, test_size, test_sampling): the call's, or with a NULL
+    relation the project's last snapshot's (its materialized copy when there is one)."""
+    if call.get("relation_name") is not None:
+        return (
+            str(call["relation_name"]),
+            _y_names(call.get("y_column_name")),
+            dict(call.get("preprocess") or {}),
+            _test_size(call),
+            str(call.get("test_sampling") or "stratified"),
+        )
+    if snap is None:
+        raise InvalidParameterValue(f"relation_name is required: project {name!r} has no snapshot yet")
+    relation = f"pgml.snapshot_{snap['id']}" if snap["materialized"] else str(snap["relation_name"])
+    steps = {c["name"]: c["preprocessor"] for c in snap["columns"] if not c.get("label")}
+    return (
+        relation,
+        list(snap["y_column_name"] or []),
+        steps,
+        float(snap["test_size"]),
+        str(snap["test_sampling"]),
+    )
+
+
+def _job(
+    prep: Prepared,
+    task: str,
+    algorithm: str,
+    hyperparams: dict[str, Any],
+    search: str | None,
+    call: Mapping[str, Any],
+) -> training.TrainJob:
+    y = prep.y
+    return training.TrainJob(
+        task,
+        algorithm,
+        hyperparams,
+        search,
+        dict(call.get("search_params") or {}),
+        dict(call.get("search_args") or {}),
+        prep.x[prep.train_idx],
+        None if y is None else y[prep.train_idx],
+        prep.x[prep.test_idx],
+        None if y is None else y[prep.test_idx],
+    )
+
+
+async def train(
+    pool: registry.Pool, call: Mapping[str, Any], ctx: CallContext, joint: bool
+) -> tuple[Any, ...]:
+    """One `pgml.train` call; returns (project, task, algorithm, deployed)."""
+    name = str(call["project_name"])
+    async with pool.connection() as conn:
+        proj = await registry.project(conn, name)
+        snap = await registry.last_snapshot(conn, proj["id"]) if proj else None
+    task = call.get("task")
+    if proj is None and task is None:
+        raise UndefinedModel(f"project {name!r} does not exist", hint="pass a task to create it")
+    if proj is not None and task is not None and task != proj["task"]:
+        raise InvalidParameterValue(f"project {name!r} has task {proj['task']!r}, not {task!r}")
+    task = str(task or proj["task"])  # type: ignore[index]
+    algorithm, hyperparams, search = _arguments(call, task)
+    training.check_task_algorithm(task, algorithm, joint)
+    relation, y_names, steps, test_size, sampling = _source(call, name, snap)
+    if task in ("regression", "classification") and not y_names:
+        raise InvalidParameterValue(f"y_column_name is required for {task}")
+    prep = await prepare(pool, task, relation, y_names, test_size, sampling, steps)
+    await ctx.notice(
+        f"training {algorithm} ({task}) on {len(prep.train_idx)} rows, testing on "
+        f"{len(prep.test_idx)}, {prep.x.shape[1]} features"
+    )
+    job = _job(prep, task, algorithm, hyperparams, search, call)
+    lib = algorithms.library(task, algorithm)
+
+    def work(progress: Callable[[str], None]) -> tuple[training.TrainResult, tuple[str, bytes]]:
+        result = training.fit(job, progress)
+        return result, storage.dump(result.estimator, lib)
+
+    result, (path, blob) = await _run_thread(work, ctx, job.cancelled.set)
+    metrics = training.jsonable(result.metrics)
+    await ctx.notice(f"metrics: { {k: v for k, v in metrics.items() if k != 'search_results'} }")
+    deployed = await _register(pool, call, name, task, algorithm, prep, result, metrics, path, blob)
+    return (name, task, algorithm, deployed)
+
+
+async def _register(
+    pool: registry.Pool,
+    call: Mapping[str, Any],
+    name: str,
+    task: str,
+    algorithm: str,
+    prep: Prepared,
+    result: training.TrainResult,
+    metrics: dict[str, Any],
+    path: str,
+    blob: bytes,
+) -> bool:
+    """Write everything in one transaction; returns whether the new model was deployed."""
+    async with pool.connection() as conn, conn.transaction():
+        project_id = await registry.ensure_project(conn, name, task)
+        # A new snapshot row even when the relation is reused: the data and so the fitted
+        # preprocessing may have changed since, and row-form predict must use these.
+        snapshot_id = await registry.insert_snapshot(
+            conn,
+            prep.relation,
+            prep.y_names,
+            prep.test_size,
+            prep.sampling,
+            prep.specs,
+            {"samples": len(prep.x), "features": int(prep.x.shape[1])},
+            bool(call.get("materialize_snapshot", False)),
+        )
+        model_id = await registry.insert_model(
+            conn,
+            {
+                "project_id": project_id,
+                "snapshot_id": snapshot_id,
+                "num_features": int(prep.x.shape[1]),
+                "algorithm": algorithm,
+                "hyperparams": training.jsonable(result.hyperparams),
+                "metrics": metrics,
+                "search": call.get("search"),
+                "search_params": call.get("search_params") or {},
+                "search_args": call.get("search_args") or {},
+            },
+            [(path, i, part) for i, part in enumerate(storage.parts(blob))],
+        )
+        if call.get("automatic_deploy") is False:
+            return False
+        metric = algorithms.TARGET_METRIC[task]
+        current = await registry.deployed_metric(conn, project_id, metric)
+        new = metrics.get(metric)
+        if current is not None and (new is None or new < current):
+            return False
+        await registry.deploy(conn, project_id, name, model_id, "new_score")
+        return True
+
+
+async def snapshot(pool: registry.Pool, call: Mapping[str, Any]) -> tuple[Any, ...]:
+    """`pgml.snapshot`: record the relation's columns, split and preprocessing; (relation, y)."""
+    relation = str(call["relation_name"])
+    y_names = _y_names(call.get("y_column_name"))
+    prep = await prepare(
+        pool,
+        "regression",
+        relation,
+        y_names,
+        _test_size(call),
+        str(call.get("test_sampling") or "stratified"),
+        dict(call.get("preprocess") or {}),
+    )
+    async with pool.connection() as conn, conn.transaction():
+        await registry.insert_snapshot(
+            conn,
+            relation,
+            y_names,
+            prep.test_size,
+            prep.sampling,
+            prep.specs,
+            {"samples": len(prep.x), "features": int(prep.x.shape[1])},
+            bool(call.get("materialize_snapshot", False)),
+        )
+    return (relation, ", ".join(y_names))

@@ -1,0 +1,311 @@
+"""`pgml.transform` and `pgml.transform_stream`: Hugging Face pipelines, batched across calls.
+
+Owns task parsing (text or jsonb task, model choice, pipeline options), input checks,
+the batch function that runs one pipeline call per group of identical call arguments,
+the reshaping that gives each SQL call exactly the pipeline's own output shape, and
+token streaming. Pipelines run on torch (fp16 on CUDA): generation has no ONNX path here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import re
+import threading
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.errors import FeatureNotSupported, InvalidParameterValue, PgError
+from runtime.config import RuntimeConfig
+from runtime.engines import Placement
+from runtime.gguf import ensure_transformers_folder
+from runtime.resolve import ResolvedModel
+
+TASKS = frozenset(
+    {
+        "text-classification",
+        "zero-shot-classification",
+        "token-classification",
+        "translation",
+        "summarization",
+        "question-answering",
+        "text-generation",
+        "text2text-generation",
+        "fill-mask",
+        "feature-extraction",
+        "conversational",
+    }
+)
+_TASK_ALIASES = {
+    "sentiment-analysis": "text-classification",
+    "ner": "token-classification",
+    "chat": "conversational",
+}
+_TRANSLATION = re.compile(r"^translation_[a-z]{2,3}_to_[a-z]{2,3}$")
+# Options of the jsonb task that configure the model (PostgresML passes them to pipeline()).
+_MODEL_KWARGS = frozenset(
+    {
+        "device",
+        "device_map",
+        "torch_dtype",
+        "dtype",
+        "trust_remote_code",
+        "revision",
+        "token",
+        "use_auth_token",
+        "load_in_8bit",
+        "load_in_4bit",
+        "model_type",
+    }
+)
+_GENERATIVE = frozenset(
+    {"text-generation", "conversational", "summarization", "translation", "text2text-generation"}
+)
+# HF returns a bare item instead of a one-element list for these tasks (fill-mask, QA).
+_UNWRAP_SINGLE = frozenset({"fill-mask", "question-answering"})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    task: str  # as asked, e.g. "translation_en_to_fr"
+    base: str  # its family, e.g. "translation"
+    model: str
+    model_kwargs: Mapping[str, Any]
+    args: Mapping[str, Any]
+    args_key: str  # canonical JSON of args: calls with the same key share a pipeline call
+
+    @property
+    def pipeline_task(self) -> str:
+        return "text-generation" if self.base == "conversational" else self.task
+
+
+def parse_task(task: Any, args: Any, config: RuntimeConfig) -> TaskSpec:
+    """A TaskSpec from the SQL `task` (text or jsonb) and `args`; raises InvalidParameterValue."""
+    if isinstance(task, str) and task.lstrip().startswith("{"):
+        try:
+            task = json.loads(task)
+        except json.JSONDecodeError as exc:
+            raise InvalidParameterValue(f"pgml.transform: task is not valid JSON: {exc}") from exc
+    options: dict[str, Any] = dict(task) if isinstance(task, Mapping) else {"task": task}
+    name = options.pop("task", None)
+    model = options.pop("model", None)
+    if not isinstance(name, str) or not name:
+        raise InvalidParameterValue('pgml.transform: task must name a task, e.g. "text-classification"')
+    name = _TASK_ALIASES.get(name, name)
+    base = "translation" if _TRANSLATION.match(name) else name
+    if base not in TASKS:
+        raise InvalidParameterValue(
+            f'pgml.transform: unknown task "{name}"',
+            hint="accepted: " + ", ".join(sorted(TASKS)) + ", translation_xx_to_yy",
+        )
+    unknown = sorted(set(options) - _MODEL_KWARGS)
+    if unknown:
+        raise InvalidParameterValue(
+            f'pgml.transform: unknown task option "{unknown[0]}"',
+            hint="accepted: task, model, " + ", ".join(sorted(_MODEL_KWARGS)),
+        )
+    if model is None:
+        model = config.default_models.get(base)
+    if not isinstance(model, str) or not model:
+        raise InvalidParameterValue(f'pgml.transform: no model given and no default for task "{name}"')
+    if not isinstance(args, Mapping):
+        raise InvalidParameterValue("pgml.transform: args must be a JSON object")
+    call_args = {k: v for k, v in args.items() if k != "cache"}
+    return TaskSpec(name, base, model, options, call_args, json.dumps(call_args, sort_keys=True))
+
+
+def check_inputs(spec: TaskSpec, inputs: list[Any]) -> list[Any]:
+    """Inputs as the pipeline takes them: QA JSON parsed, chats checked."""
+    out: list[Any] = []
+    for i, item in enumerate(inputs, start=1):
+        if spec.base == "question-answering":
+            item = json.loads(item) if isinstance(item, str) else item
+            if not isinstance(item, Mapping) or not {"question", "context"} <= set(item):
+                raise InvalidParameterValue(
+                    f'pgml.transform: question-answering input {i} must be JSON {{"question", "context"}}'
+                )
+            out.append({"question": str(item["question"]), "context": str(item["context"])})
+        elif spec.base == "conversational" or (spec.base == "text-generation" and isinstance(item, list)):
+            out.append(_check_chat(item, i))
+        elif isinstance(item, str):
+            out.append(item)
+        else:
+            raise InvalidParameterValue(f"pgml.transform: input {i} must be text")
+    return out
+
+
+def _check_chat(item: Any, i: int) -> list[dict[str, str]]:
+    if isinstance(item, Mapping):
+        item = [item]
+    if (
+        not isinstance(item, list)
+        or not item
+        or not all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in item
+        )
+    ):
+        raise InvalidParameterValue(f'pgml.transform: chat input {i} must be a list of {{"role", "content"}}')
+    return [{"role": m["role"], "content": m["content"]} for m in item]
+
+
+def input_cost(item: Any) -> int:
+    return len(json.dumps(item)) // 4 + 2 if not isinstance(item, str) else len(item) // 4 + 2
+
+
+def shape_outputs(spec: TaskSpec, outputs: list[Any]) -> Any:
+    """One SQL call's result: the pipeline's list, or its single item where HF unwraps."""
+    if spec.base in _UNWRAP_SINGLE and len(outputs) == 1:
+        return outputs[0]
+    return outputs
+
+
+class PipelineModel:
+    """A loaded transformers pipeline and its batch function."""
+
+    kind = "transform"
+
+    def __init__(
+        self, config: RuntimeConfig, model: ResolvedModel, spec: TaskSpec, placement: Placement, trust: bool
+    ) -> None:
+        import torch
+
+        pipeline: Any = importlib.import_module("transformers").pipeline
+        self.placement = Placement("torch", placement.device)
+        self.note = "fp16" if placement.device == "cuda" else "fp32"
+        self.base = spec.base
+        folder = ensure_transformers_folder(config, model)
+        kwargs: dict[str, Any] = {"trust_remote_code": trust}
+        if placement.device == "cuda":
+            kwargs["dtype"] = torch.float16
+        self.pipe = pipeline(spec.pipeline_task, model=str(folder), device=placement.device, **kwargs)
+        tok = self.pipe.tokenizer
+        if tok is not None and spec.base in ("text-generation", "conversational"):
+            # Batched decoder-only generation needs left padding and a pad token.
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+        self.lock = threading.Lock()  # streaming and batches share the model
+
+    def memory_bytes(self) -> int:
+        model = self.pipe.model
+        return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+    def run(self, payloads: list[tuple[Any, str]]) -> list[Any]:
+        """Outputs in payload order; a group whose arguments fail gets its error, not the others."""
+        out: list[Any] = [None] * len(payloads)
+        groups: dict[str, list[int]] = {}
+        for i, (_, key) in enumerate(payloads):
+            groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            try:
+                results = self._call([payloads[i][0] for i in idx], json.loads(key))
+            except PgError as exc:
+                results = [exc] * len(idx)
+            for j, i in enumerate(idx):
+                out[i] = results[j]
+        return out
+
+    def _call(self, inputs: list[Any], args: dict[str, Any]) -> list[Any]:
+        chat = self.base == "conversational" or isinstance(inputs[0], list)
+        if chat:
+            args = {**args, "return_full_text": False}
+        try:
+            with self.lock:
+                if self.base == "question-answering":
+                    # Keyword form: the list-of-dicts form is deprecated in transformers.
+                    results = self.pipe(
+                        question=[x["question"] for x in inputs],
+                        context=[x["context"] for x in inputs],
+                        batch_size=len(inputs),
+                        **args,
+                    )
+                else:
+                    results = self.pipe(inputs, batch_size=len(inputs), **args)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InvalidParameterValue(f"pgml.transform ({self.base}): {exc}") from exc
+        if len(inputs) == 1 and self.base in _UNWRAP_SINGLE:
+            results = [results]
+        results = [_jsonable(r) for r in results]
+        if chat:
+            # Chat answers the assistant's new message per conversation, as PostgresML does.
+            results = [
+                r[0]["generated_text"] if isinstance(r, list) else r["generated_text"] for r in results
+            ]
+        return results
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def check_streamable(spec: TaskSpec) -> None:
+    if spec.base not in ("text-generation", "conversational"):
+        raise InvalidParameterValue(f'pgml.transform_stream supports text generation, not "{spec.task}"')
+
+
+async def stream_generation(
+    model: PipelineModel, spec: TaskSpec, inputs: list[Any], as_list: bool
+) -> AsyncIterator[Any]:
+    """Yield new text as it is generated: a string per chunk, or a 1-list for the jsonb[] form."""
+    check_streamable(spec)
+    items = check_inputs(spec, inputs)
+    if len(items) != 1:
+        raise FeatureNotSupported("pgml.transform_stream streams one input at a time")
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    tok, lm = model.pipe.tokenizer, model.pipe.model
+    item = items[0]
+    prompt = (
+        tok.apply_chat_template(item, tokenize=False, add_generation_prompt=True)
+        if isinstance(item, list)
+        else item
+    )
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=not isinstance(item, list)).to(lm.device)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    stop = threading.Event()
+
+    class _Stop(StoppingCriteria):  # the client went away: stop generating
+        def __call__(self, *_: Any, **__: Any) -> bool:
+            return stop.is_set()
+
+    gen_args = dict(spec.args)
+    gen_args.setdefault("max_new_tokens", 64)
+
+    def generate() -> None:
+        try:
+            with model.lock:
+                lm.generate(
+                    **enc,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Stop()]),
+                    pad_token_id=tok.pad_token_id,
+                    **gen_args,
+                )
+        except Exception:
+            streamer.end()  # type: ignore[no-untyped-call]
+            raise
+
+    loop = asyncio.get_running_loop()
+    # The default executor, not the model pool: a long stream must not hold the batchers' threads.
+    done = loop.run_in_executor(None, generate)
+    try:
+        while True:
+            piece = await loop.run_in_executor(None, next, streamer, None)
+            if piece is None:
+                break
+            if piece:
+                yield [piece] if as_list else piece
+        await done
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterValue(f"pgml.transform_stream: {exc}") from exc
+    finally:
+        stop.set()

@@ -1,0 +1,303 @@
+"""The planner through the real proxy (in process) and a real Postgres, with real drivers.
+
+The runtime is `HistRuntime` (deterministic, a real function of its inputs): each
+statement's rows are compared, for psycopg text, psycopg binary and asyncpg, with a
+reference computed by calling that runtime directly on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from planner import build_handler
+from tests.fix_planner import HistRuntime, hist
+
+N = 40
+
+
+def body(i: int) -> str:
+    return f"doc number {i}" + " aei" * (i % 3)
+
+
+@pytest.fixture(scope="module")
+def rt() -> HistRuntime:
+    return HistRuntime()
+
+
+@pytest.fixture(scope="module")
+def dsn(inprocess_proxy_factory: Callable[..., Any], pg_dsn: str, rt: HistRuntime) -> Iterator[str]:
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS pdocs, pdocs_out, pnums")
+        c.execute("CREATE TABLE pdocs (id int PRIMARY KEY, body text, cat int, embedding vector(6))")
+        c.execute(
+            "INSERT INTO pdocs SELECT i, 'doc number ' || i || repeat(' aei', i %% 3), i %% 4, NULL "
+            "FROM generate_series(1, %s) i",
+            (N,),
+        )
+        c.execute("INSERT INTO pdocs VALUES (0, NULL, 0, NULL)")
+        c.execute("CREATE TABLE pnums (id int, a real, b real)")
+        c.execute("INSERT INTO pnums SELECT i, i, i * 2 FROM generate_series(1, 10) i")
+    proxy = inprocess_proxy_factory(build_handler(rt, {"chunk_rows": 7, "materialise_rows": 9}))
+    yield proxy.dsn()
+
+
+def embeds() -> dict[int, list[float] | None]:
+    out: dict[int, list[float] | None] = {i: hist(body(i)) for i in range(1, N + 1)}
+    out[0] = None
+    return out
+
+
+E = embeds()
+# (sql, params, expected rows) — expected computed from the runtime's own function.
+SELECTS: list[tuple[str, tuple[Any, ...], list[tuple[Any, ...]]]] = [
+    ("SELECT pgml.embed('m', 'hello')", (), [(hist("hello"),)]),
+    ("SELECT pgml.embed('m', %s)", ("hello",), [(hist("hello"),)]),
+    (
+        "SELECT pgml.embed(transformer => 'm', text => 'a b', kwargs => '{\"scale\": 2}')",
+        (),
+        [([2 * x for x in hist("a b")],)],
+    ),
+    ("SELECT pgml.embed('m', NULL::text)", (), [(None,)]),
+    ("SELECT id, pgml.embed('m', body) FROM pdocs ORDER BY id", (), [(i, E[i]) for i in range(N + 1)]),
+    (
+        "SELECT id, pgml.embed('m', body) AS e FROM pdocs WHERE id > %s ORDER BY id",
+        (30,),
+        [(i, E[i]) for i in range(31, N + 1)],
+    ),
+    ("SELECT id, pgml.embed('m', body) FROM pdocs ORDER BY 1 LIMIT 3", (), [(i, E[i]) for i in range(3)]),
+    (
+        "SELECT id FROM pdocs WHERE pgml.embed('m', body) = pgml.embed('m', 'doc number 5') ORDER BY id",
+        (),
+        [(i,) for i in range(1, N + 1) if E[i] == hist("doc number 5")],
+    ),
+    (
+        "SELECT id FROM pdocs WHERE (pgml.embed('m', body))[3] > 2 ORDER BY id",
+        (),
+        [(i,) for i in range(1, N + 1) if (E[i] or [0.0] * 3)[2] > 2],
+    ),
+    (
+        "SELECT cat, count(*) FROM pdocs WHERE id > 0 GROUP BY cat, (pgml.embed('m', body))[1] > 13 "
+        "ORDER BY 1, 2",
+        (),
+        None,
+    ),  # type: ignore[list-item]
+    (
+        "WITH x AS (SELECT id, pgml.embed('m', body) AS e FROM pdocs) "
+        "SELECT id, e FROM x WHERE id < 4 ORDER BY id",
+        (),
+        [(i, E[i]) for i in range(4)],
+    ),
+    (
+        "SELECT s.id FROM (SELECT id, pgml.predict('p', ARRAY[a, b]) AS p FROM pnums) s "
+        "WHERE s.p > 20 ORDER BY 1",
+        (),
+        [(i,) for i in range(1, 11) if 3 * i > 20],
+    ),
+    (
+        "SELECT id, pgml.predict('p', ARRAY[a, b]) FROM pnums ORDER BY id",
+        (),
+        [(i, float(3 * i)) for i in range(1, 11)],
+    ),
+    (
+        "SELECT id, pgml.predict('p', pnums.*) FROM pnums ORDER BY id",
+        (),
+        [(i, float(4 * i)) for i in range(1, 11)],
+    ),
+    (
+        "SELECT id, pgml.predict_proba('p', ARRAY[a]) FROM pnums WHERE id < 3 ORDER BY id",
+        (),
+        [(i, [float(i), -float(i)]) for i in range(1, 3)],
+    ),
+    (
+        "SELECT p.id, c.chunk_index, c.chunk FROM pdocs p, LATERAL pgml.chunk('x', p.body) c "
+        "WHERE p.id IN (1, 2) "
+        "ORDER BY 1, 2",
+        (),
+        [(i, k, w) for i in (1, 2) for k, w in enumerate(body(i).split(), start=1)],
+    ),
+    ("SELECT * FROM pgml.chunk('x', 'a bb c')", (), [(1, "a"), (2, "bb"), (3, "c")]),
+    ("SELECT * FROM pgml.chunk('x', 'a bb') AS c(i, w)", (), [(1, "a"), (2, "bb")]),
+    ("SELECT w, i FROM pgml.chunk('x', 'a bb') AS c(i, w) ORDER BY i DESC", (), [("bb", 2), ("a", 1)]),
+    ("SELECT * FROM pgml.embed('m', ARRAY['a', 'bo'])", (), [(hist("a"),), (hist("bo"),)]),
+    ("SELECT * FROM pgml.train('p', 'regression', 'pnums', 'b')", (), [("p", "regression", "linear", True)]),
+    ("SELECT pgml.transform('t', inputs => ARRAY['ab', 'c'])", (), [(["AB", "C"],)]),
+    (
+        "SELECT pgml.transform('t', '{}'::jsonb, ARRAY[body]) FROM pdocs WHERE id = 1",
+        (),
+        [([body(1).upper()],)],
+    ),
+    ("SELECT pgml.cosine_similarity(ARRAY[1,0]::real[], ARRAY[1,0]::real[]) IS NULL", (), None),  # type: ignore
+]
+SELECTS = [s for s in SELECTS if s[2] is not None]
+SELECTS += [
+    ("SELECT * FROM pgml.transform_stream('t', '{}', 'a b c')", (), [("a",), ("b",), ("c",)]),
+    (
+        "SELECT d.id, s FROM pdocs d, LATERAL pgml.transform_stream('t', '{}', d.body) s WHERE d.id = 1",
+        (),
+        [(1, w) for w in body(1).split()],
+    ),
+]
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, list):
+        return [round(x, 4) if isinstance(x, float) else x for x in v]
+    return v
+
+
+def norm(rows: list[Any]) -> list[tuple[Any, ...]]:
+    return [tuple(_norm(v) for v in r) for r in rows]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize(("sql", "params", "expected"), SELECTS)
+def test_psycopg(
+    dsn: str, sql: str, params: tuple[Any, ...], expected: list[tuple[Any, ...]], binary: bool
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.cursor(binary=binary)
+        cur.execute(sql, params or None, prepare=bool(params))  # type: ignore[arg-type]
+        assert norm(cur.fetchall()) == norm(expected)
+        assert cur.statusmessage == f"SELECT {len(expected)}"
+
+
+@pytest.mark.parametrize(("sql", "params", "expected"), SELECTS)
+async def test_asyncpg(dsn: str, sql: str, params: tuple[Any, ...], expected: list[tuple[Any, ...]]) -> None:
+    n = iter(range(1, 10))
+    conn = await asyncpg.connect(dsn)
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    try:
+        rows = await conn.fetch(
+            sql.replace("%s", "$%d") % tuple(next(n) for _ in params) if params else sql, *params
+        )
+        assert norm([tuple(r.values()) for r in rows]) == norm(expected)
+    finally:
+        await conn.close()
+
+
+def test_update_insert_ctas_write_the_model_values(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert (
+            conn.execute("UPDATE pdocs SET embedding = pgml.embed('m', body)::vector WHERE id < 10").rowcount
+            == 10
+        )
+        got = conn.execute("SELECT id, embedding::real[] FROM pdocs WHERE id < 10 ORDER BY id").fetchall()
+        assert norm(got) == norm([(i, E[i]) for i in range(10)])
+        conn.execute("DROP TABLE IF EXISTS pdocs_out")
+        conn.execute(
+            "CREATE TABLE pdocs_out AS SELECT id, pgml.embed('m', body) AS e FROM pdocs WHERE id < 5"
+        )
+        conn.execute(
+            "INSERT INTO pdocs_out SELECT id, pgml.embed('m', body) FROM pdocs WHERE id BETWEEN 5 AND 6"
+        )
+        conn.execute("INSERT INTO pdocs_out VALUES (%s, pgml.embed('m', %s))", (100, "zz"))
+        got = conn.execute("SELECT id, e FROM pdocs_out ORDER BY id").fetchall()
+        assert norm(got) == norm([(i, E[i]) for i in range(7)] + [(100, hist("zz"))])
+        top = conn.execute(
+            "SELECT id FROM pdocs WHERE embedding IS NOT NULL "
+            "ORDER BY embedding <-> pgml.embed('m', %s)::vector, id LIMIT 1",
+            (body(3),),
+        ).fetchall()
+        assert top == [(3,)]
+        leftover = conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'pgml_%'").fetchone()
+        assert leftover == (0,)
+
+
+def test_failure_writes_nothing_and_aborts_the_transaction(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS pfail")
+        with pytest.raises(psycopg.errors.UndefinedObject, match="missing"):
+            conn.execute("CREATE TABLE pfail AS SELECT id, pgml.embed('missing', body) FROM pdocs")
+        assert conn.execute("SELECT to_regclass('pfail')").fetchone() == (None,)
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO pnums VALUES (99, 1, 1)")
+        with pytest.raises(psycopg.errors.UndefinedObject):
+            conn.execute("UPDATE pnums SET a = (pgml.embed('missing', 'x'))[1]")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.execute("ROLLBACK")
+        assert conn.execute("SELECT count(*) FROM pnums WHERE id = 99").fetchone() == (0,)
+
+
+def test_errors_keep_the_connection_usable(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UndefinedFunction) as info:
+            conn.execute("SELECT pgml.embed('m')")
+        assert "pgml.embed(transformer text" in (info.value.diag.message_hint or "")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute("CREATE VIEW pv AS SELECT pgml.embed('m', body) FROM pdocs")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_describe_types(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.cursor()
+        cur.execute(
+            "SELECT id, pgml.embed('m', body), pgml.embed('m', body)::vector AS v, "
+            "pgml.predict('p', ARRAY[1,2]) FROM pdocs WHERE id = %s",
+            (1,),
+            prepare=True,
+        )
+        names = [(d.name, d.type_code) for d in cur.description or []]
+        vec = conn.execute("SELECT 'vector'::regtype::oid").fetchone()
+        assert vec is not None
+        assert names == [("id", 23), ("embed", 1021), ("v", vec[0]), ("predict", 700)]
+
+
+def test_explain_shows_both_plans(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        lines = [r[0] for r in conn.execute("EXPLAIN SELECT id, pgml.embed('m', body) FROM pdocs").fetchall()]
+        assert lines[0] == "pgml-proxy plan:"
+        assert any("chunks of 7 rows" in line for line in lines)
+        assert any("Seq Scan on pdocs" in line for line in lines)
+        lines = [
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN UPDATE pdocs SET embedding = pgml.embed('m', body)::vector"
+            ).fetchall()
+        ]
+        assert any("pg_temp.pgml_k1" in line for line in lines)
+
+
+def test_several_statements_in_one_query(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute("SELECT 1 AS a; SELECT pgml.embed('m', 'x') AS e; SELECT 2 AS b")
+        assert cur.fetchall() == [(1,)]
+        assert cur.nextset() and norm(cur.fetchall()) == norm([(hist("x"),)])
+        assert cur.nextset() and cur.fetchall() == [(2,)]
+
+
+def test_batches_are_chunks(dsn: str, rt: HistRuntime) -> None:
+    rt.batches.clear()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT id, pgml.embed('m', body) FROM pdocs").fetchall()
+    sizes = [n for f, n in rt.batches if f == "embed"]
+    assert sum(sizes) == N and max(sizes) == 7  # the NULL row is never sent to the runtime
+
+
+async def test_asyncpg_prepared_bind_many_and_portal_suspension(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        stmt = await conn.prepare(
+            "SELECT id, pgml.embed('m', body) AS e FROM pdocs WHERE id <= $1 ORDER BY id"
+        )
+        assert [a.name for a in stmt.get_attributes()] == ["id", "e"]
+        for limit in (1, 3, 5):
+            rows = await stmt.fetch(limit)
+            assert norm([tuple(r.values()) for r in rows]) == norm([(i, E[i]) for i in range(limit + 1)])
+        async with conn.transaction():
+            got = [
+                tuple(r.values())
+                async for r in conn.cursor(
+                    "SELECT id, pgml.embed('m', body) FROM pdocs ORDER BY id", prefetch=4
+                )
+            ]
+        assert norm(got) == norm([(i, E[i]) for i in range(N + 1)])
+    finally:
+        await conn.close()

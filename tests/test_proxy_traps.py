@@ -1,0 +1,237 @@
+"""Every item of shared/reference/protocol-traps.md, through the real proxy.
+
+Where a driver hides the behaviour (Flush without Sync, portal suspension, skip to
+Sync, GSSENCRequest), a small raw-socket client built on proxy/messages.py speaks the
+protocol byte by byte; elsewhere real drivers do.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg
+import pytest
+
+from proxy import messages as m
+from tests.fix_proxy import ProxyProcess
+
+
+class Raw:
+    """A bare v3 client: send framed messages, read (type, body) pairs."""
+
+    def __init__(self, px: ProxyProcess, prelude: bytes = b"", user: str = "postgres",
+                 database: str = "postgres", **params: str) -> None:
+        self.sock = socket.create_connection((px.host, px.port), timeout=10)
+        self.framer = m.Framer()
+        self.prelude_answer = b""
+        if prelude:
+            self.sock.sendall(prelude)
+            self.prelude_answer = self.sock.recv(1)
+        self.sock.sendall(m.StartupMessage({"user": user, "database": database, **params}).encode())
+        self.startup = self.until(b"Z")
+
+    def send(self, *msgs: bytes) -> None:
+        self.sock.sendall(b"".join(msgs))
+
+    def read(self) -> tuple[bytes, bytes]:
+        while True:
+            msgs, _used = self.framer.scan()
+            if msgs:
+                t, s, e = msgs[0]
+                body = bytes(self.framer.buf[s + 5 : e])
+                self.framer.drop(e)
+                return bytes([t]), body
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.framer.feed(data)
+
+    def until(self, kind: bytes) -> list[tuple[bytes, bytes]]:
+        out = []
+        while True:
+            msg = self.read()
+            out.append(msg)
+            if msg[0] == kind:
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def kinds(msgs: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(t for t, _ in msgs)
+
+
+@pytest.fixture(params=["session", "transaction"])
+def px(request: pytest.FixtureRequest) -> ProxyProcess:
+    proxy: ProxyProcess = request.getfixturevalue("proxy" if request.param == "session" else "proxy_tx")
+    return proxy
+
+
+def test_parameter_status_drivers_need(px: ProxyProcess) -> None:
+    raw = Raw(px)
+    statuses = [m.ParameterStatus.parse(b) for t, b in raw.startup if t == b"S"]
+    params = {p.name: p.value for p in statuses}
+    for name in ("server_version", "integer_datetimes", "client_encoding", "DateStyle",
+                 "standard_conforming_strings", "TimeZone"):
+        assert name in params, name
+    assert kinds(raw.startup).startswith(b"R") and b"K" in kinds(raw.startup)
+    raw.close()
+
+
+def test_gssenc_and_ssl_requests_get_n(px: ProxyProcess) -> None:
+    gss = struct.pack("!ii", 8, m.GSSENC_REQUEST)
+    raw = Raw(px, prelude=gss)
+    assert raw.prelude_answer == b"N" and kinds(raw.startup).endswith(b"Z")
+    raw.close()
+    with psycopg.connect(px.dsn(), sslmode="prefer", gssencmode="prefer") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert conn.pgconn.ssl_in_use is False
+
+
+def test_error_skips_to_sync_and_ready_only_on_sync(px: ProxyProcess) -> None:
+    raw = Raw(px)
+    raw.send(m.Parse("", "SELECT 1/g FROM generate_series(0, 0) g").encode(), m.Bind("", "").encode(),
+             m.Execute("").encode(), m.Parse("", "SELECT 1").encode(), m.Bind("", "").encode(),
+             m.Execute("").encode(), m.SYNC)
+    got = raw.until(b"Z")
+    assert kinds(got) == b"12EZ"
+    assert m.ErrorResponse.parse(got[2][1]).fields["C"] == "22012"
+    raw.send(m.Parse("", "SELECT 2").encode(), m.Bind("", "").encode(), m.Execute("").encode(), m.SYNC)
+    got = raw.until(b"Z")
+    assert kinds(got) == b"12DCZ" and m.DataRow.parse(got[2][1]).values == (b"2",)
+    raw.close()
+
+
+def test_flush_without_sync_is_honoured(px: ProxyProcess) -> None:
+    raw = Raw(px)
+    raw.send(m.Parse("", "SELECT $1::int").encode(), m.Describe("S", "").encode(), m.FLUSH)
+    got = [raw.read() for _ in range(3)]  # answered although no Sync was sent
+    assert kinds(got) == b"1tT"
+    assert m.ParameterDescription.parse(got[1][1]).oids == (23,)
+    raw.send(m.SYNC)
+    assert kinds(raw.until(b"Z")) == b"Z"
+    raw.close()
+
+
+def test_describe_statement_parameter_description_first(px: ProxyProcess) -> None:
+    raw = Raw(px)
+    raw.send(m.Parse("s_desc", "SELECT $1::text, $2::int8").encode(), m.Describe("S", "s_desc").encode(),
+             m.SYNC)
+    got = raw.until(b"Z")
+    assert kinds(got) == b"1tTZ"
+    cols = m.RowDescription.parse(got[2][1]).columns
+    assert [c.type_oid for c in cols] == [25, 20]
+    raw.send(m.Describe("S", "no_such").encode(), m.SYNC)
+    got = raw.until(b"Z")
+    assert m.ErrorResponse.parse(got[0][1]).fields["C"] == "26000"
+    raw.close()
+
+
+def test_portal_suspension_returns_all_rows(px: ProxyProcess) -> None:
+    raw = Raw(px)
+    raw.send(m.Query("BEGIN").encode())
+    raw.until(b"Z")
+    raw.send(m.Parse("", "SELECT generate_series(1, 5)").encode(), m.Bind("cur", "").encode(),
+             m.Execute("cur", 2).encode(), m.Execute("cur", 2).encode(), m.Execute("cur", 2).encode(), m.SYNC)
+    got = raw.until(b"Z")
+    assert kinds(got) == b"12DDsDDsDCZ"
+    rows = [m.DataRow.parse(b).values[0] for t, b in got if t == b"D"]
+    assert rows == [b"1", b"2", b"3", b"4", b"5"]
+    assert m.ReadyForQuery.parse(got[-1][1]).status == "T"
+    raw.send(m.Query("COMMIT").encode())
+    assert kinds(raw.until(b"Z"))[-2:] == b"CZ"
+    raw.close()
+
+
+def test_copy_in_extended_protocol_with_sync(px: ProxyProcess) -> None:
+    raw = Raw(px)
+    raw.send(m.Query("CREATE TEMP TABLE IF NOT EXISTS xc (a int); TRUNCATE xc").encode())
+    raw.until(b"Z")
+    if px.pool_mode == "transaction":
+        pytest.skip("a temp table does not outlive its transaction's server connection in transaction mode")
+    raw.send(m.Parse("", "COPY xc FROM STDIN").encode(), m.Bind("", "").encode(), m.Execute("").encode(),
+             m.FLUSH)
+    assert kinds([raw.read() for _ in range(3)]) == b"12G"
+    raw.send(m.copy_data(b"1\n2\n3\n"), m.COPY_DONE, m.SYNC)
+    got = raw.until(b"Z")
+    assert kinds(got) == b"CZ" and m.CommandComplete.parse(got[0][1]).tag == "COPY 3"
+    raw.send(m.Query("SELECT sum(a) FROM xc").encode())
+    assert [m.DataRow.parse(b).values for t, b in raw.until(b"Z") if t == b"D"] == [(b"6",)]
+    raw.close()
+
+
+def test_startup_options_and_settings_survive(px: ProxyProcess) -> None:
+    opts = r"-c search_path=pg_catalog,public -c statement_timeout=4321 --DateStyle=SQL,\ DMY"
+    with psycopg.connect(px.dsn(), options=opts, application_name="trapper", autocommit=True) as conn:
+        for _ in range(3):  # several transactions: in transaction mode each may use another server conn
+            assert conn.execute("SHOW search_path").fetchone() == ("pg_catalog,public",)
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("4321ms",)
+            assert conn.execute("SHOW DateStyle").fetchone() == ("SQL, DMY",)
+            assert conn.execute("SHOW application_name").fetchone() == ("trapper",)
+        conn.execute("SET TimeZone = 'Asia/Tokyo'")
+        assert conn.info.parameter_status("TimeZone") == "Asia/Tokyo"
+        with psycopg.connect(px.dsn(), autocommit=True) as other:  # takes turns with the first
+            assert other.execute("SHOW statement_timeout").fetchone() == ("0",)
+            assert other.execute("SHOW TimeZone").fetchone() != ("Asia/Tokyo",)
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+
+
+def test_negotiate_protocol_version_for_unknown_options(px: ProxyProcess) -> None:
+    raw = Raw(px, b"", **{"_pq_.made_up": "1"})
+    neg = [m.NegotiateProtocolVersion.parse(b) for t, b in raw.startup if t == b"v"]
+    assert neg == [m.NegotiateProtocolVersion(0, ("_pq_.made_up",))]
+    raw.send(m.Query("SELECT 1").encode())
+    assert b"D" in kinds(raw.until(b"Z"))
+    raw.close()
+
+
+def test_cancel_reaches_only_its_own_client(proxy_factory: Callable[..., ProxyProcess]) -> None:
+    """With one server connection shared, a cancel from an idle client must not hit the busy one."""
+    px = proxy_factory("transaction", pool_size=1)
+    with psycopg.connect(px.dsn(), autocommit=True) as idle, \
+            psycopg.connect(px.dsn(), autocommit=True) as busy:
+        done: list[object] = []
+        worker = threading.Thread(target=lambda: done.append(busy.execute("SELECT pg_sleep(1.0), 'ok'")
+                                                             .fetchone()))
+        worker.start()
+        time.sleep(0.3)
+        idle.cancel_safe()  # a stale key: that client has no query running
+        worker.join(10)
+        assert done == [("", "ok")]
+        assert idle.execute("SELECT 'fine'").fetchone() == ("fine",)
+
+
+def test_protocol_violations_get_08p01_and_others_go_on(px: ProxyProcess) -> None:
+    raw = Raw(px)
+    raw.send(b"!\x00\x00\x00\x04")  # no such message type
+    t, body = raw.read()
+    assert t == b"E" and m.ErrorResponse.parse(body).fields["C"] == "08P01"
+    raw.close()
+    raw = Raw(px)
+    raw.send(b"Q\x7f\x00\x00\x00")  # declares ~2 GB
+    t, body = raw.read()
+    fields = m.ErrorResponse.parse(body).fields
+    assert t == b"E" and fields["C"] == "08P01" and "limit" in fields["M"]
+    raw.close()
+    with psycopg.connect(px.dsn()) as conn:
+        assert conn.execute("SELECT 'others fine'").fetchone() == ("others fine",)
+
+
+def test_bad_startup_errors(px: ProxyProcess) -> None:
+    with pytest.raises(psycopg.OperationalError, match="does not exist"):
+        psycopg.connect(px.dsn(database="no_such_db_xyz"))
+    sock = socket.create_connection((px.host, px.port), timeout=10)
+    sock.sendall(m.StartupMessage({"database": "postgres"}).encode())
+    data = sock.recv(4096)
+    assert data[:1] == b"E" and m.ErrorResponse.parse(data[5:]).fields["C"] == "28000"
+    sock.close()
+    sock = socket.create_connection((px.host, px.port), timeout=10)
+    sock.sendall(struct.pack("!ii", 8, 2 << 16))  # protocol 2.0
+    data = sock.recv(4096)
+    assert data[:1] == b"E" and m.ErrorResponse.parse(data[5:]).fields["C"] == "0A000"
+    sock.close()
