@@ -65,7 +65,8 @@ def rate(n: int, seconds: float) -> float:
 
 
 # --- CPU: the real runtime --------------------------------------------------------------------------
-async def _runtime_figures(engine: str, sents: list[str], callers: int, cache: str) -> dict[str, float]:
+async def _cpu_figures(args: argparse.Namespace, sents: list[str]) -> dict[str, dict[str, float]]:
+    """Every path of every engine, interleaved in rounds so load from elsewhere hits them alike."""
     from planner.interfaces import CallContext
     from runtime import Runtime
 
@@ -73,42 +74,59 @@ async def _runtime_figures(engine: str, sents: list[str], callers: int, cache: s
         return None
 
     ctx = CallContext(notice=notice)
-    rt = Runtime({"device": "cpu", "engine": engine, "cache_dir": cache, "batch_wait_ms": 1}, "")
-    await rt.start()
+    runtimes = {}
+    for eng in args.engines:
+        rt = Runtime({"device": "cpu", "engine": eng, "cache_dir": args.cache_dir, "batch_wait_ms": 1}, "")
+        await rt.start()
+        await rt.call_batch("embed", [{"transformer": MINILM, "text": "warm up", "kwargs": {}}], ctx)
+        runtimes[eng] = rt
+    spent: dict[tuple[str, str], list[float]] = {}  # (engine, path) -> [sentences, seconds]
+    try:
+        for r in range(args.rounds):
+            part = sents[r :: args.rounds]
+            for eng, rt in runtimes.items():
+                for path, (n, seconds) in (await _one_round(rt, ctx, part, args.callers)).items():
+                    acc = spent.setdefault((eng, path), [0.0, 0.0])
+                    acc[0] += n
+                    acc[1] += seconds
+    finally:
+        for rt in runtimes.values():
+            await rt.close()
+    out: dict[str, dict[str, float]] = {}
+    for (eng, path), (count, total) in spent.items():
+        out.setdefault(eng, {})[path] = rate(int(count), total)
+    return out
 
+
+async def _one_round(rt: Any, ctx: Any, part: list[str], callers: int) -> dict[str, tuple[int, float]]:
     async def one(text: str) -> None:
         await rt.call_batch("embed", [{"transformer": MINILM, "text": text, "kwargs": {}}], ctx)
 
-    try:
-        await one("warm up")  # load (and export) the model outside the timings
-        t0 = time.perf_counter()
-        for s in sents:
+    async def caller(texts: Sequence[str]) -> None:
+        for s in texts:
             await one(s)
-        sequential = time.perf_counter() - t0
 
-        async def caller(part: Sequence[str]) -> None:
-            for s in part:
-                await one(s)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(caller(sents[i::callers]) for i in range(callers)))
-        concurrent = time.perf_counter() - t0
-        st = rt.registry._models[next(iter(rt.registry._models))].obj.st  # the same engine object
-    finally:
-        await rt.close()
     t0 = time.perf_counter()
-    st.encode(sents, batch_size=64, show_progress_bar=False)
+    for s in part:
+        await one(s)
+    sequential = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller(part[i::callers]) for i in range(callers)))
+    concurrent = time.perf_counter() - t0
+    st = next(iter(rt.registry._models.values())).obj.st  # the runtime's own engine object
+    t0 = time.perf_counter()
+    st.encode(part, batch_size=64, show_progress_bar=False)
     ceiling = time.perf_counter() - t0
-    few = sents[: max(len(sents) // 4, 1)]
+    few = part[: max(len(part) // 4, 1)]
     t0 = time.perf_counter()
     for s in few:
         st.encode([s], show_progress_bar=False)
     per_row = time.perf_counter() - t0
     return {
-        "runtime_one_caller": rate(len(sents), sequential),
-        f"runtime_{callers}_callers": rate(len(sents), concurrent),
-        "engine_batched_ceiling": rate(len(sents), ceiling),
-        "engine_one_at_a_time": rate(len(few), per_row),
+        "runtime_one_caller": (len(part), sequential),
+        f"runtime_{callers}_callers": (len(part), concurrent),
+        "engine_batched_ceiling": (len(part), ceiling),
+        "engine_one_at_a_time": (len(few), per_row),
     }
 
 
@@ -120,9 +138,7 @@ def cpu_main(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     sents = corpus_sentences(args.sentences)
     load_before = os.getloadavg()
-    figures = {
-        eng: asyncio.run(_runtime_figures(eng, sents, args.callers, args.cache_dir)) for eng in args.engines
-    }
+    figures = asyncio.run(_cpu_figures(args, sents))
     rows = []
     for eng, fig in figures.items():
         ceiling = fig["engine_batched_ceiling"]
@@ -135,7 +151,8 @@ def cpu_main(args: argparse.Namespace) -> None:
     md = f"# Embedding throughput, CPU, {MINILM}, {len(sents)} sentences\n\n" + markdown_table(
         ["engine", "path", "sentences/s", "x engine ceiling"], rows
     )
-    md += f"\n\nLoad average (1, 5, 15 min) before: {load['before']}, after: {load['after']}.\n"
+    md += f"\n\nPaths interleaved in {args.rounds} rounds. Load average (1, 5, 15 min) before: "
+    md += f"{load['before']}, after: {load['after']}.\n"
     info = {"machine": machine_info(), "args": vars(args), "figures": figures, "load_average": load}
     write_results("embed-cpu", info, md)
 
@@ -305,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=4, help="CPU: paths interleaved in this many rounds")
     p.add_argument("--cache-dir", default=".cache/pgml-proxy-bench")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"

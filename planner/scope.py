@@ -21,7 +21,7 @@ from planner.catalog import BoundCall, is_runtime_call
 from planner.plan import StatementPlan, TempStep
 from proxy.errors import FeatureNotSupported
 
-_LEVELS = (ast.SelectStmt, Any, Any, Any)
+_LEVELS = (ast.SelectStmt, ast.UpdateStmt, ast.DeleteStmt, ast.InsertStmt)
 _GROUPED = ("targetList", "sortClause", "havingClause", "distinctClause")
 
 

@@ -68,7 +68,8 @@ class PgServer:
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         out = subprocess.run(
-            [str(self.bin_dir / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", self.dsn_for(database), "-c", sql],
+            [str(self.bin_dir / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+             "-d", self.dsn_for(database), "-c", sql],
             check=True,
             capture_output=True,
             text=True,
@@ -85,9 +86,18 @@ class PgServer:
                 self.proc.wait()
 
 
-def start_postgres(base_dir: Path, *, conf: dict[str, str] | None = None, hba: str | None = None) -> PgServer:
-    """initdb and start a Postgres in `base_dir` on a free port; returns once it accepts connections."""
-    bin_dir = pgserver_bin()
+def start_postgres(
+    base_dir: Path,
+    *,
+    conf: dict[str, str] | None = None,
+    hba: str | None = None,
+    bin_dir: Path | None = None,
+) -> PgServer:
+    """initdb and start a Postgres in `base_dir` on a free port; returns once it accepts connections.
+
+    `bin_dir` picks other binaries (Debian's Postgres 15 is built with OpenSSL, pgserver's is not).
+    """
+    bin_dir = bin_dir or pgserver_bin()
     user = _ensure_system_user(PG_USER)
     data_dir = base_dir / "pgdata"
     data_dir.mkdir(parents=True)

@@ -4,12 +4,16 @@ Fixtures: `proxy_factory(pool_mode=..., **config_overrides)` starts a proxy on a
 (config from tests/config.test.toml, overrides as PGML_PROXY_* variables) and returns a
 `ProxyProcess` (host, port, dsn(database=, user=), pid, stop()); `proxy` / `proxy_tx`
 are session-scoped proxies in session / transaction pool mode, `proxy_dsn` /
-`proxy_tx_dsn` their DSNs. Every proxy started is stopped at the end of the session.
+`proxy_tx_dsn` their DSNs. `proxy_factory(config=PATH)` runs with another config file,
+`upstream=DSN` in front of another Postgres. `inprocess_proxy_factory(handler, pool_mode)`
+runs the real ProxyServer on a loop thread in this process with a given StatementHandler
+(for hook tests and `snapshot()`). Every proxy started is stopped at the end of the session.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,6 +113,7 @@ def proxy_factory(pg_dsn: str) -> Iterator[Callable[..., ProxyProcess]]:
     yield factory
     for p in started:
         p.stop()
+        shutil.rmtree(p.log_path.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

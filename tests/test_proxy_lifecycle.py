@@ -47,11 +47,11 @@ def test_reload_and_drain(pg_dsn: str, tmp_path: Path) -> None:
     config.write_text(TEST_CONFIG.read_text())
     px = start_proxy(pg_dsn, "transaction", config=config)
     try:
-        config.write_text(TEST_CONFIG.read_text().replace("pool_size = 10", "pool_size = \"nope\""))
+        config.write_text(TEST_CONFIG.read_text().replace("pool_size = 40", "pool_size = \"nope\""))
         px.send_signal(signal.SIGHUP)
         time.sleep(1)
         assert "reload failed" in px.log() and "pool_size" in px.log()
-        config.write_text(TEST_CONFIG.read_text().replace("pool_size = 10", "pool_size = 3"))
+        config.write_text(TEST_CONFIG.read_text().replace("pool_size = 40", "pool_size = 3"))
         px.send_signal(signal.SIGHUP)
         time.sleep(1)
         assert "configuration reloaded" in px.log()

@@ -121,8 +121,11 @@ async def test_load_bbc_news_with_limit(tab: TabularRuntime, tab_dsn: str) -> No
         tab_dsn, "SELECT count(*), min(length(text)) > 100, count(DISTINCT category) FROM pgml.bbc_news"
     )
     assert got == [(40, True, 1)]
+    async with await psycopg.AsyncConnection.connect(tab_dsn, autocommit=True) as conn:
+        await conn.execute("CREATE OR REPLACE VIEW iris_view AS SELECT * FROM pgml.iris")
     rows = await call(tab, "load_dataset", [{"source": "iris", "limit": 10}])
     assert rows == [[("pgml.iris", 10)]]
+    assert await fetch(tab_dsn, "SELECT count(*) FROM iris_view") == [(10,)]  # views survive a reload
     await call(tab, "load_dataset", [{"source": "iris"}])  # back to 150 rows for the other flows
 
 

@@ -169,6 +169,10 @@ async def test_model_files_are_not_pickles_and_foreign_types_are_refused(
     with pytest.raises(DataException) as info:
         storage.load(1, "classification", "sklearn", "linear", sio.dumps({"c": Counter("ab")}), 4, 3)
     assert "collections.Counter" in info.value.message
+    # ... and so is a function, even one skops could name (a GP kernel set to `eval`, say).
+    with pytest.raises(DataException) as info:
+        storage.load(1, "classification", "sklearn", "linear", sio.dumps({"kernel": eval}), 4, 3)
+    assert "builtins.eval" in info.value.message
 
 
 async def test_batcher_groups_concurrent_rows_and_keeps_order() -> None:

@@ -26,7 +26,6 @@ import pytest
 from proxy import tls
 from proxy.auth import UpstreamAuthenticator
 from proxy.errors import ConfigError
-from tests import fix_postgres
 from tests.fix_postgres import PG_USER, PgServer, start_postgres
 
 
@@ -98,9 +97,7 @@ def tls_pg(cert_dir: Path) -> Iterator[PgServer]:
     base.chmod(0o755)
     conf = {"ssl": "on", "ssl_cert_file": f"'{crt}'", "ssl_key_file": f"'{key}'"}
     # pgserver's Postgres is built without OpenSSL; Debian's (on PATH for the tests) has it.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fix_postgres, "pgserver_bin", lambda: DEBIAN_PG_BIN)
-        server = start_postgres(base, conf=conf, hba=hba)
+    server = start_postgres(base, conf=conf, hba=hba, bin_dir=DEBIAN_PG_BIN)
     try:
         server.psql("CREATE ROLE scram_tls LOGIN PASSWORD 'tls pw'")
         yield server

@@ -84,7 +84,8 @@ _CLASSIFICATION: dict[str, tuple[str, str, dict[str, Any]]] = {
 _C = "sklearn.cluster"
 _CLUSTERING: dict[str, tuple[str, str, dict[str, Any]]] = {
     "affinity_propagation": (_C, "AffinityPropagation", {}),
-    "birch": (_C, "Birch", {}),
+    # birch is left out: skops cannot store it (UnsupportedTypeException), and a pickle is
+    # never an option for pgml.files.
     "kmeans": (_C, "KMeans", {"n_init": "auto"}),
     "mini_batch_kmeans": (_C, "MiniBatchKMeans", {"n_init": "auto"}),
     "mean_shift": (_C, "MeanShift", {}),

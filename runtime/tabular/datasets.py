@@ -134,6 +134,10 @@ def build(source: str, subset: str | None, limit: int | None, kwargs: dict[str, 
     return ds
 
 
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 async def store(conn: psycopg.AsyncConnection[Any], ds: Dataset) -> tuple[str, int]:
     """Replace `pgml.<name>` with the dataset (one transaction, COPY); returns (table, rows)."""
     table = sql.Identifier("pgml", ds.name)
@@ -143,8 +147,19 @@ async def store(conn: psycopg.AsyncConnection[Any], ds: Dataset) -> tuple[str, i
     )
     names = sql.SQL(", ").join(sql.Identifier(n) for n, _ in ds.columns)
     async with conn.transaction():
-        await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
-        await conn.execute(sql.SQL("CREATE TABLE {} ({})").format(table, columns))
+        cur = await conn.execute(
+            "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute WHERE attrelid ="
+            " to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+            (f"pgml.{_quote(ds.name)}",),
+        )
+        existing = (await cur.fetchone() or [None])[0]
+        if existing == [n for n, _ in ds.columns]:
+            # Same columns: empty it in place, so views built on it (as the docs' examples
+            # build on pgml.digits) survive a reload.
+            await conn.execute(sql.SQL("TRUNCATE {}").format(table))
+        else:
+            await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+            await conn.execute(sql.SQL("CREATE TABLE {} ({})").format(table, columns))
         async with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, names)) as copy:
             for row in ds.rows:
                 await copy.write_row(row)

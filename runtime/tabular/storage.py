@@ -1,13 +1,14 @@
 """Model files in `pgml.files`, in formats that cannot run code when loaded, and the loaded models.
 
 XGBoost as UBJSON, LightGBM as its text format, CatBoost as cbm, scikit-learn through
-skops with a strict trusted-type rule (only classes from scikit-learn, NumPy and SciPy:
-skops rebuilds objects from their state, it never unpickles). Never a plain pickle:
+skops with a strict trusted-type rule (beyond skops' own safe list, only scikit-learn
+classes: skops rebuilds objects from their state, it never unpickles). Never a plain pickle:
 whoever can write `pgml.files` must not be able to run code in the proxy.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from proxy.errors import DataException, InternalError
+from proxy.errors import DataException, FeatureNotSupported, InternalError
 
-# Prefixes of the types a skops file may contain; anything else is refused before loading.
-_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.", "collections.OrderedDict")
+# skops already trusts its own list of safe builtins/NumPy types; beyond those a file may
+# name only scikit-learn CLASSES (estimators, trees, kernels). A function reference (say
+# `builtins.eval` stored as a GP kernel) is refused even from an allowed module.
+_TRUSTED_MODULE = "sklearn."
 _WIDE_ROWS = 1024  # from this many rows on, XGBoost predicts on every core
 _PART_SIZE = 64 * 1024 * 1024  # one bytea value stays well under the 1 GB field limit
 
@@ -36,8 +39,12 @@ def dump(model: Any, lib: str) -> tuple[str, bytes]:
             with open(path, "rb") as fh:
                 return "model.cbm", fh.read()
     import skops.io as sio
+    from skops.io.exceptions import UnsupportedTypeException
 
-    return "model.skops", bytes(sio.dumps(model))
+    try:
+        return "model.skops", bytes(sio.dumps(model))
+    except UnsupportedTypeException as exc:
+        raise FeatureNotSupported(f"{type(model).__name__} cannot be stored without pickle: {exc}") from exc
 
 
 def parts(data: bytes) -> list[bytes]:
@@ -45,11 +52,22 @@ def parts(data: bytes) -> list[bytes]:
     return [data[i : i + _PART_SIZE] for i in range(0, max(len(data), 1), _PART_SIZE)]
 
 
+def _is_sklearn_class(name: str) -> bool:
+    if not name.startswith(_TRUSTED_MODULE):
+        return False
+    module_name, _, attr = name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(obj, type)
+
+
 def _load_skops(data: bytes) -> Any:
     import skops.io as sio
 
     untrusted = sio.get_untrusted_types(data=data)
-    refused = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES)]
+    refused = [t for t in untrusted if not _is_sklearn_class(t)]
     if refused:
         raise DataException(f"model file holds types outside the trusted list: {', '.join(refused)}")
     return sio.loads(data, trusted=untrusted)

@@ -91,7 +91,7 @@ def _cancel_hooks(job: TrainJob, estimator: Any) -> dict[str, Any]:
                 return not cancelled.is_set()
 
         return {"callbacks": [CatBoostStop()]}
-    if lib == "xgboost":
+    if lib == "xgboost" and job.algorithm != "xgboost_random_forest":  # XGBRF refuses callbacks
         import xgboost as xgb
 
         class XGBStop(xgb.callback.TrainingCallback):
