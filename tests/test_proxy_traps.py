@@ -153,7 +153,8 @@ def test_copy_in_extended_protocol_with_sync(px: ProxyProcess) -> None:
     table = f"xc_{px.port}"  # not TEMP: in transaction mode the next statement may use another conn
     raw.send(m.Query(f"CREATE TABLE IF NOT EXISTS {table} (a int); TRUNCATE {table}").encode())
     raw.until(b"Z")
-    raw.send(m.Parse("", f"COPY {table} FROM STDIN").encode(), m.Bind("", "").encode(), m.Execute("").encode(),
+    raw.send(m.Parse("", f"COPY {table} FROM STDIN").encode(), m.Bind("", "").encode(),
+             m.Execute("").encode(),
              m.FLUSH)
     assert kinds([raw.read() for _ in range(3)]) == b"12G"
     raw.send(m.copy_data(b"1\n2\n3\n"), m.COPY_DONE, m.SYNC)

@@ -188,6 +188,8 @@ async def test_rank_cross_encoder(runtimes: dict[str, Runtime]) -> None:
 
 async def test_a_bad_call_does_not_fail_its_batch_mates(runtimes: dict[str, Runtime]) -> None:
     rt = runtimes["onnx"]
+    good: object
+    bad: object
     good, bad = await asyncio.gather(
         rt.call_batch("embed", [{"transformer": MINILM, "text": "fine", "kwargs": {}}], CTX),
         rt.call_batch("embed", [{"transformer": MINILM, "text": "x", "kwargs": {"truncate_dim": 999}}], CTX),

@@ -117,11 +117,6 @@ async def test_32_connections_embed_at_once(lm_proxy: ProxyProcess, minilm: Any)
     assert np.sum(got * want, axis=1).min() > 0.999  # each connection got its own sentence's vector
 
 
-@pytest.mark.xfail(
-    reason="proxy/main.py builds the runtime but does not hand it to ProxyServer (server.runtime), "
-    "which proxy/admin.py reads for SHOW MODELS; requested from the core owner",
-    strict=False,
-)
 def test_show_models_in_admin_database(lm_proxy: ProxyProcess) -> None:
     with psycopg.connect(lm_proxy.dsn(), autocommit=True) as conn:
         conn.execute("SELECT pgml.embed('all-MiniLM-L6-v2', 'warm')")
