@@ -20,7 +20,7 @@ import psycopg
 from planner.interfaces import CallContext
 from proxy.errors import ConfigError, InvalidParameterValue, UndefinedFunction, lookup
 
-from . import datasets, deploy, migrations, registry, trainer
+from . import datasets, deploy, migrations, offline_datasets, registry, trainer
 from .predictor import OPS, Predictor
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,25 @@ _SETTINGS = {
 }
 
 
+def _substitutes(raw: Mapping[str, Any]) -> dict[str, str]:
+    """`dataset_substitutes`: hub dataset name -> an offline generator of the same role."""
+    subs = raw.get("dataset_substitutes", {})
+    if not isinstance(subs, Mapping):
+        raise ConfigError("runtime.tabular.dataset_substitutes", "expected a table of name = generator")
+    for name, generator in subs.items():
+        if generator not in offline_datasets.GENERATORS:
+            raise ConfigError(
+                f"runtime.tabular.dataset_substitutes.{name}",
+                f"unknown generator {generator!r}; expected one of {sorted(offline_datasets.GENERATORS)}",
+            )
+    return {str(k): str(v) for k, v in subs.items()}
+
+
 def _settings(raw: Mapping[str, Any]) -> dict[str, int]:
     out = dict(_SETTINGS)
     for key, value in raw.items():
         if key not in _SETTINGS:
-            continue  # other runtime keys belong to the language-model side
+            continue  # other runtime keys belong to the language-model side or _substitutes
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"runtime.{key}", f"must be a positive integer, got {value!r}")
         out[key] = value
@@ -66,6 +80,7 @@ class TabularRuntime:
     def __init__(self, upstream_dsn: str, settings: Mapping[str, Any]) -> None:
         self._dsn = upstream_dsn
         cfg = _settings(settings)
+        self._substitutes = _substitutes(settings)
         self._pool = registry.Pool(upstream_dsn, cfg["pool_size"])
         self._executor = ThreadPoolExecutor(cfg["predict_threads"], thread_name_prefix="pgml-predict")
         self._predictor = Predictor(
@@ -140,13 +155,24 @@ class TabularRuntime:
             row = await deploy.deploy(self._pool, call)
             self._predictor.forget_deployment(row[0])
             return [row]
-        return [await self._load_dataset(call)]
+        return [await self._load_dataset(call, ctx)]
 
-    async def _load_dataset(self, call: Mapping[str, Any]) -> tuple[Any, ...]:
+    async def _load_dataset(self, call: Mapping[str, Any], ctx: CallContext) -> tuple[Any, ...]:
         source = str(call.get("source") or "")
         if not source:
             raise InvalidParameterValue("load_dataset needs a source name")
         limit = call.get("limit")
+        generator = self._substitutes.get(source)
+        if generator is not None:
+            await ctx.notice(
+                f"dataset {source!r} is served by the offline substitute {generator!r}"
+                " (runtime.tabular.dataset_substitutes), not by the Hugging Face hub"
+            )
+            ds = await asyncio.to_thread(offline_datasets.GENERATORS[generator], source)
+            if limit is not None:
+                ds.rows = ds.rows[: max(int(limit), 0)]
+            async with self._pool.connection() as conn:
+                return await datasets.store(conn, ds)
         ds = await asyncio.to_thread(
             datasets.build,
             source,
