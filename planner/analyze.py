@@ -48,18 +48,23 @@ def split(sql: str) -> list[tuple[Any, str]]:
     return out
 
 
-def analyze(sql: str, param_oids: Sequence[int] = ()) -> list[StatementPlan]:
-    return [analyze_statement(raw, text, param_oids) for raw, text in split(sql)]
+def analyze(sql: str, param_oids: Sequence[int] = (), ctas_embedding: str = "vector") -> list[StatementPlan]:
+    return [analyze_statement(raw, text, param_oids, ctas_embedding) for raw, text in split(sql)]
 
 
 def find_calls(node: Any) -> list[tuple[Any, t.Path]]:
     return [(n, p) for n, p in t.walk(node) if t.is_node(n, ast.FuncCall) and is_runtime_call(n)]
 
 
-def analyze_statement(raw: Any, text: str, param_oids: Sequence[int] = ()) -> StatementPlan:
+def analyze_statement(
+    raw: Any, text: str, param_oids: Sequence[int] = (), ctas_embedding: str = "vector"
+) -> StatementPlan:
     stmt = raw.stmt
     explain = stmt if t.is_node(stmt, ast.ExplainStmt) else None
     inner = explain.query if explain is not None else stmt
+    if ctas_embedding == "vector":
+        # Before the calls are located: their paths must lead through the added cast.
+        _ctas_embeddings_as_vectors(inner, param_oids)
     calls = find_calls(inner)
     plan = StatementPlan(text=text, kind="passthrough", command=type(inner).__name__)
     if not calls:
@@ -89,6 +94,25 @@ def analyze_statement(raw: Any, text: str, param_oids: Sequence[int] = ()) -> St
         )
         plan.kind = "explain"
     return plan
+
+
+def _ctas_embeddings_as_vectors(stmt: Any, param_oids: Sequence[int]) -> None:
+    """In CREATE TABLE AS, make a bare `pgml.embed(model, text)` column a pgvector `vector`.
+
+    The extension would create a real[] column, on which the README's next steps (an ivfflat
+    index with vector_cosine_ops, `embedding <-> query::vector`) fail. An explicit cast written
+    by the client wins; `[planner] ctas_embedding_type = "real[]"` keeps the extension's type.
+    """
+    if not t.is_node(stmt, ast.CreateTableAsStmt) or not t.is_node(stmt.query, ast.SelectStmt):
+        return
+    for target in stmt.query.targetList or ():
+        call = target.val
+        if not (t.is_node(call, ast.FuncCall) and is_runtime_call(call)):
+            continue
+        if call.funcname[1].sval == "embed" and not bind(call, param_oids).sig.setof:
+            if target.name is None:
+                target.name = "embed"  # the column keeps the function's name, as without the cast
+            target.val = ast.TypeCast(arg=call, typeName=t.type_name("vector"))
 
 
 def _truthy(node: Any) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 from pglast import ast
 
 from planner.sqltree import is_node
-from proxy.errors import UndefinedFunction
+from proxy.errors import SyntaxError_, UndefinedFunction
 
 # Type OIDs (pg_type.dat); `vector` has no fixed OID and is looked up upstream.
 TYPE_OIDS: Mapping[str, int] = {
@@ -299,11 +299,15 @@ def bind(node: Any, param_oids: Sequence[int] = ()) -> BoundCall:
     for arg in node.args or ():
         if is_node(arg, ast.NamedArgExpr):
             if arg.name in named:
-                _no_match(name, f'argument name "{arg.name}" used more than once')
+                # Postgres's own words and SQLSTATE for these call forms (parse_func.c).
+                raise SyntaxError_(f'argument name "{arg.name}" used more than once')
             named[arg.name] = arg.arg
         else:
             if named:
-                _no_match(name, "positional argument after named argument")
+                raise SyntaxError_(
+                    "positional argument cannot follow named argument",
+                    hint=f"in the call of pgml.{name}, put the positional arguments before the named ones",
+                )
             positional.append(arg)
     if node.agg_star or node.agg_distinct or node.over is not None or node.agg_order or node.func_variadic:
         _no_match(name, "pgml functions are not aggregates or window functions")

@@ -137,9 +137,10 @@ class _Run:
             )
             cols = res.columns or []
             self.evaluated = [decoder(c.type_oid, 0)(v) for c, v in zip(cols, res.rows[0], strict=True)]
-        skip = plan.kind == "explain" and not plan.explain_analyze
+        # EXPLAIN evaluates constant calls too (one model call each): with NULL in their place
+        # Postgres would fold `embedding <=> NULL` away and show a plan the statement never gets.
         for const in plan.consts:
-            value = None if skip else (await self.batch(const.call, [None]))[0]
+            value = (await self.batch(const.call, [None]))[0]
             enc = encoder(const.out_type, 0)
             self.params.append(enc(value))
             self.formats.append(0)

@@ -31,15 +31,23 @@ from planner.plan import StatementPlan
 from proxy.errors import ConfigError, PgError, SyntaxError_
 
 DEFAULTS: dict[str, int] = {"chunk_rows": 1000, "materialise_rows": 5000, "parse_cache_size": 512}
+# The column type CREATE TABLE AS gives a bare pgml.embed(): pgvector's, or the extension's real[].
+CTAS_EMBEDDING_TYPES = ("vector", "real[]")
 
 
-def validate(settings: Mapping[str, Any]) -> dict[str, int]:
+def validate(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The `[planner]` table with defaults applied; raises ConfigError naming a bad key."""
-    unknown = sorted(set(settings) - set(DEFAULTS))
+    known = sorted([*DEFAULTS, "ctas_embedding_type"])
+    unknown = sorted(set(settings) - set(known))
     if unknown:
-        raise ConfigError(f"planner.{unknown[0]}", f"unknown key; known keys: {', '.join(sorted(DEFAULTS))}")
-    out = dict(DEFAULTS)
+        raise ConfigError(f"planner.{unknown[0]}", f"unknown key; known keys: {', '.join(known)}")
+    out: dict[str, Any] = {**DEFAULTS, "ctas_embedding_type": "vector"}
     for key, value in settings.items():
+        if key == "ctas_embedding_type":
+            if value not in CTAS_EMBEDDING_TYPES:
+                raise ConfigError(f"planner.{key}", f"expected one of {CTAS_EMBEDDING_TYPES}, got {value!r}")
+            out[key] = value
+            continue
         low = 0 if key == "parse_cache_size" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"planner.{key}", f"must be an integer >= {low}, got {value!r}")
@@ -54,6 +62,7 @@ class Handler:
         cfg = validate(settings)
         self.executor = Executor(runtime, cfg["chunk_rows"], cfg["materialise_rows"])
         self.cache_size = cfg["parse_cache_size"]
+        self.ctas_embedding = str(cfg["ctas_embedding_type"])
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], list[StatementPlan]] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
@@ -67,7 +76,7 @@ class Handler:
             self.cache_hits += 1
             return found
         self.cache_misses += 1
-        plans = analyze(sql, param_oids)
+        plans = analyze(sql, param_oids, self.ctas_embedding)
         if self.cache_size:
             self._cache[key] = plans
             while len(self._cache) > self.cache_size:
@@ -202,10 +211,19 @@ class PlannerPortal:
                 await self.prepared.describe(upstream)  # learn the OIDs the client left to the server
                 self.bound = dataclasses.replace(self.bound, oids=self.prepared.oids)
             self._events = self._start(upstream, ctx)
-            # A statement holding temp tables (and maybe a transaction we opened) runs to the end now.
-            drain = self.prepared.plan.needs_temp or not max_rows
-            if drain:
-                await self._pull(None)
+            if not max_rows:  # the common case: rows go to the client as they are merged
+                tag = ""
+                async for kind, value in self._events:
+                    if kind == "rows":
+                        await sink.data_rows(value)
+                    elif kind == "tag":
+                        tag = value
+                await sink.command_complete(tag)
+                return False
+            # With a row limit the first Execute runs the statement to the end and later ones are
+            # served from the buffer: an upstream portal left open across the client's Executes
+            # cannot share the server connection with what the proxy sends in between.
+            await self._pull(None)
         while self._tag is None and (not max_rows or len(self._buffer) < max_rows):
             await self._pull(max_rows)
         if (max_rows and len(self._buffer) > max_rows) or (

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from planner.interfaces import CallContext
-from proxy.errors import InvalidParameterValue, UndefinedFunction
+from proxy.errors import FeatureNotSupported, InvalidParameterValue, UndefinedFunction
 from runtime import chunk as chunking
 from runtime import transform as tf
 from runtime.config import RuntimeConfig
@@ -26,6 +26,13 @@ from runtime.registry import Loaded, Registry
 from runtime.resolve import Resolver
 
 _LM_FUNCTIONS = frozenset({"embed", "transform", "transform_stream", "rank", "chunk"})
+# Functions of the extension that the proxy does not run (yet), with what to do instead.
+_NOT_SUPPORTED = {
+    "tune": "fine-tuning (pgml.tune) is not implemented: fine-tune with transformers outside the proxy, "
+    "then serve the model with pgml.transform by naming its folder in [runtime.aliases]",
+    "generate": "pgml.generate serves models made by pgml.tune, which is not implemented; "
+    "use pgml.transform('text-generation', ...) or chat with inputs jsonb[]",
+}
 
 
 class Runtime:
@@ -76,6 +83,10 @@ class Runtime:
         if function not in _LM_FUNCTIONS:
             if self._tabular is not None and function in self._tabular.functions:
                 return list(await self._tabular.call_batch(function, calls, ctx))
+            if function in _NOT_SUPPORTED:
+                raise FeatureNotSupported(
+                    f"pgml.{function} is not supported by pgml-proxy", hint=_NOT_SUPPORTED[function]
+                )
             raise UndefinedFunction(f"function pgml.{function} is not provided by the runtime")
         if function == "transform_stream":
             # A caller that cannot stream gets every row at once (set-returning: 1-tuples).

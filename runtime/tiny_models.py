@@ -51,6 +51,7 @@ MODELS = (
     "bert-mlm",
     "bert-feature",
     "bert-cross-encoder",
+    "roberta-mlm",
     "bart",
     "t5",
     "gpt2",
@@ -157,12 +158,39 @@ def _decoder(kind: str, tok: Any) -> Any:
     return model
 
 
-def _build(name: str, bpe_tok: Any) -> Any:
+def _roberta_mlm(tok: Any) -> Any:
+    """RoBERTa's masked LM, whose mask token is `<mask>` as in distilroberta-base (the README's fill-mask)."""
+    t: Any = importlib.import_module("transformers")
+    cfg = t.RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=514,  # RoBERTa offsets positions by the padding index + 1
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return t.RobertaForMaskedLM(cfg)
+
+
+def roberta_tokenizer() -> Any:
+    """The BPE tokenizer with RoBERTa's `<mask>` added (the BPE vocabulary has no mask token)."""
+    tok = bpe_tokenizer()
+    tok.add_special_tokens({"mask_token": "<mask>"})
+    return tok
+
+
+def _build(name: str, tok: Any) -> Any:
+    """The model `name`, sized for `tok`, the tokenizer saved beside it."""
+    if name == "roberta-mlm":
+        return _roberta_mlm(tok)
     if name.startswith("bert"):
         return _bert(name)
     if name in ("bart", "t5"):
-        return _seq2seq(name, bpe_tok)
-    return _decoder(name, bpe_tok)
+        return _seq2seq(name, tok)
+    return _decoder(name, tok)
 
 
 def bert_tokenizer() -> Any:
@@ -211,11 +239,11 @@ def _build_into(out: Path) -> None:
 
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    bert_tok, bpe_tok = bert_tokenizer(), bpe_tokenizer()
+    bert_tok, bpe_tok, roberta_tok = bert_tokenizer(), bpe_tokenizer(), roberta_tokenizer()
     for name in MODELS:
         torch.manual_seed(0)  # the same weights on every machine and every run
-        tok = bert_tok if name.startswith("bert") else bpe_tok
-        model = _build(name, bpe_tok)
+        tok = bert_tok if name.startswith("bert") else roberta_tok if name == "roberta-mlm" else bpe_tok
+        model = _build(name, tok)
         model.eval()
         model.save_pretrained(str(tmp / name))
         tok.save_pretrained(str(tmp / name))

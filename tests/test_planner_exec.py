@@ -197,7 +197,13 @@ def test_update_insert_ctas_write_the_model_values(dsn: str) -> None:
             "INSERT INTO pdocs_out SELECT id, pgml.embed('m', body) FROM pdocs WHERE id BETWEEN 5 AND 6"
         )
         conn.execute("INSERT INTO pdocs_out VALUES (%s, pgml.embed('m', %s))", (100, "zz"))
-        got = conn.execute("SELECT id, e FROM pdocs_out ORDER BY id").fetchall()
+        # CREATE TABLE AS made `e` a pgvector column; INSERTs into it cast real[] on assignment.
+        column_type = conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = 'pdocs_out'::regclass AND attname = 'e'"
+        ).fetchone()
+        assert column_type == ("vector",)
+        got = conn.execute("SELECT id, e::real[] FROM pdocs_out ORDER BY id").fetchall()
         assert norm(got) == norm([(i, E[i]) for i in range(7)] + [(100, hist("zz"))])
         top = conn.execute(
             "SELECT id FROM pdocs WHERE embedding IS NOT NULL "
@@ -291,13 +297,9 @@ async def test_asyncpg_prepared_bind_many_and_portal_suspension(dsn: str) -> Non
         for limit in (1, 3, 5):
             rows = await stmt.fetch(limit)
             assert norm([tuple(r.values()) for r in rows]) == norm([(i, E[i]) for i in range(limit + 1)])
-        async with conn.transaction():
-            got = [
-                tuple(r.values())
-                async for r in conn.cursor(
-                    "SELECT id, pgml.embed('m', body) FROM pdocs ORDER BY id", prefetch=4
-                )
-            ]
+        async with conn.transaction():  # Execute with a row limit: PortalSuspended, then the rest
+            sql = "SELECT id, pgml.embed('m', body) FROM pdocs ORDER BY id"
+            got = [tuple(r.values()) async for r in conn.cursor(sql, prefetch=4)]
         assert norm(got) == norm([(i, E[i]) for i in range(N + 1)])
     finally:
         await conn.close()

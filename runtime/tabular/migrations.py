@@ -7,10 +7,13 @@ the same moment, so exactly one of them applies a given version.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import psycopg
+
+log = logging.getLogger(__name__)
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 _FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -53,4 +56,25 @@ async def migrate(conn: psycopg.AsyncConnection[object]) -> list[int]:
                 "INSERT INTO pgml.migrations (version, name) VALUES (%s, %s)", (version, path.name)
             )
             applied_now.append(version)
+        await _ensure_pgvector(conn)
     return applied_now
+
+
+async def _ensure_pgvector(conn: psycopg.AsyncConnection[object]) -> None:
+    """Create pgvector where the server has it but the database does not, as PostgresML's image does.
+
+    The README's vector-database examples (`::vector`, ivfflat and hnsw indexes) need it. A role
+    without the right to create extensions keeps working without it: a warning says why.
+    """
+    cur = await conn.execute(
+        "SELECT installed_version IS NOT NULL FROM pg_available_extensions WHERE name = 'vector'"
+    )
+    row = await cur.fetchone()
+    if row is None or row[0]:  # type: ignore[index]
+        return  # not available on this server, or already there
+    try:
+        async with conn.transaction():  # a savepoint: a refusal must not undo the migrations
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        log.info("created the pgvector extension in the upstream database")
+    except psycopg.Error as exc:
+        log.warning("pgvector is available but could not be created (%s): ::vector will not work", exc)
