@@ -62,11 +62,14 @@ def analyze_statement(
     stmt = raw.stmt
     explain = stmt if t.is_node(stmt, ast.ExplainStmt) else None
     inner = explain.query if explain is not None else stmt
+    vector_columns: list[tuple[str, str]] = []
     if ctas_embedding == "vector":
         # Before the calls are located: their paths must lead through the added cast.
-        _ctas_embeddings_as_vectors(inner, param_oids)
+        vector_columns = _ctas_embeddings_as_vectors(inner, param_oids)
     calls = find_calls(inner)
-    plan = StatementPlan(text=text, kind="passthrough", command=type(inner).__name__)
+    plan = StatementPlan(
+        text=text, kind="passthrough", command=type(inner).__name__, vector_columns=vector_columns
+    )
     if not calls:
         return plan
     _check_container(inner, calls)
@@ -96,15 +99,21 @@ def analyze_statement(
     return plan
 
 
-def _ctas_embeddings_as_vectors(stmt: Any, param_oids: Sequence[int]) -> None:
+def _ctas_embeddings_as_vectors(stmt: Any, param_oids: Sequence[int]) -> list[tuple[str, str]]:
     """In CREATE TABLE AS, make a bare `pgml.embed(model, text)` column a pgvector `vector`.
 
     The extension would create a real[] column, on which the README's next steps (an ivfflat
     index with vector_cosine_ops, `embedding <-> query::vector`) fail. An explicit cast written
     by the client wins; `[planner] ctas_embedding_type = "real[]"` keeps the extension's type.
+    Returns the (table, column) pairs, deparsed as quoted identifiers, for the executor to give
+    them their dimensions (`vector(384)`: ivfflat and hnsw indexes need them) once they are known.
     """
     if not t.is_node(stmt, ast.CreateTableAsStmt) or not t.is_node(stmt.query, ast.SelectStmt):
-        return
+        return []
+    if stmt.objtype != ObjectType.OBJECT_TABLE or stmt.into.colNames:
+        return []  # column names given in the INTO list: leave the types as the extension gives
+    table = t.deparse(stmt.into.rel)
+    made: list[tuple[str, str]] = []
     for target in stmt.query.targetList or ():
         call = target.val
         if not (t.is_node(call, ast.FuncCall) and is_runtime_call(call)):
@@ -113,6 +122,8 @@ def _ctas_embeddings_as_vectors(stmt: Any, param_oids: Sequence[int]) -> None:
             if target.name is None:
                 target.name = "embed"  # the column keeps the function's name, as without the cast
             target.val = ast.TypeCast(arg=call, typeName=t.type_name("vector"))
+            made.append((table, t.deparse(ast.ColumnRef(fields=(t.s(target.name),)))))
+    return made
 
 
 def _truthy(node: Any) -> bool:

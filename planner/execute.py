@@ -176,9 +176,25 @@ class _Run:
             else:
                 async for event in self._forward():
                     yield event
+                await self._dimension_vectors()
             ok = True
         finally:
             await asyncio.shield(self._finish(opened, ok))
+
+    async def _dimension_vectors(self) -> None:
+        """Type CREATE TABLE AS embedding columns `vector(N)`, N read from the rows just written.
+
+        Runs in the statement's transaction, so the table never exists without its dimensions.
+        Left as plain `vector` when the column is empty or its vectors differ in length.
+        """
+        for table, column in self.plan.vector_columns:
+            # `table` and `column` are identifiers deparsed by pglast (quoted), never raw client text.
+            res = await self.up.execute(
+                f"SELECT min(vector_dims({column})), max(vector_dims({column})) FROM {table}"
+            )
+            low, high = res.rows[0]
+            if low is not None and low == high:
+                await self.up.simple(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE vector({int(low)})")
 
     async def _finish(self, opened: bool, ok: bool) -> None:
         with contextlib.suppress(PgError):

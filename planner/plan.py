@@ -109,6 +109,8 @@ class StatementPlan:
     explain_sql: str | None = None  # EXPLAIN (options) of the final statement
     explain_analyze: bool = False
     command: str = ""  # the statement's node name, for transaction-control checks
+    # CREATE TABLE AS: (table, column) of embeddings made `vector`, typed `vector(N)` once N is known.
+    vector_columns: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -15,6 +15,10 @@ def test_ctas_embedding_is_vector_by_default() -> None:
     [plan] = analyze(CTAS)
     assert plan.kind == "upstream"
     assert ") AS vector) AS embedding FROM docs" in plan.sql
+    # The executor gives the column its dimensions once the rows exist.
+    assert plan.vector_columns == [("te", "embedding")]
+    [quoted] = analyze('CREATE TABLE "My T" AS SELECT pgml.embed(\'m\', body) AS "E 1" FROM docs')
+    assert quoted.vector_columns == [('"My T"', '"E 1"')]
 
 
 def test_ctas_embedding_keeps_real_array_when_configured() -> None:

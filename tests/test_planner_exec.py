@@ -197,12 +197,13 @@ def test_update_insert_ctas_write_the_model_values(dsn: str) -> None:
             "INSERT INTO pdocs_out SELECT id, pgml.embed('m', body) FROM pdocs WHERE id BETWEEN 5 AND 6"
         )
         conn.execute("INSERT INTO pdocs_out VALUES (%s, pgml.embed('m', %s))", (100, "zz"))
-        # CREATE TABLE AS made `e` a pgvector column; INSERTs into it cast real[] on assignment.
+        # CREATE TABLE AS made `e` a pgvector column with the model's dimensions; INSERTs into it
+        # cast real[] on assignment.
         column_type = conn.execute(
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
             "WHERE attrelid = 'pdocs_out'::regclass AND attname = 'e'"
         ).fetchone()
-        assert column_type == ("vector",)
+        assert column_type == (f"vector({len(E[0])})",)
         got = conn.execute("SELECT id, e::real[] FROM pdocs_out ORDER BY id").fetchall()
         assert norm(got) == norm([(i, E[i]) for i in range(7)] + [(100, hist("zz"))])
         top = conn.execute(
