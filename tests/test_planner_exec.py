@@ -203,7 +203,7 @@ def test_update_insert_ctas_write_the_model_values(dsn: str) -> None:
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
             "WHERE attrelid = 'pdocs_out'::regclass AND attname = 'e'"
         ).fetchone()
-        assert column_type == (f"vector({len(E[0])})",)
+        assert column_type == (f"vector({len(hist('zz'))})",)
         got = conn.execute("SELECT id, e::real[] FROM pdocs_out ORDER BY id").fetchall()
         assert norm(got) == norm([(i, E[i]) for i in range(7)] + [(100, hist("zz"))])
         top = conn.execute(
