@@ -21,4 +21,4 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy proxy planner runtime
+	$(BIN)/mypy proxy planner runtime tests benchmarks

@@ -116,6 +116,20 @@ def proxy_factory(pg_dsn: str) -> Iterator[Callable[..., ProxyProcess]]:
         shutil.rmtree(p.log_path.parent, ignore_errors=True)
 
 
+@pytest.fixture
+def own_proxy(proxy_factory: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """proxy_factory whose proxies stop when the test ends, before the upstreams they hold."""
+    mine: list[Any] = []
+
+    def start(**overrides: Any) -> Any:
+        mine.append(proxy_factory(**overrides))
+        return mine[-1]
+
+    yield start
+    for started in mine:
+        started.stop()
+
+
 @pytest.fixture(scope="session")
 def proxy(proxy_factory: Callable[..., ProxyProcess]) -> ProxyProcess:
     return proxy_factory("session")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,20 +159,6 @@ async def test_metrics_scrape_over_http() -> None:
     assert "pgml_proxy_process_resident_memory_bytes" in scraped
     assert metrics.start(Config(), FixedServer()) is None  # metrics_port 0: off
 
-
-
-@pytest.fixture
-def own_proxy(proxy_factory: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
-    """proxy_factory whose proxies stop when the test ends, before the upstreams they hold."""
-    mine: list[Any] = []
-
-    def start(**overrides: Any) -> Any:
-        mine.append(proxy_factory(**overrides))
-        return mine[-1]
-
-    yield start
-    for started in mine:
-        started.stop()
 
 # --- through the real proxy ----------------------------------------------------------------------
 

@@ -282,20 +282,6 @@ def test_upstream_trust_real_postgres(auth_pg: PgServer) -> None:
     assert _login(auth_pg.port, "postgres", None) == {}
 
 
-
-@pytest.fixture
-def own_proxy(proxy_factory: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
-    """proxy_factory whose proxies stop when the test ends, before the upstreams they hold."""
-    mine: list[Any] = []
-
-    def start(**overrides: Any) -> Any:
-        mine.append(proxy_factory(**overrides))
-        return mine[-1]
-
-    yield start
-    for started in mine:
-        started.stop()
-
 # --- through the real proxy: libpq's and asyncpg's own SCRAM/md5 clients ------------------------------
 
 @pytest.mark.parametrize("method", ["cleartext", "md5", "scram-sha-256"])

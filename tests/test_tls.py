@@ -162,20 +162,6 @@ def test_plain_connection_is_rejected_by_tls_pg(tls_pg: PgServer) -> None:
         psycopg.connect(tls_pg.dsn + "?sslmode=disable", connect_timeout=5).close()
 
 
-
-@pytest.fixture
-def own_proxy(proxy_factory: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
-    """proxy_factory whose proxies stop when the test ends, before the upstreams they hold."""
-    mine: list[Any] = []
-
-    def start(**overrides: Any) -> Any:
-        mine.append(proxy_factory(**overrides))
-        return mine[-1]
-
-    yield start
-    for started in mine:
-        started.stop()
-
 # --- through the proxy -------------------------------------------------------------------------------
 
 
