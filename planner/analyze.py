@@ -68,7 +68,10 @@ def analyze_statement(
         vector_columns = _ctas_embeddings_as_vectors(inner, param_oids)
     calls = find_calls(inner)
     plan = StatementPlan(
-        text=text, kind="passthrough", command=type(inner).__name__, vector_columns=vector_columns
+        text=text, kind="passthrough", command=type(inner).__name__, vector_columns=vector_columns,
+        # COPY (SELECT ... pgml ...) TO STDOUT: the rewritten COPY runs upstream and its CopyOut
+        # messages are relayed to the client.
+        copy_out=t.is_node(inner, ast.CopyStmt) and inner.filename is None and explain is None,
     )
     if not calls:
         return plan
@@ -141,11 +144,10 @@ def _check_container(stmt: Any, calls: list[tuple[Any, t.Path]]) -> None:
             "inside Postgres later (a view, function, index or rule body), where pgml functions do not exist",
             hint="run the pgml call in a SELECT, INSERT, UPDATE, DELETE or CREATE TABLE AS",
         )
-    if t.is_node(stmt, ast.CopyStmt) and (stmt.is_from or stmt.filename is None):
+    if t.is_node(stmt, ast.CopyStmt) and stmt.is_from:
         raise FeatureNotSupported(
-            f"COPY with pgml.{name} to STDOUT is not supported yet: the proxy cannot send CopyOut rows "
-            "it computed",
-            hint="use SELECT (or COPY to a server file)",
+            f"pgml.{name} in COPY ... FROM is not supported: COPY FROM reads rows, it computes none",
+            hint="COPY into a table, then UPDATE it with the pgml call",
         )
 
 

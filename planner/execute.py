@@ -4,7 +4,8 @@ Owns argument evaluation (literals, client parameters, the one-off evaluation qu
 runtime batching per chunk, filling the temp tables of materialised calls, merging
 streamed rows with model results, transaction wrapping (a statement that needs temp
 tables runs in one transaction, so a failure writes nothing) and EXPLAIN output.
-Yields events: ("columns", [Column]), ("rows", [[bytes|None]]), ("tag", str).
+Yields events: ("columns", [Column]), ("rows", [[bytes|None]]), ("copy", bytes: a CopyOut
+message to relay), ("tag", str).
 """
 
 from __future__ import annotations
@@ -170,6 +171,11 @@ class _Run:
             if plan.kind == "explain":
                 async for event in self._explain():
                     yield event
+            elif plan.copy_out:
+                async for item in self.up.copy_out(
+                    plan.sql, self.params, param_oids=self.oids, param_formats=self.formats
+                ):
+                    yield ("copy", item) if isinstance(item, bytes) else ("tag", item)
             elif plan.stream:
                 async for event in self._stream():
                     yield event

@@ -139,6 +139,8 @@ async def send_event(event: Event, sink: ResultSink) -> None:
         await sink.row_description(value)
     elif kind == "rows":
         await sink.data_rows(value)
+    elif kind == "copy":
+        await sink.copy_message(value)
     else:
         await sink.command_complete(value)
 
@@ -211,11 +213,15 @@ class PlannerPortal:
                 await self.prepared.describe(upstream)  # learn the OIDs the client left to the server
                 self.bound = dataclasses.replace(self.bound, oids=self.prepared.oids)
             self._events = self._start(upstream, ctx)
-            if not max_rows:  # the common case: rows go to the client as they are merged
+            # COPY ignores the row limit, as Postgres does for a COPY portal.
+            if not max_rows or self.prepared.plan.copy_out:
+                # The common case: rows go to the client as they are merged.
                 tag = ""
                 async for kind, value in self._events:
                     if kind == "rows":
                         await sink.data_rows(value)
+                    elif kind == "copy":
+                        await sink.copy_message(value)
                     elif kind == "tag":
                         tag = value
                 await sink.command_complete(tag)

@@ -101,6 +101,21 @@ class UpstreamSession(Protocol):
         """Run a `COPY ... FROM STDIN` and feed it `data`; returns the command tag."""
         ...
 
+    def copy_out(
+        self,
+        sql: str,
+        params: Sequence[WireValue] = (),
+        *,
+        param_oids: Sequence[int] = (),
+        param_formats: Sequence[int] = (),
+    ) -> AsyncIterator[bytes | str]:
+        """Run a `COPY ... TO STDOUT`; yield each CopyOutResponse/CopyData/CopyDone message.
+
+        The bytes items are whole protocol messages, to be relayed to the client as they are;
+        the last item is the command tag (a str).
+        """
+        ...
+
 
 class ResultSink(Protocol):
     """Where the planner writes what the client must see. Implemented by proxy/.
@@ -117,6 +132,10 @@ class ResultSink(Protocol):
 
     async def notice(self, fields: Mapping[str, str]) -> None:
         """Send a NoticeResponse; `fields` keys are the one-letter codes (S, V, C, M, ...)."""
+        ...
+
+    async def copy_message(self, message: bytes) -> None:
+        """Relay one CopyOutResponse/CopyData/CopyDone message from the upstream as it is."""
         ...
 
 

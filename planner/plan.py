@@ -111,6 +111,7 @@ class StatementPlan:
     command: str = ""  # the statement's node name, for transaction-control checks
     # CREATE TABLE AS: (table, column) of embeddings made `vector`, typed `vector(N)` once N is known.
     vector_columns: list[tuple[str, str]] = field(default_factory=list)
+    copy_out: bool = False  # COPY ... TO STDOUT: relay the upstream's CopyOut messages
     notes: list[str] = field(default_factory=list)
 
     @property

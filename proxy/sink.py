@@ -1,7 +1,8 @@
 """`ClientSink`: the `ResultSink` the planner writes a client's results to.
 
 Owns encoding RowDescription/DataRow/CommandComplete/NoticeResponse for values the
-planner has already encoded in the client's requested formats; nothing else.
+planner has already encoded in the client's requested formats, and relaying a COPY TO
+STDOUT's messages from the upstream; nothing else.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class ClientSink:
         full = {"S": "NOTICE", "V": "NOTICE", "C": "00000", "M": ""}
         full.update(fields)
         self._write(m.error_message(full, notice=True))
+
+    async def copy_message(self, message: bytes) -> None:
+        self._write(message)
 
     async def notice_text(self, message: str) -> None:
         """CallContext.notice: progress lines (training and the like) as INFO notices."""

@@ -89,6 +89,30 @@ class HeldUpstream:
                 conn.send(m.SYNC)
                 await _read_until_ready(conn)
 
+    async def copy_out(
+        self, sql: str, params: Sequence[WireValue] = (), *, param_oids: Sequence[int] = (),
+        param_formats: Sequence[int] = (),
+    ) -> AsyncIterator[bytes | str]:
+        conn = await self._get()
+        self._extended(conn, sql, params, param_oids, param_formats, ())
+        conn.send(m.Execute("", 0).encode() + m.SYNC)
+        tag = ""
+        error: PgError | None = None
+        while True:
+            t, body = await conn.recv()
+            if t in (0x48, 0x64, 0x63):  # CopyOutResponse, CopyData, CopyDone: relayed as they come
+                yield m.frame(bytes((t,)), bytes(body))
+            elif t == 0x43:
+                tag = m.CommandComplete.parse(body).tag
+            elif t == 0x45:
+                error = PgError.from_fields(m.ErrorResponse.parse(body).fields)
+            elif t == 0x5A:
+                conn.tx_status = chr(body[0])
+                if error is not None:
+                    raise error
+                yield tag
+                return
+
     async def describe(self, sql: str, param_oids: Sequence[int] = ()) -> StatementDescription:
         conn = await self._get()
         conn.send(m.Parse("", sql, tuple(param_oids)).encode() + m.Describe("S", "").encode() + m.SYNC)

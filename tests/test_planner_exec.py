@@ -304,3 +304,52 @@ async def test_asyncpg_prepared_bind_many_and_portal_suspension(dsn: str) -> Non
         assert norm(got) == norm([(i, E[i]) for i in range(N + 1)])
     finally:
         await conn.close()
+
+
+def test_copy_to_stdout_with_row_dependent_calls(dsn: str) -> None:
+    """COPY (SELECT ... pgml ...) TO STDOUT gives the rows Postgres would: text, CSV with header, binary."""
+    sql = (
+        "COPY (SELECT id, pgml.embed('m', body) AS e FROM pdocs WHERE id BETWEEN 1 AND 4 ORDER BY id)"
+        " TO STDOUT"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with conn.cursor() as cur:
+            with cur.copy(sql) as copy:
+                text = b"".join(bytes(chunk) for chunk in copy)
+            assert cur.rowcount == 4
+        lines = text.decode().splitlines()
+        assert [int(line.split("\t")[0]) for line in lines] == [1, 2, 3, 4]
+        got = [[float(v) for v in line.split("\t")[1].strip("{}").split(",")] for line in lines]
+        assert got == [E[i] for i in range(1, 5)]
+        csv_sql = sql.replace("TO STDOUT", "TO STDOUT WITH (FORMAT csv, HEADER)")
+        with conn.cursor() as cur, cur.copy(csv_sql) as copy:
+            csv = b"".join(bytes(chunk) for chunk in copy).decode().splitlines()
+        assert csv[0] == "id,e" and len(csv) == 5
+        with conn.cursor() as cur, cur.copy(sql.replace("TO STDOUT", "TO STDOUT (FORMAT binary)")) as copy:
+            copy.set_types(["int4", "float4[]"])
+            rows = list(copy.rows())
+        assert [(r[0], [float(v) for v in r[1]]) for r in rows] == [(i, E[i]) for i in range(1, 5)]
+        # The connection is still usable, and a failing model fails the COPY with its SQLSTATE.
+        with pytest.raises(psycopg.Error) as err, conn.cursor() as cur:
+            with cur.copy("COPY (SELECT pgml.embed('missing', body) FROM pdocs) TO STDOUT") as copy:
+                list(copy)
+        assert err.value.sqlstate == "42704"
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+async def test_copy_to_stdout_through_asyncpg(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        out: list[bytes] = []
+
+        async def sink(data: bytes) -> None:
+            out.append(data)
+
+        tag = await conn.copy_from_query(
+            "SELECT id, pgml.embed('m', body) FROM pdocs WHERE id BETWEEN 1 AND 2 ORDER BY id", output=sink
+        )
+        assert tag == "COPY 2"
+        lines = b"".join(out).decode().splitlines()
+        assert [line.split("\t")[0] for line in lines] == ["1", "2"]
+    finally:
+        await conn.close()
