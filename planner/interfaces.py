@@ -228,8 +228,3 @@ class StatementHandler(Protocol):
         """Analyse a Parse message's text; raises PgError for SQL it cannot accept."""
         ...
 
-
-def mentions_pgml(sql: str) -> bool:
-    """The proxy's cheap pre-filter: only statements that mention pgml reach the planner."""
-    # The common spelling first: a substring test costs well under a microsecond.
-    return "pgml" in sql or "pgml" in sql.lower()
