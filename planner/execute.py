@@ -209,10 +209,8 @@ class _Run:
                 await self.up.simple("DROP TABLE IF EXISTS " + ", ".join(f"pg_temp.{n}" for n in names))
             if opened:
                 await self.up.simple("COMMIT" if ok else "ROLLBACK")
-            elif not ok and self.up.transaction_status == "T":
-                # The failure happened in the proxy (the model, not Postgres): abort the client's
-                # transaction block as Postgres would have aborted it.
-                await self.up.simple("DO $$BEGIN RAISE EXCEPTION 'pgml call failed in the proxy'; END$$")
+            # A failure inside the client's own transaction block: the proxy (localexec) aborts the
+            # block for every failed pgml statement, local answers included.
 
     async def _materialise(self, step: TempStep) -> None:
         up, plan = self.up, self.plan

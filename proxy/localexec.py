@@ -10,6 +10,7 @@ responses stay in the order the client sent its messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -18,6 +19,9 @@ from planner.interfaces import Portal, PreparedStatement, StatementHandler
 from proxy import messages as m
 from proxy.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
 from proxy.upstream import HeldUpstream
+
+# Fails on purpose: the only way to put an open transaction block into the aborted state.
+_ABORT_BLOCK = "DO $$BEGIN RAISE EXCEPTION 'a pgml statement failed in pgml-proxy'; END$$"
 
 if TYPE_CHECKING:
     from proxy.frontend import Frontend
@@ -75,15 +79,29 @@ class LocalStatements:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
-            self._error(QueryCanceled("canceling statement due to user request"), extended)
+            await self._fail(QueryCanceled("canceling statement due to user request"), extended)
         except PgError as exc:
-            self._error(exc, extended)
+            await self._fail(exc, extended)
         except Exception as exc:
             log.exception("planner work failed for client %d", fe.id)
-            self._error(InternalError(f"pgml-proxy internal error: {type(exc).__name__}: {exc}"), extended)
+            await self._fail(
+                InternalError(f"pgml-proxy internal error: {type(exc).__name__}: {exc}"), extended
+            )
         finally:
             self.current = None
             fe.unhold()
+
+    async def _fail(self, exc: PgError, extended: bool) -> None:
+        """Report a failed pgml statement; inside a transaction block, abort it first.
+
+        In Postgres any failed statement aborts the block (25P02 until ROLLBACK). A failure in the
+        proxy (a model, the planner) never reached the upstream, so the block is aborted there,
+        and the ReadyForQuery that follows says 'E'.
+        """
+        if self.fe.server is not None and self.upstream.transaction_status == "T":
+            with contextlib.suppress(PgError):
+                await self.upstream.simple(_ABORT_BLOCK)
+        self._error(exc, extended)
 
     def _error(self, exc: PgError, extended: bool) -> None:
         self.fe.app.stats.errors += 1
