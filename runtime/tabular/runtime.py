@@ -168,17 +168,13 @@ class TabularRuntime:
                 f"dataset {source!r} is served by the offline substitute {generator!r}"
                 " (runtime.tabular.dataset_substitutes), not by the Hugging Face hub"
             )
-            ds = await asyncio.to_thread(offline_datasets.GENERATORS[generator], source)
-            if limit is not None:
-                ds.rows = ds.rows[: max(int(limit), 0)]
-            async with self._pool.connection() as conn:
-                return await datasets.store(conn, ds)
         ds = await asyncio.to_thread(
             datasets.build,
             source,
             call.get("subset"),
             None if limit is None else int(limit),
             dict(call.get("kwargs") or {}),
+            None if generator is None else offline_datasets.GENERATORS[generator],
         )
         async with self._pool.connection() as conn:
             return await datasets.store(conn, ds)
