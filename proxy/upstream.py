@@ -97,62 +97,60 @@ class HeldUpstream:
         self._extended(conn, sql, params, param_oids, param_formats, ())
         conn.send(m.Execute("", 0).encode() + m.SYNC)
         tag = ""
-        error: PgError | None = None
-        while True:
-            t, body = await conn.recv()
+        async for t, body in _until_ready(conn):
             if t in (0x48, 0x64, 0x63):  # CopyOutResponse, CopyData, CopyDone: relayed as they come
                 yield m.frame(bytes((t,)), bytes(body))
             elif t == 0x43:
                 tag = m.CommandComplete.parse(body).tag
-            elif t == 0x45:
-                error = PgError.from_fields(m.ErrorResponse.parse(body).fields)
-            elif t == 0x5A:
-                conn.tx_status = chr(body[0])
-                if error is not None:
-                    raise error
-                yield tag
-                return
+        yield tag
 
     async def describe(self, sql: str, param_oids: Sequence[int] = ()) -> StatementDescription:
         conn = await self._get()
         conn.send(m.Parse("", sql, tuple(param_oids)).encode() + m.Describe("S", "").encode() + m.SYNC)
         oids: list[int] = []
         cols: list[Column] | None = None
-        error: PgError | None = None
-        while True:
-            t, body = await conn.recv()
+        async for t, body in _until_ready(conn):
             if t == 0x74:
                 oids = list(m.ParameterDescription.parse(body).oids)
             elif t == 0x54:
                 cols = list(m.RowDescription.parse(body).columns)
-            elif t == 0x45:
-                error = PgError.from_fields(m.ErrorResponse.parse(body).fields)
-            elif t == 0x5A:
-                conn.tx_status = chr(body[0])
-                if error is not None:
-                    raise error
-                return StatementDescription(oids, cols)
+        return StatementDescription(oids, cols)
 
     async def copy_in(self, sql: str, data: bytes | AsyncIterator[bytes]) -> str:
         conn = await self._get()
         conn.send(m.Query(sql).encode())
         tag = ""
-        error: PgError | None = None
-        while True:
-            t, body = await conn.recv()
+        wrong_direction = False
+        async for t, body in _until_ready(conn):
             if t == 0x47:
                 await _feed_copy(conn, data)
             elif t == 0x43:
                 tag = m.CommandComplete.parse(body).tag
-            elif t == 0x45:
-                error = PgError.from_fields(m.ErrorResponse.parse(body).fields)
             elif t == 0x48:
-                error = PgError("copy_in needs COPY ... FROM STDIN, got a COPY TO")
-            elif t == 0x5A:
-                conn.tx_status = chr(body[0])
-                if error is not None:
-                    raise error
-                return tag
+                wrong_direction = True
+        if wrong_direction:
+            raise PgError("copy_in needs COPY ... FROM STDIN, got a COPY TO")
+        return tag
+
+
+async def _until_ready(conn: ServerConn) -> AsyncIterator[tuple[int, bytes]]:
+    """Every message up to ReadyForQuery, which sets the transaction status.
+
+    An ErrorResponse is not yielded: it is raised once the server is ready again, so the
+    connection is in sync whatever the caller does with the error.
+    """
+    error: PgError | None = None
+    while True:
+        t, body = await conn.recv()
+        if t == 0x45:
+            error = error or PgError.from_fields(m.ErrorResponse.parse(body).fields)
+        elif t == 0x5A:
+            conn.tx_status = chr(body[0])
+            if error is not None:
+                raise error
+            return
+        else:
+            yield t, body
 
 
 async def _feed_copy(conn: ServerConn, data: bytes | AsyncIterator[bytes]) -> None:
