@@ -62,6 +62,8 @@ def analyze_statement(
     stmt = raw.stmt
     explain = stmt if t.is_node(stmt, ast.ExplainStmt) else None
     inner = explain.query if explain is not None else stmt
+    # Postgres's column names for bare calls, before any call is wrapped or replaced.
+    _name_targets(inner)
     vector_columns: list[tuple[str, str]] = []
     if ctas_embedding == "vector":
         # Before the calls are located: their paths must lead through the added cast.
@@ -85,7 +87,6 @@ def analyze_statement(
                 hint="compute the inner call in a subquery or CTE first",
             )
     plan.n_params = max([len(param_oids)] + [n.number for n, _ in t.walk(stmt) if t.is_node(n, ast.ParamRef)])
-    _name_targets(inner)
     collector = ArgCollector(param_oids)
     if explain is None and _try_local(plan, inner, calls, bound, collector):
         plan.describe_sql = _describe_sql(text, param_oids)
@@ -122,8 +123,6 @@ def _ctas_embeddings_as_vectors(stmt: Any, param_oids: Sequence[int]) -> list[tu
         if not (t.is_node(call, ast.FuncCall) and is_runtime_call(call)):
             continue
         if call.funcname[1].sval == "embed" and not bind(call, param_oids).sig.setof:
-            if target.name is None:
-                target.name = "embed"  # the column keeps the function's name, as without the cast
             target.val = ast.TypeCast(arg=call, typeName=t.type_name("vector"))
             made.append((table, t.deparse(ast.ColumnRef(fields=(t.s(target.name),)))))
     return made

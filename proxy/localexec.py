@@ -98,7 +98,7 @@ class LocalStatements:
         proxy (a model, the planner) never reached the upstream, so the block is aborted there,
         and the ReadyForQuery that follows says 'E'.
         """
-        if self.fe.server is not None and self.upstream.transaction_status == "T":
+        if self.upstream.transaction_status == "T":  # 'I' when no server connection is held
             with contextlib.suppress(PgError):
                 await self.upstream.simple(_ABORT_BLOCK)
         self._error(exc, extended)

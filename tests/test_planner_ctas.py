@@ -19,6 +19,10 @@ def test_ctas_embedding_is_vector_by_default() -> None:
     assert plan.vector_columns == [("te", "embedding")]
     [quoted] = analyze('CREATE TABLE "My T" AS SELECT pgml.embed(\'m\', body) AS "E 1" FROM docs')
     assert quoted.vector_columns == [('"My T"', '"E 1"')]
+    # Without an alias the column takes the function's name, as Postgres names it.
+    [bare] = analyze("CREATE TABLE te AS SELECT pgml.embed('m', body) FROM docs")
+    assert bare.vector_columns == [("te", "embed")]
+    assert bare.sql.endswith(") AS vector) AS embed FROM docs")
 
 
 def test_ctas_embedding_keeps_real_array_when_configured() -> None:
