@@ -118,14 +118,19 @@ def _maybe_quantized(config: RuntimeConfig, folder: Path, fp32: Any, trust: bool
         export_dynamic_quantized_onnx_model(fp32, "avx2", str(folder))
     # The exporter names the file after its quantisation type (model_quint8_avx2.onnx today).
     qfile = str(next((folder / "onnx").glob("model_*int8_avx2.onnx")).relative_to(folder))
-    if not report.is_file():
-        q = SentenceTransformer(
+
+    def load_int8() -> Any:
+        return SentenceTransformer(
             str(folder),
             backend="onnx",
             device="cpu",
             trust_remote_code=trust,
             model_kwargs={**_ort_kwargs(config), "file_name": qfile},
         )
+
+    q: Any = None
+    if not report.is_file():
+        q = load_int8()  # loaded once: probed here, served below when it passes
         a = fp32.encode(_PROBE, normalize_embeddings=True)
         b = q.encode(_PROBE, normalize_embeddings=True)
         cosine = float(np.min(np.sum(a * b, axis=1)))
@@ -137,11 +142,6 @@ def _maybe_quantized(config: RuntimeConfig, folder: Path, fp32: Any, trust: bool
     result = json.loads(report.read_text())
     if not result["passed"]:
         return fp32, f"fp32 (int8 rejected: min cosine {result['min_cosine']:.4f})"
-    q = SentenceTransformer(
-        str(folder),
-        backend="onnx",
-        device="cpu",
-        trust_remote_code=trust,
-        model_kwargs={**_ort_kwargs(config), "file_name": qfile},
-    )
+    if q is None:
+        q = load_int8()
     return q, f"int8 (min cosine {result['min_cosine']:.4f})"
