@@ -78,8 +78,17 @@ def start_proxy(mode: str, pg: PgServer, work: Path) -> Target:
     port = free_port()
     env = dict(os.environ, PGML_PROXY_POOL_SIZE=str(POOL_SIZE), PGML_PROXY_LOG_LEVEL="WARNING")
     log = open(work / f"pgml-proxy-{mode}.log", "wb")
-    cmd = [*_proxy_command(), "--listen", f"127.0.0.1:{port}", "--upstream", pg.dsn, "--pool-mode", mode,
-           "--data-dir", str(work / f"data-{mode}")]
+    cmd = [
+        *_proxy_command(),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        pg.dsn,
+        "--pool-mode",
+        mode,
+        "--data-dir",
+        str(work / f"data-{mode}"),
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
     target = Target(f"pgml-proxy {mode}", f"postgresql://postgres@127.0.0.1:{port}/postgres", proc)
     _wait_ready(target)
@@ -109,8 +118,9 @@ def start_pgbouncer(mode: str, pg: PgServer, work: Path) -> Target:
         for path in (home, *home.iterdir()):
             os.chown(path, user.pw_uid, user.pw_gid)
         ids = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    proc = subprocess.Popen([binary, str(home / "pgbouncer.ini")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, **ids)
+    proc = subprocess.Popen(
+        [binary, str(home / "pgbouncer.ini")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, **ids
+    )
     target = Target(f"pgbouncer {mode}", f"postgresql://postgres@127.0.0.1:{port}/postgres", proc)
     _wait_ready(target)
     return target
@@ -119,8 +129,18 @@ def start_pgbouncer(mode: str, pg: PgServer, work: Path) -> Target:
 def pgbench(pg: PgServer, dsn: str, clients: int, duration: int) -> dict[str, float]:
     """One `pgbench -S` run; returns tps, average latency (ms) and failed transactions."""
     threads = min(clients, 2)
-    cmd = [str(pg.bin_dir / "pgbench"), "-n", "-S", "-c", str(clients), "-j", str(threads), "-T",
-           str(duration), dsn]
+    cmd = [
+        str(pg.bin_dir / "pgbench"),
+        "-n",
+        "-S",
+        "-c",
+        str(clients),
+        "-j",
+        str(threads),
+        "-T",
+        str(duration),
+        dsn,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120, check=False)
     text = out.stdout + out.stderr
     tps = re.search(r"tps = ([\d.]+)", text)
@@ -128,8 +148,11 @@ def pgbench(pg: PgServer, dsn: str, clients: int, duration: int) -> dict[str, fl
     failed = re.search(r"number of failed transactions: (\d+)", text)
     if out.returncode != 0 or tps is None or latency is None:
         raise RuntimeError(f"pgbench against {dsn} failed ({out.returncode}):\n{text[-2000:]}")
-    return {"tps": float(tps.group(1)), "latency_ms": float(latency.group(1)),
-            "failed": float(failed.group(1)) if failed else 0.0}
+    return {
+        "tps": float(tps.group(1)),
+        "latency_ms": float(latency.group(1)),
+        "failed": float(failed.group(1)) if failed else 0.0,
+    }
 
 
 Runs = dict[tuple[str, int], list[dict[str, float]]]  # (target, clients) -> one result per round
@@ -147,15 +170,20 @@ def _summary(runs: Runs) -> list[dict[str, Any]]:
     for (name, n), values in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         tps = median([v["tps"] for v in values])
         mode = name.split()[-1]
-        rows.append({
-            "target": name, "clients": n, "tps": tps,
-            "latency_ms": median([v["latency_ms"] for v in values]),
-            "failed": sum(v["failed"] for v in values),
-            "vs_direct": _paired(runs, name, "postgres direct", n),
-            "vs_pgbouncer": None if name.startswith("pgbouncer")
-            else _paired(runs, name, f"pgbouncer {mode}", n),
-            "runs_tps": [v["tps"] for v in values],
-        })
+        rows.append(
+            {
+                "target": name,
+                "clients": n,
+                "tps": tps,
+                "latency_ms": median([v["latency_ms"] for v in values]),
+                "failed": sum(v["failed"] for v in values),
+                "vs_direct": _paired(runs, name, "postgres direct", n),
+                "vs_pgbouncer": None
+                if name.startswith("pgbouncer")
+                else _paired(runs, name, f"pgbouncer {mode}", n),
+                "runs_tps": [v["tps"] for v in values],
+            }
+        )
     return rows
 
 
@@ -169,9 +197,23 @@ def profile_proxy(pg: PgServer, target: Target, clients: int, duration: int, nat
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     raw = Path(tempfile.mkdtemp(prefix="pgml-profile-")) / "stacks.txt"
     mode = ["--native"] if native else ["--nonblocking"]
-    rec = subprocess.Popen([spy, "record", "--pid", str(target.proc.pid), "--duration", str(duration),
-                            "--format", "raw", *mode, "--output", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rec = subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(target.proc.pid),
+            "--duration",
+            str(duration),
+            "--format",
+            "raw",
+            *mode,
+            "--output",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     result = pgbench(pg, target.dsn, clients, duration)
     rec.wait(timeout=duration + 60)
     own: Counter[str] = Counter()
@@ -183,8 +225,10 @@ def profile_proxy(pg: PgServer, target: Target, clients: int, duration: int, nat
         own[frames[-1]] += int(count)
     rows = [[frame[:100], n, 100.0 * n / total] for frame, n in own.most_common(25)]
     tool = "py-spy --native" if native else "py-spy"
-    head = f"{tool} of {target.name}, pgbench -S -c {clients}, {duration} s: " \
-           f"{result['tps']:.0f} tps, {total} samples (self time)\n\n"
+    head = (
+        f"{tool} of {target.name}, pgbench -S -c {clients}, {duration} s: "
+        f"{result['tps']:.0f} tps, {total} samples (self time)\n\n"
+    )
     return head + markdown_table(["function (file:line)", "samples", "% self"], rows)
 
 
@@ -204,40 +248,68 @@ def main(argv: list[str] | None = None) -> None:
     pg = start_postgres(work / "pg", conf={"max_connections": "300"})
     targets: list[Target] = []
     try:
-        subprocess.run([str(pg.bin_dir / "pgbench"), "-i", "-q", "-s", str(args.scale), pg.dsn],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(pg.bin_dir / "pgbench"), "-i", "-q", "-s", str(args.scale), pg.dsn],
+            check=True,
+            capture_output=True,
+        )
         targets = [Target("postgres direct", pg.dsn)]
         for mode in ("session", "transaction"):
             targets.append(start_proxy(mode, pg, work))
             targets.append(start_pgbouncer(mode, pg, work))
         runs: Runs = {}
         for round_no in range(args.rounds):
-            order = targets[round_no % len(targets):] + targets[:round_no % len(targets)]
+            order = targets[round_no % len(targets) :] + targets[: round_no % len(targets)]
             for clients in args.clients:
                 for target in order:
                     result = pgbench(pg, target.dsn, clients, args.duration)
                     runs.setdefault((target.name, clients), []).append(result)
-                    print(f"round {round_no + 1} c={clients:<3} {target.name:<24} {result['tps']:>9.0f} tps "
-                          f"{result['latency_ms']:.3f} ms", flush=True)
+                    print(
+                        f"round {round_no + 1} c={clients:<3} {target.name:<24} {result['tps']:>9.0f} tps "
+                        f"{result['latency_ms']:.3f} ms",
+                        flush=True,
+                    )
         rows = _summary(runs)
         info_load_end = os.getloadavg()
-        info = machine_info(pgbench=[str(pg.bin_dir / "pgbench"), "--version"],
-                            pgbouncer=["pgbouncer", "--version"],
-                            postgres=[str(pg.bin_dir / "postgres"), "--version"])
+        info = machine_info(
+            pgbench=[str(pg.bin_dir / "pgbench"), "--version"],
+            pgbouncer=["pgbouncer", "--version"],
+            postgres=[str(pg.bin_dir / "postgres"), "--version"],
+        )
         info["loadavg_start"], info["loadavg_end"] = load_start, info_load_end
         table = markdown_table(
-            ["target", "clients", "tps (median)", "latency ms", "failed", "x direct", "x PgBouncer",
-             "runs (tps)"],
-            [[r["target"], r["clients"], r["tps"], r["latency_ms"], int(r["failed"]), r["vs_direct"],
-              "" if r["vs_pgbouncer"] is None else r["vs_pgbouncer"],
-              " ".join(f"{t:.0f}" for t in r["runs_tps"])] for r in rows],
+            [
+                "target",
+                "clients",
+                "tps (median)",
+                "latency ms",
+                "failed",
+                "x direct",
+                "x PgBouncer",
+                "runs (tps)",
+            ],
+            [
+                [
+                    r["target"],
+                    r["clients"],
+                    r["tps"],
+                    r["latency_ms"],
+                    int(r["failed"]),
+                    r["vs_direct"],
+                    "" if r["vs_pgbouncer"] is None else r["vs_pgbouncer"],
+                    " ".join(f"{t:.0f}" for t in r["runs_tps"]),
+                ]
+                for r in rows
+            ],
         )
-        md = (f"# pgbench -S pass-through (scale {args.scale}, {args.duration} s runs, {args.rounds} "
-              f"interleaved rounds, medians)\n\nMachine: {info['cpu']}, {info['cpus']} CPUs; "
-              f"{info['pgbouncer']}; {info['postgres']}; load average {load_start[0]:.1f} at the start, "
-              f"{info_load_end[0]:.1f} at the end.\n\nRatios are medians of per-round ratios (the same "
-              f"round's direct or PgBouncer run), so load that drifts between rounds cancels out.\n\n"
-              f"{table}\n")
+        md = (
+            f"# pgbench -S pass-through (scale {args.scale}, {args.duration} s runs, {args.rounds} "
+            f"interleaved rounds, medians)\n\nMachine: {info['cpu']}, {info['cpus']} CPUs; "
+            f"{info['pgbouncer']}; {info['postgres']}; load average {load_start[0]:.1f} at the start, "
+            f"{info_load_end[0]:.1f} at the end.\n\nRatios are medians of per-round ratios (the same "
+            f"round's direct or PgBouncer run), so load that drifts between rounds cancels out.\n\n"
+            f"{table}\n"
+        )
         write_results("passthrough", {"machine": info, "args": vars(args), "results": rows}, md)
         if args.profile:
             session = next(t for t in targets if t.name == "pgml-proxy session")

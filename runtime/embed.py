@@ -17,7 +17,7 @@ import numpy as np
 
 from proxy.errors import InvalidParameterValue, PgError
 from runtime.config import RuntimeConfig
-from runtime.engines import Placement, onnx_sentence_transformer
+from runtime.engines import Placement, onnx_files_bytes, onnx_sentence_transformer
 from runtime.resolve import ResolvedModel
 
 # Keys that configure the model rather than one call; accepted and applied at load time.
@@ -138,9 +138,10 @@ class RankModel:
 
         self.placement = placement
         self.note = "fp32"
-        # CrossEncoder stays on torch: its ONNX export path is not the tested one here.
-        self.placement = Placement("torch", placement.device)
-        self.ce = CrossEncoder(str(model.path), device=placement.device, trust_remote_code=trust)
+        if placement.engine == "onnx":
+            self.ce, self.note = onnx_sentence_transformer(config, model, trust, cross_encoder=True)
+        else:
+            self.ce = CrossEncoder(str(model.path), device=placement.device, trust_remote_code=trust)
         self.lock = threading.Lock()
 
     def memory_bytes(self) -> int:
@@ -174,7 +175,8 @@ def _module_bytes(module: Any) -> int:
                 return int(total)
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
-    # ONNX backend: the session's file is the model's weight.
-    first = module[0] if hasattr(module, "__getitem__") else None
-    path = getattr(getattr(first, "auto_model", None), "path", None)
-    return int(Path(path).stat().st_size) if path is not None and Path(path).exists() else 0
+    # ONNX backend (a SentenceTransformer's first module, or a CrossEncoder's ORT model):
+    # the session's files are the model's weight.
+    first = module[0] if hasattr(module, "__getitem__") else module
+    path = getattr(getattr(first, "auto_model", first), "path", None)
+    return onnx_files_bytes(Path(path)) if path is not None and Path(path).exists() else 0

@@ -8,16 +8,17 @@ and the measured figure is recorded next to the export.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import re
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import InvalidParameterValue
+from proxy.errors import FeatureNotSupported, InvalidParameterValue
 from runtime.config import RuntimeConfig
 from runtime.resolve import ResolvedModel
 
@@ -65,47 +66,116 @@ def choose(config: RuntimeConfig, kwargs: dict[str, Any], onnx_capable: bool) ->
 
 
 def export_dir(config: RuntimeConfig, model: ResolvedModel, suffix: str = "") -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name).strip("_")[:80]
-    return config.cache_path / "onnx" / f"{safe}-{model.key}{suffix}"
+    return config.cache_path / "onnx" / f"{model.cache_stem}{suffix}"
 
 
-def onnx_sentence_transformer(config: RuntimeConfig, model: ResolvedModel, trust: bool) -> tuple[Any, str]:
-    """A SentenceTransformer on ONNX Runtime, exported once; returns (model, quantisation note)."""
-    from sentence_transformers import SentenceTransformer
+def _export_once(folder: Path, export: Callable[[Path], None]) -> None:
+    """Run `export(tmp)` once per folder, then rename: no process ever sees half an export."""
+    if folder.exists():
+        return
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    with warnings.catch_warnings():
+        # The exporter traces the model; its TracerWarnings are expected and harmless.
+        warnings.simplefilter("ignore")
+        export(tmp)
+    if folder.exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(folder)
 
-    folder = export_dir(config, model)
-    if not (folder / "onnx" / "model.onnx").is_file():
-        with warnings.catch_warnings():
-            # The exporter traces the model; its TracerWarnings are expected and harmless.
-            warnings.simplefilter("ignore")
-            st = SentenceTransformer(
-                str(model.path),
-                backend="onnx",
-                device="cpu",
-                trust_remote_code=trust,
-                model_kwargs=_ort_kwargs(config),
-            )
-        # Save beside and rename: another process exporting the same model never sees half a folder.
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        st.save_pretrained(str(tmp))
-        if folder.exists():
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(folder)
-    st = SentenceTransformer(
-        str(folder), backend="onnx", device="cpu", trust_remote_code=trust, model_kwargs=_ort_kwargs(config)
-    )
-    if not config.quantize:
+
+def onnx_sentence_transformer(
+    config: RuntimeConfig, model: ResolvedModel, trust: bool, cross_encoder: bool = False
+) -> tuple[Any, str]:
+    """A SentenceTransformer (or CrossEncoder) on ONNX Runtime, exported once; returns (model, note).
+
+    int8 is considered for embedding models only: its gate measures embedding cosine.
+    """
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    cls: Any = CrossEncoder if cross_encoder else SentenceTransformer
+    folder = export_dir(config, model, "-ce" if cross_encoder else "")
+
+    def load(path: Path) -> Any:
+        return cls(
+            str(path), backend="onnx", device="cpu", trust_remote_code=trust, model_kwargs=_ort_kwargs(config)
+        )
+
+    _export_once(folder, lambda tmp: load(model.path).save_pretrained(str(tmp)))
+    st = load(folder)
+    if not config.quantize or cross_encoder:
         return st, "fp32"
     return _maybe_quantized(config, folder, st, trust)
 
 
-def _ort_kwargs(config: RuntimeConfig) -> dict[str, Any]:
+# transformers pipeline task -> the optimum-onnx class that exports and runs it.
+_ORT_CLASSES = {
+    "text-classification": "ORTModelForSequenceClassification",
+    "zero-shot-classification": "ORTModelForSequenceClassification",
+    "token-classification": "ORTModelForTokenClassification",
+    "question-answering": "ORTModelForQuestionAnswering",
+    "fill-mask": "ORTModelForMaskedLM",
+    "feature-extraction": "ORTModelForFeatureExtraction",
+    "summarization": "ORTModelForSeq2SeqLM",
+    "translation": "ORTModelForSeq2SeqLM",
+    "text2text-generation": "ORTModelForSeq2SeqLM",
+    "text-generation": "ORTModelForCausalLM",
+    "conversational": "ORTModelForCausalLM",
+}
+
+
+def onnx_pipeline(
+    config: RuntimeConfig, model: ResolvedModel, folder: Path, task: str, base: str, trust: bool
+) -> tuple[Any, Path]:
+    """A transformers pipeline whose model is the optimum-onnx export of `folder`, and the export's folder.
+
+    `base` is the task family (its ORT class); `task` is what the pipeline is built for
+    (e.g. "translation_en_to_fr", "text-generation" for chat). Raises FeatureNotSupported
+    when the architecture has no ONNX export.
+    """
+    import optimum.onnxruntime as ort
+    from optimum.pipelines import pipeline
+
+    # Any: transformers' from_pretrained is untyped.
+    auto_tokenizer: Any = importlib.import_module("transformers").AutoTokenizer
+    cls = getattr(ort, _ORT_CLASSES[base])
+    target = export_dir(config, model, f"-{cls.__name__}")
+
+    def export(tmp: Path) -> None:
+        try:
+            exported = cls.from_pretrained(str(folder), export=True, trust_remote_code=trust)
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            raise FeatureNotSupported(
+                f'model "{model.name}" has no ONNX export for {base}: {exc}',
+                hint='set [runtime] engine = "torch" for it',
+            ) from exc
+        exported.save_pretrained(str(tmp))
+        auto_tokenizer.from_pretrained(str(folder), trust_remote_code=trust).save_pretrained(str(tmp))
+
+    _export_once(target, export)
+    ort_model = cls.from_pretrained(
+        str(target), provider="CPUExecutionProvider", session_options=_session_options(config)
+    )
+    tok = auto_tokenizer.from_pretrained(str(target), trust_remote_code=trust)
+    return pipeline(task, model=ort_model, tokenizer=tok, accelerator="ort", device="cpu"), target
+
+
+def onnx_files_bytes(path: Path) -> int:
+    """An ONNX model's weight: a graph file and its external data, or all of an export folder's."""
+    files = path.rglob("*.onnx*") if path.is_dir() else path.parent.glob(f"{path.name}*")
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _session_options(config: RuntimeConfig) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = config.thread_count
-    return {"provider": "CPUExecutionProvider", "session_options": opts}
+    return opts
+
+
+def _ort_kwargs(config: RuntimeConfig) -> dict[str, Any]:
+    return {"provider": "CPUExecutionProvider", "session_options": _session_options(config)}
 
 
 def _maybe_quantized(config: RuntimeConfig, folder: Path, fp32: Any, trust: bool) -> tuple[Any, str]:

@@ -122,7 +122,7 @@ class Runtime:
         resolved = self.resolver.resolve(name, _revision(kwargs))
         trust = self._trust(kwargs)
         placement = choose(self.config, dict(kwargs), onnx_capable=True)
-        key = f"embed:{name}:{resolved.key}:{placement.engine}:{placement.device}"
+        key = f"embed:{resolved.key}:{placement.engine}:{placement.device}"
         return await self.registry.get(key, name, lambda: EmbedModel(self.config, resolved, placement, trust))
 
     async def _embed(self, call: Mapping[str, Any]) -> Any:
@@ -143,8 +143,8 @@ class Runtime:
     async def _rank_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
         resolved = self.resolver.resolve(name, _revision(kwargs))
         trust = self._trust(kwargs)
-        placement = choose(self.config, dict(kwargs), onnx_capable=False)
-        key = f"rank:{name}:{resolved.key}:{placement.device}"
+        placement = choose(self.config, dict(kwargs), onnx_capable=True)
+        key = f"rank:{resolved.key}:{placement.engine}:{placement.device}"
         return await self.registry.get(key, name, lambda: RankModel(self.config, resolved, placement, trust))
 
     async def _rank(self, call: Mapping[str, Any]) -> list[tuple[int, float, str]]:
@@ -170,8 +170,8 @@ class Runtime:
     async def _pipeline(self, spec: tf.TaskSpec) -> Loaded:
         resolved = self.resolver.resolve(spec.model, _revision(spec.model_kwargs))
         trust = self._trust(spec.model_kwargs)
-        placement = choose(self.config, dict(spec.model_kwargs), onnx_capable=False)
-        key = f"transform:{spec.pipeline_task}:{spec.model}:{resolved.key}:{placement.device}"
+        placement = choose(self.config, dict(spec.model_kwargs), onnx_capable=True)
+        key = f"transform:{spec.pipeline_task}:{resolved.key}:{placement.engine}:{placement.device}"
         return await self.registry.get(
             key,
             spec.model,

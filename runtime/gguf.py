@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,7 @@ def ensure_transformers_folder(config: RuntimeConfig, model: ResolvedModel) -> P
     """A folder `from_pretrained` can load: the model's own, or its GGUF converted once."""
     if model.gguf_file is None:
         return model.path
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name).strip("_")[:80]
-    target = config.cache_path / "converted" / f"{safe}-{model.key}"
+    target = config.cache_path / "converted" / model.cache_stem
     if (target / "config.json").is_file():
         return target
     transformers: Any = importlib.import_module("transformers")

@@ -42,10 +42,15 @@ class Loaded:
     load_seconds: float
     last_used: float = field(default_factory=time.monotonic)
     users: int = 0  # calls in progress: never evict a model that is running
+    names: list[str] = field(default_factory=list)  # every name it was asked by, first first
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            self.names.append(self.name)
 
 
 class Registry:
-    """Loaded models keyed by (kind, name, engine, device)."""
+    """Loaded models keyed by (kind, content key, engine, device): one load serves every alias."""
 
     def __init__(self, config: RuntimeConfig, executor: Executor) -> None:
         self.config = config
@@ -62,6 +67,9 @@ class Registry:
                 entry = self._models.get(key)
                 if entry is None:
                     entry = await self._load(key, name, loader, run_attr)
+        if name not in entry.names:
+            # Keys are by content: another alias of a loaded model shares it, and is listed.
+            entry.names.append(name)
         self._models.move_to_end(key)
         entry.last_used = time.monotonic()
         return entry
@@ -132,7 +140,7 @@ class Registry:
             placement = entry.obj.placement
             out.append(
                 {
-                    "name": entry.name,
+                    "name": ", ".join(entry.names),
                     "kind": entry.obj.kind,
                     "engine": placement.engine,
                     "device": placement.device,

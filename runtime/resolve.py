@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,20 @@ class ResolvedModel:
     path: Path
     key: str  # revision or content hash: changes when the files change
     gguf_file: str | None = None
+    target: str = ""  # what the aliases led to: a hub id or a path
+
+    @property
+    def cache_stem(self) -> str:
+        """The folder name of caches derived from this model (ONNX exports, converted GGUF).
+
+        Named after the alias target, not the name asked for, so every alias of one model
+        shares one export on disk.
+        """
+        ident = self.target or self.name
+        if ident.startswith((".", "/", "~")):
+            ident = Path(ident).name
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", ident).strip("_")[:80]
+        return f"{safe}-{self.key}"
 
 
 def package_dir(module: str) -> Path | None:
@@ -97,7 +112,7 @@ class Resolver:
         gguf = None
         if path.is_file() and path.suffix == ".gguf":
             path, gguf = path.parent, path.name
-        return ResolvedModel(name, path, revision or content_key(path, gguf), gguf)
+        return ResolvedModel(name, path, revision or content_key(path, gguf), gguf, current)
 
     def _on_disk(self, ident: str, looked: list[str], revision: str | None) -> tuple[Path, str | None] | None:
         direct = Path(ident).expanduser()

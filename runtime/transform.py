@@ -3,7 +3,9 @@
 Owns task parsing (text or jsonb task, model choice, pipeline options), input checks,
 the batch function that runs one pipeline call per group of identical call arguments,
 the reshaping that gives each SQL call exactly the pipeline's own output shape, and
-token streaming. Pipelines run on torch (fp16 on CUDA): generation has no ONNX path here.
+token streaming. Pipelines run on ONNX Runtime on the CPU (optimum-onnx exports, cached on
+disk) and on torch (fp16) on CUDA; an architecture the exporter lacks falls back to torch
+when the engine is "auto".
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import re
 import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from proxy.errors import FeatureNotSupported, InvalidParameterValue, PgError
 from runtime.config import RuntimeConfig
-from runtime.engines import Placement
+from runtime.engines import Placement, onnx_files_bytes, onnx_pipeline
 from runtime.gguf import ensure_transformers_folder
 from runtime.resolve import ResolvedModel
 
@@ -170,17 +173,32 @@ class PipelineModel:
     def __init__(
         self, config: RuntimeConfig, model: ResolvedModel, spec: TaskSpec, placement: Placement, trust: bool
     ) -> None:
-        import torch
-
-        pipeline: Any = importlib.import_module("transformers").pipeline
-        self.placement = Placement("torch", placement.device)
-        self.note = "fp16" if placement.device == "cuda" else "fp32"
         self.base = spec.base
         folder = ensure_transformers_folder(config, model)
-        kwargs: dict[str, Any] = {"trust_remote_code": trust}
-        if placement.device == "cuda":
-            kwargs["dtype"] = torch.float16
-        self.pipe = pipeline(spec.pipeline_task, model=str(folder), device=placement.device, **kwargs)
+        self.placement = placement
+        self.note = "fp32"
+        self.onnx_folder: Path | None = None
+        self.pipe: Any = None
+        if placement.engine == "onnx":
+            try:
+                self.pipe, self.onnx_folder = onnx_pipeline(
+                    config, model, folder, spec.pipeline_task, spec.base, trust
+                )
+            except FeatureNotSupported as exc:
+                if config.engine == "onnx":
+                    raise
+                # engine = "auto": an architecture the exporter lacks still runs, on torch.
+                self.placement = Placement("torch", placement.device)
+                self.note = f"fp32 (no ONNX export: {exc.message[:120]})"
+        if self.pipe is None:
+            import torch
+
+            pipeline: Any = importlib.import_module("transformers").pipeline
+            kwargs: dict[str, Any] = {"trust_remote_code": trust}
+            if placement.device == "cuda":
+                kwargs["dtype"] = torch.float16
+                self.note = "fp16"
+            self.pipe = pipeline(spec.pipeline_task, model=str(folder), device=placement.device, **kwargs)
         tok = self.pipe.tokenizer
         if tok is not None and spec.base in ("text-generation", "conversational"):
             # Batched decoder-only generation needs left padding and a pad token.
@@ -190,6 +208,8 @@ class PipelineModel:
         self.lock = threading.Lock()  # streaming and batches share the model
 
     def memory_bytes(self) -> int:
+        if self.onnx_folder is not None:
+            return onnx_files_bytes(self.onnx_folder)
         model = self.pipe.model
         return int(sum(p.numel() * p.element_size() for p in model.parameters()))
 

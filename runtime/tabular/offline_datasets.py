@@ -49,14 +49,27 @@ def generated_reviews(name: str) -> Dataset:
 
 
 _SENTIMENTS = [
-    "strong negative", "moderately negative", "mildly negative", "negative", "neutral",
-    "positive", "mildly positive", "moderately positive", "strong positive",
+    "strong negative",
+    "moderately negative",
+    "mildly negative",
+    "negative",
+    "neutral",
+    "positive",
+    "mildly positive",
+    "moderately positive",
+    "strong positive",
 ]
 _COMPANIES = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne"]
 _MOVES = {
-    "strong negative": "collapsed", "moderately negative": "fell sharply", "mildly negative": "slipped",
-    "negative": "fell", "neutral": "was unchanged", "positive": "rose", "mildly positive": "edged up",
-    "moderately positive": "climbed", "strong positive": "soared",
+    "strong negative": "collapsed",
+    "moderately negative": "fell sharply",
+    "mildly negative": "slipped",
+    "negative": "fell",
+    "neutral": "was unchanged",
+    "positive": "rose",
+    "mildly positive": "edged up",
+    "moderately positive": "climbed",
+    "strong positive": "soared",
 }
 
 

@@ -1,0 +1,130 @@
+"""The same input gives the same answer on ONNX Runtime and on torch, for every transform task and rank.
+
+Stated tolerance: every score, logit and feature within 1e-4 (absolute, fp32 on both engines);
+labels, tokens, spans and generated text (greedy) identical. Tiny random models of the real
+architectures (BERT, RoBERTa, BART, T5, GPT-2) make this a test of the engines' mechanics, not of
+quality; the real SmolLM2 and MiniLM are compared in test_runtime_generate / test_runtime_embed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from planner.interfaces import CallContext
+from runtime import Runtime
+from runtime.tiny_models import build_all
+
+pytestmark = pytest.mark.slow
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = 1e-4
+GREEDY = {"max_new_tokens": 6, "do_sample": False}
+QA = json.dumps({"question": "Where do I live?", "context": "My name is Merve and I live in Istanbul."})
+
+# (task as SQL passes it, inputs, args): one case per README task family.
+CASES: list[tuple[Any, list[Any], dict[str, Any]]] = [
+    ("text-classification", ["I love it!", "I hate it."], {}),
+    ({"task": "text-classification", "model": "roberta-large-mnli"}, ["A soccer game."], {}),
+    (
+        {"task": "zero-shot-classification", "model": "facebook/bart-large-mnli"},
+        ["I have a problem with my iphone that needs to be resolved asap!!"],
+        {"candidate_labels": ["urgent", "phone", "computer"]},
+    ),
+    ("token-classification", ["I am Omar and I live in New York City."], {}),
+    (
+        {"task": "token-classification", "model": "vblagoje/bert-english-uncased-finetuned-pos"},
+        ["I live in Amsterdam."],
+        {"aggregation_strategy": "simple"},
+    ),
+    ("question-answering", [QA, QA], {}),
+    ("fill-mask", ["Paris is the <mask> of France."], {}),
+    (
+        {"task": "feature-extraction", "model": "distilbert/distilbert-base-cased"},
+        ["hello world", "a longer sentence than the first"],
+        {},
+    ),
+    ("translation_en_to_fr", ["How are you?", "Welcome to the future!"], GREEDY),
+    ({"task": "summarization", "model": "sshleifer/distilbart-cnn-12-6"}, ["Paris is in France."], GREEDY),
+    ("text2text-generation", ["translate English to French: I'm very happy"], GREEDY),
+    ("text-generation", ["Three Rings for the Elven-kings", "Seven"], GREEDY),
+]
+
+
+async def _notice(_: str) -> None:
+    return None
+
+
+CTX = CallContext(notice=_notice)
+
+
+@pytest.fixture(scope="module")
+async def engines() -> AsyncIterator[dict[str, Runtime]]:
+    build_all(ROOT / ".cache/tiny-models")
+    section = tomllib.loads((ROOT / "tests/models.test.toml").read_text())["runtime"]
+    defaults = {"fill-mask": "distilroberta-base", "translation": "t5-base", "text-generation": "gpt2"}
+    out: dict[str, Runtime] = {}
+    for engine in ("onnx", "torch"):
+        rt = Runtime(
+            {**section, "device": "cpu", "engine": engine, "threads": 2, "default_models": defaults}, ""
+        )
+        await rt.start()
+        out[engine] = rt
+    yield out
+    for rt in out.values():
+        await rt.close()
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Equal structure and text; numbers within TOLERANCE."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, int | float) and isinstance(b, int | float), where
+        assert abs(a - b) <= TOLERANCE, f"{where}: {a} vs {b}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a)} vs {set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+@pytest.mark.parametrize(("task", "inputs", "args"), CASES, ids=[json.dumps(c[0])[:60] for c in CASES])
+async def test_transform_same_on_both_engines(
+    engines: dict[str, Runtime], task: Any, inputs: list[Any], args: dict[str, Any]
+) -> None:
+    call = {"task": task, "args": args, "inputs": inputs, "cache": False}
+    [onnx] = await engines["onnx"].call_batch("transform", [call], CTX)
+    [torch] = await engines["torch"].call_batch("transform", [call], CTX)
+    assert onnx  # a real answer, not an empty one
+    assert_same(onnx, torch)
+
+
+async def test_rank_same_on_both_engines(engines: dict[str, Runtime]) -> None:
+    docs = ["Paris is in France.", "Bananas are yellow.", "The Eiffel tower is in Paris."]
+    call = {
+        "transformer": "cross-encoder/ms-marco-MiniLM-L-6-v2",
+        "query": "Where is Paris?",
+        "documents": docs,
+    }
+    [onnx] = await engines["onnx"].call_batch("rank", [{**call, "kwargs": {}}], CTX)
+    [torch] = await engines["torch"].call_batch("rank", [{**call, "kwargs": {}}], CTX)
+    assert len(onnx) == 3
+    assert_same([list(r) for r in onnx], [list(r) for r in torch])
+
+
+async def test_each_engine_reports_what_it_runs(engines: dict[str, Runtime]) -> None:
+    for engine, rt in engines.items():
+        info = rt.models_info()
+        assert len(info) >= len({json.dumps(c[0]) for c in CASES}) - 2  # some cases share a model
+        assert {m["engine"] for m in info} == {engine}, info
+        assert all(m["device"] == "cpu" and m["memory_bytes"] > 10_000 for m in info)
