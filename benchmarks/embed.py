@@ -9,10 +9,12 @@ call per sentence from 32 concurrent callers, batched by the runtime; (c) the en
     .venv/bin/python -m benchmarks.embed
     python -m benchmarks.embed --device cuda --random-init --batch 256 --tokens 64
 
-CUDA: random-initialised MiniLM architecture in fp16 (no download), needing only torch,
-transformers (4.x or 5.x) and tokenizers: the model alone on random ids (the ceiling, 87,000/s
-on an H100 in DESIGN.md) against the runtime's batcher fed by many single-sentence callers
-with fast-tokenizer batches overlapping the model.
+CUDA: random-initialised MiniLM architecture in fp16 (no download): the model alone on random
+ids (the ceiling, 87,000/s on an H100 in DESIGN.md) against (1) the runtime's batcher fed by
+many single-sentence callers, with fast-tokenizer batches overlapping the model, and (2) the
+runtime itself (`Runtime.call_batch`, EmbedModel = sentence-transformers fp16): its engine's
+`encode`, 1,024-row statements, and many one-row callers. benchmarks/device_check.sh runs it
+on the GPU machine with the project's pinned libraries (benchmarks/device_kit.py).
 """
 
 from __future__ import annotations
@@ -267,6 +269,64 @@ async def _through_batcher(
     return rate(len(sents), seconds)
 
 
+async def through_runtime(
+    args: argparse.Namespace, sents: list[str], device: str, folder: Path
+) -> dict[str, float]:
+    """The runtime itself on `device` serving the sentence-transformers model in `folder`, loaded
+    as any model is: its engine's own `encode` (the runtime's ceiling), then fed two ways."""
+    from planner.interfaces import CallContext
+    from runtime import Runtime
+
+    async def notice(_: str) -> None:
+        return None
+
+    ctx = CallContext(notice=notice)
+    rt = Runtime(
+        {
+            "device": device,
+            "engine": "torch",
+            "aliases": {"minilm-random": str(folder)},
+            "cache_dir": args.cache_dir,
+            "max_batch_size": args.batch,
+            "max_batch_tokens": args.batch * 1024,  # batches close on size: the sentences are alike
+            "batch_wait_ms": 2,
+            "queue_size": len(sents) + args.batch,
+        },
+        "",
+    )
+    await rt.start()
+
+    def call(text: str) -> dict[str, Any]:
+        return {"transformer": "minilm-random", "text": text, "kwargs": {}}
+
+    chunk = 1024  # rows a statement hands the runtime at once (planner setting chunk_rows)
+    try:
+        await rt.call_batch("embed", [call(s) for s in sents[: args.batch]], ctx)  # load and warm up
+        st = next(iter(rt.registry._models.values())).obj.st  # the runtime's own engine object
+        t0 = time.perf_counter()
+        st.encode(sents, batch_size=args.batch, show_progress_bar=False)
+        encode = rate(len(sents), time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(0, len(sents), chunk):
+            await rt.call_batch("embed", [call(s) for s in sents[i : i + chunk]], ctx)
+        statement = rate(len(sents), time.perf_counter() - t0)
+
+        async def caller(part: Sequence[str]) -> None:
+            for s in part:
+                await rt.call_batch("embed", [call(s)], ctx)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller(sents[i :: args.callers]) for i in range(args.callers)))
+        callers = rate(len(sents), time.perf_counter() - t0)
+    finally:
+        await rt.close()
+    return {
+        "sentence_transformers_encode_in_runtime": encode,
+        f"runtime_call_batch_{chunk}_rows_a_statement": statement,
+        f"runtime_call_batch_{args.callers}_one_row_callers": callers,
+    }
+
+
 def cuda_main(args: argparse.Namespace) -> None:
     import torch
 
@@ -290,10 +350,18 @@ def cuda_main(args: argparse.Namespace) -> None:
     for s in few:
         run([s])
     one = rate(len(few), time.perf_counter() - t0)
+    del model
+    torch.cuda.empty_cache()
+    from runtime.tiny_models import random_minilm
+
+    # MiniLM's architecture, random weights, its real tokenizer, sequences cut at --tokens.
+    folder = random_minilm(Path(args.cache_dir) / f"minilm-random-{args.tokens}", max_seq_length=args.tokens)
+    through = asyncio.run(through_runtime(args, sents[: args.runtime_sentences], "cuda", folder))
     figures = {
         "model_only_ceiling": ceiling,
         "tokenize_and_model_one_thread": pipeline,
         f"runtime_batcher_{args.callers}_callers": batched,
+        **through,
         "one_sentence_per_call": one,
     }
     rows = [[k, v, v / ceiling] for k, v in figures.items()]
@@ -324,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--rounds", type=int, default=4, help="CPU: paths interleaved in this many rounds")
     p.add_argument("--cache-dir", default=".cache/pgml-proxy-bench")
+    p.add_argument("--runtime-sentences", type=int, default=50_000, help="CUDA: for the runtime paths")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.sentences = args.sentences or (200_000 if cuda else 2000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -91,8 +92,9 @@ class Runtime:
         if function == "transform_stream":
             # A caller that cannot stream gets every row at once (set-returning: 1-tuples).
             return list(await asyncio.gather(*(self._collect_stream(call, ctx) for call in calls)))
+        if function == "embed":
+            return await self._embed_calls(calls)
         handler = {
-            "embed": self._embed,
             "transform": self._transform,
             "rank": self._rank,
             "chunk": self._chunk,
@@ -125,20 +127,46 @@ class Runtime:
         key = f"embed:{resolved.key}:{placement.engine}:{placement.device}"
         return await self.registry.get(key, name, lambda: EmbedModel(self.config, resolved, placement, trust))
 
-    async def _embed(self, call: Mapping[str, Any]) -> Any:
-        name = _text_arg(call, "transformer", "embed")
-        kwargs = _kwargs(call, "embed")
+    async def _embed_calls(self, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Every call of a statement at once. Calls naming the same model and kwargs (a
+        statement's rows, usually) share one model lookup and one submit: per row, only the
+        batcher's own work is left, which matters where the model is fast (a GPU)."""
+        groups: dict[str, list[int]] = {}
+        for i, call in enumerate(calls):
+            key = json.dumps([call.get("transformer"), call.get("kwargs")], sort_keys=True, default=str)
+            groups.setdefault(key, []).append(i)
+        out: list[Any] = [None] * len(calls)
+
+        async def one_group(idx: list[int]) -> None:
+            for i, result in zip(idx, await self._embed_group([calls[i] for i in idx]), strict=True):
+                out[i] = result
+
+        await asyncio.gather(*(one_group(idx) for idx in groups.values()))
+        return out
+
+    async def _embed_group(self, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Calls with one transformer and kwargs: a vector per `text` call, 1-tuples per `inputs` call."""
+        name = _text_arg(calls[0], "transformer", "embed")
+        kwargs = _kwargs(calls[0], "embed")
         opts = embed_options(kwargs)
-        many = "inputs" in call
-        raw = list(call["inputs"]) if many else [call.get("text")]
-        texts = [t for t in raw if isinstance(t, str)]
-        if len(texts) != len(raw):
-            raise InvalidParameterValue("pgml.embed: every input must be text")
+        texts: list[str] = []
+        spans: list[tuple[int, int, bool]] = []  # (first text, count, set-returning form)
+        for call in calls:
+            many = "inputs" in call
+            raw = list(call["inputs"]) if many else [call.get("text")]
+            checked = [t for t in raw if isinstance(t, str)]
+            if len(checked) != len(raw):
+                raise InvalidParameterValue("pgml.embed: every input must be text")
+            spans.append((len(texts), len(checked), many))
+            texts.extend(checked)
         entry = await self._embed_model(name, {k: v for k, v in kwargs.items() if k in MODEL_KWARGS})
         with _in_use(entry):
             vecs = await entry.batcher.submit([(t, opts) for t in texts], [approx_tokens(t) for t in texts])
-        as_lists = [v.tolist() for v in vecs]
-        return [(v,) for v in as_lists] if many else as_lists[0]
+        results: list[Any] = []
+        for start, count, many in spans:
+            lists = [v.tolist() for v in vecs[start : start + count]]
+            results.append([(v,) for v in lists] if many else lists[0])
+        return results
 
     async def _rank_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
         resolved = self.resolver.resolve(name, _revision(kwargs))

