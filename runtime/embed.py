@@ -17,7 +17,7 @@ import numpy as np
 
 from proxy.errors import InvalidParameterValue, PgError
 from runtime.config import RuntimeConfig
-from runtime.engines import Placement, onnx_files_bytes, onnx_sentence_transformer
+from runtime.engines import Placement, onnx_files_bytes, onnx_sentence_transformer, torch_precision
 from runtime.resolve import ResolvedModel
 
 # Keys that configure the model rather than one call; accepted and applied at load time.
@@ -68,12 +68,7 @@ class EmbedModel:
         if placement.engine == "onnx":
             self.st, self.note = onnx_sentence_transformer(config, model, trust)
         else:
-            kwargs: dict[str, Any] = {}
-            if placement.device == "cuda":
-                import torch
-
-                kwargs["dtype"] = torch.float16
-                self.note = "fp16"
+            kwargs, self.note = torch_precision(placement)
             self.st = SentenceTransformer(
                 str(model.path), device=placement.device, trust_remote_code=trust, model_kwargs=kwargs
             )
@@ -141,7 +136,10 @@ class RankModel:
         if placement.engine == "onnx":
             self.ce, self.note = onnx_sentence_transformer(config, model, trust, cross_encoder=True)
         else:
-            self.ce = CrossEncoder(str(model.path), device=placement.device, trust_remote_code=trust)
+            kwargs, self.note = torch_precision(placement)
+            self.ce = CrossEncoder(
+                str(model.path), device=placement.device, trust_remote_code=trust, model_kwargs=kwargs
+            )
         self.lock = threading.Lock()
 
     def memory_bytes(self) -> int:

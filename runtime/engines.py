@@ -65,6 +65,15 @@ def choose(config: RuntimeConfig, kwargs: dict[str, Any], onnx_capable: bool) ->
     return Placement(engine, device)
 
 
+def torch_precision(placement: Placement) -> tuple[dict[str, Any], str]:
+    """Model kwargs and their note for torch: fp16 on CUDA (tensor cores), fp32 on the CPU."""
+    if placement.device != "cuda":
+        return {}, "fp32"
+    import torch
+
+    return {"dtype": torch.float16}, "fp16"
+
+
 def export_dir(config: RuntimeConfig, model: ResolvedModel, suffix: str = "") -> Path:
     return config.cache_path / "onnx" / f"{model.cache_stem}{suffix}"
 

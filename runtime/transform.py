@@ -22,7 +22,7 @@ from typing import Any
 
 from proxy.errors import FeatureNotSupported, InvalidParameterValue, PgError
 from runtime.config import RuntimeConfig
-from runtime.engines import Placement, onnx_files_bytes, onnx_pipeline
+from runtime.engines import Placement, onnx_files_bytes, onnx_pipeline, torch_precision
 from runtime.gguf import ensure_transformers_folder
 from runtime.resolve import ResolvedModel
 
@@ -179,6 +179,7 @@ class PipelineModel:
         self.note = "fp32"
         self.onnx_folder: Path | None = None
         self.pipe: Any = None
+        why_torch = ""
         if placement.engine == "onnx":
             try:
                 self.pipe, self.onnx_folder = onnx_pipeline(
@@ -189,15 +190,12 @@ class PipelineModel:
                     raise
                 # engine = "auto": an architecture the exporter lacks still runs, on torch.
                 self.placement = Placement("torch", placement.device)
-                self.note = f"fp32 (no ONNX export: {exc.message[:120]})"
+                why_torch = f" (no ONNX export: {exc.message[:120]})"
         if self.pipe is None:
-            import torch
-
             pipeline: Any = importlib.import_module("transformers").pipeline
-            kwargs: dict[str, Any] = {"trust_remote_code": trust}
-            if placement.device == "cuda":
-                kwargs["dtype"] = torch.float16
-                self.note = "fp16"
+            kwargs, precision = torch_precision(placement)
+            self.note = precision + why_torch
+            kwargs["trust_remote_code"] = trust
             self.pipe = pipeline(spec.pipeline_task, model=str(folder), device=placement.device, **kwargs)
         tok = self.pipe.tokenizer
         if tok is not None and spec.base in ("text-generation", "conversational"):

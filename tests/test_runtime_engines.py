@@ -8,6 +8,7 @@ quality; the real SmolLM2 and MiniLM are compared in test_runtime_generate / tes
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tomllib
@@ -128,3 +129,33 @@ async def test_each_engine_reports_what_it_runs(engines: dict[str, Runtime]) -> 
         assert len(info) >= len({json.dumps(c[0]) for c in CASES}) - 2  # some cases share a model
         assert {m["engine"] for m in info} == {engine}, info
         assert all(m["device"] == "cpu" and m["memory_bytes"] > 10_000 for m in info)
+
+
+async def test_an_architecture_without_onnx_export(tmp_path: Path) -> None:
+    # optimum-onnx has no exporter for CTRL: engine "auto" runs it on torch and says why;
+    # engine "onnx" refuses it with 0A000 naming the model.
+    from proxy.errors import FeatureNotSupported
+    from runtime.tiny_models import bpe_tokenizer
+
+    transformers: Any = importlib.import_module("transformers")
+    tok = bpe_tokenizer()
+    cfg = transformers.CTRLConfig(vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2, dff=64)
+    transformers.CTRLLMHeadModel(cfg).save_pretrained(str(tmp_path / "ctrl"))
+    tok.save_pretrained(str(tmp_path / "ctrl"))
+    call = {"task": {"task": "text-generation", "model": "ctrl"}, "args": GREEDY, "inputs": ["Hello"]}
+    for engine in ("auto", "onnx"):
+        config = {"device": "cpu", "engine": engine, "cache_dir": str(tmp_path / "cache")}
+        rt = Runtime({**config, "aliases": {"ctrl": str(tmp_path / "ctrl")}}, "")
+        await rt.start()
+        try:
+            if engine == "auto":
+                [[[out]]] = await rt.call_batch("transform", [call], CTX)
+                assert out["generated_text"].startswith("Hello")
+                [info] = rt.models_info()
+                assert info["engine"] == "torch" and info["precision"].startswith("fp32 (no ONNX export")
+            else:
+                with pytest.raises(FeatureNotSupported, match='model "ctrl" has no ONNX export') as err:
+                    await rt.call_batch("transform", [call], CTX)
+                assert err.value.sqlstate == "0A000"
+        finally:
+            await rt.close()
