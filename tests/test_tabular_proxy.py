@@ -95,3 +95,37 @@ def test_train_predict_deploy_across_proxies(
     assert rows(restarted, db, "SELECT name, algorithm FROM pgml.deployed_models") == [
         ("sql iris", "xgboost")
     ]
+
+
+def test_training_reads_only_what_the_client_may_read(
+    pg_server: PgServer, proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    # The runtime reads training data on its own connection (the proxy's role): the client's
+    # role must still be allowed to SELECT the relation, as it would be for the data itself.
+    dsn = new_database(pg_server, "tabular_privileges")
+    db = dsn.rsplit("/", 1)[1]
+    role = f"analyst_{db[-10:]}"
+    with psycopg.connect(dsn, autocommit=True) as owner:
+        owner.execute(f"CREATE ROLE {role} LOGIN")
+        owner.execute("CREATE TABLE salaries (age float8, salary float8)")
+        owner.execute("INSERT INTO salaries SELECT g, g * 1000 FROM generate_series(20, 60) g")
+        owner.execute(f"REVOKE ALL ON salaries FROM {role}")
+    proxy = proxy_factory("session", upstream=dsn)
+    train = "SELECT * FROM pgml.train('pay', 'regression', 'salaries', 'salary')"
+    with psycopg.connect(proxy.dsn(database=db, user=role), autocommit=True) as conn:
+        # What Postgres itself answers the role for the data:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM salaries")
+        for sql in (train, "SELECT * FROM pgml.snapshot('salaries', 'salary')"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+                conn.execute(sql)
+            assert err.value.sqlstate == "42501"
+            assert "permission denied for table salaries" in str(err.value)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection stays usable
+    with psycopg.connect(dsn, autocommit=True) as owner:
+        # Nothing was recorded by the refused calls.
+        assert owner.execute("SELECT count(*) FROM pgml.projects WHERE name = 'pay'").fetchone() == (0,)
+        assert owner.execute("SELECT count(*) FROM pgml.snapshots").fetchone() == (0,)
+        owner.execute(f"GRANT SELECT ON salaries TO {role}")
+    with psycopg.connect(proxy.dsn(database=db, user=role), autocommit=True) as conn:
+        assert conn.execute(train).fetchall() == [("pay", "regression", "linear", True)]

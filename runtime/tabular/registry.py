@@ -21,7 +21,13 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from proxy.errors import DataException, InvalidParameterValue, UndefinedModel, UndefinedTable
+from proxy.errors import (
+    DataException,
+    InsufficientPrivilege,
+    InvalidParameterValue,
+    UndefinedModel,
+    UndefinedTable,
+)
 
 from . import preprocess
 
@@ -70,6 +76,27 @@ async def relation_columns(conn: Conn, relation: str) -> list[tuple[str, str]]:
     except (pgerr.UndefinedTable, pgerr.InvalidSchemaName, pgerr.InvalidName) as exc:
         raise UndefinedTable(f"relation {relation!r} does not exist") from exc
     return [(str(r[0]), str(r[1])) for r in await cur.fetchall()]
+
+
+async def check_can_read(conn: Conn, relation: str, user: str) -> None:
+    """42501 unless the client's role may SELECT `relation`, as Postgres would say it.
+
+    Training reads on the runtime's own connection (the proxy's upstream role), so the
+    client's own privileges are checked first: pgml.train must not read what the client
+    could not. An empty `user` (a call from inside the proxy) is not checked.
+    """
+    if not user:
+        return
+    cur = await conn.execute(
+        "SELECT has_table_privilege(%s, %s::regclass, 'SELECT'), %s::regclass::text",
+        (user, relation, relation),
+    )
+    allowed, name = await cur.fetchone() or (False, relation)
+    if not allowed:
+        raise InsufficientPrivilege(
+            f"permission denied for table {name}",
+            detail=f'role "{user}" may not SELECT from it, so pgml.train and pgml.snapshot may not read it',
+        )
 
 
 def _qualified(relation: str) -> sql.Composable:

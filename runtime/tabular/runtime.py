@@ -150,7 +150,7 @@ class TabularRuntime:
             self._predictor.forget_deployment(str(call["project_name"]))
             return [row]
         if function == "snapshot":
-            return [await trainer.snapshot(self._pool, call)]
+            return [await trainer.snapshot(self._pool, call, ctx)]
         if function == "deploy":
             row = await deploy.deploy(self._pool, call)
             self._predictor.forget_deployment(row[0])

@@ -88,12 +88,20 @@ async def prepare(
     test_size: float,
     sampling: str,
     steps: Mapping[str, Any],
+    *,
+    user: str,
+    source: str | None = None,
 ) -> Prepared:
-    """Read `relation`, check the labels, split, fit the preprocessing and build the matrix."""
+    """Read `relation`, check the labels, split, fit the preprocessing and build the matrix.
+
+    `user` (the client's role) must be allowed to read `source`, the relation the data came
+    from (`relation` itself unless that is a materialized snapshot's copy).
+    """
     if sampling not in SAMPLINGS:
         raise InvalidParameterValue(f"test_sampling {sampling!r} is unknown", hint=f"accepted: {SAMPLINGS}")
     async with pool.connection() as conn:
         columns = await registry.relation_columns(conn, relation)
+        await registry.check_can_read(conn, source or relation, user)
         names = [n for n, _ in columns]
         for y_name in y_names:
             if y_name not in names:
@@ -168,11 +176,13 @@ def _arguments(call: Mapping[str, Any], task: str) -> tuple[str, dict[str, Any],
 
 def _source(
     call: Mapping[str, Any], name: str, snap: Mapping[str, Any] | None
-) -> tuple[str, list[str], dict[str, Any], float, str]:
-    """(relation, y columns, preprocess, test_size, test_sampling): the call's, or with a NULL
-    relation the project's last snapshot's (its materialized copy when there is one)."""
+) -> tuple[str, str, list[str], dict[str, Any], float, str]:
+    """(relation, source, y columns, preprocess, test_size, test_sampling): the call's, or with
+    a NULL relation the project's last snapshot's (its materialized copy when there is one;
+    `source` is then the relation it was copied from, whose privileges still apply)."""
     if call.get("relation_name") is not None:
         return (
+            str(call["relation_name"]),
             str(call["relation_name"]),
             _y_names(call.get("y_column_name")),
             dict(call.get("preprocess") or {}),
@@ -185,6 +195,7 @@ def _source(
     steps = {c["name"]: c["preprocessor"] for c in snap["columns"] if not c.get("label")}
     return (
         relation,
+        str(snap["relation_name"]),
         list(snap["y_column_name"] or []),
         steps,
         float(snap["test_size"]),
@@ -231,10 +242,12 @@ async def train(
     task = str(task or proj["task"])  # type: ignore[index]
     algorithm, hyperparams, search = _arguments(call, task)
     training.check_task_algorithm(task, algorithm, joint)
-    relation, y_names, steps, test_size, sampling = _source(call, name, snap)
+    relation, source, y_names, steps, test_size, sampling = _source(call, name, snap)
     if task in ("regression", "classification") and not y_names:
         raise InvalidParameterValue(f"y_column_name is required for {task}")
-    prep = await prepare(pool, task, relation, y_names, test_size, sampling, steps)
+    prep = await prepare(
+        pool, task, relation, y_names, test_size, sampling, steps, user=ctx.user, source=source
+    )
     await ctx.notice(
         f"training {algorithm} ({task}) on {len(prep.train_idx)} rows, testing on "
         f"{len(prep.test_idx)}, {prep.x.shape[1]} features"
@@ -306,7 +319,7 @@ async def _register(
         return True
 
 
-async def snapshot(pool: registry.Pool, call: Mapping[str, Any]) -> tuple[Any, ...]:
+async def snapshot(pool: registry.Pool, call: Mapping[str, Any], ctx: CallContext) -> tuple[Any, ...]:
     """`pgml.snapshot`: record the relation's columns, split and preprocessing; (relation, y)."""
     relation = str(call["relation_name"])
     y_names = _y_names(call.get("y_column_name"))
@@ -318,6 +331,7 @@ async def snapshot(pool: registry.Pool, call: Mapping[str, Any]) -> tuple[Any, .
         _test_size(call),
         str(call.get("test_sampling") or "stratified"),
         dict(call.get("preprocess") or {}),
+        user=ctx.user,
     )
     async with pool.connection() as conn, conn.transaction():
         await registry.insert_snapshot(
