@@ -126,13 +126,17 @@ def start_pgbouncer(mode: str, pg: PgServer, work: Path) -> Target:
     return target
 
 
-def pgbench(pg: PgServer, dsn: str, clients: int, duration: int) -> dict[str, float]:
-    """One `pgbench -S` run; returns tps, average latency (ms) and failed transactions."""
+def pgbench(
+    pg: PgServer, dsn: str, clients: int, duration: int, protocol: str = "simple"
+) -> dict[str, float]:
+    """One `pgbench -S -M protocol` run; returns tps, average latency (ms) and failed transactions."""
     threads = min(clients, 2)
     cmd = [
         str(pg.bin_dir / "pgbench"),
         "-n",
         "-S",
+        "-M",
+        protocol,
         "-c",
         str(clients),
         "-j",
@@ -187,7 +191,9 @@ def _summary(runs: Runs) -> list[dict[str, Any]]:
     return rows
 
 
-def profile_proxy(pg: PgServer, target: Target, clients: int, duration: int, native: bool = False) -> str:
+def profile_proxy(
+    pg: PgServer, target: Target, clients: int, duration: int, native: bool = False, protocol: str = "simple"
+) -> str:
     """Record `target` with py-spy during one pgbench run; markdown of the top self-time functions.
 
     `native` adds C frames (uvloop, libc syscalls); py-spy then has to pause the process per
@@ -214,7 +220,7 @@ def profile_proxy(pg: PgServer, target: Target, clients: int, duration: int, nat
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    result = pgbench(pg, target.dsn, clients, duration)
+    result = pgbench(pg, target.dsn, clients, duration, protocol)
     rec.wait(timeout=duration + 60)
     own: Counter[str] = Counter()
     total = 0
@@ -226,7 +232,7 @@ def profile_proxy(pg: PgServer, target: Target, clients: int, duration: int, nat
     rows = [[frame[:100], n, 100.0 * n / total] for frame, n in own.most_common(25)]
     tool = "py-spy --native" if native else "py-spy"
     head = (
-        f"{tool} of {target.name}, pgbench -S -c {clients}, {duration} s: "
+        f"{tool} of {target.name}, pgbench -S -M {protocol} -c {clients}, {duration} s: "
         f"{result['tps']:.0f} tps, {total} samples (self time)\n\n"
     )
     return head + markdown_table(["function (file:line)", "samples", "% self"], rows)
@@ -240,7 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="py-spy the session-mode proxy afterwards")
     parser.add_argument("--native", action="store_true", help="with --profile: include C frames (syscalls)")
+    parser.add_argument("--protocol", choices=["simple", "extended", "prepared"], default="simple")
     args = parser.parse_args(argv)
+    # Results of another protocol go to their own files, beside the simple protocol's.
+    name = "passthrough" if args.protocol == "simple" else f"passthrough-{args.protocol}"
 
     load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="pgml-bench-"))
@@ -256,13 +265,17 @@ def main(argv: list[str] | None = None) -> None:
         targets = [Target("postgres direct", pg.dsn)]
         for mode in ("session", "transaction"):
             targets.append(start_proxy(mode, pg, work))
+            if mode == "transaction" and args.protocol == "prepared":
+                # PgBouncer before 1.21 cannot keep protocol-level prepared statements under
+                # transaction pooling ("prepared statement P_0 already exists"); pgml-proxy can.
+                continue
             targets.append(start_pgbouncer(mode, pg, work))
         runs: Runs = {}
         for round_no in range(args.rounds):
             order = targets[round_no % len(targets) :] + targets[: round_no % len(targets)]
             for clients in args.clients:
                 for target in order:
-                    result = pgbench(pg, target.dsn, clients, args.duration)
+                    result = pgbench(pg, target.dsn, clients, args.duration, args.protocol)
                     runs.setdefault((target.name, clients), []).append(result)
                     print(
                         f"round {round_no + 1} c={clients:<3} {target.name:<24} {result['tps']:>9.0f} tps "
@@ -303,18 +316,18 @@ def main(argv: list[str] | None = None) -> None:
             ],
         )
         md = (
-            f"# pgbench -S pass-through (scale {args.scale}, {args.duration} s runs, {args.rounds} "
-            f"interleaved rounds, medians)\n\nMachine: {info['cpu']}, {info['cpus']} CPUs; "
+            f"# pgbench -S -M {args.protocol} pass-through (scale {args.scale}, {args.duration} s runs, "
+            f"{args.rounds} interleaved rounds, medians)\n\nMachine: {info['cpu']}, {info['cpus']} CPUs; "
             f"{info['pgbouncer']}; {info['postgres']}; load average {load_start[0]:.1f} at the start, "
             f"{info_load_end[0]:.1f} at the end.\n\nRatios are medians of per-round ratios (the same "
             f"round's direct or PgBouncer run), so load that drifts between rounds cancels out.\n\n"
             f"{table}\n"
         )
-        write_results("passthrough", {"machine": info, "args": vars(args), "results": rows}, md)
+        write_results(name, {"machine": info, "args": vars(args), "results": rows}, md)
         if args.profile:
             session = next(t for t in targets if t.name == "pgml-proxy session")
-            profile = profile_proxy(pg, session, max(args.clients), args.duration, args.native)
-            write_results("passthrough-profile", {"profile_markdown": profile}, profile)
+            profile = profile_proxy(pg, session, max(args.clients), args.duration, args.native, args.protocol)
+            write_results(f"{name}-profile", {"profile_markdown": profile}, profile)
     finally:
         for target in targets:
             target.stop()
