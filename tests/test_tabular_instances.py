@@ -14,6 +14,7 @@ import pytest
 from proxy.errors import DataException, PgError
 from runtime.tabular import TabularRuntime, storage
 from runtime.tabular.batcher import Batcher
+from runtime.tabular.migrations import migration_files
 from tests.fix_postgres import PgServer
 from tests.test_tabular_support import Notes, call, new_database, tab, tab_dsn, train
 
@@ -44,7 +45,9 @@ async def test_concurrent_start_migrates_once(pg_server: PgServer) -> None:
                     "SELECT table_name FROM information_schema.views WHERE table_schema = 'pgml' ORDER BY 1"
                 )
             ).fetchall()
-        assert rows == [(1, "0001_registry.sql"), (2, "0002_functions.sql")]
+        # Each migration exactly once, whichever instance applied it.
+        assert rows == [(v, p.name) for v, p in migration_files()]
+        assert [v for v, _ in rows] == [1, 2, 3]
         assert [v[0] for v in views] == ["deployed_models", "overview", "trained_models"]
     finally:
         for rt in runtimes:

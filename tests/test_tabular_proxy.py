@@ -129,3 +129,33 @@ def test_training_reads_only_what_the_client_may_read(
         owner.execute(f"GRANT SELECT ON salaries TO {role}")
     with psycopg.connect(proxy.dsn(database=db, user=role), autocommit=True) as conn:
         assert conn.execute(train).fetchall() == [("pay", "regression", "linear", True)]
+
+
+def test_load_dataset_belongs_to_the_client(
+    pg_server: PgServer, proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    # As with PostgresML, where the caller creates the table: a client's loaded dataset is its
+    # own (it can read it and train on it), and another role may not replace it.
+    dsn = new_database(pg_server, "tabular_owner")
+    db = dsn.rsplit("/", 1)[1]
+    alice, bob = f"alice_{db[-10:]}", f"bob_{db[-10:]}"
+    with psycopg.connect(dsn, autocommit=True) as owner:
+        for role in (alice, bob):
+            owner.execute(f"CREATE ROLE {role} LOGIN")
+    proxy = proxy_factory("session", upstream=dsn)
+    with psycopg.connect(proxy.dsn(database=db, user=alice), autocommit=True) as conn:
+        assert conn.execute("SELECT * FROM pgml.load_dataset('iris')").fetchall() == [("pgml.iris", 150)]
+        assert conn.execute("SELECT count(*) FROM pgml.iris").fetchone() == (150,)
+        trained = conn.execute("SELECT * FROM pgml.train('mine', 'classification', 'pgml.iris', 'target')")
+        assert trained.fetchall() == [("mine", "classification", "linear", True)]
+    with psycopg.connect(dsn, autocommit=True) as owner:
+        owned = owner.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'iris'").fetchone()
+        assert owned == (alice,)
+    with psycopg.connect(proxy.dsn(database=db, user=bob), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="must be owner of table iris"):
+            conn.execute("SELECT * FROM pgml.load_dataset('iris')")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with psycopg.connect(proxy.dsn(database=db, user=alice), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pgml.iris").fetchone() == (150,)  # nothing lost
+        # Its owner reloads it in place.
+        assert conn.execute("SELECT * FROM pgml.load_dataset('iris')").fetchall() == [("pgml.iris", 150)]

@@ -16,7 +16,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from proxy.errors import FeatureNotSupported, UndefinedObject
+from proxy.errors import FeatureNotSupported, InsufficientPrivilege, UndefinedObject
 
 
 @dataclass
@@ -151,8 +151,13 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def store(conn: psycopg.AsyncConnection[Any], ds: Dataset) -> tuple[str, int]:
-    """Replace `pgml.<name>` with the dataset (one transaction, COPY); returns (table, rows)."""
+async def store(conn: psycopg.AsyncConnection[Any], ds: Dataset, user: str = "") -> tuple[str, int]:
+    """Replace `pgml.<name>` with the dataset (one transaction, COPY); returns (table, rows).
+
+    The runtime writes on its own connection (the proxy's role), so the client's role `user`
+    gets what PostgresML's caller would: a new table is owned by it, and an existing one may
+    be replaced only by a role that owns it (or, same columns, may TRUNCATE and INSERT into it).
+    """
     table = sql.Identifier("pgml", ds.name)
     columns = sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t))
@@ -161,19 +166,39 @@ async def store(conn: psycopg.AsyncConnection[Any], ds: Dataset) -> tuple[str, i
     names = sql.SQL(", ").join(sql.Identifier(n) for n, _ in ds.columns)
     async with conn.transaction():
         cur = await conn.execute(
-            "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute WHERE attrelid ="
-            " to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
-            (f"pgml.{_quote(ds.name)}",),
+            "SELECT array_agg(attname::text ORDER BY attnum),"
+            " bool_or(pg_has_role(%s::name, c.relowner, 'MEMBER')),"
+            " bool_or(has_table_privilege(%s::name, c.oid, 'TRUNCATE, INSERT'))"
+            " FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid"
+            " WHERE c.oid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+            (user or None, user or None, f"pgml.{_quote(ds.name)}"),
         )
-        existing = (await cur.fetchone() or [None])[0]
-        if existing == [n for n, _ in ds.columns]:
+        existing, owns, may_refill = await cur.fetchone() or (None, False, False)
+        same = existing == [n for n, _ in ds.columns]
+        if user and existing is not None and not (owns or (same and may_refill)):
+            raise InsufficientPrivilege(
+                f"must be owner of table {ds.name}",
+                detail=f'pgml.{ds.name} exists and role "{user}" may not replace it',
+            )
+        if same:
             # Same columns: empty it in place, so views built on it (as the docs' examples
             # build on pgml.digits) survive a reload.
             await conn.execute(sql.SQL("TRUNCATE {}").format(table))
         else:
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
             await conn.execute(sql.SQL("CREATE TABLE {} ({})").format(table, columns))
+            if user:
+                await _give(conn, table, user)
         async with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, names)) as copy:
             for row in ds.rows:
                 await copy.write_row(row)
     return f"pgml.{ds.name}", len(ds.rows)
+
+
+async def _give(conn: psycopg.AsyncConnection[Any], table: sql.Composable, user: str) -> None:
+    """Make `user` the table's owner; where the proxy's role may not, grant it every privilege."""
+    try:
+        async with conn.transaction():  # a savepoint: a refused ALTER leaves the load intact
+            await conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(table, sql.Identifier(user)))
+    except psycopg.errors.InsufficientPrivilege:
+        await conn.execute(sql.SQL("GRANT ALL ON {} TO {}").format(table, sql.Identifier(user)))

@@ -177,4 +177,4 @@ class TabularRuntime:
             None if generator is None else offline_datasets.GENERATORS[generator],
         )
         async with self._pool.connection() as conn:
-            return await datasets.store(conn, ds)
+            return await datasets.store(conn, ds, ctx.user)
