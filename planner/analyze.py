@@ -34,6 +34,9 @@ _SUPPORTED = (
 )
 
 
+_CURSOR_OPT_HOLD = 0x0020  # parsenodes.h: DECLARE ... WITH HOLD
+
+
 def split(sql: str) -> list[tuple[Any, str]]:
     """Parse `sql` into statements with each one's original text; raises 42601 on bad syntax."""
     try:
@@ -78,6 +81,9 @@ def analyze_statement(
     if not calls:
         return plan
     _check_container(inner, calls)
+    if t.is_node(inner, ast.DeclareCursorStmt):
+        plan.cursor = inner.portalname
+        plan.cursor_hold = bool(inner.options & _CURSOR_OPT_HOLD)
     bound = {id(node): bind(node, param_oids) for node, _ in calls}
     for node, _ in calls:
         if any(is_runtime_call(n) for n, _ in t.walk(node.args) if t.is_node(n, ast.FuncCall)):
@@ -135,7 +141,8 @@ def _truthy(node: Any) -> bool:
 
 def _check_container(stmt: Any, calls: list[tuple[Any, t.Path]]) -> None:
     name = calls[0][0].funcname[1].sval
-    if not t.is_node(stmt, _SUPPORTED) or (
+    cursor_of_select = t.is_node(stmt, ast.DeclareCursorStmt) and t.is_node(stmt.query, ast.SelectStmt)
+    if not (t.is_node(stmt, _SUPPORTED) or cursor_of_select) or (
         t.is_node(stmt, ast.CreateTableAsStmt) and stmt.objtype != ObjectType.OBJECT_TABLE
     ):
         raise FeatureNotSupported(

@@ -22,7 +22,7 @@ from planner.catalog import ANY, TYPE_OIDS, runtime_keys
 from planner.interfaces import CallContext, Column, Runtime, UpstreamSession, WireValue
 from planner.plan import CallPlan, ClientParam, Evaluated, Literal, RowColumn, StatementPlan, TempStep
 from planner.values import TYPE_SIZES, copy_text_row, decoder, encoder, type_oid
-from proxy.errors import InFailedTransaction, PgError
+from proxy.errors import DuplicateCursor, InFailedTransaction, NoActiveSqlTransaction, PgError
 
 Event = tuple[str, Any]
 _ARG_COL = re.compile(r"^__pgml_(\d+)_(\d+)$")
@@ -161,6 +161,8 @@ class _Run:
             )
         opened = False
         ok = False
+        if plan.cursor is not None:
+            await self._cursor_checks(status)
         if plan.needs_temp and status == "I":
             await self.up.simple("BEGIN")
             opened = True
@@ -202,11 +204,28 @@ class _Run:
             if low is not None and low == high:
                 await self.up.simple(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE vector({int(low)})")
 
+    def _temp_tables(self) -> str:
+        return ", ".join(f"pg_temp.{n}" for s in self.plan.steps for n in (s.keys, s.results) if n)
+
+    async def _cursor_checks(self, status: str) -> None:
+        """What Postgres checks of a DECLARE, before any model work; then clear the tables a
+        closed cursor of this same statement left (they are dropped at commit otherwise)."""
+        name = self.plan.cursor or ""
+        if not self.plan.cursor_hold and status == "I":
+            raise NoActiveSqlTransaction("DECLARE CURSOR can only be used in transaction blocks")
+        res = await self.up.execute(
+            "SELECT 1 FROM pg_cursors WHERE name = $1", [name.encode()], param_oids=[25]
+        )
+        if res.rows:
+            raise DuplicateCursor(f'cursor "{name}" already exists')
+        if status != "I" and self.plan.needs_temp:
+            await self.up.simple("DROP TABLE IF EXISTS " + self._temp_tables())
+
     async def _finish(self, opened: bool, ok: bool) -> None:
         with contextlib.suppress(PgError):
-            if self.plan.needs_temp and ok:
-                names = [n for s in self.plan.steps for n in (s.keys, s.results) if n]
-                await self.up.simple("DROP TABLE IF EXISTS " + ", ".join(f"pg_temp.{n}" for n in names))
+            # A cursor reads its tables at every FETCH: they go at commit (ON COMMIT DROP).
+            if self.plan.needs_temp and ok and self.plan.cursor is None:
+                await self.up.simple("DROP TABLE IF EXISTS " + self._temp_tables())
             if opened:
                 await self.up.simple("COMMIT" if ok else "ROLLBACK")
             # A failure inside the client's own transaction block: the proxy (localexec) aborts the

@@ -112,6 +112,11 @@ class StatementPlan:
     # CREATE TABLE AS: (table, column) of embeddings made `vector`, typed `vector(N)` once N is known.
     vector_columns: list[tuple[str, str]] = field(default_factory=list)
     copy_out: bool = False  # COPY ... TO STDOUT: relay the upstream's CopyOut messages
+    # DECLARE name CURSOR FOR SELECT ... pgml ...: the cursor's name and WITH HOLD. Its temp
+    # tables outlive the statement (the cursor reads them at each FETCH): ON COMMIT DROP,
+    # named after the statement so two cursors of one transaction never share them.
+    cursor: str | None = None
+    cursor_hold: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -10,6 +10,7 @@ scope still holds an unresolved pgml call waits until that call is replaced.
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 from pglast import ast
@@ -34,6 +35,11 @@ class Materialiser:
         self, plan: StatementPlan, stmt: Any, bound: dict[int, BoundCall], collector: ArgCollector
     ) -> None:
         self.plan, self.stmt, self.bound, self.collector = plan, stmt, bound, collector
+        # A cursor's tables live until its transaction ends, beside other statements' tables.
+        cursor = plan.cursor is not None
+        digest = hashlib.sha1(plan.text.encode(), usedforsecurity=False).hexdigest()[:10]
+        self.suffix = f"_{digest}" if cursor else ""
+        self.on_commit = " ON COMMIT DROP" if cursor else ""
 
     def run(self, pending: list[tuple[Any, t.Path]]) -> None:
         remaining = list(pending)
@@ -57,7 +63,7 @@ class Materialiser:
         exprs: list[Any] = []
         call = self.collector.plan(b, exprs)
         n = len(self.plan.steps) + 1
-        keys, results = f"pgml_k{n}", f"pgml_r{n}"
+        keys, results = f"pgml_k{n}{self.suffix}", f"pgml_r{n}{self.suffix}"
         step = TempStep(
             call=call,
             keys=None,
@@ -85,7 +91,7 @@ class Materialiser:
                 withClause=with_clause or None,
             )
             step.keys = keys
-            step.create_keys = f"CREATE TEMPORARY TABLE {keys} AS " + t.deparse(
+            step.create_keys = f"CREATE TEMPORARY TABLE {keys}{self.on_commit} AS " + t.deparse(
                 t.select(
                     [
                         t.target(
@@ -125,7 +131,7 @@ class Materialiser:
         else:
             step.create_results = (
                 f"CREATE TEMPORARY TABLE {results} (pgml_k bigint PRIMARY KEY, "
-                f"pgml_v {_sql_type(b.sig.returns)})"
+                f"pgml_v {_sql_type(b.sig.returns)}){self.on_commit}"
             )
             t.replace(path[-1], self._lookup(step, b.sig.name, exprs))
         step.post_sql = [f"CREATE INDEX ON pg_temp.{results} (pgml_k)"] if in_from and exprs else []
@@ -250,6 +256,7 @@ class Materialiser:
             f"CREATE TEMPORARY TABLE {step.results} (pgml_k bigint, pgml_ord bigint, "
             + ", ".join(f"pgml_c{i} {_sql_type(typ)}" for i, (_, typ) in enumerate(cols))
             + ")"
+            + self.on_commit
         )
         targets = [t.target(t.col("pgml_s", f"pgml_c{i}"), name) for i, (name, _) in enumerate(cols)]
         if rf.ordinality:

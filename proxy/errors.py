@@ -136,6 +136,10 @@ class InFailedTransaction(PgError):
     sqlstate = "25P02"
 
 
+class NoActiveSqlTransaction(PgError):
+    sqlstate = "25P01"
+
+
 class InvalidAuthorization(PgError):
     sqlstate = "28000"
     severity = "FATAL"
@@ -188,6 +192,10 @@ class DuplicatePreparedStatement(PgError):
 
 class InvalidCursorName(PgError):
     sqlstate = "34000"
+
+
+class DuplicateCursor(PgError):
+    sqlstate = "42P03"
 
 
 # Class 53 — insufficient resources (full queues, pool exhausted)

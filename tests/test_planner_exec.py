@@ -353,3 +353,51 @@ async def test_copy_to_stdout_through_asyncpg(dsn: str) -> None:
         assert [line.split("\t")[0] for line in lines] == ["1", "2"]
     finally:
         await conn.close()
+
+
+def test_server_side_cursors_fetch_model_values(dsn: str) -> None:
+    """DECLARE ... CURSOR FOR SELECT ... pgml ...: psycopg's named cursors, FETCH in steps,
+    two cursors in one transaction, WITH HOLD outside one, and Postgres's own errors."""
+    sql = "SELECT id, pgml.embed('m', body) AS e FROM pdocs WHERE id BETWEEN 1 AND 30 ORDER BY id"
+    want = [(i, E[i]) for i in range(1, 31)]
+    with psycopg.connect(dsn) as conn:
+        with conn.cursor(name="emb") as cur:
+            cur.itersize = 7  # FETCH FORWARD 7 at a time, as psycopg does
+            cur.execute(sql)
+            got = [(i, [float(v) for v in e]) for i, e in cur]
+        assert got == want
+        # Two cursors of different statements, read interleaved in one transaction.
+        conn.execute(f"DECLARE a CURSOR FOR {sql}")
+        conn.execute("DECLARE b CURSOR FOR SELECT pgml.embed('m', body) FROM pdocs WHERE id = 40")
+        first = conn.execute("FETCH 2 FROM a").fetchall()
+        assert conn.execute("FETCH ALL FROM b").fetchall() == [(E[40],)]
+        rest = conn.execute("FETCH ALL FROM a").fetchall()
+        assert [(i, [float(v) for v in e]) for i, e in first + rest] == want
+        # Postgres's answer to a second cursor of one name; the first still reads.
+        conn.execute("CLOSE a")
+        conn.execute("DECLARE a CURSOR FOR SELECT id, pgml.embed('m', body) FROM pdocs WHERE id = 1")
+        with pytest.raises(psycopg.errors.DuplicateCursor):
+            conn.execute("DECLARE a CURSOR FOR SELECT id, pgml.embed('m', body) FROM pdocs WHERE id = 1")
+        conn.rollback()
+        # Re-declaring the same statement after CLOSE in one transaction reads fresh tables.
+        for _ in range(2):
+            conn.execute("DECLARE c CURSOR FOR SELECT pgml.embed('m', body) FROM pdocs WHERE id = 2")
+            assert conn.execute("FETCH 1 FROM c").fetchall() == [(E[2],)]
+            conn.execute("CLOSE c")
+        conn.commit()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.NoActiveSqlTransaction):
+            conn.execute("DECLARE d CURSOR FOR SELECT pgml.embed('m', body) FROM pdocs")
+        # WITH HOLD: materialised at its commit, readable after it.
+        conn.execute(
+            "DECLARE h CURSOR WITH HOLD FOR"
+            " SELECT id, pgml.embed('m', body) FROM pdocs WHERE id < 4 ORDER BY id"
+        )
+        held = conn.execute("FETCH ALL FROM h").fetchall()
+        got_held = [(i, None if e is None else [float(v) for v in e]) for i, e in held]
+        assert got_held == [(i, E[i]) for i in range(4)]
+        conn.execute("CLOSE h")
+        left = conn.execute(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'pgml_%' AND relpersistence = 't'"
+        )
+        assert left.fetchone() == (0,)  # the cursors' tables went with their transactions
