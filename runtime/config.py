@@ -58,6 +58,9 @@ class RuntimeConfig:
     batch_wait_ms: float = 2.0
     queue_size: int = 4096
     memory_budget_mb: int = 4096
+    # engine = "auto": a transform model with more weight than this stays on torch. Exporting
+    # traces the model in memory (several times its size) and a large decoder gains little.
+    onnx_max_model_mb: int = 2048
     preload: tuple[str, ...] = ()
     threads: int = 0  # 0: one per core
     tabular: Mapping[str, Any] = field(default_factory=dict)

@@ -47,6 +47,12 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def weight_mb(folder: Path) -> float:
+    """The model's weight files in a folder (safetensors, PyTorch bins, GGUF), in MiB."""
+    suffixes = (".safetensors", ".bin", ".pt", ".gguf")
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in suffixes and f.is_file()) / 2**20
+
+
 def choose(config: RuntimeConfig, kwargs: dict[str, Any], onnx_capable: bool) -> Placement:
     """The placement for a model; a call's `device` kwarg may narrow the configured one."""
     device = str(kwargs.get("device", config.device))

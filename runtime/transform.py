@@ -22,7 +22,7 @@ from typing import Any
 
 from proxy.errors import FeatureNotSupported, InvalidParameterValue, PgError
 from runtime.config import RuntimeConfig
-from runtime.engines import Placement, onnx_files_bytes, onnx_pipeline, torch_precision
+from runtime.engines import Placement, onnx_files_bytes, onnx_pipeline, torch_precision, weight_mb
 from runtime.gguf import ensure_transformers_folder
 from runtime.resolve import ResolvedModel
 
@@ -180,6 +180,11 @@ class PipelineModel:
         self.onnx_folder: Path | None = None
         self.pipe: Any = None
         why_torch = ""
+        size = weight_mb(folder)
+        if placement.engine == "onnx" and config.engine == "auto" and size > config.onnx_max_model_mb:
+            placement = Placement("torch", placement.device)
+            self.placement = placement
+            why_torch = f" ({size:.0f} MiB > runtime.onnx_max_model_mb: not exported to ONNX)"
         if placement.engine == "onnx":
             try:
                 self.pipe, self.onnx_folder = onnx_pipeline(

@@ -159,3 +159,19 @@ async def test_an_architecture_without_onnx_export(tmp_path: Path) -> None:
                 assert err.value.sqlstate == "0A000"
         finally:
             await rt.close()
+
+
+async def test_models_over_the_export_limit_stay_on_torch(tmp_path: Path) -> None:
+    section = tomllib.loads((ROOT / "tests/models.test.toml").read_text())["runtime"]
+    config = {**section, "device": "cpu", "cache_dir": str(tmp_path), "onnx_max_model_mb": 1}
+    rt = Runtime(config, "")
+    await rt.start()
+    try:
+        call = {"task": "text-classification", "args": {}, "inputs": ["I love it"]}
+        [[out]] = await rt.call_batch("transform", [{**call, "cache": False}], CTX)
+        assert set(out) == {"label", "score"}
+        [info] = rt.models_info()
+        assert info["engine"] == "torch" and "> runtime.onnx_max_model_mb" in info["precision"]
+        assert not (tmp_path / "onnx").exists()  # nothing was exported
+    finally:
+        await rt.close()
