@@ -73,7 +73,10 @@ def analyze_statement(
         vector_columns = _ctas_embeddings_as_vectors(inner, param_oids)
     calls = find_calls(inner)
     plan = StatementPlan(
-        text=text, kind="passthrough", command=type(inner).__name__, vector_columns=vector_columns,
+        text=text,
+        kind="passthrough",
+        command=type(inner).__name__,
+        vector_columns=vector_columns,
         # COPY (SELECT ... pgml ...) TO STDOUT: the rewritten COPY runs upstream and its CopyOut
         # messages are relayed to the client.
         copy_out=t.is_node(inner, ast.CopyStmt) and inner.filename is None and explain is None,
@@ -382,5 +385,24 @@ def _describe_sql(text: str, param_oids: Sequence[int]) -> str:
             )
             t.replace(path[-3], sub)
         else:
-            t.replace(path[-1], t.null_of(b.sig.returns))
+            t.replace(path[-1], _null_keeping_params(b))
     return t.deparse(stmt)
+
+
+def _null_keeping_params(b: BoundCall) -> Any:
+    """A NULL of the call's type that still mentions the arguments holding a `$n`, each cast to
+    its declared type: Postgres then infers those parameters' types when it describes."""
+    declared = {a.name: a.type for a in b.sig.args}
+    tests = [
+        ast.NullTest(
+            arg=t.cast(node, declared[name]) if declared.get(name) in TYPE_OIDS else node, nulltesttype=0
+        )
+        for name, node in b.args.items()
+        if t.contains(node, lambda n: t.is_node(n, ast.ParamRef))
+    ]
+    null = t.null_of(b.sig.returns)
+    if not tests:
+        return null
+    return ast.CaseExpr(
+        args=(ast.CaseWhen(expr=t.and_(tests), result=null),), defresult=t.null_of(b.sig.returns)
+    )

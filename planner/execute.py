@@ -235,6 +235,8 @@ class _Run:
         up, plan = self.up, self.plan
         no_data = plan.kind == "explain" and not plan.explain_analyze
         if step.create_keys:
+            if any(n <= len(self.oids) and not self.oids[n - 1] for n in step.keys_params):
+                await self._infer_param_types(step)
             sql = step.create_keys + (" WITH NO DATA" if no_data else "")
             await up.execute(sql, self.params, param_oids=self.oids, param_formats=self.formats)
             for ddl in step.index_sql:
@@ -244,6 +246,17 @@ class _Run:
             await self._fill(step)
         for ddl in step.post_sql:
             await up.simple(ddl)
+
+    async def _infer_param_types(self, step: TempStep) -> None:
+        """The types Postgres gives the $n the client sent untyped, read from a Describe of the
+        keys' SELECT (a SELECT infers them; the CREATE TABLE AS around it would not)."""
+        used = set(step.keys_params)
+        # A $n the SELECT does not read must still have a type for Parse: text, never used.
+        asked = [o if (i + 1) in used else (o or 25) for i, o in enumerate(self.oids)]
+        desc = await self.up.describe(step.keys_select, asked)
+        for i, oid in enumerate(desc.param_oids[: len(self.oids)]):
+            if not self.oids[i] and (i + 1) in used:
+                self.oids[i] = oid
 
     async def _fill(self, step: TempStep) -> None:
         call = step.call

@@ -72,6 +72,10 @@ class TempStep:
     srf: bool
     position: str  # where the call stands, for EXPLAIN
     post_sql: list[str] = field(default_factory=list)
+    # The SELECT inside create_keys, and the $n it reads: CREATE TABLE AS infers no parameter
+    # types, so the executor asks Postgres to Describe this SELECT for those the client left open.
+    keys_select: str = ""
+    keys_params: list[int] = field(default_factory=list)
 
 
 @dataclass

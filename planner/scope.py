@@ -91,7 +91,7 @@ class Materialiser:
                 withClause=with_clause or None,
             )
             step.keys = keys
-            step.create_keys = f"CREATE TEMPORARY TABLE {keys}{self.on_commit} AS " + t.deparse(
+            step.keys_select = t.deparse(
                 t.select(
                     [
                         t.target(
@@ -109,6 +109,8 @@ class Materialiser:
                     ],
                 )
             )
+            step.create_keys = f"CREATE TEMPORARY TABLE {keys}{self.on_commit} AS {step.keys_select}"
+            step.keys_params = sorted({n.number for n, _ in t.walk(scope_sel) if t.is_node(n, ast.ParamRef)})
             step.fetch_keys = t.deparse(
                 t.select(
                     [t.target(t.col("pgml_k"))] + [t.target(t.col(f"pgml_a{i}")) for i in range(len(exprs))],

@@ -401,3 +401,21 @@ def test_server_side_cursors_fetch_model_values(dsn: str) -> None:
             "SELECT count(*) FROM pg_class WHERE relname LIKE 'pgml_%' AND relpersistence = 't'"
         )
         assert left.fetchone() == (0,)  # the cursors' tables went with their transactions
+
+
+def test_untyped_parameters_inside_materialised_calls(dsn: str) -> None:
+    """psycopg sends str parameters untyped: inside a materialised call's arguments (a CREATE
+    TABLE AS upstream, which infers no types) the proxy learns their types from Postgres."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        sql = "SELECT id FROM pdocs WHERE pgml.embed('m', %s || body) = %s::real[] ORDER BY id"
+        want = [(i,) for i in range(1, N + 1) if hist("x " + body(i)) == hist("x " + body(3))]
+        assert (3,) in want and conn.execute(sql, ["x ", hist("x " + body(3))]).fetchall() == want
+        # An unreferenced lower-numbered parameter, and the same inside a cursor.
+        rows = conn.execute(
+            "SELECT id FROM pdocs WHERE id < %s AND pgml.embed('m', %s || body) IS NOT NULL ORDER BY id",
+            [3, "y"],
+        ).fetchall()
+        assert rows == [(1,), (2,)]
+    with psycopg.connect(dsn) as conn, conn.cursor(name="typed") as cur:
+        cur.execute("SELECT pgml.embed('m', %s || body) FROM pdocs WHERE id = 5", ["z "])
+        assert [[float(v) for v in r[0]] for r in cur] == [hist("z " + body(5))]
