@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from planner.interfaces import (
 from planner.plan import StatementPlan
 from proxy.errors import ConfigError, PgError, SyntaxError_
 
+_PORTALS = itertools.count(1)  # names the upstream cursors of row-limited portals
 DEFAULTS: dict[str, int] = {"chunk_rows": 1000, "materialise_rows": 5000, "parse_cache_size": 512}
 # The column type CREATE TABLE AS gives a bare pgml.embed(): pgvector's, or the extension's real[].
 CTAS_EMBEDDING_TYPES = ("vector", "real[]")
@@ -190,6 +192,8 @@ class PlannerPortal:
         self._events: AsyncIterator[Event] | None = None
         self._buffer: list[list[WireValue]] = []
         self._tag: str | None = None
+        self._cursor: str | None = None  # the upstream cursor behind a row-limited portal
+        self._cursor_done = False
 
     async def describe(self, upstream: UpstreamSession) -> list[Column] | None:
         desc = await self.prepared.describe(upstream)
@@ -208,6 +212,8 @@ class PlannerPortal:
     async def execute(
         self, upstream: UpstreamSession, sink: ResultSink, ctx: CallContext, max_rows: int = 0
     ) -> bool:
+        if self._cursor is not None or (max_rows and self._events is None and self._by_cursor(upstream)):
+            return await self._execute_by_cursor(upstream, sink, ctx, max_rows)
         if self._events is None:
             if 0 in self.bound.oids and self.prepared.plan.kind != "passthrough":
                 await self.prepared.describe(upstream)  # learn the OIDs the client left to the server
@@ -238,11 +244,74 @@ class PlannerPortal:
             rows, self._buffer = self._buffer[:max_rows], self._buffer[max_rows:]
             await sink.data_rows(rows)
             return True
+        sent = len(self._buffer)
         if self._buffer:
             await sink.data_rows(self._buffer)
             self._buffer = []
-        await sink.command_complete(self._tag or "")
+        tag = self._tag or ""
+        if max_rows and tag.startswith("SELECT "):
+            tag = f"SELECT {sent}"  # as Postgres: the rows of this Execute, not of the whole portal
+        await sink.command_complete(tag)
         return False
+
+    def _by_cursor(self, upstream: UpstreamSession) -> bool:
+        """A row-limited SELECT whose pgml calls read rows, inside a transaction block (JDBC's
+        fetchSize, asyncpg's cursors): served from an upstream cursor, so the rows not yet
+        fetched stay in Postgres instead of the proxy's memory. Outside a block the portal
+        ends at Sync anyway, and calls on constants leave nothing to compute per row: buffered."""
+        plan = self.prepared.plan
+        return (
+            plan.kind == "upstream"
+            and plan.command == "SelectStmt"
+            and bool(plan.steps or plan.stream)
+            and upstream.transaction_status == "T"
+        )
+
+    async def _execute_by_cursor(
+        self, upstream: UpstreamSession, sink: ResultSink, ctx: CallContext, max_rows: int
+    ) -> bool:
+        if self._cursor is None:
+            name = f"pgml_portal_{next(_PORTALS)}"
+            declare = self.prepared.handler.plans(
+                f"DECLARE {name} NO SCROLL CURSOR FOR {self.prepared.plan.text}", self.prepared.oids
+            )[0]
+            bound = dataclasses.replace(self.bound, oids=self.prepared.oids)
+            async for _ in self.prepared.handler.executor.run(declare, upstream, ctx, bound):
+                pass
+            self._cursor = name
+        if self._cursor_done:  # Execute on a completed portal: nothing more, as in Postgres
+            await sink.command_complete("SELECT 0")
+            return False
+        # A portal's 0 means every remaining row; FETCH 0 would mean none.
+        count = str(max_rows) if max_rows else "ALL"
+        # The client's result formats mean for FETCH what they meant for its own statement.
+        res = await upstream.execute(
+            f"FETCH FORWARD {count} FROM {self._cursor}", result_formats=list(self.bound.result_formats)
+        )
+        if res.rows:
+            await sink.data_rows(res.rows)
+        if max_rows and len(res.rows) == max_rows:
+            return True  # Postgres suspends at the limit even when nothing is left
+        self._cursor_done = True
+        await upstream.simple(f"CLOSE {self._cursor}")
+        await sink.command_complete(f"SELECT {len(res.rows)}")
+        return False
+
+    @property
+    def holds_upstream(self) -> bool:
+        return self._cursor is not None and not self._cursor_done
+
+    async def close(self, upstream: UpstreamSession) -> None:
+        """The client closed or replaced this portal: close its upstream cursor, if still open."""
+        name, done = self._cursor, self._cursor_done
+        self._cursor_done = True
+        if name is None or done or upstream.transaction_status != "T":
+            return  # never opened, already closed, or gone with its transaction
+        res = await upstream.execute(
+            "SELECT 1 FROM pg_cursors WHERE name = $1", [name.encode()], param_oids=[25]
+        )
+        if res.rows:
+            await upstream.simple(f"CLOSE {name}")
 
     async def _pull(self, max_rows: int | None) -> None:
         assert self._events is not None

@@ -209,6 +209,16 @@ class Portal(Protocol):
         """
         ...
 
+    @property
+    def holds_upstream(self) -> bool:
+        """Whether `close` has something to release upstream (an open cursor)."""
+        ...
+
+    async def close(self, upstream: UpstreamSession) -> None:
+        """The client closed the portal, or bound another under its name: release what it
+        holds upstream. Must not fail the client's transaction."""
+        ...
+
 
 class StatementHandler(Protocol):
     """The planner hook: the one place where the proxy hands over pgml statements."""

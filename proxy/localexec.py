@@ -34,6 +34,8 @@ class LocalStatements:
         self.fe = fe
         self.stmts: dict[str, PreparedStatement] = {}
         self.portals: dict[str, Portal] = {}
+        # Portals closed or replaced by the client, to release upstream before the next local work.
+        self.stale: list[Portal] = []
         self.current: asyncio.Future[None] | None = None
         self.upstream = HeldUpstream(fe.hold, self._status)
 
@@ -59,7 +61,14 @@ class LocalStatements:
         self.stmts.pop(name, None)
 
     def forget_portal(self, name: str) -> None:
-        self.portals.pop(name, None)
+        portal = self.portals.pop(name, None)
+        if portal is not None and portal.holds_upstream:
+            self.stale.append(portal)
+
+    async def _release_stale(self) -> None:
+        stale, self.stale = self.stale, []
+        for portal in stale:
+            await portal.close(self.upstream)
 
     def cancel(self) -> None:
         if self.current is not None:
@@ -166,6 +175,8 @@ class LocalStatements:
     async def bind(self, b: m.Bind) -> None:
         async def work() -> None:
             stmt = self.stmts[b.statement]
+            self.forget_portal(b.portal)
+            await self._release_stale()
             self.portals[b.portal] = await stmt.bind(b.params, b.param_formats, b.result_formats)
             self.fe.write(m.BIND_COMPLETE)
 
@@ -202,7 +213,11 @@ class LocalStatements:
 
     async def close(self, kind: bytes, name: str) -> None:
         async def work() -> None:
-            (self.stmts if kind == b"S" else self.portals).pop(name, None)
+            if kind == b"S":
+                self.stmts.pop(name, None)
+            else:
+                self.forget_portal(name)
+                await self._release_stale()
             self.fe.write(m.CLOSE_COMPLETE)
 
         await self._guard(work, extended=True)

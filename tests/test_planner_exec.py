@@ -419,3 +419,34 @@ def test_untyped_parameters_inside_materialised_calls(dsn: str) -> None:
     with psycopg.connect(dsn) as conn, conn.cursor(name="typed") as cur:
         cur.execute("SELECT pgml.embed('m', %s || body) FROM pdocs WHERE id = 5", ["z "])
         assert [[float(v) for v in r[0]] for r in cur] == [hist("z " + body(5))]
+
+
+async def test_row_limited_portals_read_from_an_upstream_cursor(dsn: str) -> None:
+    """asyncpg's cursors Execute with a row limit: inside a transaction the rest of the rows
+    wait in an upstream cursor (not in the proxy), and other statements can run in between."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            sql = "SELECT id, pgml.embed('m', body) AS e FROM pdocs WHERE id >= $1 ORDER BY id"
+            cur = await conn.cursor(sql, 1)
+            first = await cur.fetch(5)
+            names = [r["name"] for r in await conn.fetch("SELECT name FROM pg_cursors")]
+            assert any(n.startswith("pgml_portal_") for n in names)
+            # Another pgml statement between two fetches of the portal.
+            assert norm([tuple(await conn.fetchrow("SELECT 7, pgml.embed('m', 'other')"))]) == norm(
+                [(7, hist("other"))]
+            )
+            second = await cur.fetch(5)
+            rest = await cur.fetch(100)
+            got = [tuple(r.values()) for r in first + second + rest]
+            assert norm(got) == norm([(i, E[i]) for i in range(1, N + 1)])
+            # fetchrow of a row-dependent statement: a one-row limit, then asyncpg closes the portal.
+            one = await conn.fetchrow("SELECT id, pgml.embed('m', body) AS e FROM pdocs WHERE id = 2")
+            assert norm([tuple(one)]) == norm([(2, E[2])])
+            # The next pgml statement releases what the replaced portal held upstream (at the
+            # latest, the transaction's end does).
+            assert len(await conn.fetchval("SELECT pgml.embed('m', 'next')")) == 6
+            # Closed: the exhausted portal's cursor and fetchrow's; "" is this query's own portal.
+            assert [r["name"] for r in await conn.fetch("SELECT name FROM pg_cursors")] == [""]
+    finally:
+        await conn.close()

@@ -57,6 +57,11 @@ class EchoPortal:
     async def describe(self, upstream: UpstreamSession) -> list[Column] | None:
         return [self._column()]
 
+    holds_upstream = False  # nothing upstream to close
+
+    async def close(self, upstream: UpstreamSession) -> None:
+        return None
+
     async def execute(self, upstream: UpstreamSession, sink: ResultSink, ctx: CallContext,
                       max_rows: int = 0) -> bool:
         if self.kind == "error":

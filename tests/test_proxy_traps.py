@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -237,3 +238,30 @@ def test_bad_startup_errors(px: ProxyProcess) -> None:
     data = sock.recv(4096)
     assert data[:1] == b"E" and m.ErrorResponse.parse(data[5:]).fields["C"] == "0A000"
     sock.close()
+
+
+def test_pgml_portal_suspension_matches_postgres(px: ProxyProcess, pg_server: Any) -> None:
+    """A row-limited pgml portal in a transaction: the messages and the final tag Postgres gives
+    a plain portal of the same shape (the tag counts the last Execute's rows), from a cursor."""
+
+    def run(target: Any, sql: str) -> list[tuple[bytes, bytes]]:
+        raw = Raw(target)
+        raw.send(m.Query("BEGIN").encode())
+        raw.until(b"Z")
+        raw.send(m.Parse("", sql).encode(), m.Bind("cur", "").encode(), m.Execute("cur", 2).encode(),
+                 m.Execute("cur", 2).encode(), m.Execute("cur", 2).encode(), m.SYNC)
+        got = raw.until(b"Z")
+        raw.send(m.Query("SELECT count(*) FROM pg_cursors WHERE name LIKE 'pgml_portal_%'").encode())
+        [(_, open_cursors)] = [(t, b) for t, b in raw.until(b"Z") if t == b"D"]
+        assert m.DataRow.parse(open_cursors).values[0] == b"0"  # closed once exhausted
+        raw.close()
+        return got
+
+    direct = run(type("Direct", (), {"host": "127.0.0.1", "port": pg_server.port})(),
+                 "SELECT 'x' || g FROM generate_series(1, 5) g")
+    proxied = run(px, "SELECT pgml.embed('all-MiniLM-L6-v2', 'x' || g) FROM generate_series(1, 5) g")
+    assert kinds(direct) == kinds(proxied) == b"12DDsDDsDCZ"
+    tags = [[b for t, b in got if t == b"C"] for got in (direct, proxied)]
+    assert tags[0] == tags[1] == [b"SELECT 1\x00"]
+    vectors = [m.DataRow.parse(b).values[0] for t, b in proxied if t == b"D"]
+    assert len(vectors) == 5 and all(v is not None and v.count(b",") == 383 for v in vectors)
