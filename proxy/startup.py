@@ -93,11 +93,16 @@ async def _login(fe: Frontend, startup: m.StartupMessage) -> None:
         fe.write(m.NegotiateProtocolVersion(0, tuple(unknown)).encode())
     password = await _authenticate(fe, user)
     if database == fe.app.ADMIN_DB:
+        await _admin_login(fe, user, password)
         _admin_ready(fe)
         return
     fe.app.check_client_limit()
     fe.pool = fe.app.pool_for(database, user)
     conn = await fe.pool.acquire(password)
+    if password is not None:
+        # Passthrough: only now has the upstream accepted the password (a fresh login, or the
+        # very password a pooled connection proved), so only now is the client told so.
+        fe.write(m.AUTH_OK)
     conn.client = fe
     conn.internal = True
     # A pooled connection may carry an earlier client's settings: back to the defaults, then ours.
@@ -143,9 +148,22 @@ async def _authenticate(fe: Frontend, user: str) -> str | None:
             raise step.error
         fe.write(b"".join(step.messages))
         passthrough = step.passthrough_password or passthrough
-    if passthrough is not None:
-        fe.write(m.AUTH_OK)
     return passthrough
+
+
+async def _admin_login(fe: Frontend, user: str, password: str | None) -> None:
+    """The admin database: only `proxy.admin_users` when that list is set (as PgBouncer's), and
+    in passthrough mode only once the upstream has accepted the password on a login of its own."""
+    admins = fe.app.config.admin_users
+    if admins and user not in admins:
+        raise InvalidAuthorization(
+            f'user "{user}" may not connect to the admin database "{fe.app.ADMIN_DB}"',
+            hint="list the user in proxy.admin_users",
+        )
+    if password is not None:
+        pool = fe.app.pool_for(fe.app.target.database, user)
+        pool.release(await pool.acquire(password))
+        fe.write(m.AUTH_OK)
 
 
 def _admin_ready(fe: Frontend) -> None:

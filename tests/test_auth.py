@@ -325,3 +325,48 @@ async def test_passthrough_through_proxy(own_proxy: Callable[..., Any], auth_pg:
     assert bad.value.sqlstate == "28P01"
     with psycopg.connect(dsn, password="scram pw") as conn:  # a failed login left nothing broken
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def _raw_cleartext_login(port: int, user: str, password: str, database: str = "postgres") -> list[bytes]:
+    """Log in through a cleartext-password exchange; the message types the server sent after
+    the password, up to ReadyForQuery or ErrorResponse (R = Authentication*, its code shown)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        params = f"user\0{user}\0database\0{database}\0\0".encode()
+        sock.sendall(struct.pack("!II", len(params) + 8, 196608) + params)
+        kind, body = _read(sock)
+        assert kind == b"R" and struct.unpack("!I", body[:4])[0] == 3  # cleartext asked for
+        pw = password.encode() + b"\0"
+        sock.sendall(b"p" + struct.pack("!I", len(pw) + 4) + pw)
+        seen = []
+        while True:
+            kind, body = _read(sock)
+            seen.append(kind + (str(struct.unpack("!I", body[:4])[0]).encode() if kind == b"R" else b""))
+            if kind in (b"Z", b"E"):
+                return seen
+
+
+async def test_passthrough_says_ok_only_after_the_upstream(
+    own_proxy: Callable[..., Any], auth_pg: PgServer
+) -> None:
+    proxy = own_proxy(auth_method="passthrough", upstream=auth_pg.dsn)
+    assert _raw_cleartext_login(proxy.port, "scram_user", "scram pw")[0] == b"R0"
+    # A wrong password: the upstream's refusal, never an AuthenticationOk before it.
+    assert _raw_cleartext_login(proxy.port, "scram_user", "wrong") == [b"E"]
+    # The admin database: the upstream checks the password there too.
+    assert _raw_cleartext_login(proxy.port, "scram_user", "wrong", "pgml_proxy") == [b"E"]
+    admin_dsn = proxy.dsn(user="scram_user", database="pgml_proxy")
+    with psycopg.connect(admin_dsn, password="scram pw", autocommit=True) as admin:
+        assert admin.execute("SHOW POOLS").fetchall()
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(admin_dsn, password="nope").close()
+
+
+def test_admin_users_limit_the_admin_database(own_proxy: Callable[..., Any]) -> None:
+    proxy = own_proxy(admin_users="ops")
+    with pytest.raises(psycopg.OperationalError, match='may not connect to the admin database') as err:
+        psycopg.connect(proxy.dsn(database="pgml_proxy")).close()
+    assert "proxy.admin_users" in str(err.value)
+    with psycopg.connect(proxy.dsn(user="ops", database="pgml_proxy"), autocommit=True) as admin:
+        assert admin.execute("SHOW POOLS").fetchall() is not None
+    with psycopg.connect(proxy.dsn()) as conn:  # other databases are not affected
+        assert conn.execute("SELECT 1").fetchone() == (1,)
