@@ -215,10 +215,12 @@ class Frontend(asyncio.Protocol):
             while self.pending and self.state == "ready":
                 t, msg = self.pending.popleft()
                 nxt = self._dispatch(t, msg)
-                self.flush_up()
                 if nxt is not None:
+                    self.flush_up()
                     await nxt
-                self.flush_up()
+            # One write for everything queued meanwhile (Parse/Bind/Describe/Execute/Sync after
+            # a server was acquired), not one per message: the syscall is the proxy's main cost.
+            self.flush_up()
         except PgError as exc:
             self.fatal(exc)
         except asyncio.CancelledError:
