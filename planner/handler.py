@@ -272,11 +272,15 @@ class PlannerPortal:
     ) -> bool:
         if self._cursor is None:
             name = f"pgml_portal_{next(_PORTALS)}"
-            declare = self.prepared.handler.plans(
-                f"DECLARE {name} NO SCROLL CURSOR FOR {self.prepared.plan.text}", self.prepared.oids
+            handler = self.prepared.handler
+            # Not through the parse cache: every portal's DECLARE names its own cursor.
+            declare = analyze(
+                f"DECLARE {name} NO SCROLL CURSOR FOR {self.prepared.plan.text}",
+                self.prepared.oids,
+                handler.ctas_embedding,
             )[0]
             bound = dataclasses.replace(self.bound, oids=self.prepared.oids)
-            async for _ in self.prepared.handler.executor.run(declare, upstream, ctx, bound):
+            async for _ in handler.executor.run(declare, upstream, ctx, bound):
                 pass
             self._cursor = name
         if self._cursor_done:  # Execute on a completed portal: nothing more, as in Postgres
