@@ -276,3 +276,20 @@ def test_several_statements_keep_their_text() -> None:
     )
     assert [p.kind for p in plans] == ["passthrough", "local", "passthrough"]
     assert plans[2].text == 'SELECT CAST(x AS "bit")'
+
+
+def test_declare_cursor_materialises_into_tables_of_its_transaction() -> None:
+    [plain] = analyze("DECLARE c CURSOR FOR SELECT id, pgml.embed('m', body) FROM docs")
+    [held] = analyze("DECLARE h CURSOR WITH HOLD FOR SELECT pgml.embed('m', body) FROM docs")
+    assert (plain.cursor, plain.cursor_hold) == ("c", False)
+    assert (held.cursor, held.cursor_hold) == ("h", True)
+    for plan in (plain, held):
+        assert plan.stream is None and len(plan.steps) == 1  # no streaming: FETCH reads upstream
+        step = plan.steps[0]
+        assert step.create_keys is not None and " ON COMMIT DROP AS " in step.create_keys
+        assert step.create_results.endswith(" ON COMMIT DROP")
+        assert plan.sql.startswith(f"DECLARE {plan.cursor} ")
+    # Named per statement, so two cursors of one transaction never share their tables.
+    assert plain.steps[0].keys != held.steps[0].keys
+    [ordinary] = analyze("SELECT id FROM docs WHERE pgml.embed('m', body) IS NOT NULL")
+    assert ordinary.cursor is None and ordinary.steps[0].keys == "pgml_k1"
