@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -20,12 +21,27 @@ from typing import Any
 from planner.args import coerce
 from planner.catalog import ANY, TYPE_OIDS, runtime_keys
 from planner.interfaces import CallContext, Column, Runtime, UpstreamSession, WireValue
-from planner.plan import CallPlan, ClientParam, Evaluated, Literal, RowColumn, StatementPlan, TempStep
+from planner.plan import (
+    CallPlan,
+    ClientParam,
+    ConstCall,
+    Evaluated,
+    Literal,
+    RowColumn,
+    StatementPlan,
+    TempStep,
+)
 from planner.values import TYPE_SIZES, copy_text_row, decoder, encoder, type_oid
 from proxy.errors import DuplicateCursor, InFailedTransaction, NoActiveSqlTransaction, PgError
 
 Event = tuple[str, Any]
 _ARG_COL = re.compile(r"^__pgml_(\d+)_(\d+)$")
+
+
+# Functions whose identical calls in one statement may share one evaluation.
+_DETERMINISTIC = frozenset(
+    {"embed", "predict", "predict_proba", "predict_joint", "predict_batch", "decompose", "rank", "chunk"}
+)
 
 
 @dataclass
@@ -140,10 +156,23 @@ class _Run:
             self.evaluated = [decoder(c.type_oid, 0)(v) for c, v in zip(cols, res.rows[0], strict=True)]
         # EXPLAIN evaluates constant calls too (one model call each): with NULL in their place
         # Postgres would fold `embedding <=> NULL` away and show a plan the statement never gets.
-        for const in plan.consts:
-            value = (await self.batch(const.call, [None]))[0]
+        # Identical calls of a deterministic function (`ORDER BY e <=> pgml.embed('m', 'q')` beside
+        # `1 - (e <=> pgml.embed('m', 'q'))`) run once; distinct ones are submitted together, so the
+        # runtime may batch them. transform may sample: each of its calls runs, as in Postgres.
+        keys = [
+            json.dumps([c.call.sig.name, self.call_args(c.call)], sort_keys=True, default=repr)
+            if c.call.sig.name in _DETERMINISTIC
+            else str(i)
+            for i, c in enumerate(plan.consts)
+        ]
+        first: dict[str, ConstCall] = {}
+        for key, const in zip(keys, plan.consts, strict=True):
+            first.setdefault(key, const)
+        results = await asyncio.gather(*(self.batch(c.call, [None]) for c in first.values()))
+        value_of = {key: r[0] for key, r in zip(first, results, strict=True)}
+        for key, const in zip(keys, plan.consts, strict=True):
             enc = encoder(const.out_type, 0)
-            self.params.append(enc(value))
+            self.params.append(enc(value_of[key]))
             self.formats.append(0)
             self.oids.append(TYPE_OIDS[const.out_type])
 

@@ -450,3 +450,24 @@ async def test_row_limited_portals_read_from_an_upstream_cursor(dsn: str) -> Non
             assert [r["name"] for r in await conn.fetch("SELECT name FROM pg_cursors")] == [""]
     finally:
         await conn.close()
+
+
+def test_identical_constant_calls_run_once(dsn: str, rt: HistRuntime) -> None:
+    """The vector-search idiom names the query embedding twice: it is computed once. A sampling
+    function (transform) is not merged: each of its calls runs, as Postgres would run them."""
+    rt.batches.clear()
+    q = "1 - (embedding <=> pgml.embed('m', 'q')::vector)"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pdocs SET embedding = %s::vector WHERE id BETWEEN 1 AND 3", [hist("x")])
+        rows = conn.execute(
+            f"SELECT id, {q} AS score, pgml.embed('m', 'other') AS o FROM pdocs WHERE id BETWEEN 1 AND 3 "
+            "ORDER BY embedding <=> pgml.embed('m', 'q')::vector, id"
+        ).fetchall()
+        conn.execute("UPDATE pdocs SET embedding = NULL")
+    assert [r[0] for r in rows] == [1, 2, 3] and [float(v) for v in rows[0][2]] == hist("other")
+    assert sorted(n for f, n in rt.batches if f == "embed") == [1, 1]  # 'q' once, 'other' once
+    rt.batches.clear()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        twice = "pgml.transform('text-generation', inputs => ARRAY['a'])"
+        conn.execute(f"SELECT {twice}, {twice}, id FROM pdocs WHERE id = 1").fetchall()
+    assert [f for f, _ in rt.batches] == ["transform", "transform"]
