@@ -127,6 +127,15 @@ def test_training_reads_only_what_the_client_may_read(
         assert owner.execute("SELECT count(*) FROM pgml.projects WHERE name = 'pay'").fetchone() == (0,)
         assert owner.execute("SELECT count(*) FROM pgml.snapshots").fetchone() == (0,)
         owner.execute(f"GRANT SELECT ON salaries TO {role}")
+        # Row-level security: the role sees some rows only, and the proxy's read would see all.
+        owner.execute("ALTER TABLE salaries ENABLE ROW LEVEL SECURITY")
+        owner.execute(f"CREATE POLICY young ON salaries FOR SELECT TO {role} USING (age < 30)")
+    with psycopg.connect(proxy.dsn(database=db, user=role), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM salaries").fetchone() == (10,)
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="row-level security"):
+            conn.execute(train)
+    with psycopg.connect(dsn, autocommit=True) as owner:
+        owner.execute("ALTER TABLE salaries DISABLE ROW LEVEL SECURITY")
     with psycopg.connect(proxy.dsn(database=db, user=role), autocommit=True) as conn:
         assert conn.execute(train).fetchall() == [("pay", "regression", "linear", True)]
 

@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 
 from proxy.errors import (
     DataException,
+    FeatureNotSupported,
     InsufficientPrivilege,
     InvalidParameterValue,
     UndefinedModel,
@@ -88,14 +89,24 @@ async def check_can_read(conn: Conn, relation: str, user: str) -> None:
     if not user:
         return
     cur = await conn.execute(
-        "SELECT has_table_privilege(%s, %s::regclass, 'SELECT'), %s::regclass::text",
-        (user, relation, relation),
+        "SELECT has_table_privilege(%s, c.oid, 'SELECT'), c.oid::regclass::text,"
+        # Row-level security the proxy's own read would not apply on the client's behalf.
+        " c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls"
+        "  OR (pg_has_role(r.oid, c.relowner, 'MEMBER') AND NOT c.relforcerowsecurity))"
+        " FROM pg_class c, pg_roles r WHERE c.oid = %s::regclass AND r.rolname = %s",
+        (user, relation, user),
     )
-    allowed, name = await cur.fetchone() or (False, relation)
+    allowed, name, policed = await cur.fetchone() or (False, relation, False)
     if not allowed:
         raise InsufficientPrivilege(
             f"permission denied for table {name}",
             detail=f'role "{user}" may not SELECT from it, so pgml.train and pgml.snapshot may not read it',
+        )
+    if policed:
+        raise FeatureNotSupported(
+            f"table {name} has row-level security, which pgml-proxy cannot apply to a training read",
+            detail="training reads on the proxy's own connection, which would see every row",
+            hint="train on a table or materialized view holding only the rows the role may see",
         )
 
 
