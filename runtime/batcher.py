@@ -1,7 +1,8 @@
 """One bounded queue per model, shared by every connection, drained by a single owner task.
 
 Owns micro-batching: callers `submit` items and await futures; the owner closes a batch
-on `max_batch_size` items, a token budget, or `wait_s` after its first item; sorts the
+on `max_batch_size` items, a token budget, `wait_s` after its first item or a quarter of
+that with no new item; sorts the
 batch by length to cut padding; skips items whose caller was cancelled; runs the batch
 in a thread pool (never on the event loop) and checks outputs one for one against
 inputs. A full queue answers `InsufficientResources` (53000) at once.
@@ -20,6 +21,8 @@ from typing import Any
 from proxy.errors import InsufficientResources, InternalError, PgError
 
 RunBatch = Callable[[list[Any]], Sequence[Any]]
+# The quiet gap that closes a batch early, as a share of wait_s.
+_QUIET_GAP = 0.25
 
 
 @dataclass(slots=True)
@@ -84,7 +87,9 @@ class Batcher:
             fut: asyncio.Future[Any] = loop.create_future()
             self._queue.put_nowait(_Item(payload, cost, fut))
             futures.append(fut)
-        # gather() cancels every future when the caller is cancelled: the owner skips them.
+        # Cancelling the caller cancels the futures it waits on: the owner then skips them.
+        if len(futures) == 1:
+            return [await futures[0]]  # one row: no gather (its bookkeeping costs per call)
         return list(await asyncio.gather(*futures))
 
     def _ensure_owner(self) -> None:
@@ -138,8 +143,10 @@ class Batcher:
         batch, tokens = [first], first.cost
         deadline = time.monotonic() + self.wait_s
         while len(batch) < self.max_batch_size:
-            # Whatever is already queued joins at once; only an empty queue waits.
-            item = await self._next_live(deadline - time.monotonic())
+            # Whatever is already queued joins at once; only an empty queue waits, and not past
+            # a short quiet gap: a burst (callers resubmitting as their results arrive) is over
+            # when the queue stays empty that long, so the batch need not wait out all of wait_s.
+            item = await self._next_live(min(deadline - time.monotonic(), self.wait_s * _QUIET_GAP))
             if item is None:
                 break
             if tokens + item.cost > self.max_batch_tokens:

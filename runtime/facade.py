@@ -99,6 +99,8 @@ class Runtime:
             "rank": self._rank,
             "chunk": self._chunk,
         }[function]
+        if len(calls) == 1:
+            return [await handler(calls[0])]
         # Every call is submitted at once so the batcher sees them together.
         return list(await asyncio.gather(*(handler(call) for call in calls)))
 
@@ -135,6 +137,8 @@ class Runtime:
         for i, call in enumerate(calls):
             key = json.dumps([call.get("transformer"), call.get("kwargs")], sort_keys=True, default=str)
             groups.setdefault(key, []).append(i)
+        if len(groups) == 1:  # the usual case: no task per group
+            return await self._embed_group(calls)
         out: list[Any] = [None] * len(calls)
 
         async def one_group(idx: list[int]) -> None:
