@@ -159,19 +159,14 @@ def cpu_main(args: argparse.Namespace) -> None:
     write_results("embed-cpu", info, md)
 
 
-# --- CUDA: torch + transformers + tokenizers only ---------------------------------------------------
+# --- CUDA: torch, transformers, tokenizers and the runtime ---------------------------------------------------
 def _random_minilm(device: str) -> Any:
     import torch
 
+    from runtime.tiny_models import MINILM_ARCH
+
     transformers: Any = importlib.import_module("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=384,
-        num_hidden_layers=6,
-        num_attention_heads=12,
-        intermediate_size=1536,
-        max_position_embeddings=512,
-    )
+    cfg = transformers.BertConfig(**MINILM_ARCH)
     torch.manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32
     return transformers.BertModel(cfg).to(device=device, dtype=dtype).eval()
