@@ -159,7 +159,7 @@ def cpu_main(args: argparse.Namespace) -> None:
     write_results("embed-cpu", info, md)
 
 
-# --- CUDA: torch, transformers, tokenizers and the runtime ---------------------------------------------------
+# --- CUDA: torch, transformers, tokenizers and the runtime -----------------------------------------
 def _random_minilm(device: str) -> Any:
     import torch
 
