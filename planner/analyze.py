@@ -55,6 +55,13 @@ def analyze(sql: str, param_oids: Sequence[int] = (), ctas_embedding: str = "vec
     return [analyze_statement(raw, text, param_oids, ctas_embedding) for raw, text in split(sql)]
 
 
+def _command(stmt: Any) -> str:
+    """The statement's node name; SELECT ... INTO (it makes a table, it returns no rows) apart."""
+    if t.is_node(stmt, ast.SelectStmt) and stmt.intoClause is not None:
+        return "SelectIntoStmt"
+    return type(stmt).__name__
+
+
 def find_calls(node: Any) -> list[tuple[Any, t.Path]]:
     return [(n, p) for n, p in t.walk(node) if t.is_node(n, ast.FuncCall) and is_runtime_call(n)]
 
@@ -75,7 +82,7 @@ def analyze_statement(
     plan = StatementPlan(
         text=text,
         kind="passthrough",
-        command=type(inner).__name__,
+        command=_command(inner),
         vector_columns=vector_columns,
         # COPY (SELECT ... pgml ...) TO STDOUT: the rewritten COPY runs upstream and its CopyOut
         # messages are relayed to the client.
