@@ -63,6 +63,12 @@ class Bound:
         return rf[0] if len(rf) == 1 else (rf[i] if i < len(rf) else 0)
 
 
+async def cursor_open(up: UpstreamSession, name: str) -> bool:
+    """Whether the upstream session has an open cursor of this name."""
+    res = await up.execute("SELECT 1 FROM pg_cursors WHERE name = $1", [name.encode()], param_oids=[25])
+    return bool(res.rows)
+
+
 class Executor:
     def __init__(self, runtime: Runtime, chunk_rows: int, materialise_rows: int) -> None:
         self.runtime = runtime
@@ -242,10 +248,7 @@ class _Run:
         name = self.plan.cursor or ""
         if not self.plan.cursor_hold and status == "I":
             raise NoActiveSqlTransaction("DECLARE CURSOR can only be used in transaction blocks")
-        res = await self.up.execute(
-            "SELECT 1 FROM pg_cursors WHERE name = $1", [name.encode()], param_oids=[25]
-        )
-        if res.rows:
+        if await cursor_open(self.up, name):
             raise DuplicateCursor(f'cursor "{name}" already exists')
         if status != "I" and self.plan.needs_temp:
             await self.up.simple("DROP TABLE IF EXISTS " + self._temp_tables())

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from planner.analyze import analyze
-from planner.execute import Bound, Event, Executor
+from planner.execute import Bound, Event, Executor, cursor_open
 from planner.interfaces import (
     CallContext,
     Column,
@@ -311,10 +311,7 @@ class PlannerPortal:
         self._cursor_done = True
         if name is None or done or upstream.transaction_status != "T":
             return  # never opened, already closed, or gone with its transaction
-        res = await upstream.execute(
-            "SELECT 1 FROM pg_cursors WHERE name = $1", [name.encode()], param_oids=[25]
-        )
-        if res.rows:
+        if await cursor_open(upstream, name):
             await upstream.simple(f"CLOSE {name}")
 
     async def _pull(self, max_rows: int | None) -> None:
