@@ -176,27 +176,26 @@ class PipelineModel:
         self.base = spec.base
         folder = ensure_transformers_folder(config, model)
         self.placement = placement
-        self.note = "fp32"
         self.onnx_folder: Path | None = None
         self.pipe: Any = None
-        why_torch = ""
-        size = weight_mb(folder)
-        if placement.engine == "onnx" and config.engine == "auto" and size > config.onnx_max_model_mb:
-            placement = Placement("torch", placement.device)
-            self.placement = placement
-            why_torch = f" ({size:.0f} MiB > runtime.onnx_max_model_mb: not exported to ONNX)"
+        why_torch = ""  # under engine = "auto", why an ONNX placement runs on torch after all
         if placement.engine == "onnx":
-            try:
-                self.pipe, self.onnx_folder = onnx_pipeline(
-                    config, model, folder, spec.pipeline_task, spec.base, trust
-                )
-            except FeatureNotSupported as exc:
-                if config.engine == "onnx":
-                    raise
-                # engine = "auto": an architecture the exporter lacks still runs, on torch.
-                self.placement = Placement("torch", placement.device)
-                why_torch = f" (no ONNX export: {exc.message[:120]})"
+            size = weight_mb(folder)
+            if config.engine == "auto" and size > config.onnx_max_model_mb:
+                why_torch = f" ({size:.0f} MiB > runtime.onnx_max_model_mb: not exported to ONNX)"
+            else:
+                try:
+                    self.pipe, self.onnx_folder = onnx_pipeline(
+                        config, model, folder, spec.pipeline_task, spec.base, trust
+                    )
+                    self.note = "fp32"
+                except FeatureNotSupported as exc:
+                    if config.engine == "onnx":
+                        raise
+                    # An architecture the exporter lacks still runs, on torch.
+                    why_torch = f" (no ONNX export: {exc.message[:120]})"
         if self.pipe is None:
+            self.placement = Placement("torch", placement.device)
             pipeline: Any = importlib.import_module("transformers").pipeline
             kwargs, precision = torch_precision(placement)
             self.note = precision + why_torch
