@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from typing import Any
 
 from proxy.errors import FeatureNotSupported, InvalidParameterValue
 from runtime.config import RuntimeConfig
-from runtime.resolve import ResolvedModel
+from runtime.resolve import ResolvedModel, build_once
 
 QUANT_MIN_COSINE = 0.99
 _PROBE = [
@@ -85,18 +83,11 @@ def export_dir(config: RuntimeConfig, model: ResolvedModel, suffix: str = "") ->
 
 
 def _export_once(folder: Path, export: Callable[[Path], None]) -> None:
-    """Run `export(tmp)` once per folder, then rename: no process ever sees half an export."""
-    if folder.exists():
-        return
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    """`export(tmp)` once per folder (resolve.build_once), quietly."""
     with warnings.catch_warnings():
         # The exporter traces the model; its TracerWarnings are expected and harmless.
         warnings.simplefilter("ignore")
-        export(tmp)
-    if folder.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(folder)
+        build_once(folder, export)
 
 
 def onnx_sentence_transformer(

@@ -8,13 +8,11 @@ loaded from there afterwards. Plain model folders pass through unchanged.
 from __future__ import annotations
 
 import importlib
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from runtime.config import RuntimeConfig
-from runtime.resolve import ResolvedModel
+from runtime.resolve import ResolvedModel, build_once
 
 
 def ensure_transformers_folder(config: RuntimeConfig, model: ResolvedModel) -> Path:
@@ -25,14 +23,11 @@ def ensure_transformers_folder(config: RuntimeConfig, model: ResolvedModel) -> P
     if (target / "config.json").is_file():
         return target
     transformers: Any = importlib.import_module("transformers")
-    tok = transformers.AutoTokenizer.from_pretrained(str(model.path), gguf_file=model.gguf_file)
-    lm = transformers.AutoModelForCausalLM.from_pretrained(str(model.path), gguf_file=model.gguf_file)
-    # Write beside the target and rename: a crash mid-save never leaves a half folder behind.
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    lm.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    if target.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(target)
-    return target
+
+    def convert(tmp: Path) -> None:
+        tok = transformers.AutoTokenizer.from_pretrained(str(model.path), gguf_file=model.gguf_file)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(str(model.path), gguf_file=model.gguf_file)
+        lm.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+
+    return build_once(target, convert)

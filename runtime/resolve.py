@@ -1,8 +1,9 @@
 """Model names to local folders, offline: aliases, `models_dir`, then the Hugging Face cache.
 
-Owns the resolution order, the allow-list check and the content key that names on-disk
-caches (ONNX exports, converted GGUF models). Never downloads: a model that is not on
-disk is an `UndefinedModel` error naming every place that was looked at.
+Owns the resolution order, the allow-list check, the content key that names on-disk
+caches (ONNX exports, converted GGUF models) and how such a cache folder is written.
+Never downloads: a model that is not on disk is an `UndefinedModel` error naming every
+place that was looked at.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +140,21 @@ def _hf_cache(repo_id: str, looked: list[str], revision: str | None) -> tuple[Pa
         return None
     path = Path(folder)
     return path, path.name  # snapshot folders are named by commit hash
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`build(tmp)` into a folder beside `target`, then rename it to `target`: a crash mid-build,
+    or another process building the same folder, never leaves half a folder where it is read."""
+    if target.exists():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    if target.exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(target)
+    return target
 
 
 def content_key(path: Path, gguf: str | None = None) -> str:

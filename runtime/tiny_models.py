@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from runtime.resolve import SMOLLM2_GGUF, package_dir
+from runtime.resolve import SMOLLM2_GGUF, build_once, package_dir
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 POS_LABELS = [
@@ -219,7 +219,7 @@ def build_all(root: Path | str) -> Path:
     """Build every tiny model under `root/<fingerprint>/` (once) and return that folder."""
     out = Path(root) / fingerprint()
     if not (out / "DONE").is_file():
-        _build_into(out)
+        build_once(out, _build_into)
     # `current` names the latest build, so config files can alias a stable path.
     link = Path(root) / "current"
     if not link.is_symlink() or os.readlink(link) != out.name:
@@ -230,11 +230,9 @@ def build_all(root: Path | str) -> Path:
     return out
 
 
-def _build_into(out: Path) -> None:
+def _build_into(tmp: Path) -> None:
     import torch
 
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     bert_tok, bpe_tok, roberta_tok = bert_tokenizer(), bpe_tokenizer(), roberta_tokenizer()
     for name in MODELS:
         torch.manual_seed(0)  # the same weights on every machine and every run
@@ -245,10 +243,6 @@ def _build_into(out: Path) -> None:
         tok.save_pretrained(str(tmp / name))
     _sentence_transformer_layout(tmp / "bert-feature", tmp / "bert-embed")
     (tmp / "DONE").write_text(fingerprint())
-    if out.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(out)
 
 
 def _sentence_transformer_layout(source: Path, target: Path, max_seq_length: int = 128) -> None:
@@ -312,21 +306,16 @@ def random_minilm(out: Path | str, max_seq_length: int = 256) -> Path:
     import torch
 
     transformers: Any = importlib.import_module("transformers")
-    tok = bert_tokenizer()
-    torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig(**MINILM_ARCH)).eval()
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    bert.save_pretrained(str(tmp / "bert"))
-    tok.save_pretrained(str(tmp / "bert"))
-    _sentence_transformer_layout(tmp / "bert", tmp / "st", max_seq_length)
-    shutil.rmtree(tmp / "bert")
-    if out.exists():
-        shutil.rmtree(tmp)
-    else:
-        (tmp / "st").rename(out)
-        tmp.rmdir()
-    return out
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(0)
+        bert = transformers.BertModel(transformers.BertConfig(**MINILM_ARCH)).eval()
+        with tempfile.TemporaryDirectory() as plain:  # the bare BERT the layout wraps
+            bert.save_pretrained(plain)
+            bert_tokenizer().save_pretrained(plain)
+            _sentence_transformer_layout(Path(plain), tmp, max_seq_length)
+
+    return build_once(out, build)
 
 
 def main(argv: list[str]) -> int:
