@@ -361,12 +361,16 @@ async def test_passthrough_says_ok_only_after_the_upstream(
         psycopg.connect(admin_dsn, password="nope").close()
 
 
-def test_admin_users_limit_the_admin_database(own_proxy: Callable[..., Any]) -> None:
+async def test_admin_users_limit_the_admin_database(own_proxy: Callable[..., Any]) -> None:
     proxy = own_proxy(admin_users="ops")
     with pytest.raises(psycopg.OperationalError, match='may not connect to the admin database') as err:
         psycopg.connect(proxy.dsn(database="pgml_proxy")).close()
     assert "proxy.admin_users" in str(err.value)
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError) as refused:
+        await asyncpg.connect(proxy.dsn(database="pgml_proxy"))
+    assert refused.value.sqlstate == "28000"
     with psycopg.connect(proxy.dsn(user="ops", database="pgml_proxy"), autocommit=True) as admin:
-        assert admin.execute("SHOW POOLS").fetchall() is not None
+        cur = admin.execute("SHOW POOLS")
+        assert "database" in [d.name for d in cur.description or []]
     with psycopg.connect(proxy.dsn()) as conn:  # other databases are not affected
         assert conn.execute("SELECT 1").fetchone() == (1,)
