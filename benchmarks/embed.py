@@ -69,7 +69,7 @@ def rate(n: int, seconds: float) -> float:
 # --- CPU: the real runtime --------------------------------------------------------------------------
 async def _cpu_figures(args: argparse.Namespace, sents: list[str]) -> dict[str, dict[str, float]]:
     """Every path of every engine, interleaved in rounds so load from elsewhere hits them alike."""
-    from planner.interfaces import CallContext
+    from core.interfaces import CallContext
     from runtime import Runtime
 
     async def notice(_: str) -> None:
@@ -269,7 +269,7 @@ async def through_runtime(
 ) -> dict[str, float]:
     """The runtime itself on `device` serving the sentence-transformers model in `folder`, loaded
     as any model is: its engine's own `encode` (the runtime's ceiling), then fed two ways."""
-    from planner.interfaces import CallContext
+    from core.interfaces import CallContext
     from runtime import Runtime
 
     async def notice(_: str) -> None:

@@ -38,7 +38,7 @@ SLICE = 2000
 
 
 async def _runtime_side(dsn: str, texts: list[str], sample: int) -> dict[str, float]:
-    from planner.interfaces import CallContext
+    from core.interfaces import CallContext
     from runtime import Runtime
 
     async def notice(_: str) -> None:

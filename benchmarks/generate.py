@@ -65,7 +65,7 @@ async def _round(rt: Any, ctx: Any, prompts: list[str], args: argparse.Namespace
 
 
 async def _figures(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    from planner.interfaces import CallContext
+    from core.interfaces import CallContext
     from runtime import Runtime
 
     async def notice(_: str) -> None:

@@ -40,7 +40,7 @@ import psycopg
 from pydantic import BaseModel
 
 from benchmarks.common import machine_info, markdown_table, write_results
-from planner.interfaces import CallContext
+from core.interfaces import CallContext
 from tests.fix_postgres import free_port, start_postgres
 
 REPO = Path(__file__).resolve().parent.parent

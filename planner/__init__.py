@@ -1,7 +1,7 @@
 """The planner: finds `pgml.*` calls in SQL and runs them in batches (see DESIGN.md).
 
 `build_handler` is the proxy's one entry point; `analyze` is the pure SQL-in, plan-out part.
-Both load on first use: the runtime imports only `planner.interfaces` (the contracts), and
+Both load on first use: the runtime imports only `core.interfaces` (the contracts), and
 must not pull in pglast and psycopg with it (the GPU check runs the runtime without them).
 """
 
@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from planner.interfaces import Runtime, StatementHandler
+from core.interfaces import Runtime, StatementHandler
 
 if TYPE_CHECKING:
     from planner.analyze import analyze

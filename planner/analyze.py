@@ -17,12 +17,12 @@ from pglast import ast, parse_sql
 from pglast.enums import ObjectType
 from pglast.parser import ParseError
 
+from core.errors import FeatureNotSupported, SyntaxError_
 from planner import sqltree as t
 from planner.args import ArgCollector, type_of
 from planner.catalog import TYPE_OIDS, BoundCall, bind, is_runtime_call
 from planner.plan import ConstCall, LocalTarget, StatementPlan, StreamCallPlan
 from planner.scope import Materialiser
-from proxy.errors import FeatureNotSupported, SyntaxError_
 
 _SUPPORTED = (
     ast.SelectStmt,

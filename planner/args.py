@@ -17,10 +17,10 @@ from pglast import ast
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
 
+from core.errors import InvalidTextRepresentation
 from planner import sqltree as t
 from planner.catalog import ANY, TYPE_OIDS, BoundCall
 from planner.plan import ArgSource, CallPlan, ClientParam, Evaluated, Literal, RowColumn
-from proxy.errors import InvalidTextRepresentation
 
 NOT_LITERAL = object()
 # The type a `$n` of OID 0 is read as when the pgml argument has no single SQL type.

@@ -15,8 +15,8 @@ from typing import Any
 
 from pglast import ast
 
+from core.errors import SyntaxError_, UndefinedFunction
 from planner.sqltree import is_node
-from proxy.errors import SyntaxError_, UndefinedFunction
 
 # Type OIDs (pg_type.dat); `vector` has no fixed OID and is looked up upstream.
 TYPE_OIDS: Mapping[str, int] = {

@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from core.errors import DuplicateCursor, InFailedSqlTransaction, NoActiveSqlTransaction, PgError
+from core.interfaces import CallContext, Column, Runtime, UpstreamSession, WireValue
 from planner.args import coerce
 from planner.catalog import ANY, TYPE_OIDS, runtime_keys
-from planner.interfaces import CallContext, Column, Runtime, UpstreamSession, WireValue
 from planner.plan import (
     CallPlan,
     ClientParam,
@@ -32,7 +33,6 @@ from planner.plan import (
     TempStep,
 )
 from planner.values import TYPE_SIZES, copy_text_row, decoder, encoder, type_oid
-from proxy.errors import DuplicateCursor, InFailedTransaction, NoActiveSqlTransaction, PgError
 
 Event = tuple[str, Any]
 _ARG_COL = re.compile(r"^__pgml_(\d+)_(\d+)$")
@@ -191,7 +191,7 @@ class _Run:
             return
         status = self.up.transaction_status
         if status == "E":
-            raise InFailedTransaction(
+            raise InFailedSqlTransaction(
                 "current transaction is aborted, commands ignored until end of transaction block"
             )
         opened = False

@@ -16,9 +16,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from planner.analyze import analyze
-from planner.execute import Bound, Event, Executor, cursor_open
-from planner.interfaces import (
+from core.errors import ConfigError, PgError, SyntaxError_
+from core.interfaces import (
     CallContext,
     Column,
     QueryResult,
@@ -28,8 +27,9 @@ from planner.interfaces import (
     UpstreamSession,
     WireValue,
 )
+from planner.analyze import analyze
+from planner.execute import Bound, Event, Executor, cursor_open
 from planner.plan import StatementPlan
-from proxy.errors import ConfigError, PgError, SyntaxError_
 
 _PORTALS = itertools.count(1)  # names the upstream cursors of row-limited portals
 DEFAULTS: dict[str, int] = {"chunk_rows": 1000, "materialise_rows": 5000, "parse_cache_size": 512}
@@ -58,7 +58,7 @@ def validate(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Handler:
-    """Implements `planner.interfaces.StatementHandler`."""
+    """Implements `core.interfaces.StatementHandler`."""
 
     def __init__(self, runtime: Runtime, settings: Mapping[str, Any]) -> None:
         cfg = validate(settings)

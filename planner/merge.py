@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from planner.interfaces import Column, QueryResult, WireValue
+from core.interfaces import Column, QueryResult, WireValue
 from planner.plan import StreamCallPlan
 from planner.values import TYPE_SIZES, Decoder, Encoder, decoder, encoder, type_oid
 

@@ -16,11 +16,11 @@ from typing import Any
 from pglast import ast
 from pglast.enums import SortByDir, SortByNulls
 
+from core.errors import FeatureNotSupported
 from planner import sqltree as t
 from planner.args import ArgCollector
 from planner.catalog import BoundCall, is_runtime_call
 from planner.plan import StatementPlan, TempStep
-from proxy.errors import FeatureNotSupported
 
 _LEVELS = (ast.SelectStmt, ast.UpdateStmt, ast.DeleteStmt, ast.InsertStmt)
 _GROUPED = ("targetList", "sortClause", "havingClause", "distinctClause")

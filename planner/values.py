@@ -16,9 +16,9 @@ from psycopg.adapt import Transformer
 from psycopg.pq import Format
 from psycopg.types.composite import TupleDumper
 
+from core.errors import FeatureNotSupported
+from core.interfaces import WireValue
 from planner.catalog import TYPE_OIDS
-from planner.interfaces import WireValue
-from proxy.errors import FeatureNotSupported
 
 _TX = Transformer()
 TYPE_SIZES = {700: 4, 701: 8, 20: 8, 16: 1, 23: 4, 21: 2}

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from planner.interfaces import Column, QueryResult
-from proxy.errors import FeatureNotSupported, InvalidParameterValue, PgError, SyntaxError_
+from core.errors import FeatureNotSupported, InvalidParameterValue, PgError, SyntaxError_
+from core.interfaces import Column, QueryResult
 
 INT8, TEXT, FLOAT8 = 20, 25, 701
 

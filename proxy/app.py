@@ -16,10 +16,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from planner.interfaces import StatementHandler
+from core.errors import TooManyConnections
+from core.interfaces import StatementHandler
 from proxy.backend import ServerConn, Target, parse_dsn, send_cancel
 from proxy.config import Config
-from proxy.errors import TooManyConnections
 from proxy.pool import Pool, PoolSettings
 
 if TYPE_CHECKING:

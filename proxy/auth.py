@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 from scramp import ScramClient, ScramException, ScramMechanism
 
-from proxy.errors import (
-    ClientCannotConnect,
-    InvalidAuthorization,
+from core.errors import (
+    InvalidAuthorizationSpecification,
     InvalidPassword,
     PgError,
     ProtocolViolation,
+    SqlclientUnableToEstablishSqlconnection,
 )
 
 SCRAM = "SCRAM-SHA-256"
@@ -203,7 +203,7 @@ class ClientAuthenticator:
         except PgError as exc:
             return AuthStep(error=exc)
         problem = f"authentication method {self.method!r} cannot take a password"
-        return AuthStep(error=InvalidAuthorization(problem))
+        return AuthStep(error=InvalidAuthorizationSpecification(problem))
 
     def _cleartext(self, given: str) -> AuthStep:
         if self.method == "passthrough":
@@ -230,7 +230,7 @@ class ClientAuthenticator:
     def _sasl_initial(self, body: bytes) -> AuthStep:
         mech = _cstring(body)
         if mech != SCRAM:
-            return AuthStep(error=InvalidAuthorization(
+            return AuthStep(error=InvalidAuthorizationSpecification(
                 f"client selected an invalid SASL authentication mechanism {mech!r}; only {SCRAM} is offered"
             ))
         rest = body[len(mech) + 1:]
@@ -321,14 +321,14 @@ class UpstreamAuthenticator:
                 raise ProtocolViolation(f"upstream's SCRAM signature did not verify: {exc}") from None
             return UpstreamStep()
         name = _UNSUPPORTED.get(code, f"request code {code}")
-        raise ClientCannotConnect(
+        raise SqlclientUnableToEstablishSqlconnection(
             f"the upstream asks for {name} authentication, which pgml-proxy does not support"
         )
 
     def _sasl_start(self, data: bytes) -> UpstreamStep:
         mechanisms = [m.decode() for m in data.split(b"\0") if m]
         if SCRAM not in mechanisms:
-            raise ClientCannotConnect(
+            raise SqlclientUnableToEstablishSqlconnection(
                 f"the upstream offers SASL mechanisms {mechanisms}, none of them {SCRAM}"
             )
         # Postgres ignores the SCRAM user name (it has the startup user's); scramp wants one non-empty.

@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
-from planner.interfaces import QueryResult
+from core.errors import ConnectionFailure, PgError, ProtocolViolation
+from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
+from core.interfaces import QueryResult
 from proxy import messages as m
 from proxy.auth import UpstreamAuthenticator
-from proxy.errors import ClientCannotConnect, ConnectionFailure, PgError, ProtocolViolation
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -393,10 +394,10 @@ async def connect(
     except OSError as exc:
         conn.close()
         where = target.unix_path or f"{target.host}:{target.port}"
-        raise ClientCannotConnect(f"cannot reach the upstream Postgres at {where}: {exc}") from None
+        raise CannotConnect(f"cannot reach the upstream Postgres at {where}: {exc}") from None
     except TimeoutError:
         conn.close()
-        raise ClientCannotConnect(f"the upstream did not answer within {timeout} s") from None
+        raise CannotConnect(f"the upstream did not answer within {timeout} s") from None
     except BaseException:
         conn.close()
         raise
@@ -414,7 +415,7 @@ async def _start_tls(conn: ServerConn, target: Target, ctx: ssl.SSLContext | Non
     conn._ssl_answer = None
     if answer != b"S":
         if target.sslmode == "require":
-            raise ClientCannotConnect("the upstream refused TLS and upstream sslmode is require")
+            raise CannotConnect("the upstream refused TLS and upstream sslmode is require")
         return
     assert conn.transport is not None
     tr = await asyncio.get_running_loop().start_tls(conn.transport, conn, ctx, server_hostname=target.host)

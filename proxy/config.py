@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import ConfigError
+from core.errors import ConfigError
 
 POOL_MODES = ("session", "transaction")
 CLIENT_AUTH_METHODS = ("trust", "cleartext", "md5", "scram-sha-256", "passthrough")

@@ -22,7 +22,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
-from planner.interfaces import CallContext
+from core.errors import (
+    InternalError,
+    PgError,
+    ProtocolViolation,
+    TooManyConnections,
+)
+from core.interfaces import CallContext
 from proxy import messages as m
 from proxy.backend import (
     SWALLOW_ALL,
@@ -31,12 +37,6 @@ from proxy.backend import (
     Expect,
     ServerConn,
     settings_sql,
-)
-from proxy.errors import (
-    InternalError,
-    PgError,
-    ProtocolViolation,
-    TooManyConnections,
 )
 from proxy.localexec import LocalStatements
 from proxy.sink import ClientSink

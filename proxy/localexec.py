@@ -15,9 +15,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from planner.interfaces import Portal, PreparedStatement, StatementHandler
+from core.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
+from core.interfaces import Portal, PreparedStatement, StatementHandler
 from proxy import messages as m
-from proxy.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
 from proxy.upstream import HeldUpstream
 
 # Fails on purpose: the only way to put an open transaction block into the aborted state.

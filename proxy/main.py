@@ -16,8 +16,8 @@ import signal
 import sys
 from typing import Any
 
+from core.errors import ConfigError
 from proxy.config import Config, load
-from proxy.errors import ConfigError
 
 log = logging.getLogger("pgml_proxy")
 

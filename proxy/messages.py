@@ -14,8 +14,8 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from planner.interfaces import Column, WireValue
-from proxy.errors import ProtocolViolation
+from core.errors import ProtocolViolation
+from core.interfaces import Column, WireValue
 
 PROTOCOL_3_0 = 196608
 SSL_REQUEST = 80877103

@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from core.errors import PgError, TooManyConnections
 from proxy.backend import ServerConn, Target, connect
-from proxy.errors import PgError, TooManyConnections
 
 log = logging.getLogger("pgml_proxy.pool")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from planner.interfaces import Column, WireValue
+from core.interfaces import Column, WireValue
 from proxy import messages as m
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
+from core.errors import FeatureNotSupported, InvalidAuthorizationSpecification, PgError, ProtocolViolation
 from proxy import messages as m
 from proxy.auth import ClientAuthenticator
 from proxy.backend import settings_sql, valid_setting_name
-from proxy.errors import FeatureNotSupported, InvalidAuthorization, PgError, ProtocolViolation
 
 if TYPE_CHECKING:
     from proxy.frontend import Frontend
@@ -78,7 +78,7 @@ async def _login(fe: Frontend, startup: m.StartupMessage) -> None:
     user = params.pop("user", "")
     database = params.pop("database", "") or user
     if not user:
-        raise InvalidAuthorization("no PostgreSQL user name specified in startup packet")
+        raise InvalidAuthorizationSpecification("no PostgreSQL user name specified in startup packet")
     if "replication" in params and params.pop("replication") not in ("false", "0", "off", "no"):
         raise FeatureNotSupported("replication connections are not supported by pgml-proxy")
     unknown = [k for k in params if k.startswith("_pq_.")]
@@ -86,7 +86,7 @@ async def _login(fe: Frontend, startup: m.StartupMessage) -> None:
     settings.update(m.parse_options(params.get("options", "")))
     for name in settings:
         if not valid_setting_name(name):
-            raise InvalidAuthorization(f"invalid startup parameter name {name!r}")
+            raise InvalidAuthorizationSpecification(f"invalid startup parameter name {name!r}")
     fe.user, fe.database = user, database
     fe.application_name = settings.get("application_name", "")
     if startup.version & 0xFFFF or unknown:
@@ -156,7 +156,7 @@ async def _admin_login(fe: Frontend, user: str, password: str | None) -> None:
     in passthrough mode only once the upstream has accepted the password on a login of its own."""
     admins = fe.app.config.admin_users
     if admins and user not in admins:
-        raise InvalidAuthorization(
+        raise InvalidAuthorizationSpecification(
             f'user "{user}" may not connect to the admin database "{fe.app.ADMIN_DB}"',
             hint="list the user in proxy.admin_users",
         )

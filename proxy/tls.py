@@ -15,7 +15,7 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
 
-from proxy.errors import ConfigError
+from core.errors import ConfigError
 
 SSLMODES = ("disable", "prefer", "require")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from planner.interfaces import Column, QueryResult, StatementDescription, WireValue
+from core.errors import PgError
+from core.interfaces import Column, QueryResult, StatementDescription, WireValue
 from proxy import messages as m
 from proxy.backend import ServerConn
-from proxy.errors import PgError
 
 
 class HeldUpstream:

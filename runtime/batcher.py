@@ -18,7 +18,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.errors import InsufficientResources, InternalError, PgError
+from core.errors import InsufficientResources, InternalError, PgError
 
 RunBatch = Callable[[list[Any]], Sequence[Any]]
 # The quiet gap that closes a batch early, as a share of wait_s.

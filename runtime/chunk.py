@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.errors import FeatureNotSupported, InvalidParameterValue
+from core.errors import FeatureNotSupported, InvalidParameterValue
 
 _SPLITTERS: Mapping[str, str] = {
     "character": "CharacterTextSplitter",

@@ -2,7 +2,7 @@
 
 Owns every runtime default (batching, memory budget, model resolution, engines). The
 proxy keeps `[runtime]` as a raw mapping; `RuntimeConfig.from_mapping` turns it into
-this object and raises `proxy.errors.ConfigError` naming the first bad key.
+this object and raises `core.errors.ConfigError` naming the first bad key.
 `[runtime.tabular]` is passed through untouched to the tabular runtime.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import ConfigError
+from core.errors import ConfigError
 
 # Hugging Face's own pipeline defaults (transformers.pipelines.SUPPORTED_TASKS, 4.57), so a
 # task without a model means what it means to PostgresML users.

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from proxy.errors import InvalidParameterValue, PgError
+from core.errors import InvalidParameterValue, PgError
 from runtime.config import RuntimeConfig
 from runtime.engines import Placement, onnx_files_bytes, onnx_sentence_transformer, torch_precision
 from runtime.resolve import ResolvedModel

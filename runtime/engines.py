@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import FeatureNotSupported, InvalidParameterValue
+from core.errors import FeatureNotSupported, InvalidParameterValue
 from runtime.config import RuntimeConfig
 from runtime.resolve import ResolvedModel, build_once
 

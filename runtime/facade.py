@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from planner.interfaces import CallContext
-from proxy.errors import FeatureNotSupported, InvalidParameterValue, UndefinedFunction
+from core.errors import FeatureNotSupported, InvalidParameterValue, UndefinedFunction
+from core.interfaces import CallContext
 from runtime import chunk as chunking
 from runtime import transform as tf
 from runtime.config import RuntimeConfig
@@ -37,7 +37,7 @@ _NOT_SUPPORTED = {
 
 
 class Runtime:
-    """Implements `planner.interfaces.Runtime` (and `models_info` for SHOW MODELS)."""
+    """Implements `core.interfaces.Runtime` (and `models_info` for SHOW MODELS)."""
 
     def __init__(self, config: RuntimeConfig | Mapping[str, Any], upstream_dsn: str) -> None:
         self.config = config if isinstance(config, RuntimeConfig) else RuntimeConfig.from_mapping(config)
@@ -236,7 +236,7 @@ class Runtime:
     def _trust(self, kwargs: Mapping[str, Any]) -> bool:
         asked = bool(kwargs.get("trust_remote_code", False))
         if asked and not self.config.trust_remote_code:
-            from proxy.errors import InsufficientPrivilege
+            from core.errors import InsufficientPrivilege
 
             raise InsufficientPrivilege(
                 "trust_remote_code is disabled", hint="set runtime.trust_remote_code = true to allow it"

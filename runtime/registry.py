@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.errors import InternalError, InvalidParameterValue, PgError
+from core.errors import InternalError, InvalidParameterValue, PgError
 from runtime.batcher import Batcher
 from runtime.config import RuntimeConfig
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.errors import InsufficientPrivilege, UndefinedModel
+from core.errors import InsufficientPrivilege, UndefinedModel
 from runtime.config import RuntimeConfig
 
 _MINILM_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")

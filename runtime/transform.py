@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import FeatureNotSupported, InvalidParameterValue, PgError
+from core.errors import FeatureNotSupported, InvalidParameterValue, PgError
 from runtime.config import RuntimeConfig
 from runtime.engines import Placement, onnx_files_bytes, onnx_pipeline, torch_precision, weight_mb
 from runtime.gguf import ensure_transformers_folder

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from planner.interfaces import CallContext
-from proxy.errors import InvalidParameterValue, UndefinedModel
+from core.errors import InvalidParameterValue, UndefinedModel
+from core.interfaces import CallContext
 
 LETTERS = "aeiou"
 
@@ -23,7 +23,7 @@ def hist(text: str) -> list[float]:
 
 
 class HistRuntime:
-    """Implements planner.interfaces.Runtime deterministically; records batch sizes."""
+    """Implements core.interfaces.Runtime deterministically; records batch sizes."""
 
     def __init__(self) -> None:
         self.batches: list[tuple[str, int]] = []

@@ -21,10 +21,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
 
-from planner.interfaces import QueryResult
+from core.errors import ConfigError, InvalidParameterValue, PgError
+from core.interfaces import QueryResult
 from proxy import admin, metrics
 from proxy.config import Config
-from proxy.errors import ConfigError, InvalidParameterValue, PgError
 from tests.fix_postgres import free_port
 
 SNAPSHOT = {

@@ -25,8 +25,8 @@ import psycopg
 import pytest
 from scramp import ScramClient
 
+from core.errors import InvalidPassword, ProtocolViolation
 from proxy import auth
-from proxy.errors import InvalidPassword, ProtocolViolation
 from tests.fix_postgres import PgServer, start_postgres
 from tests.fix_proxy import TEST_CONFIG
 

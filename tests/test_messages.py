@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from planner.interfaces import Column
+from core.errors import ProtocolViolation
+from core.interfaces import Column
 from proxy import messages as m
-from proxy.errors import ProtocolViolation
 
 CASES: list[tuple[Any, bytes]] = [
     (m.Query("SELECT 1"), b"Q\x00\x00\x00\x0dSELECT 1\x00"),

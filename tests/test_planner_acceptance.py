@@ -18,7 +18,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from planner.interfaces import CallContext
+from core.interfaces import CallContext
 from tests.fix_proxy import ProxyProcess, start_proxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import FeatureNotSupported, PgError, SyntaxError_, UndefinedFunction
 from planner.analyze import analyze
 from planner.catalog import SIGNATURES
 from planner.plan import ClientParam, Evaluated, Literal, RowColumn
-from proxy.errors import FeatureNotSupported, PgError, SyntaxError_, UndefinedFunction
 
 E = "pgml.embed('m', body)"
 # (sql, kind, [(field, fragment that must appear)], number of consts, number of temp steps, streamed calls)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import ConfigError, PgError
 from planner.analyze import analyze
 from planner.handler import validate
-from proxy.errors import ConfigError, PgError
 
 CTAS = "CREATE TABLE te AS SELECT body, pgml.embed('m', body) AS embedding FROM docs"
 

@@ -20,7 +20,8 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from planner.interfaces import (
+from core.errors import InvalidParameterValue
+from core.interfaces import (
     CallContext,
     Column,
     Portal,
@@ -30,7 +31,6 @@ from planner.interfaces import (
     UpstreamSession,
     WireValue,
 )
-from proxy.errors import InvalidParameterValue
 from tests.fix_proxy import InProcessProxy
 
 TEXT, INT8 = 25, 20

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from planner.interfaces import CallContext
-from proxy.errors import InvalidParameterValue, UndefinedModel
+from core.errors import InvalidParameterValue, UndefinedModel
+from core.interfaces import CallContext
 from runtime import Runtime
 from runtime.config import RuntimeConfig
 from runtime.resolve import Resolver

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from planner.interfaces import CallContext
+from core.interfaces import CallContext
 from runtime import Runtime
 from runtime.tiny_models import build_all
 
@@ -134,7 +134,7 @@ async def test_each_engine_reports_what_it_runs(engines: dict[str, Runtime]) -> 
 async def test_an_architecture_without_onnx_export(tmp_path: Path) -> None:
     # optimum-onnx has no exporter for CTRL: engine "auto" runs it on torch and says why;
     # engine "onnx" refuses it with 0A000 naming the model.
-    from proxy.errors import FeatureNotSupported
+    from core.errors import FeatureNotSupported
     from runtime.tiny_models import bpe_tokenizer
 
     transformers: Any = importlib.import_module("transformers")

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from planner.interfaces import CallContext
-from proxy.errors import FeatureNotSupported, InvalidParameterValue
+from core.errors import FeatureNotSupported, InvalidParameterValue
+from core.interfaces import CallContext
 from runtime import Runtime
 from runtime.gguf import ensure_transformers_folder
 from runtime.tiny_models import build_all

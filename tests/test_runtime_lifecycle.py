@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from planner.interfaces import CallContext
+from core.interfaces import CallContext
 from runtime import Runtime
 from runtime.engines import QUANT_MIN_COSINE, export_dir
 from runtime.resolve import package_dir

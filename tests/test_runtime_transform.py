@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from planner.interfaces import CallContext
-from proxy.errors import InvalidParameterValue, UndefinedModel
+from core.errors import InvalidParameterValue, UndefinedModel
+from core.interfaces import CallContext
 from runtime import Runtime
 from runtime.tiny_models import NER_LABELS, NLI_LABELS, POS_LABELS, SENTIMENT_LABELS, build_all
 

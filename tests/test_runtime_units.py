@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.interfaces import CallContext
-from proxy.errors import (
+from core.errors import (
     ConfigError,
     FeatureNotSupported,
     InsufficientPrivilege,
@@ -19,6 +18,7 @@ from proxy.errors import (
     UndefinedFunction,
     UndefinedModel,
 )
+from core.interfaces import CallContext
 from runtime import Runtime, RuntimeConfig
 from runtime.batcher import Batcher
 from runtime.chunk import split

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.errors import PgError
+from core.errors import PgError
 from runtime.tabular import TabularRuntime
 from tests.test_tabular_support import call, tab, tab_dsn, train
 

@@ -11,7 +11,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from proxy.errors import DataException, PgError
+from core.errors import DataException, PgError
 from runtime.tabular import TabularRuntime, storage
 from runtime.tabular.batcher import Batcher
 from runtime.tabular.migrations import migration_files

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from proxy.errors import ConfigError
+from core.errors import ConfigError
 from runtime.tabular import TabularRuntime
 from tests.test_tabular_support import Notes, tab_dsn
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from planner.interfaces import CallContext
+from core.interfaces import CallContext
 from runtime.tabular import TabularRuntime
 from tests.fix_postgres import PgServer
 

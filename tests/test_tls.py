@@ -23,9 +23,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from core.errors import ConfigError
 from proxy import tls
 from proxy.auth import UpstreamAuthenticator
-from proxy.errors import ConfigError
 from tests.fix_postgres import PG_USER, PgServer, start_postgres
 
 

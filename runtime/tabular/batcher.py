@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from proxy.errors import InsufficientResources
+from core.errors import InsufficientResources
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from proxy.errors import FeatureNotSupported, InsufficientPrivilege, UndefinedObject
+from core.errors import FeatureNotSupported, InsufficientPrivilege, UndefinedObject
 
 
 @dataclass

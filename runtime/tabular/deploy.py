@@ -11,7 +11,7 @@ from typing import Any
 
 from psycopg import sql
 
-from proxy.errors import InvalidParameterValue, UndefinedModel
+from core.errors import InvalidParameterValue, UndefinedModel
 
 from . import algorithms, registry
 

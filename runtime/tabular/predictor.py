@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from proxy.errors import DataException, InvalidParameterValue
+from core.errors import DataException, InvalidParameterValue
 
 from . import preprocess, registry, storage
 from .batcher import Batcher

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from proxy.errors import InvalidParameterValue, NullValueNotAllowed
+from core.errors import InvalidParameterValue, NullValueNotAllowed
 
 ENCODES = ("native", "target", "one_hot", "ordinal")
 IMPUTES = ("error", "mean", "median", "mode", "min", "max", "zero")

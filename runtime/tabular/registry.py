@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from proxy.errors import (
+from core.errors import (
     DataException,
     FeatureNotSupported,
     InsufficientPrivilege,

@@ -17,8 +17,8 @@ from typing import Any
 
 import psycopg
 
-from planner.interfaces import CallContext
-from proxy.errors import ConfigError, InvalidParameterValue, UndefinedFunction, lookup
+from core.errors import ConfigError, InvalidParameterValue, UndefinedFunction, lookup
+from core.interfaces import CallContext
 
 from . import datasets, deploy, migrations, offline_datasets, registry, trainer
 from .predictor import OPS, Predictor
@@ -130,7 +130,7 @@ class TabularRuntime:
     async def call_batch(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
-        """One result per call (see planner.interfaces.Runtime.call_batch)."""
+        """One result per call (see core.interfaces.Runtime.call_batch)."""
         if function not in self.functions:
             raise UndefinedFunction(f"pgml.{function} is not a tabular function")
         try:

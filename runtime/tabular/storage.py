@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from proxy.errors import DataException, FeatureNotSupported, InternalError
+from core.errors import DataException, FeatureNotSupported, InternalError
 
 # skops already trusts its own list of safe builtins/NumPy types; beyond those a file may
 # name only scikit-learn CLASSES (estimators, trees, kernels). A function reference (say

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from planner.interfaces import CallContext
-from proxy.errors import InvalidParameterValue, NullValueNotAllowed, UndefinedModel
+from core.errors import InvalidParameterValue, NullValueNotAllowed, UndefinedModel
+from core.interfaces import CallContext
 
 from . import algorithms, preprocess, registry, storage, training
 

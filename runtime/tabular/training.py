@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from proxy.errors import InvalidParameterValue, QueryCanceled
+from core.errors import InvalidParameterValue, QueryCanceled
 
 from . import algorithms
 

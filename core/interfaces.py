@@ -50,7 +50,7 @@ class StatementDescription:
 class UpstreamSession(Protocol):
     """The client's own server connection, held for the duration of one statement.
 
-    Implemented by proxy/. Every method raises `proxy.errors.PgError` (carrying every
+    Implemented by proxy/. Every method raises `core.errors.PgError` (carrying every
     ErrorResponse field) when the upstream answers with an error; the session then
     stays usable once the proxy has synced it (the implementation does the Sync).
     """
@@ -173,7 +173,7 @@ class Runtime(Protocol):
         Scalar functions return the value (list[float] for real[], JSON-able Python for
         jsonb, float for real, str for text). Set-returning functions return, per call,
         a list of row tuples in the reference's column order.
-        Raises `proxy.errors.PgError` subclasses with the right SQLSTATE.
+        Raises `core.errors.PgError` subclasses with the right SQLSTATE.
         """
         ...
 
