@@ -20,6 +20,7 @@ import psycopg
 from core.errors import ConfigError, InvalidParameterValue, UndefinedFunction, lookup
 from core.functions import Served, declaration, served_by
 from core.interfaces import CallContext
+from core.settings import TabularSettings
 
 from . import datasets, deploy, migrations, offline_datasets, registry, trainer
 from .predictor import Predictor
@@ -27,38 +28,15 @@ from .predictor import Predictor
 log = logging.getLogger(__name__)
 _Calls = Sequence[Mapping[str, Any]]
 
-_SETTINGS = {
-    "pool_size": 4,
-    "predict_threads": 2,
-    "max_batch_rows": 4096,
-    "max_queue": 10000,
-    "max_models": 32,
-}
-
-
-def _substitutes(raw: Mapping[str, Any]) -> dict[str, str]:
+def _substitutes(settings: TabularSettings) -> dict[str, str]:
     """`dataset_substitutes`: hub dataset name -> an offline generator of the same role."""
-    subs = raw.get("dataset_substitutes", {})
-    if not isinstance(subs, Mapping):
-        raise ConfigError("runtime.tabular.dataset_substitutes", "expected a table of name = generator")
-    for name, generator in subs.items():
+    for name, generator in settings.dataset_substitutes.items():
         if generator not in offline_datasets.GENERATORS:
             raise ConfigError(
                 f"runtime.tabular.dataset_substitutes.{name}",
                 f"unknown generator {generator!r}; expected one of {sorted(offline_datasets.GENERATORS)}",
             )
-    return {str(k): str(v) for k, v in subs.items()}
-
-
-def _settings(raw: Mapping[str, Any]) -> dict[str, int]:
-    out = dict(_SETTINGS)
-    for key, value in raw.items():
-        if key not in _SETTINGS:
-            continue  # other runtime keys belong to the language-model side or _substitutes
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"runtime.{key}", f"must be a positive integer, got {value!r}")
-        out[key] = value
-    return out
+    return dict(settings.dataset_substitutes)
 
 
 class TabularRuntime:
@@ -66,14 +44,14 @@ class TabularRuntime:
 
     functions = served_by("tabular")
 
-    def __init__(self, upstream_dsn: str, settings: Mapping[str, Any]) -> None:
+    def __init__(self, upstream_dsn: str, settings: TabularSettings | Mapping[str, Any]) -> None:
         self._dsn = upstream_dsn
-        cfg = _settings(settings)
-        self._substitutes = _substitutes(settings)
-        self._pool = registry.Pool(upstream_dsn, cfg["pool_size"])
-        self._executor = ThreadPoolExecutor(cfg["predict_threads"], thread_name_prefix="pgml-predict")
+        cfg = settings if isinstance(settings, TabularSettings) else TabularSettings.from_mapping(settings)
+        self._substitutes = _substitutes(cfg)
+        self._pool = registry.Pool(upstream_dsn, cfg.pool_size)
+        self._executor = ThreadPoolExecutor(cfg.predict_threads, thread_name_prefix="pgml-predict")
         self._predictor = Predictor(
-            self._pool, self._executor, cfg["max_batch_rows"], cfg["max_queue"], cfg["max_models"]
+            self._pool, self._executor, cfg.max_batch_rows, cfg.max_queue, cfg.max_models
         )
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
