@@ -21,6 +21,7 @@ from core.errors import FeatureNotSupported, InsufficientPrivilege, InvalidParam
 from core.functions import NotSupported
 from core.interfaces import CallContext
 from runtime import chunk as chunking
+from runtime import optional
 from runtime import transform as tf
 from runtime.config import RuntimeConfig
 from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
@@ -48,6 +49,7 @@ class Runtime:
 
     async def start(self) -> None:
         """Start the tabular side (its migrations) and warm the preload list."""
+        optional.check()
         # No upstream (an LM-only runtime, as in unit tests and benchmarks): no tabular side.
         if self.upstream_dsn:
             # Imported here, not at the top: an LM-only runtime (the GPU check) runs without
