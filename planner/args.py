@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 from pglast import ast
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
 
-from core.errors import InvalidTextRepresentation
+from core.errors import InvalidTextRepresentation, NumericValueOutOfRange, StatementTooComplex
 from planner import sqltree as t
 from planner.catalog import ANY, TYPE_OIDS, BoundCall
 from planner.plan import ArgSource, CallPlan, ClientParam, Evaluated, Literal, RowColumn
@@ -26,6 +28,35 @@ NOT_LITERAL = object()
 # The type a `$n` of OID 0 is read as when the pgml argument has no single SQL type.
 ANY_PARAM_TYPES = {"features": "real[]", "inputs": "text[]"}
 _TX = Transformer()
+_REAL_MAX = 3.4028234663852886e38  # float4's largest finite value
+
+
+def parse_json(text: str) -> Any:
+    """A json/jsonb argument's value, with Postgres's SQLSTATEs and wording for bad text.
+
+    Postgres accepts nesting up to its stack depth (thousands of levels); Python's parser
+    stops near 1,000: deeper input gets Postgres's answer for too deep, 54001.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidTextRepresentation(
+            "invalid input syntax for type json", detail=f"{exc.msg} at character {exc.pos + 1}."
+        ) from exc
+    except RecursionError as exc:
+        raise StatementTooComplex(
+            "stack depth limit exceeded", detail="the JSON value is nested too deeply for pgml-proxy"
+        ) from exc
+
+
+def _number(value: Any, sql_type: str) -> float:
+    """A real/float8 value; text and numbers beyond the type's range are 22003 as in Postgres."""
+    number = float(value)
+    limit = _REAL_MAX if sql_type == "real" else float("inf")
+    finite_text = not (isinstance(value, str) and value.strip().lower().lstrip("+-") in ("inf", "infinity"))
+    if (number != number) or not finite_text or abs(number) <= limit:  # NaN and spelled-out Infinity
+        return number
+    raise NumericValueOutOfRange(f'"{value}" is out of range for type {sql_type}')
 
 
 def type_of(name: Any) -> str | None:
@@ -51,13 +82,15 @@ def coerce(value: Any, sql_type: str) -> Any:
         return value
     try:
         if sql_type in ("jsonb", "json"):
-            return json.loads(value) if isinstance(value, str) else value
+            return parse_json(value) if isinstance(value, str) else value
         if sql_type.endswith("[]"):
             if isinstance(value, str):
-                return _TX.get_loader(TYPE_OIDS[sql_type], Format.TEXT).load(value.encode())
+                return array_text(value, sql_type)
+            if not isinstance(value, (list, tuple)):
+                raise InvalidTextRepresentation(f'malformed array literal: "{value}"')
             return [coerce(v, sql_type[:-2]) for v in value]
         if sql_type in ("real", "float8", "numeric"):
-            return float(value)
+            return _number(value, sql_type)
         if sql_type in ("bigint", "int", "smallint", "integer"):
             return int(value)
         if sql_type == "bool":
@@ -71,8 +104,20 @@ def coerce(value: Any, sql_type: str) -> Any:
                 else str(value)
             )
     except (ValueError, TypeError) as exc:
-        raise InvalidTextRepresentation(f"invalid input syntax for type {sql_type}: {value!r}") from exc
+        raise InvalidTextRepresentation(f'invalid input syntax for type {sql_type}: "{value}"') from exc
     return value
+
+
+def array_text(text: str, sql_type: str) -> Any:
+    """An array's text form (`{1,2,3}`) as a list, by psycopg's loader; 22P02 as Postgres words it."""
+    try:
+        return _TX.get_loader(TYPE_OIDS[sql_type], Format.TEXT).load(text.encode())
+    except psycopg.DataError as exc:
+        raise InvalidTextRepresentation(f'malformed array literal: "{text[:200]}"', detail=str(exc)) from exc
+    except (ValueError, TypeError) as exc:
+        raise InvalidTextRepresentation(
+            f'invalid input syntax for type {sql_type[:-2]}: "{text[:200]}"', detail=str(exc)
+        ) from exc
 
 
 def literal_value(node: Any, sql_type: str) -> Any:
@@ -86,6 +131,8 @@ def literal_value(node: Any, sql_type: str) -> Any:
             raw = val.ival
         elif t.is_node(val, ast.Float):
             raw = float(val.fval)
+            if math.isinf(raw):  # a numeric literal beyond float8: 22003 as its cast would give
+                raise NumericValueOutOfRange(f'"{val.fval}" is out of range for type double precision')
         elif t.is_node(val, ast.Boolean):
             raw = val.boolval
         elif t.is_node(val, ast.String):

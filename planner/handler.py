@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from core.errors import ConfigError, PgError, SyntaxError_
+from core.errors import ConfigError, PgError, SyntaxError_, UndefinedParameter
 from core.interfaces import (
     CallContext,
     Column,
@@ -30,6 +30,7 @@ from core.interfaces import (
 from planner.analyze import analyze
 from planner.execute import Bound, Event, Executor, cursor_open
 from planner.plan import StatementPlan
+from planner.values import check_bind
 
 _PORTALS = itertools.count(1)  # names the upstream cursors of row-limited portals
 DEFAULTS: dict[str, int] = {"chunk_rows": 1000, "materialise_rows": 5000, "parse_cache_size": 512}
@@ -93,6 +94,9 @@ class Handler:
             for res in await upstream.simple(sql):
                 await forward_result(res, sink)
             return
+        unbound = next((p.n_params for p in plans if p.kind != "passthrough" and p.n_params), 0)
+        if unbound:  # a simple Query has no parameters: `$1` there is 42P02, as Postgres says
+            raise UndefinedParameter(f"there is no parameter ${unbound}")
         # Postgres runs a multi-statement Query as one implicit transaction: do the same.
         wrap = (
             len(plans) > 1
@@ -180,6 +184,7 @@ class Prepared:
     async def bind(
         self, params: Sequence[WireValue], param_formats: Sequence[int], result_formats: Sequence[int]
     ) -> PlannerPortal:
+        check_bind(params, param_formats, result_formats, self.oids)
         return PlannerPortal(self, Bound(params, param_formats, self.oids, result_formats))
 
 

@@ -59,6 +59,22 @@ def _settings(raw: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
+_OBJECT_ARGS = ("hyperparams", "search_params", "search_args", "kwargs")
+_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", list: "array"}
+
+
+def _check_objects(function: str, call: Mapping[str, Any]) -> None:
+    """22023 naming the argument when a JSON argument that must be an object is another JSON type."""
+    for name in _OBJECT_ARGS:
+        value = call.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            kind = _JSON_TYPES.get(type(value), type(value).__name__)
+            raise InvalidParameterValue(
+                f"pgml.{function}: {name} must be a JSON object, not a JSON {kind}",
+                hint=f"""for example {name} => '{{"n_estimators": 10}}'""",
+            )
+
+
 class TabularRuntime:
     """Training, prediction and the registry of tabular models in the upstream's `pgml` schema."""
 
@@ -145,6 +161,7 @@ class TabularRuntime:
             raise lookup(code)(f"pgml.{function}: {exc}".strip(), fields={"C": code}) from exc
 
     async def _one(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[Any, ...]]:
+        _check_objects(function, call)
         if function in ("train", "train_joint"):
             row = await trainer.train(self._pool, call, ctx, joint=function == "train_joint")
             self._predictor.forget_deployment(str(call["project_name"]))
