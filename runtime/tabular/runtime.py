@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
+from psycopg_pool import PoolTimeout
 
 from core.errors import ConfigError, InvalidParameterValue, UndefinedFunction, lookup
 from core.interfaces import CallContext
@@ -59,6 +60,7 @@ def _settings(raw: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
+_BACKOFF = (0.1, 5.0)  # the LISTEN task's first and longest wait between reconnections
 _OBJECT_ARGS = ("hyperparams", "search_params", "search_args", "kwargs")
 _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", list: "array"}
 
@@ -97,7 +99,7 @@ class TabularRuntime:
         self._dsn = upstream_dsn
         cfg = _settings(settings)
         self._substitutes = _substitutes(settings)
-        self._pool = registry.Pool(upstream_dsn, cfg["pool_size"])
+        self._pool = registry.new_pool(upstream_dsn, cfg["pool_size"])
         self._executor = ThreadPoolExecutor(cfg["predict_threads"], thread_name_prefix="pgml-predict")
         self._predictor = Predictor(
             self._pool, self._executor, cfg["max_batch_rows"], cfg["max_queue"], cfg["max_models"]
@@ -107,6 +109,7 @@ class TabularRuntime:
 
     async def start(self) -> None:
         """Migrate the `pgml` schema (one proxy at a time) and start listening for deploys."""
+        await self._pool.open(wait=True, timeout=30)
         async with self._pool.connection() as conn:
             applied = await migrations.migrate(conn)
         if applied:
@@ -115,20 +118,32 @@ class TabularRuntime:
         await asyncio.wait_for(self._listening.wait(), 30)
 
     async def _listen(self) -> None:
-        """Drop cached deployments announced by any instance; reconnect after a failure."""
+        """Drop cached deployments announced by any instance; reconnect, with backoff, after a loss.
+
+        The connection is the pool's (checked, reconnected by psycopg_pool): after an upstream
+        restart the next attempt gets a fresh one, and no statement waits for this task.
+        """
+        delay = _BACKOFF[0]
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+                async with self._pool.connection() as conn:
                     await conn.execute(f"LISTEN {registry.DEPLOY_CHANNEL}")
                     # Anything announced while we were not listening is unknown: start afresh.
                     self._predictor.forget_deployment()
                     self._listening.set()
-                    async for note in conn.notifies():
-                        self._predictor.forget_deployment(note.payload)
-            except psycopg.Error as exc:
-                log.warning("LISTEN %s failed (%s); retrying", registry.DEPLOY_CHANNEL, exc)
+                    delay = _BACKOFF[0]
+                    try:
+                        async for note in conn.notifies():
+                            self._predictor.forget_deployment(note.payload)
+                    finally:
+                        if not conn.closed:  # the connection goes back to the pool: stop listening
+                            with contextlib.suppress(psycopg.Error):
+                                await conn.execute("UNLISTEN *")
+            except (psycopg.Error, PoolTimeout) as exc:
+                log.warning("LISTEN %s lost (%s); retrying in %.1f s", registry.DEPLOY_CHANNEL, exc, delay)
                 self._predictor.forget_deployment()
-                await asyncio.sleep(1)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF[1])
 
     def batch_stats(self) -> dict[str, dict[str, int]]:
         """Library calls and rows per `model_id/op` since start: how well predicts batch."""
