@@ -146,7 +146,7 @@ async def read_columns(
 
 async def project(conn: Conn, name: str) -> dict[str, Any] | None:
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute("SELECT id, name, task FROM pgml.projects WHERE name = %s", (name,))
+    await cur.execute("SELECT id, name, task, owner FROM pgml.projects WHERE name = %s", (name,))
     return await cur.fetchone()
 
 
@@ -190,16 +190,41 @@ async def _regclass(conn: Conn, relation: str) -> str:
     return str((await cur.fetchone())[0])  # type: ignore[index]
 
 
-async def ensure_project(conn: Conn, name: str, task: str) -> int:
-    """The project's id, creating it; 22023 when it exists with another task."""
+async def ensure_project(conn: Conn, name: str, task: str, owner: str = "") -> int:
+    """The project's id, creating it owned by `owner`; 22023 when it exists with another task,
+    42501 when it exists and `owner` may not write to it (see check_may_write)."""
     await conn.execute(
-        "INSERT INTO pgml.projects (name, task) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (name, task)
+        "INSERT INTO pgml.projects (name, task, owner) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
+        (name, task, owner or None),
     )
     cur = await conn.execute("SELECT id, task FROM pgml.projects WHERE name = %s", (name,))
     pid, existing = await cur.fetchone()  # type: ignore[misc]
     if existing != task:
         raise InvalidParameterValue(f"project {name!r} has task {existing!r}, not {task!r}")
+    await check_may_write(conn, int(pid), owner, "train into")
     return int(pid)
+
+
+async def check_may_write(conn: Conn, project_id: int, user: str, action: str) -> None:
+    """42501 unless `user` owns the project, is a member of its owner role, holds a grant
+    (pgml_proxy.grant_project) or is a superuser; projects without an owner are open.
+
+    An empty `user` (a call from inside the proxy) is not checked.
+    """
+    if not user:
+        return
+    cur = await conn.execute(
+        "SELECT p.name, p.owner, pgml_proxy.may_write_project(p.id, %s) FROM pgml.projects p WHERE p.id = %s",
+        (user, project_id),
+    )
+    row = await cur.fetchone()
+    if row is None or row[2]:
+        return
+    raise InsufficientPrivilege(
+        f'must be owner of project "{row[0]}" to {action} it (owned by {row[1]})',
+        detail=f'role "{user}" is not a member of role "{row[1]}" and holds no grant on the project',
+        hint=f"the owner can run SELECT pgml_proxy.grant_project('{row[0]}', '{user}')",
+    )
 
 
 async def insert_model(conn: Conn, values: dict[str, Any], files: list[tuple[str, int, bytes]]) -> int:

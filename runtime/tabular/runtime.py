@@ -178,16 +178,24 @@ class TabularRuntime:
     async def _one(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[Any, ...]]:
         _check_objects(function, call)
         if function in ("train", "train_joint"):
+            # Refused before any training work; checked again where the model is written.
+            await self._check_may_write(str(call["project_name"]), ctx.user)
             row = await trainer.train(self._pool, call, ctx, joint=function == "train_joint")
             self._predictor.forget_deployment(str(call["project_name"]))
             return [row]
         if function == "snapshot":
             return [await trainer.snapshot(self._pool, call, ctx)]
         if function == "deploy":
-            row = await deploy.deploy(self._pool, call)
+            row = await deploy.deploy(self._pool, call, ctx.user)
             self._predictor.forget_deployment(row[0])
             return [row]
         return [await self._load_dataset(call, ctx)]
+
+    async def _check_may_write(self, project: str, user: str) -> None:
+        async with self._pool.connection() as conn:
+            found = await registry.project(conn, project)
+            if found is not None:
+                await registry.check_may_write(conn, int(found["id"]), user, "train into")
 
     async def _load_dataset(self, call: Mapping[str, Any], ctx: CallContext) -> tuple[Any, ...]:
         source = str(call.get("source") or "")
