@@ -74,7 +74,7 @@ def test_others_may_not_train_or_deploy(roles: Roles) -> None:
     roles.sql(roles.alice, TRAIN.format(p="guarded"))
     before = roles.sql("postgres", "SELECT count(*) FROM pgml.models")
     err = roles.refused(roles.bob, RETRAIN.format(p="guarded"))
-    assert 'project "guarded"' in err.diag.message_primary and f"owned by {roles.alice}" in str(err)
+    assert 'project "guarded"' in str(err.diag.message_primary) and f"owned by {roles.alice}" in str(err)
     err = roles.refused(roles.bob, "SELECT * FROM pgml.deploy('guarded', 'most_recent')")
     assert "deploy" in str(err) and roles.alice in str(err)
     [(model_id,)] = roles.sql("postgres", "SELECT max(id) FROM pgml.models")
@@ -91,7 +91,7 @@ def test_grant_and_revoke(roles: Roles) -> None:
     roles.refused(roles.bob, RETRAIN.format(p="shared"))
     # Only the owner (or a member, or a superuser) may grant.
     err = roles.refused(roles.bob, f"SELECT pgml_proxy.grant_project('shared', '{roles.bob}')")
-    assert 'must be owner of project "shared"' in err.diag.message_primary
+    assert 'must be owner of project "shared"' in str(err.diag.message_primary)
     assert roles.alice in (err.diag.message_detail or "")
     roles.sql(roles.alice, f"SELECT pgml_proxy.grant_project('shared', '{roles.bob}')")
     roles.sql(roles.bob, RETRAIN.format(p="shared"))
