@@ -1,0 +1,232 @@
+"""A protocol fuzzer against the real proxy in both pool modes (hypothesis).
+
+Each case opens a socket and sends a startup packet (valid, odd or garbage) and, after a
+valid one, a sequence of frontend messages: real ones (Query, Parse, Bind, Describe,
+Execute, Sync, Flush, Close), with wrong lengths, unknown types, truncated bodies, huge
+length fields, bad UTF-8 and Binds whose counts do not match. The answer is read until
+the proxy closes or goes quiet; no ErrorResponse may be XX000 (the OIDs used are all real
+types, so Postgres itself has no reason for one). After every batch of cases:
+
+- the proxy process is alive and a separate psycopg client is answered within 1 s;
+- no server connection is held without a client (admin SHOW POOLS: sv_active <= cl_active);
+- the proxy's RSS stays under a bound.
+
+CI runs `PGML_FUZZ_EXAMPLES` cases per mode (default 1000: 2,000 cases, about a minute).
+The long run: ``PGML_FUZZ_EXAMPLES=50000 pytest tests/test_fuzz_protocol.py`` (README.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy import messages as m
+from tests.fix_proxy import ProxyProcess
+
+EXAMPLES = int(os.environ.get("PGML_FUZZ_EXAMPLES", "1000"))
+BATCH = max(50, EXAMPLES // 10)
+RSS_LIMIT_MIB = 1024
+OIDS = (0, 16, 20, 23, 25, 700, 701, 1021, 1009, 3802)
+SQL = (
+    "SELECT 1",
+    "SELECT $1::int",
+    "SELECT pgml.predict('no such project', $1::real[])",
+    "SELECT pgml.embed('m', $1)",
+    "BEGIN",
+    "COMMIT",
+    "SELECT pg_sleep(0.01)",
+    "SELECT 1/0",
+    "SELEC",
+    "",
+)
+
+_I32 = struct.Struct("!i")
+texts = st.one_of(st.sampled_from(SQL), st.text(max_size=40))
+raw_bytes = st.binary(max_size=64)
+bad_utf8 = st.sampled_from([b"\xff", b"\xc3", b"\xe2\x28\xa1", b"a\x00b", b"\xed\xa0\x80"])
+
+
+def _cstr(data: bytes) -> bytes:
+    return data.replace(b"\0", b"") + b"\0"
+
+
+@st.composite
+def startup(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """(bytes, whether a normal session should follow)."""
+    kind = draw(st.sampled_from(["valid", "valid", "valid", "params", "garbage", "length", "ssl", "cancel"]))
+    if kind == "valid":
+        return m.StartupMessage({"user": "postgres", "database": "postgres"}).encode(), True
+    if kind == "params":
+        params = draw(
+            st.dictionaries(
+                st.sampled_from(["user", "database", "options", "application_name", "x"]),
+                st.text(max_size=12),
+                max_size=4,
+            )
+        )
+        body = _I32.pack(196608) + b"".join(_cstr(k.encode()) + _cstr(v.encode()) for k, v in params.items())
+        body += draw(st.sampled_from([b"\0", b"", draw(bad_utf8) + b"\0"]))
+        return _I32.pack(len(body) + 4) + body, False
+    if kind == "garbage":
+        return draw(st.binary(min_size=1, max_size=64)), False
+    if kind == "length":
+        return _I32.pack(draw(st.sampled_from([-1, 0, 3, 8, 10001, 2**31 - 1]))) + draw(raw_bytes), False
+    if kind == "ssl":
+        return _I32.pack(8) + _I32.pack(80877103), False
+    return _I32.pack(16) + _I32.pack(80877102) + draw(st.binary(min_size=8, max_size=8)), False
+
+
+@st.composite
+def message(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["Q", "P", "B", "D", "E", "S", "H", "C", "unknown", "length", "cut", "utf8"]))
+    if kind == "Q":
+        return m.Query(draw(texts)).encode()
+    if kind == "P":
+        oids = tuple(draw(st.lists(st.sampled_from(OIDS), max_size=3)))
+        return m.Parse(draw(st.sampled_from(["", "s1"])), draw(texts), oids).encode()
+    if kind == "B":
+        n = draw(st.integers(0, 3))
+        fmts = tuple(draw(st.lists(st.sampled_from([0, 1, 2, -1]), max_size=3)))
+        params = tuple(draw(st.one_of(st.none(), raw_bytes, bad_utf8)) for _ in range(n))
+        rfmts = tuple(draw(st.lists(st.sampled_from([0, 1, 7]), max_size=2)))
+        return m.Bind(
+            draw(st.sampled_from(["", "p1"])), draw(st.sampled_from(["", "s1"])), fmts, params, rfmts
+        ).encode()
+    if kind == "D":
+        return m.frame(b"D", draw(st.sampled_from([b"S", b"P", b"X"])) + _cstr(draw(raw_bytes)))
+    if kind == "E":
+        return m.Execute(draw(st.sampled_from(["", "p1"])), draw(st.integers(0, 3))).encode()
+    if kind in ("S", "H"):
+        return m.frame(kind.encode(), draw(st.sampled_from([b"", b"", b"x"])))
+    if kind == "C":
+        return m.frame(b"C", draw(st.sampled_from([b"S", b"P", b"Z"])) + _cstr(draw(raw_bytes)))
+    if kind == "unknown":
+        return m.frame(draw(st.sampled_from([b"x", b"\0", b"!", b"z", b"Y"])), draw(raw_bytes))
+    if kind == "length":
+        return (
+            draw(st.sampled_from([b"Q", b"P", b"B"]))
+            + _I32.pack(draw(st.sampled_from([-5, 0, 3, 2**30, 2**31 - 1])))
+            + draw(raw_bytes)
+        )
+    if kind == "cut":
+        whole = m.Parse("", draw(texts), (23,)).encode()
+        return b"P" + _I32.pack(len(whole) - 1) + whole[5 : 5 + draw(st.integers(0, len(whole) - 6))]
+    return m.frame(b"Q", draw(bad_utf8) + b"\0")
+
+
+cases = st.tuples(startup(), st.lists(message(), max_size=6), st.booleans())
+
+
+def _errors(data: bytes) -> list[dict[str, str]]:
+    """The fields of every ErrorResponse in the answer (framing stops at the first bad length)."""
+    out: list[dict[str, str]] = []
+    pos = 0
+    if data[:1] in (b"S", b"N") and len(data) == 1:
+        return out
+    while pos + 5 <= len(data):
+        kind, length = data[pos : pos + 1], _I32.unpack_from(data, pos + 1)[0]
+        if length < 4:
+            break
+        if kind == b"E":
+            body = data[pos + 5 : pos + 1 + length]
+            out.append(
+                {
+                    f[:1].decode(errors="replace"): f[1:].decode(errors="replace")
+                    for f in body.split(b"\0")
+                    if f
+                }
+            )
+        pos += 1 + length
+    return out
+
+
+def _send(px: ProxyProcess, first: bytes, normal: bool, msgs: list[bytes], sync: bool) -> bytes:
+    with socket.create_connection((px.host, px.port), timeout=2) as sock:
+        sock.sendall(first)
+        if normal:
+            sock.sendall(b"".join(msgs) + (m.frame(b"S") if sync else b""))
+        sock.shutdown(socket.SHUT_WR)
+        chunks: list[bytes] = []
+        # The proxy sees EOF and closes: most answers end at once; a quiet one is cut short.
+        deadline = time.monotonic() + 0.5
+        sock.settimeout(0.1)
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(65536)
+            except (TimeoutError, ConnectionError):
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _unowned_servers(px: ProxyProcess) -> list[dict[str, Any]]:
+    with psycopg.connect(px.dsn(database="pgml_proxy"), autocommit=True) as admin:
+        cur = admin.execute("SHOW POOLS")
+        names = [c.name for c in cur.description or []]
+        pools = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    return [p for p in pools if int(p["sv_active"]) > int(p["cl_active"])]
+
+
+def healthy(px: ProxyProcess) -> None:
+    assert px.proc.poll() is None, f"the proxy exited:\n{px.log()[-3000:]}"
+    start = time.monotonic()
+    with psycopg.connect(px.dsn(), autocommit=True, connect_timeout=5) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert time.monotonic() - start < 1.0, "a separate client waited over 1 s"
+    deadline = time.monotonic() + 5
+    while (held := _unowned_servers(px)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # closed fuzz clients are being cleaned up
+    assert not held, f"server connections held without a client: {held}"
+    assert _rss_mib(px.pid) < RSS_LIMIT_MIB
+
+
+@pytest.fixture(params=["session", "transaction"])
+def fuzz_px(request: pytest.FixtureRequest) -> ProxyProcess:
+    px: ProxyProcess = request.getfixturevalue("proxy" if request.param == "session" else "proxy_tx")
+    return px
+
+
+def test_fuzz_frontend(fuzz_px: ProxyProcess) -> None:
+    seen = {"cases": 0}
+    internal: list[str] = []
+    healthy(fuzz_px)
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(cases)
+    def one(case: tuple[tuple[bytes, bool], list[bytes], bool]) -> None:
+        (first, normal), msgs, sync = case
+        answer = _send(fuzz_px, first, normal, msgs, sync)
+        for err in _errors(answer):
+            if err.get("C") == "XX000":
+                internal.append(f"{err.get('M')} <- {first[:40]!r} {[x[:40] for x in msgs]}")
+        seen["cases"] += 1
+        if seen["cases"] % BATCH == 0:
+            healthy(fuzz_px)
+
+    one()
+    healthy(fuzz_px)
+    assert internal == [], "\n".join(internal[:10])
