@@ -321,3 +321,20 @@ def test_sockets_closed(env: Env) -> None:
         pass
     with env.connect() as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_large_array_literal_reads_as_the_parameter(env: Env) -> None:
+    """A long ARRAY[...] in the SQL text (folded before parsing) gives what the bound array gives."""
+    values = [5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3] * 50  # 100 rows of 4 features
+    literal = ", ".join(map(str, values))
+    with env.connect() as conn:
+        by_text = conn.execute(f"SELECT * FROM pgml.predict_batch('bi', ARRAY[{literal}])").fetchall()
+        by_param = conn.execute("SELECT * FROM pgml.predict_batch('bi', %s::real[])", (values,)).fetchall()
+        assert by_text == by_param and len(by_text) == 100
+        # Beside a pgml call, the folded ARRAY keeps its SQL type and its subscripts.
+        ints = ", ".join(str(i) for i in range(300))
+        row = conn.execute(
+            f"SELECT pgml.predict('bi', ARRAY[5.1, 3.5, 1.4, 0.2]), (ARRAY[{ints}])[3],"
+            f" pg_typeof(ARRAY[{ints}])::text, pg_typeof(ARRAY[{literal}])::text"
+        ).fetchone()
+        assert row == (0.0, 2, "integer[]", "numeric[]")
