@@ -10,22 +10,109 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 from pglast import ast
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
 
-from core.errors import InvalidTextRepresentation
+from core.errors import InvalidTextRepresentation, NumericValueOutOfRange, StatementTooComplex
 from planner import sqltree as t
 from planner.catalog import ANY, TYPE_OIDS, BoundCall
 from planner.plan import ArgSource, CallPlan, ClientParam, Evaluated, Literal, RowColumn
 
 NOT_LITERAL = object()
+FOLD_MIN_ELEMENTS = 256  # shorter ARRAY[...] literals are cheap enough as pglast nodes
+# What the text-level fold skips over (strings, quoted names, comments) or looks for (ARRAY[).
+_SKIP_OR_ARRAY = re.compile(
+    r"[eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/"
+    r"|\$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?P=tag)?\$|(?P<array>\bARRAY\s*\[)",
+    re.S | re.I,
+)
+_NUMBER_CHARS = str.maketrans("", "", "0123456789.,+-eE \t\r\n")
+_SPACES = str.maketrans("", "", " \t\r\n")
+_ITEM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_ITEMS = re.compile(rf"{_ITEM}(?:,{_ITEM})*")
+_INT4_MAX, _INT8_MAX = 2**31 - 1, 2**63 - 1
+
+
+def fold_array_literals(sql: str) -> str:
+    """`ARRAY[1.5, 2, ...]` of many plain numbers as one array-literal string of the same type.
+
+    A 10^6-element ARRAY[...] in the SQL text is 10^6 pglast nodes, walked many times by the
+    analysis (minutes, gigabytes); `('{1.5,2,...}'::numeric[])` is one node, and its value is
+    read by psycopg's C array loader. The type is the one Postgres gives the ARRAY (integer,
+    bigint or numeric), so the statement means the same wherever it runs. Strings, quoted
+    names and comments are skipped, so only real ARRAY constructors are touched; every check
+    here is a C-speed string operation (no per-element Python work but the item test).
+    """
+    if len(sql) < FOLD_MIN_ELEMENTS * 2:
+        return sql
+    out: list[str] = []
+    done = pos = 0
+    while (found := _SKIP_OR_ARRAY.search(sql, pos)) is not None:
+        pos = found.end()
+        if found.group("array") is None:
+            continue
+        close = sql.find("]", pos)
+        body = sql[pos:close]
+        if close < 0 or body.count(",") + 1 < FOLD_MIN_ELEMENTS or body.translate(_NUMBER_CHARS):
+            continue
+        compact = body.translate(_SPACES)
+        if not _ITEMS.fullmatch(compact):
+            continue  # `1..2`, `1-2`, an empty element: left to the parser's own error
+        # Parenthesised: `ARRAY[1,2][1]` must stay a subscript, not become a cast to int[][1].
+        out += [sql[done : found.start()], f"('{{{compact}}}'::{_array_type(compact)})"]
+        done = pos = close + 1
+    return "".join(out) + sql[done:] if out else sql
+
+
+def _array_type(body: str) -> str:
+    """The type Postgres resolves for ARRAY[...] of these numeric constants."""
+    if "." in body or "e" in body or "E" in body:
+        return "numeric[]"
+    if not re.search(r"\d{10}", body):
+        return "integer[]"
+    biggest = max(abs(int(x)) for x in body.split(","))
+    return "integer[]" if biggest <= _INT4_MAX else "bigint[]" if biggest <= _INT8_MAX else "numeric[]"
+
+
 # The type a `$n` of OID 0 is read as when the pgml argument has no single SQL type.
 ANY_PARAM_TYPES = {"features": "real[]", "inputs": "text[]"}
 _TX = Transformer()
+_REAL_MAX = 3.4028234663852886e38  # float4's largest finite value
+
+
+def parse_json(text: str) -> Any:
+    """A json/jsonb argument's value, with Postgres's SQLSTATEs and wording for bad text.
+
+    Postgres accepts nesting up to its stack depth (thousands of levels); Python's parser
+    stops near 1,000: deeper input gets Postgres's answer for too deep, 54001.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidTextRepresentation(
+            "invalid input syntax for type json", detail=f"{exc.msg} at character {exc.pos + 1}."
+        ) from exc
+    except RecursionError as exc:
+        raise StatementTooComplex(
+            "stack depth limit exceeded", detail="the JSON value is nested too deeply for pgml-proxy"
+        ) from exc
+
+
+def _number(value: Any, sql_type: str) -> float:
+    """A real/float8 value; text and numbers beyond the type's range are 22003 as in Postgres."""
+    number = float(value)
+    limit = _REAL_MAX if sql_type == "real" else float("inf")
+    finite_text = not (isinstance(value, str) and value.strip().lower().lstrip("+-") in ("inf", "infinity"))
+    if (number != number) or not finite_text or abs(number) <= limit:  # NaN and spelled-out Infinity
+        return number
+    raise NumericValueOutOfRange(f'"{value}" is out of range for type {sql_type}')
 
 
 def type_of(name: Any) -> str | None:
@@ -51,13 +138,15 @@ def coerce(value: Any, sql_type: str) -> Any:
         return value
     try:
         if sql_type in ("jsonb", "json"):
-            return json.loads(value) if isinstance(value, str) else value
+            return parse_json(value) if isinstance(value, str) else value
         if sql_type.endswith("[]"):
             if isinstance(value, str):
-                return _TX.get_loader(TYPE_OIDS[sql_type], Format.TEXT).load(value.encode())
+                return array_text(value, sql_type)
+            if not isinstance(value, (list, tuple)):
+                raise InvalidTextRepresentation(f'malformed array literal: "{value}"')
             return [coerce(v, sql_type[:-2]) for v in value]
         if sql_type in ("real", "float8", "numeric"):
-            return float(value)
+            return _number(value, sql_type)
         if sql_type in ("bigint", "int", "smallint", "integer"):
             return int(value)
         if sql_type == "bool":
@@ -71,8 +160,20 @@ def coerce(value: Any, sql_type: str) -> Any:
                 else str(value)
             )
     except (ValueError, TypeError) as exc:
-        raise InvalidTextRepresentation(f"invalid input syntax for type {sql_type}: {value!r}") from exc
+        raise InvalidTextRepresentation(f'invalid input syntax for type {sql_type}: "{value}"') from exc
     return value
+
+
+def array_text(text: str, sql_type: str) -> Any:
+    """An array's text form (`{1,2,3}`) as a list, by psycopg's loader; 22P02 as Postgres words it."""
+    try:
+        return _TX.get_loader(TYPE_OIDS[sql_type], Format.TEXT).load(text.encode())
+    except psycopg.DataError as exc:
+        raise InvalidTextRepresentation(f'malformed array literal: "{text[:200]}"', detail=str(exc)) from exc
+    except (ValueError, TypeError) as exc:
+        raise InvalidTextRepresentation(
+            f'invalid input syntax for type {sql_type[:-2]}: "{text[:200]}"', detail=str(exc)
+        ) from exc
 
 
 def literal_value(node: Any, sql_type: str) -> Any:
@@ -86,6 +187,8 @@ def literal_value(node: Any, sql_type: str) -> Any:
             raw = val.ival
         elif t.is_node(val, ast.Float):
             raw = float(val.fval)
+            if math.isinf(raw):  # a numeric literal beyond float8: 22003 as its cast would give
+                raise NumericValueOutOfRange(f'"{val.fval}" is out of range for type double precision')
         elif t.is_node(val, ast.Boolean):
             raw = val.boolval
         elif t.is_node(val, ast.String):
@@ -95,6 +198,8 @@ def literal_value(node: Any, sql_type: str) -> Any:
         return coerce(raw, sql_type)
     if t.is_node(node, ast.TypeCast):
         cast_type = type_of(node.typeName)
+        if cast_type is None and node.typeName.arrayBounds and node.typeName.names[-1].sval == "numeric":
+            cast_type = "float8[]"  # numeric[] literals (folded ARRAYs): read as float8, as predict does
         if cast_type is None or cast_type == "vector":
             return NOT_LITERAL
         inner = literal_value(node.arg, ANY)

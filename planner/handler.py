@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from core.errors import PgError, SyntaxError_
+from core.errors import PgError, SyntaxError_, UndefinedParameter
 from core.interfaces import (
     CallContext,
     Column,
@@ -29,8 +29,10 @@ from core.interfaces import (
 )
 from core.settings import PlannerSettings
 from planner.analyze import analyze
+from planner.args import fold_array_literals
 from planner.execute import Bound, Event, Executor, cursor_open
 from planner.plan import StatementPlan
+from planner.values import check_bind
 
 _PORTALS = itertools.count(1)  # names the upstream cursors of row-limited portals
 
@@ -38,6 +40,9 @@ _PORTALS = itertools.count(1)  # names the upstream cursors of row-limited porta
 def validate(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The `[planner]` table with defaults applied (core.settings); raises ConfigError naming a bad key."""
     return dataclasses.asdict(PlannerSettings.from_mapping(settings))
+
+
+_LARGE_SQL = 1 << 16  # statements longer than this are analysed off the event loop
 
 
 class Handler:
@@ -54,14 +59,29 @@ class Handler:
 
     def plans(self, sql: str, param_oids: Sequence[int] = ()) -> list[StatementPlan]:
         """The analysed statements of `sql`, from the bounded cache when seen before."""
+        return self._cached(sql, param_oids) or self._store(sql, param_oids, self._analyze(sql, param_oids))
+
+    async def plans_off_loop(self, sql: str, param_oids: Sequence[int] = ()) -> list[StatementPlan]:
+        """plans(), with a large statement (a long literal) analysed in a worker thread."""
+        found = self._cached(sql, param_oids)
+        if found is not None or len(sql) < _LARGE_SQL:
+            return found or self.plans(sql, param_oids)
+        return self._store(sql, param_oids, await asyncio.to_thread(self._analyze, sql, param_oids))
+
+    def _analyze(self, sql: str, param_oids: Sequence[int]) -> list[StatementPlan]:
+        return analyze(fold_array_literals(sql), param_oids, self.ctas_embedding)
+
+    def _cached(self, sql: str, param_oids: Sequence[int]) -> list[StatementPlan] | None:
         key = (sql, tuple(param_oids))
         found = self._cache.get(key)
         if found is not None:
             self._cache.move_to_end(key)
             self.cache_hits += 1
-            return found
+        return found
+
+    def _store(self, sql: str, param_oids: Sequence[int], plans: list[StatementPlan]) -> list[StatementPlan]:
         self.cache_misses += 1
-        plans = analyze(sql, param_oids, self.ctas_embedding)
+        key = (sql, tuple(param_oids))
         if self.cache_size:
             self._cache[key] = plans
             while len(self._cache) > self.cache_size:
@@ -71,11 +91,14 @@ class Handler:
     async def simple_query(
         self, sql: str, upstream: UpstreamSession, sink: ResultSink, ctx: CallContext
     ) -> None:
-        plans = self.plans(sql)
+        plans = await self.plans_off_loop(sql)
         if all(p.kind == "passthrough" for p in plans):
             for res in await upstream.simple(sql):
                 await forward_result(res, sink)
             return
+        unbound = next((p.n_params for p in plans if p.kind != "passthrough" and p.n_params), 0)
+        if unbound:  # a simple Query has no parameters: `$1` there is 42P02, as Postgres says
+            raise UndefinedParameter(f"there is no parameter ${unbound}")
         # Postgres runs a multi-statement Query as one implicit transaction: do the same.
         wrap = (
             len(plans) > 1
@@ -100,7 +123,7 @@ class Handler:
                     await asyncio.shield(upstream.simple("COMMIT" if ok else "ROLLBACK"))
 
     async def parse(self, sql: str, param_oids: Sequence[int]) -> Prepared:
-        plans = self.plans(sql, param_oids)
+        plans = await self.plans_off_loop(sql, param_oids)
         if len(plans) > 1:
             raise SyntaxError_("cannot insert multiple commands into a prepared statement")
         if not plans:
@@ -163,6 +186,7 @@ class Prepared:
     async def bind(
         self, params: Sequence[WireValue], param_formats: Sequence[int], result_formats: Sequence[int]
     ) -> PlannerPortal:
+        check_bind(params, param_formats, result_formats, self.oids)
         return PlannerPortal(self, Bound(params, param_formats, self.oids, result_formats))
 
 

@@ -8,7 +8,7 @@ is ``[1,2,3]`` and binary form is int16 dim, int16 unused, then float4s (pgvecto
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -16,7 +16,7 @@ from psycopg.adapt import Transformer
 from psycopg.pq import Format
 from psycopg.types.composite import TupleDumper
 
-from core.errors import FeatureNotSupported
+from core.errors import CharacterNotInRepertoire, FeatureNotSupported, InvalidParameterValue
 from core.interfaces import WireValue
 from planner.catalog import TYPE_OIDS
 
@@ -24,6 +24,50 @@ _TX = Transformer()
 TYPE_SIZES = {700: 4, 701: 8, 20: 8, 16: 1, 23: 4, 21: 2}
 Encoder = Callable[[Any], WireValue]
 Decoder = Callable[[WireValue], Any]
+
+
+_TEXT_OIDS = frozenset({25, 1043, 1042, 19, 0})  # text, varchar, bpchar, name, unknown
+
+
+def check_bind(
+    params: Sequence[WireValue],
+    param_formats: Sequence[int],
+    result_formats: Sequence[int],
+    oids: Sequence[int],
+) -> None:
+    """What Postgres checks of a Bind before running anything: format codes and text encoding.
+
+    22023 "unsupported format code" for codes other than 0/1 (parameters or results), 22021
+    for a text value that is not valid UTF-8 or holds a NUL, worded as Postgres words them.
+    """
+    for code in (*param_formats, *result_formats):
+        if code not in (0, 1):
+            raise InvalidParameterValue(f"unsupported format code: {code}")
+    for i, value in enumerate(params):
+        if value is None:
+            continue
+        fmt = (
+            param_formats[0]
+            if len(param_formats) == 1
+            else (param_formats[i] if i < len(param_formats) else 0)
+        )
+        if fmt == 0 or (i < len(oids) and oids[i] in _TEXT_OIDS):
+            check_utf8(bytes(value))
+
+
+def check_utf8(data: bytes) -> None:
+    """22021 naming the offending bytes, as Postgres's "invalid byte sequence" does."""
+    try:
+        data.decode("utf-8")
+        bad = data.find(b"\0")
+    except UnicodeDecodeError as exc:
+        bad = exc.start
+    if bad < 0:
+        return
+    lead = data[bad]
+    width = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4 if lead < 0xF8 else 1
+    shown = " ".join(f"0x{b:02x}" for b in data[bad : bad + width])
+    raise CharacterNotInRepertoire(f'invalid byte sequence for encoding "UTF8": {shown}')
 
 
 def decoder(oid: int, fmt: int) -> Decoder:

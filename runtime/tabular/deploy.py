@@ -18,8 +18,11 @@ from . import algorithms, registry
 STRATEGIES = ("best_score", "most_recent", "rollback")
 
 
-async def deploy(pool: registry.Pool, call: Mapping[str, Any]) -> tuple[str, str, str]:
-    """Append the chosen deployment; returns (project, strategy, algorithm)."""
+async def deploy(pool: registry.Pool, call: Mapping[str, Any], user: str = "") -> tuple[str, str, str]:
+    """Append the chosen deployment; returns (project, strategy, algorithm).
+
+    `user` (the client's role) must be allowed to write to the project (42501 otherwise).
+    """
     async with pool.connection() as conn, conn.transaction():
         if call.get("model_id") is not None:
             cur = await conn.execute(
@@ -30,6 +33,7 @@ async def deploy(pool: registry.Pool, call: Mapping[str, Any]) -> tuple[str, str
             row = await cur.fetchone()
             if row is None:
                 raise UndefinedModel(f"model {call['model_id']} does not exist")
+            await registry.check_may_write(conn, row[2], user, "deploy")
             await registry.deploy(conn, row[2], row[3], row[0], "specific")
             return (str(row[3]), "specific", str(row[1]))
         name, strategy = str(call["project_name"]), str(call.get("strategy") or "best_score")
@@ -40,6 +44,7 @@ async def deploy(pool: registry.Pool, call: Mapping[str, Any]) -> tuple[str, str
         proj = await registry.project(conn, name)
         if proj is None:
             raise UndefinedModel(f"project {name!r} does not exist")
+        await registry.check_may_write(conn, proj["id"], user, "deploy")
         algorithm = call.get("algorithm")
         model = await _choose(conn, proj, strategy, algorithm)
         if model is None:

@@ -16,9 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from psycopg import DataError, adapt, pq
 
 from core import functions
-from core.errors import DataException, InvalidParameterValue
+from core.errors import (
+    DataException,
+    InvalidParameterValue,
+    InvalidTextRepresentation,
+    NullValueNotAllowed,
+    UndefinedFunction,
+)
 
 from . import preprocess, registry, storage
 from .batcher import Batcher
@@ -34,6 +41,10 @@ class Served:
     features: list[dict[str, Any]]
     classes: list[Any]
     columns: list[str]  # every column of the snapshot, in relation order
+    # Whether the library takes NaN (missing) / Infinity in a feature: probed once at load, so
+    # a call holding one the model refuses fails alone, before it is batched with others.
+    takes_nan: bool = True
+    takes_inf: bool = True
 
     def named(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
         """The row keyed by column names.
@@ -158,7 +169,8 @@ class Predictor:
             len(classes),
         )
         names = [c["name"] for c in sorted(columns, key=lambda c: int(c.get("position", 0)))]
-        return Served(model, registry.feature_specs(columns), classes, names)
+        takes_nan, takes_inf = await asyncio.get_running_loop().run_in_executor(self._executor, _takes, model)
+        return Served(model, registry.feature_specs(columns), classes, names, takes_nan, takes_inf)
 
     def _batcher(self, served: Served, op: str) -> Batcher:
         key = (served.model.model_id, op)
@@ -207,7 +219,8 @@ class Predictor:
         served = await self.served(model_id)
         _check_op(op, served.model.task)
         x, counts = self._matrix(op, served, calls)
-        out = await self._batcher(served, op).submit(x)
+        # No rows at all (predict_batch of an empty array): nothing to ask the library.
+        out = await self._batcher(served, op).submit(x) if len(x) else np.empty((0,))
         if op == "predict" and out.ndim == 1 and len(out) == len(calls):
             # The common case, one value per call: converted for all rows at once.
             values = served.labels(out) if served.model.task == "classification" else out.tolist()
@@ -234,7 +247,9 @@ class Predictor:
         if any("row" in c for c in calls):
             parts = [self._matrix(op, served, [c]) for c in calls]
             return np.vstack([p[0] for p in parts]), [p[1][0] for p in parts]
-        feats = [c["features"] for c in calls]
+        feats = [_features(c["features"], op) for c in calls]
+        for f, c in zip(feats, calls, strict=True):
+            _check_finite(served, f, op, c["features"])
         if op == "predict_batch":
             arrays = [
                 _floats(f).reshape(-1, width) if len(f) % width == 0 else _mismatch(len(f), width, True)
@@ -255,6 +270,79 @@ class Predictor:
     async def close(self) -> None:
         for batcher in self._batchers.values():
             await batcher.close()
+
+
+def _takes(model: storage.LoadedModel) -> tuple[bool, bool]:
+    """Whether the model predicts on a row of NaN, and on a row of Infinity (one call each)."""
+    out = []
+    for value in (np.nan, np.inf):
+        try:
+            model.predict(np.full((1, model.num_features), value, dtype=np.float32))
+            out.append(True)
+        except Exception:  # any refusal means "not accepted": each library raises its own type
+            out.append(False)
+    return out[0], out[1]
+
+
+_REAL_ARRAY = adapt.Transformer().get_loader(1021, pq.Format.TEXT)  # real[]'s text form
+_SQL_TYPE = {bool: "boolean", int: "integer", float: "double precision", dict: "jsonb"}
+
+
+def _features(value: Any, op: str) -> np.ndarray:
+    """A features argument as float32, NULL elements as NaN; what Postgres would say when it is none.
+
+    A scalar is 42883 (no pgml.predict takes one); text is read as an array literal
+    (`'{1,2}'`), with 22P02 when it is malformed or an element is not a number.
+    """
+    if isinstance(value, str):
+        value = _array_text(value)
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float32, copy=False).ravel()
+    if not isinstance(value, (list, tuple)):
+        kind = _SQL_TYPE.get(type(value), type(value).__name__)
+        raise UndefinedFunction(
+            f"function pgml.{op}(text, {kind}) does not exist",
+            hint="features are an array (real[], float8[], int[] or bool[]) or a row",
+        )
+    try:
+        arr = _floats(value)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is not None and arr.ndim == 1:
+        return arr
+    for v in value:
+        if isinstance(v, (list, tuple)):
+            raise InvalidParameterValue(f"pgml.{op} takes a one-dimensional features array")
+        if v is not None:
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                raise InvalidTextRepresentation(f'invalid input syntax for type real: "{v}"') from None
+    raise InvalidParameterValue(f"pgml.{op}: the features array cannot be read as real[]")
+
+
+def _array_text(text: str) -> list[Any]:
+    try:
+        return list(_REAL_ARRAY.load(text.encode()))
+    except DataError as exc:
+        raise InvalidTextRepresentation(f'malformed array literal: "{text[:200]}"', detail=str(exc)) from exc
+    except ValueError as exc:
+        raise InvalidTextRepresentation(f'invalid input syntax for type real: "{text[:200]}"') from exc
+
+
+def _check_finite(served: Served, x: np.ndarray, op: str, given: Any) -> None:
+    """22004 for NULL / 22023 for NaN or Infinity the model refuses, before batching with others."""
+    nan, inf = not served.takes_nan and np.isnan(x).any(), not served.takes_inf and np.isinf(x).any()
+    if not (nan or inf):
+        return
+    what = f"model {served.model.model_id} ({served.model.lib} {served.model.task})"
+    if nan and isinstance(given, (list, tuple)) and any(v is None for v in given):
+        raise NullValueNotAllowed(
+            f"pgml.{op}: the features array holds NULL, which {what} does not accept as missing",
+            hint="pass a value for every feature, or train a tree-based algorithm (xgboost, lightgbm)",
+        )
+    value = "NaN" if nan else "Infinity (or a value beyond real's range)"
+    raise InvalidParameterValue(f"pgml.{op}: the features hold {value}, which {what} cannot take")
 
 
 def _floats(values: Any) -> np.ndarray:

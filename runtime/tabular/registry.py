@@ -1,4 +1,4 @@
-"""The upstream side of tabular ML: a small connection pool, reading relations, and the registry.
+"""The upstream side of tabular ML: the runtime's connection pool, reading relations, and the registry.
 
 Reads of training relations aggregate each column into one array in one scan, fetched in
 binary and decoded by psycopg's C loaders (never a Python loop per row). Registry writes
@@ -9,9 +9,7 @@ name so that every proxy instance drops its cached deployment at once.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +18,7 @@ from psycopg import errors as pgerr
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
 
 from core.errors import (
     DataException,
@@ -36,34 +35,28 @@ DEPLOY_CHANNEL = "pgml_deploy"
 Conn = psycopg.AsyncConnection[Any]
 
 
-class Pool:
-    """At most `size` autocommit connections to the upstream, opened on demand."""
+# The runtime's one way to the upstream: registry reads and writes, training reads and
+# the LISTEN connection all come from this pool (psycopg_pool), which checks a connection
+# before lending it and reconnects in the background after the upstream restarts.
+Pool = AsyncConnectionPool[Conn]
 
-    def __init__(self, dsn: str, size: int = 4) -> None:
-        self._dsn = dsn
-        self._idle: asyncio.Queue[Conn] = asyncio.Queue()
-        self._slots = asyncio.Semaphore(size)
-        self._all: list[Conn] = []
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Conn]:
-        async with self._slots:
-            conn = self._idle.get_nowait() if not self._idle.empty() else None
-            if conn is None or conn.closed:
-                conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-                self._all.append(conn)
-            try:
-                yield conn
-            finally:
-                if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    await conn.close()
-                else:
-                    self._idle.put_nowait(conn)
+def new_pool(dsn: str, size: int) -> Pool:
+    """Up to `size` autocommit connections (one more for LISTEN), checked on every checkout.
 
-    async def close(self) -> None:
-        for conn in self._all:
-            await conn.close()
-        self._all.clear()
+    Not opened here (`await pool.open()` in the runtime's start): a pool opens on a loop.
+    """
+    return AsyncConnectionPool(
+        dsn,
+        kwargs={"autocommit": True},
+        min_size=1,
+        max_size=size + 1,
+        open=False,
+        check=AsyncConnectionPool.check_connection,
+        name="pgml-runtime",
+        timeout=30.0,
+        reconnect_timeout=60.0,
+    )
 
 
 async def relation_columns(conn: Conn, relation: str) -> list[tuple[str, str]]:
@@ -153,7 +146,7 @@ async def read_columns(
 
 async def project(conn: Conn, name: str) -> dict[str, Any] | None:
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute("SELECT id, name, task FROM pgml.projects WHERE name = %s", (name,))
+    await cur.execute("SELECT id, name, task, owner FROM pgml.projects WHERE name = %s", (name,))
     return await cur.fetchone()
 
 
@@ -197,16 +190,41 @@ async def _regclass(conn: Conn, relation: str) -> str:
     return str((await cur.fetchone())[0])  # type: ignore[index]
 
 
-async def ensure_project(conn: Conn, name: str, task: str) -> int:
-    """The project's id, creating it; 22023 when it exists with another task."""
+async def ensure_project(conn: Conn, name: str, task: str, owner: str = "") -> int:
+    """The project's id, creating it owned by `owner`; 22023 when it exists with another task,
+    42501 when it exists and `owner` may not write to it (see check_may_write)."""
     await conn.execute(
-        "INSERT INTO pgml.projects (name, task) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (name, task)
+        "INSERT INTO pgml.projects (name, task, owner) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
+        (name, task, owner or None),
     )
     cur = await conn.execute("SELECT id, task FROM pgml.projects WHERE name = %s", (name,))
     pid, existing = await cur.fetchone()  # type: ignore[misc]
     if existing != task:
         raise InvalidParameterValue(f"project {name!r} has task {existing!r}, not {task!r}")
+    await check_may_write(conn, int(pid), owner, "train into")
     return int(pid)
+
+
+async def check_may_write(conn: Conn, project_id: int, user: str, action: str) -> None:
+    """42501 unless `user` owns the project, is a member of its owner role, holds a grant
+    (pgml_proxy.grant_project) or is a superuser; projects without an owner are open.
+
+    An empty `user` (a call from inside the proxy) is not checked.
+    """
+    if not user:
+        return
+    cur = await conn.execute(
+        "SELECT p.name, p.owner, pgml_proxy.may_write_project(p.id, %s) FROM pgml.projects p WHERE p.id = %s",
+        (user, project_id),
+    )
+    row = await cur.fetchone()
+    if row is None or row[2]:
+        return
+    raise InsufficientPrivilege(
+        f'must be owner of project "{row[0]}" to {action} it (owned by {row[1]})',
+        detail=f'role "{user}" is not a member of role "{row[1]}" and holds no grant on the project',
+        hint=f"the owner can run SELECT pgml_proxy.grant_project('{row[0]}', '{user}')",
+    )
 
 
 async def insert_model(conn: Conn, values: dict[str, Any], files: list[tuple[str, int, bytes]]) -> int:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
+from psycopg_pool import PoolTimeout
 
 from core.errors import ConfigError, InvalidParameterValue, UndefinedFunction, lookup
 from core.functions import Served, declaration, served_by
@@ -39,6 +40,23 @@ def _substitutes(settings: TabularSettings) -> dict[str, str]:
     return dict(settings.dataset_substitutes)
 
 
+_BACKOFF = (0.1, 5.0)  # the LISTEN task's first and longest wait between reconnections
+_OBJECT_ARGS = ("hyperparams", "search_params", "search_args", "kwargs")
+_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", list: "array"}
+
+
+def _check_objects(function: str, call: Mapping[str, Any]) -> None:
+    """22023 naming the argument when a JSON argument that must be an object is another JSON type."""
+    for name in _OBJECT_ARGS:
+        value = call.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            kind = _JSON_TYPES.get(type(value), type(value).__name__)
+            raise InvalidParameterValue(
+                f"pgml.{function}: {name} must be a JSON object, not a JSON {kind}",
+                hint=f"""for example {name} => '{{"n_estimators": 10}}'""",
+            )
+
+
 class TabularRuntime:
     """Training, prediction and the registry of tabular models in the upstream's `pgml` schema."""
 
@@ -48,7 +66,7 @@ class TabularRuntime:
         self._dsn = upstream_dsn
         cfg = settings if isinstance(settings, TabularSettings) else TabularSettings.from_mapping(settings)
         self._substitutes = _substitutes(cfg)
-        self._pool = registry.Pool(upstream_dsn, cfg.pool_size)
+        self._pool = registry.new_pool(upstream_dsn, cfg.pool_size)
         self._executor = ThreadPoolExecutor(cfg.predict_threads, thread_name_prefix="pgml-predict")
         self._predictor = Predictor(
             self._pool, self._executor, cfg.max_batch_rows, cfg.max_queue, cfg.max_models
@@ -58,6 +76,7 @@ class TabularRuntime:
 
     async def start(self) -> None:
         """Migrate the `pgml` schema (one proxy at a time) and start listening for deploys."""
+        await self._pool.open(wait=True, timeout=30)
         async with self._pool.connection() as conn:
             applied = await migrations.migrate(conn)
         if applied:
@@ -66,20 +85,32 @@ class TabularRuntime:
         await asyncio.wait_for(self._listening.wait(), 30)
 
     async def _listen(self) -> None:
-        """Drop cached deployments announced by any instance; reconnect after a failure."""
+        """Drop cached deployments announced by any instance; reconnect, with backoff, after a loss.
+
+        The connection is the pool's (checked, reconnected by psycopg_pool): after an upstream
+        restart the next attempt gets a fresh one, and no statement waits for this task.
+        """
+        delay = _BACKOFF[0]
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+                async with self._pool.connection() as conn:
                     await conn.execute(f"LISTEN {registry.DEPLOY_CHANNEL}")
                     # Anything announced while we were not listening is unknown: start afresh.
                     self._predictor.forget_deployment()
                     self._listening.set()
-                    async for note in conn.notifies():
-                        self._predictor.forget_deployment(note.payload)
-            except psycopg.Error as exc:
-                log.warning("LISTEN %s failed (%s); retrying", registry.DEPLOY_CHANNEL, exc)
+                    delay = _BACKOFF[0]
+                    try:
+                        async for note in conn.notifies():
+                            self._predictor.forget_deployment(note.payload)
+                    finally:
+                        if not conn.closed:  # the connection goes back to the pool: stop listening
+                            with contextlib.suppress(psycopg.Error):
+                                await conn.execute("UNLISTEN *")
+            except (psycopg.Error, PoolTimeout) as exc:
+                log.warning("LISTEN %s lost (%s); retrying in %.1f s", registry.DEPLOY_CHANNEL, exc, delay)
                 self._predictor.forget_deployment()
-                await asyncio.sleep(1)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF[1])
 
     def batch_stats(self) -> dict[str, dict[str, int]]:
         """Library calls and rows per `model_id/op` since start: how well predicts batch."""
@@ -102,6 +133,9 @@ class TabularRuntime:
         if fn is None or not isinstance(fn.serve, Served) or fn.serve.runtime != "tabular":
             raise UndefinedFunction(f"pgml.{function} is not a tabular function")
         serve: Callable[..., Awaitable[list[Any]]] = getattr(self, f"serve_{fn.serve.method}")
+        if fn.serve.method != "predict":
+            for call in calls:
+                _check_objects(function, call)
         try:
             return await serve(function, calls, ctx)
         except psycopg.Error as exc:
@@ -117,6 +151,8 @@ class TabularRuntime:
     async def serve_train(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:
         out = []
         for call in calls:
+            # Refused before any training work; checked again where the model is written.
+            await self._check_may_write(str(call["project_name"]), ctx.user)
             row = await trainer.train(self._pool, call, ctx, joint=function == "train_joint")
             self._predictor.forget_deployment(str(call["project_name"]))
             out.append([row])
@@ -128,7 +164,7 @@ class TabularRuntime:
     async def serve_deploy(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:
         out = []
         for call in calls:
-            row = await deploy.deploy(self._pool, call)
+            row = await deploy.deploy(self._pool, call, ctx.user)
             self._predictor.forget_deployment(row[0])
             out.append([row])
         return out
@@ -137,6 +173,12 @@ class TabularRuntime:
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
         return [[await self._load_dataset(call, ctx)] for call in calls]
+
+    async def _check_may_write(self, project: str, user: str) -> None:
+        async with self._pool.connection() as conn:
+            found = await registry.project(conn, project)
+            if found is not None:
+                await registry.check_may_write(conn, int(found["id"]), user, "train into")
 
     async def _load_dataset(self, call: Mapping[str, Any], ctx: CallContext) -> tuple[Any, ...]:
         source = str(call.get("source") or "")

@@ -262,7 +262,7 @@ async def train(
     result, (path, blob) = await _run_thread(work, ctx, job.cancelled.set)
     metrics = training.jsonable(result.metrics)
     await ctx.notice(f"metrics: { {k: v for k, v in metrics.items() if k != 'search_results'} }")
-    deployed = await _register(pool, call, name, task, algorithm, prep, result, metrics, path, blob)
+    deployed = await _register(pool, call, name, task, algorithm, prep, result, metrics, path, blob, ctx.user)
     return (name, task, algorithm, deployed)
 
 
@@ -277,10 +277,11 @@ async def _register(
     metrics: dict[str, Any],
     path: str,
     blob: bytes,
+    user: str,
 ) -> bool:
     """Write everything in one transaction; returns whether the new model was deployed."""
     async with pool.connection() as conn, conn.transaction():
-        project_id = await registry.ensure_project(conn, name, task)
+        project_id = await registry.ensure_project(conn, name, task, user)
         # A new snapshot row even when the relation is reused: the data and so the fitted
         # preprocessing may have changed since, and row-form predict must use these.
         snapshot_id = await registry.insert_snapshot(
