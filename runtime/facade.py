@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,7 +25,9 @@ from runtime.config import RuntimeConfig
 from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
 from runtime.engines import choose
 from runtime.registry import Loaded, Registry
-from runtime.resolve import Resolver
+from runtime.resolve import Progress, ResolvedModel, Resolver
+
+log = logging.getLogger(__name__)
 
 _LM_FUNCTIONS = frozenset({"embed", "transform", "transform_stream", "rank", "chunk"})
 # Functions of the extension that the proxy does not run (yet), with what to do instead.
@@ -93,16 +96,16 @@ class Runtime:
             # A caller that cannot stream gets every row at once (set-returning: 1-tuples).
             return list(await asyncio.gather(*(self._collect_stream(call, ctx) for call in calls)))
         if function == "embed":
-            return await self._embed_calls(calls)
+            return await self._embed_calls(calls, ctx)
         handler = {
             "transform": self._transform,
             "rank": self._rank,
             "chunk": self._chunk,
         }[function]
         if len(calls) == 1:
-            return [await handler(calls[0])]
+            return [await handler(calls[0], ctx)]
         # Every call is submitted at once so the batcher sees them together.
-        return list(await asyncio.gather(*(handler(call) for call in calls)))
+        return list(await asyncio.gather(*(handler(call, ctx) for call in calls)))
 
     async def stream(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> AsyncIterator[Any]:
         if function != "transform_stream":
@@ -113,7 +116,7 @@ class Runtime:
         as_list = inputs is not None
         if inputs is None:
             inputs = [call.get("input", "")]
-        entry = await self._pipeline(spec)
+        entry = await self._pipeline(spec, ctx)
         with _in_use(entry):
             async for piece in tf.stream_generation(entry.obj, spec, list(inputs), as_list):
                 yield piece
@@ -122,14 +125,20 @@ class Runtime:
         return [(piece,) async for piece in self.stream("transform_stream", call, ctx)]
 
     # --- embed / rank ---------------------------------------------------------------------------
-    async def _embed_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
-        resolved = self.resolver.resolve(name, _revision(kwargs))
-        trust = self._trust(kwargs)
+    async def _resolve(self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None) -> ResolvedModel:
+        """The model's files, off the event loop; a download's progress goes to the client."""
+        return await self.resolver.aresolve(name, _revision(kwargs), _progress(ctx))
+
+    async def _embed_model(
+        self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None
+    ) -> Loaded:
+        trust = self._trust(kwargs)  # the rules apply before anything is looked up or fetched
+        resolved = await self._resolve(name, kwargs, ctx)
         placement = choose(self.config, dict(kwargs), onnx_capable=True)
         key = f"embed:{resolved.key}:{placement.engine}:{placement.device}"
         return await self.registry.get(key, name, lambda: EmbedModel(self.config, resolved, placement, trust))
 
-    async def _embed_calls(self, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+    async def _embed_calls(self, calls: Sequence[Mapping[str, Any]], ctx: CallContext) -> list[Any]:
         """Every call of a statement at once. Calls naming the same model and kwargs (a
         statement's rows, usually) share one model lookup and one submit: per row, only the
         batcher's own work is left, which matters where the model is fast (a GPU)."""
@@ -138,17 +147,17 @@ class Runtime:
             key = json.dumps([call.get("transformer"), call.get("kwargs")], sort_keys=True, default=str)
             groups.setdefault(key, []).append(i)
         if len(groups) == 1:  # the usual case: no task per group
-            return await self._embed_group(calls)
+            return await self._embed_group(calls, ctx)
         out: list[Any] = [None] * len(calls)
 
         async def one_group(idx: list[int]) -> None:
-            for i, result in zip(idx, await self._embed_group([calls[i] for i in idx]), strict=True):
+            for i, result in zip(idx, await self._embed_group([calls[i] for i in idx], ctx), strict=True):
                 out[i] = result
 
         await asyncio.gather(*(one_group(idx) for idx in groups.values()))
         return out
 
-    async def _embed_group(self, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+    async def _embed_group(self, calls: Sequence[Mapping[str, Any]], ctx: CallContext) -> list[Any]:
         """Calls with one transformer and kwargs: a vector per `text` call, 1-tuples per `inputs` call."""
         name = _text_arg(calls[0], "transformer", "embed")
         kwargs = _kwargs(calls[0], "embed")
@@ -163,7 +172,7 @@ class Runtime:
                 raise InvalidParameterValue("pgml.embed: every input must be text")
             spans.append((len(texts), len(checked), many))
             texts.extend(checked)
-        entry = await self._embed_model(name, {k: v for k, v in kwargs.items() if k in MODEL_KWARGS})
+        entry = await self._embed_model(name, {k: v for k, v in kwargs.items() if k in MODEL_KWARGS}, ctx)
         with _in_use(entry):
             vecs = await entry.batcher.submit([(t, opts) for t in texts], [approx_tokens(t) for t in texts])
         results: list[Any] = []
@@ -172,14 +181,16 @@ class Runtime:
             results.append([(v,) for v in lists] if many else lists[0])
         return results
 
-    async def _rank_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
-        resolved = self.resolver.resolve(name, _revision(kwargs))
+    async def _rank_model(
+        self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None
+    ) -> Loaded:
         trust = self._trust(kwargs)
+        resolved = await self._resolve(name, kwargs, ctx)
         placement = choose(self.config, dict(kwargs), onnx_capable=True)
         key = f"rank:{resolved.key}:{placement.engine}:{placement.device}"
         return await self.registry.get(key, name, lambda: RankModel(self.config, resolved, placement, trust))
 
-    async def _rank(self, call: Mapping[str, Any]) -> list[tuple[int, float, str]]:
+    async def _rank(self, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[int, float, str]]:
         name = _text_arg(call, "transformer", "rank")
         query = _text_arg(call, "query", "rank")
         documents = list(call.get("documents") or [])
@@ -192,16 +203,16 @@ class Runtime:
             raise InvalidParameterValue(f'pgml.rank: unknown kwarg "{unknown[0]}"')
         if not documents:
             return []
-        entry = await self._rank_model(name, kwargs)
+        entry = await self._rank_model(name, kwargs, ctx)
         pairs = [(query, str(d)) for d in documents]
         with _in_use(entry):
             scores = await entry.batcher.submit(pairs, [approx_tokens(q + d) for q, d in pairs])
         return rank_rows([str(d) for d in documents], scores, top_k)
 
     # --- transform ----------------------------------------------------------------------------------
-    async def _pipeline(self, spec: tf.TaskSpec) -> Loaded:
-        resolved = self.resolver.resolve(spec.model, _revision(spec.model_kwargs))
+    async def _pipeline(self, spec: tf.TaskSpec, ctx: CallContext | None = None) -> Loaded:
         trust = self._trust(spec.model_kwargs)
+        resolved = await self._resolve(spec.model, spec.model_kwargs, ctx)
         placement = choose(self.config, dict(spec.model_kwargs), onnx_capable=True)
         key = f"transform:{spec.pipeline_task}:{resolved.key}:{placement.engine}:{placement.device}"
         return await self.registry.get(
@@ -210,12 +221,12 @@ class Runtime:
             lambda: tf.PipelineModel(self.config, resolved, spec, placement, trust),
         )
 
-    async def _transform(self, call: Mapping[str, Any]) -> Any:
+    async def _transform(self, call: Mapping[str, Any], ctx: CallContext) -> Any:
         spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
         inputs = tf.check_inputs(spec, list(call.get("inputs") or []))
         if not inputs:
             return []
-        entry = await self._pipeline(spec)
+        entry = await self._pipeline(spec, ctx)
         with _in_use(entry):
             outputs = await entry.batcher.submit(
                 [(x, spec.args_key) for x in inputs], [tf.input_cost(x) for x in inputs]
@@ -223,7 +234,7 @@ class Runtime:
         return tf.shape_outputs(spec, outputs)
 
     # --- chunk ---------------------------------------------------------------------------------------
-    async def _chunk(self, call: Mapping[str, Any]) -> list[tuple[int, str]]:
+    async def _chunk(self, call: Mapping[str, Any], _ctx: CallContext) -> list[tuple[int, str]]:
         splitter = _text_arg(call, "splitter", "chunk")
         text = call.get("text")
         if not isinstance(text, str):
@@ -242,6 +253,21 @@ class Runtime:
                 "trust_remote_code is disabled", hint="set runtime.trust_remote_code = true to allow it"
             )
         return asked
+
+
+def _progress(ctx: CallContext | None) -> Progress:
+    """A download's progress lines: to the log, and to the client as INFO notices."""
+    loop = asyncio.get_running_loop()
+
+    async def send(message: str) -> None:
+        if ctx is not None:
+            await ctx.notice(message)
+
+    def say(message: str) -> None:  # called from the resolving thread
+        log.info("%s", message)
+        asyncio.run_coroutine_threadsafe(send(message), loop)
+
+    return say
 
 
 @contextlib.contextmanager
