@@ -138,22 +138,27 @@ def _reporting(repo_id: str, blobs: Path, files: dict[str, tuple[str, int]], tot
     """Report progress every PROGRESS_EVERY_S from the blob files' sizes on disk, which
     huggingface_hub writes as `<blob>.incomplete` and renames when a file is done."""
     stop = threading.Event()
+    reported: set[str] = set()
+
+    def report() -> None:
+        done, lines = 0, []
+        for blob, (name, size) in files.items():
+            if (blobs / blob).exists():
+                done += size
+                if blob not in reported:
+                    reported.add(blob)
+                    lines.append(f"{name} {_mb(size)} (100%)")
+            elif (part := blobs / f"{blob}.incomplete").exists():
+                got = part.stat().st_size
+                done += got
+                lines.append(f"{name} {_mb(got)} of {_mb(size)} ({100 * got // max(size, 1)}%)")
+        if lines:
+            say(f"downloading {repo_id}: {', '.join(lines)}; total {_mb(done)} of {_mb(total)} "
+                f"({100 * done // max(total, 1)}%)")
 
     def watch() -> None:
-        last = -1
         while not stop.wait(PROGRESS_EVERY_S):
-            done, current = 0, ""
-            for blob, (name, size) in files.items():
-                if (blobs / blob).exists():
-                    done += size
-                elif (part := blobs / f"{blob}.incomplete").exists():
-                    got = part.stat().st_size
-                    done += got
-                    current = f"{name} {_mb(got)} of {_mb(size)} ({100 * got // max(size, 1)}%), "
-            if done != last:
-                last = done
-                say(f"downloading {repo_id}: {current}total {_mb(done)} of {_mb(total)} "
-                    f"({100 * done // max(total, 1)}%)")
+            report()
 
     watcher = threading.Thread(target=watch, name="pgml-hub-progress", daemon=True)
     watcher.start()
@@ -162,6 +167,7 @@ def _reporting(repo_id: str, blobs: Path, files: dict[str, tuple[str, int]], tot
     finally:
         stop.set()
         watcher.join()
+        report()  # the files that finished since the last tick
 
 
 @contextlib.contextmanager
