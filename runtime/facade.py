@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from core.errors import FeatureNotSupported, InvalidParameterValue, UndefinedFunction
+from core.errors import FeatureNotSupported, InvalidParameterValue, PgError, UndefinedFunction
 from core.interfaces import CallContext
 from runtime import chunk as chunking
 from runtime import transform as tf
@@ -37,6 +37,15 @@ _NOT_SUPPORTED = {
     "generate": "pgml.generate serves models made by pgml.tune, which is not implemented; "
     "use pgml.transform('text-generation', ...) or chat with inputs jsonb[]",
 }
+
+
+# Options accepted for compatibility but not applied, with why: each gets a WARNING.
+_EMBED_IGNORED = {
+    "batch_size": "the proxy batches every connection's calls itself (runtime.max_batch_size)",
+    "token": "downloads use the proxy's own HF_TOKEN, not a per-call token",
+    "cache_folder": "models live in the proxy's configured caches (HF_HOME, runtime.cache_dir)",
+}
+_TRAIN_RUNTIME = "pgml.train: runtime {!r} is ignored: the proxy trains with the Python libraries"
 
 
 class Runtime:
@@ -84,6 +93,8 @@ class Runtime:
     async def call_batch(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
+        for line in self._ignored(function, calls):
+            await ctx.warning(line)
         if function not in _LM_FUNCTIONS:
             if self._tabular is not None and function in self._tabular.functions:
                 return list(await self._tabular.call_batch(function, calls, ctx))
@@ -111,6 +122,8 @@ class Runtime:
         if function != "transform_stream":
             raise UndefinedFunction(f"function pgml.{function} does not stream")
         spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
+        for line in tf.ignored_options(spec, False):
+            await ctx.warning(line)
         tf.check_streamable(spec)
         inputs = call.get("inputs")
         as_list = inputs is not None
@@ -120,6 +133,29 @@ class Runtime:
         with _in_use(entry):
             async for piece in tf.stream_generation(entry.obj, spec, list(inputs), as_list):
                 yield piece
+
+    def _ignored(self, function: str, calls: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The WARNING lines for a statement's calls, each once however many rows repeat it."""
+        lines: dict[str, None] = {}
+        seen: set[str] = set()
+        for call in calls:
+            key = json.dumps([call.get("task"), call.get("args"), call.get("cache"), call.get("kwargs"),
+                              call.get("runtime")], sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            if function in ("transform", "transform_stream"):
+                try:
+                    spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
+                except PgError:
+                    continue  # the call itself reports it
+                lines.update(dict.fromkeys(tf.ignored_options(spec, call.get("cache") is True)))
+            elif function == "embed" and isinstance(call.get("kwargs"), Mapping):
+                lines.update(dict.fromkeys(f'pgml.embed: kwarg "{k}" is ignored: {why}'
+                                           for k, why in _EMBED_IGNORED.items() if k in call["kwargs"]))
+            elif function == "train" and call.get("runtime") is not None:
+                lines[_TRAIN_RUNTIME.format(call["runtime"])] = None
+        return list(lines)
 
     async def _collect_stream(self, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[Any]]:
         return [(piece,) async for piece in self.stream("transform_stream", call, ctx)]
