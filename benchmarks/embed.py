@@ -163,7 +163,7 @@ def cpu_main(args: argparse.Namespace) -> None:
 def _random_minilm(device: str) -> Any:
     import torch
 
-    from runtime.tiny_models import MINILM_ARCH
+    from testing.tiny_models import MINILM_ARCH
 
     transformers: Any = importlib.import_module("transformers")
     cfg = transformers.BertConfig(**MINILM_ARCH)
@@ -347,7 +347,7 @@ def cuda_main(args: argparse.Namespace) -> None:
     one = rate(len(few), time.perf_counter() - t0)
     del model
     torch.cuda.empty_cache()
-    from runtime.tiny_models import random_minilm
+    from testing.tiny_models import random_minilm
 
     # MiniLM's architecture, random weights, its real tokenizer, sequences cut at --tokens.
     folder = random_minilm(Path(args.cache_dir) / f"minilm-random-{args.tokens}", max_seq_length=args.tokens)

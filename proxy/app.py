@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.errors import TooManyConnections
 from core.interfaces import StatementHandler
+from proxy import tls
 from proxy.backend import ServerConn, Target, parse_dsn, send_cancel
 from proxy.config import Config
 from proxy.pool import Pool, PoolSettings
@@ -112,17 +113,9 @@ class ProxyServer:
         self._load_tls()
 
     def _load_tls(self) -> None:
-        try:
-            from proxy import tls
-        except ImportError:
-            return
         self.client_tls = tls.client_context(self.config)
 
     def _upstream_ssl(self, mode: str) -> ssl.SSLContext | None:
-        try:
-            from proxy import tls
-        except ImportError:
-            return None
         return tls.upstream_context(mode)
 
     # --- listening -----------------------------------------------------------------------

@@ -1,44 +1,48 @@
 """`runtime.Runtime`: the planner's one entry point for every pgml function.
 
-Owns dispatch by function name, argument validation into SQLSTATE errors, model lookup
+Owns dispatch by function name (each function's declaration in `core.functions` names the
+`serve_<method>` that serves it), argument validation into SQLSTATE errors, model lookup
 through the registry (one load per model for every connection) and the thread pool that
-all model work runs in. Language-model functions live in this package; tabular ones are
-handed to `runtime.tabular.TabularRuntime`, imported lazily.
+all model work runs in. Language-model functions are served here; tabular ones by
+`runtime.tabular.TabularRuntime`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.errors import FeatureNotSupported, InvalidParameterValue, PgError, UndefinedFunction
+from core import functions
+from core.errors import (
+    FeatureNotSupported,
+    InsufficientPrivilege,
+    InvalidParameterValue,
+    PgError,
+    UndefinedFunction,
+)
+from core.functions import NotSupported
 from core.interfaces import CallContext
 from runtime import chunk as chunking
+from runtime import optional
 from runtime import transform as tf
 from runtime.config import RuntimeConfig
 from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
-from runtime.engines import choose
+from runtime.engines import Placement, choose
 from runtime.registry import Loaded, Registry
 from runtime.resolve import Progress, ResolvedModel, Resolver
 
+if TYPE_CHECKING:
+    from runtime.tabular import TabularRuntime
+
 log = logging.getLogger(__name__)
 
-_LM_FUNCTIONS = frozenset({"embed", "transform", "transform_stream", "rank", "chunk"})
-# Functions of the extension that the proxy does not run (yet), with what to do instead.
-_NOT_SUPPORTED = {
-    "tune": "fine-tuning (pgml.tune) is not implemented: fine-tune with transformers outside the proxy, "
-    "then serve the model with pgml.transform by naming its folder in [runtime.aliases]",
-    "generate": "pgml.generate serves models made by pgml.tune, which is not implemented; "
-    "use pgml.transform('text-generation', ...) or chat with inputs jsonb[]",
-}
-
-
+# Builds a model object from (resolved model, placement, trust_remote_code).
+_Build = Callable[[ResolvedModel, Placement, bool], Any]
 # Options accepted for compatibility but not applied, with why: each gets a WARNING.
 _EMBED_IGNORED = {
     "batch_size": "the proxy batches every connection's calls itself (runtime.max_batch_size)",
@@ -57,14 +61,18 @@ class Runtime:
         self.resolver = Resolver(self.config)
         self.executor = ThreadPoolExecutor(self.config.thread_count, thread_name_prefix="pgml-model")
         self.registry = Registry(self.config, self.executor)
-        self._tabular: Any = None
+        self._tabular: TabularRuntime | None = None
 
     async def start(self) -> None:
         """Start the tabular side (its migrations) and warm the preload list."""
+        optional.check()
         # No upstream (an LM-only runtime, as in unit tests and benchmarks): no tabular side.
         if self.upstream_dsn:
-            self._tabular = _load_tabular(self.upstream_dsn, self.config.tabular)
-        if self._tabular is not None:
+            # Imported here, not at the top: an LM-only runtime (the GPU check) runs without
+            # psycopg and the tabular libraries. A failure to import is a failure to start.
+            from runtime.tabular import TabularRuntime
+
+            self._tabular = TabularRuntime(self.upstream_dsn, self.config.tabular)
             await self._tabular.start()
         for name in self.config.preload:
             await self.preload(name)
@@ -93,38 +101,55 @@ class Runtime:
     async def call_batch(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
+        """Dispatch by the function's declaration (core.functions): `serve_<method>` of its runtime."""
+        fn = functions.declaration(function)
+        if fn is None:
+            raise UndefinedFunction(f"function pgml.{function} is not provided by the runtime")
         for line in self._ignored(function, calls):
             await ctx.warning(line)
-        if function not in _LM_FUNCTIONS:
-            if self._tabular is not None and function in self._tabular.functions:
-                return list(await self._tabular.call_batch(function, calls, ctx))
-            if function in _NOT_SUPPORTED:
-                raise FeatureNotSupported(
-                    f"pgml.{function} is not supported by pgml-proxy", hint=_NOT_SUPPORTED[function]
-                )
-            raise UndefinedFunction(f"function pgml.{function} is not provided by the runtime")
-        if function == "transform_stream":
-            # A caller that cannot stream gets every row at once (set-returning: 1-tuples).
-            return list(await asyncio.gather(*(self._collect_stream(call, ctx) for call in calls)))
-        if function == "embed":
-            return await self._embed_calls(calls, ctx)
-        handler = {
-            "transform": self._transform,
-            "rank": self._rank,
-            "chunk": self._chunk,
-        }[function]
-        if len(calls) == 1:
-            return [await handler(calls[0], ctx)]
-        # Every call is submitted at once so the batcher sees them together.
-        return list(await asyncio.gather(*(handler(call, ctx) for call in calls)))
+        if isinstance(fn.serve, NotSupported):
+            raise FeatureNotSupported(f"pgml.{function} is not supported by pgml-proxy", hint=fn.serve.hint)
+        if fn.serve.runtime == "tabular":
+            if self._tabular is None:  # an LM-only runtime (no upstream): unit tests, benchmarks
+                raise UndefinedFunction(f"function pgml.{function} is not provided by the runtime")
+            return list(await self._tabular.call_batch(function, calls, ctx))
+        serve: Callable[..., Awaitable[list[Any]]] = getattr(self, f"serve_{fn.serve.method}")
+        return await serve(function, calls, ctx)
+
+    async def serve_transform_stream(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        # A caller that cannot stream gets every row at once (set-returning: 1-tuples).
+        return list(await asyncio.gather(*(self._collect_stream(call, ctx) for call in calls)))
+
+    async def serve_embed(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return await self._embed_calls(calls, ctx)
+
+    async def serve_transform(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return await _each(self._transform, calls, ctx)
+
+    async def serve_rank(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return await _each(self._rank, calls, ctx)
+
+    async def serve_chunk(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return await _each(self._chunk, calls, ctx)
 
     async def stream(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> AsyncIterator[Any]:
-        if function != "transform_stream":
+        fn = functions.declaration(function)
+        if fn is None or not fn.streams:
             raise UndefinedFunction(f"function pgml.{function} does not stream")
         spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
+        tf.check_streamable(spec)
         for line in tf.ignored_options(spec, False):
             await ctx.warning(line)
-        tf.check_streamable(spec)
         inputs = call.get("inputs")
         as_list = inputs is not None
         if inputs is None:
@@ -161,18 +186,24 @@ class Runtime:
         return [(piece,) async for piece in self.stream("transform_stream", call, ctx)]
 
     # --- embed / rank ---------------------------------------------------------------------------
-    async def _resolve(self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None) -> ResolvedModel:
-        """The model's files, off the event loop; a download's progress goes to the client."""
-        return await self.resolver.aresolve(name, _revision(kwargs), _progress(ctx))
+    async def _model(
+        self, kind: str, name: str, kwargs: Mapping[str, Any], build: _Build, ctx: CallContext | None
+    ) -> Loaded:
+        """The loaded model of `kind` (`embed`, `rank`, `transform:<task>`) for `name`: one
+        load per resolved model, engine and device for every connection. Resolution (file
+        walks, hashing, a download whose progress goes to the client) runs off the event loop."""
+        trust = self._trust(kwargs)  # the rules apply before anything is looked up or fetched
+        resolved = await self.resolver.aresolve(name, _revision(kwargs), _progress(ctx))
+        placement = choose(self.config, dict(kwargs), onnx_capable=True)
+        key = f"{kind}:{resolved.key}:{placement.engine}:{placement.device}"
+        return await self.registry.get(key, name, lambda: build(resolved, placement, trust))
 
     async def _embed_model(
         self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None
     ) -> Loaded:
-        trust = self._trust(kwargs)  # the rules apply before anything is looked up or fetched
-        resolved = await self._resolve(name, kwargs, ctx)
-        placement = choose(self.config, dict(kwargs), onnx_capable=True)
-        key = f"embed:{resolved.key}:{placement.engine}:{placement.device}"
-        return await self.registry.get(key, name, lambda: EmbedModel(self.config, resolved, placement, trust))
+        return await self._model(
+            "embed", name, kwargs, lambda r, p, trust: EmbedModel(self.config, r, p, trust), ctx
+        )
 
     async def _embed_calls(self, calls: Sequence[Mapping[str, Any]], ctx: CallContext) -> list[Any]:
         """Every call of a statement at once. Calls naming the same model and kwargs (a
@@ -220,11 +251,9 @@ class Runtime:
     async def _rank_model(
         self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None
     ) -> Loaded:
-        trust = self._trust(kwargs)
-        resolved = await self._resolve(name, kwargs, ctx)
-        placement = choose(self.config, dict(kwargs), onnx_capable=True)
-        key = f"rank:{resolved.key}:{placement.engine}:{placement.device}"
-        return await self.registry.get(key, name, lambda: RankModel(self.config, resolved, placement, trust))
+        return await self._model(
+            "rank", name, kwargs, lambda r, p, trust: RankModel(self.config, r, p, trust), ctx
+        )
 
     async def _rank(self, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[int, float, str]]:
         name = _text_arg(call, "transformer", "rank")
@@ -247,14 +276,12 @@ class Runtime:
 
     # --- transform ----------------------------------------------------------------------------------
     async def _pipeline(self, spec: tf.TaskSpec, ctx: CallContext | None = None) -> Loaded:
-        trust = self._trust(spec.model_kwargs)
-        resolved = await self._resolve(spec.model, spec.model_kwargs, ctx)
-        placement = choose(self.config, dict(spec.model_kwargs), onnx_capable=True)
-        key = f"transform:{spec.pipeline_task}:{resolved.key}:{placement.engine}:{placement.device}"
-        return await self.registry.get(
-            key,
+        return await self._model(
+            f"transform:{spec.pipeline_task}",
             spec.model,
-            lambda: tf.PipelineModel(self.config, resolved, spec, placement, trust),
+            spec.model_kwargs,
+            lambda r, p, trust: tf.PipelineModel(self.config, r, spec, p, trust),
+            ctx,
         )
 
     async def _transform(self, call: Mapping[str, Any], ctx: CallContext) -> Any:
@@ -283,12 +310,21 @@ class Runtime:
     def _trust(self, kwargs: Mapping[str, Any]) -> bool:
         asked = bool(kwargs.get("trust_remote_code", False))
         if asked and not self.config.trust_remote_code:
-            from core.errors import InsufficientPrivilege
-
             raise InsufficientPrivilege(
                 "trust_remote_code is disabled", hint="set runtime.trust_remote_code = true to allow it"
             )
         return asked
+
+
+async def _each(
+    handler: Callable[[Mapping[str, Any], CallContext], Awaitable[Any]],
+    calls: Sequence[Mapping[str, Any]],
+    ctx: CallContext,
+) -> list[Any]:
+    if len(calls) == 1:
+        return [await handler(calls[0], ctx)]
+    # Every call is submitted at once so the batcher sees them together.
+    return list(await asyncio.gather(*(handler(call, ctx) for call in calls)))
 
 
 def _progress(ctx: CallContext | None) -> Progress:
@@ -334,13 +370,3 @@ def _kwargs(call: Mapping[str, Any], function: str) -> dict[str, Any]:
     if not isinstance(kwargs, Mapping):
         raise InvalidParameterValue(f"pgml.{function}: kwargs must be a JSON object")
     return dict(kwargs)
-
-
-def _load_tabular(dsn: str, settings: Mapping[str, Any]) -> Any:
-    """The tabular runtime when its package is present; None otherwise (names stay undefined)."""
-    try:
-        module = importlib.import_module("runtime.tabular")
-    except ImportError:
-        return None
-    klass = getattr(module, "TabularRuntime", None)
-    return None if klass is None else klass(dsn, settings)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.tiny_models import build_all
+from testing.tiny_models import build_all
 from tests.fix_postgres import free_port, pgserver_bin
 from tests.readme_blocks import Example, examples, shape
 
