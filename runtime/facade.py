@@ -28,7 +28,7 @@ from core.errors import (
 from core.functions import NotSupported
 from core.interfaces import CallContext
 from runtime import chunk as chunking
-from runtime import optional
+from runtime import optional, utility
 from runtime import transform as tf
 from runtime.config import RuntimeConfig
 from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
@@ -136,6 +136,11 @@ class Runtime:
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
         return await _each(self._rank, calls, ctx)
+
+    async def serve_utility(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return [await asyncio.to_thread(utility.call, function, call) for call in calls]
 
     async def serve_chunk(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext

@@ -16,8 +16,8 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from runtime.tiny_models import build_all
+
 from tests.fix_proxy import ROOT, ProxyProcess
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -94,6 +94,22 @@ def test_vector_functions_do_not_underflow(conn: psycopg.Connection[tuple[object
     close = one(conn, f"SELECT pgml.cosine_similarity(pgml.embed('{MINILM}', 'The cat sat on the mat'),"
                       f" pgml.embed('{MINILM}', 'a cat on a mat')) > 0.3")
     assert close is True
+
+
+def test_utility_functions_answer_for_the_proxys_python(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    import importlib.metadata
+    import sys
+
+    assert one(conn, "SELECT pgml.python_version()") == sys.version
+    assert one(conn, "SELECT pgml.python_package_version('numpy')") == importlib.metadata.version("numpy")
+    with pytest.raises(psycopg.errors.UndefinedObject):
+        one(conn, "SELECT pgml.python_package_version('no-such-package-xyz')")
+    freeze = [r[0] for r in conn.execute("SELECT * FROM pgml.python_pip_freeze()").fetchall()]
+    assert f"numpy=={importlib.metadata.version('numpy')}" in freeze
+    assert one(conn, "SELECT pgml.validate_python_dependencies()") is True
+    assert one(conn, "SELECT pgml.clear_gpu_cache()") in (True, False)
+    version = importlib.metadata.version('pgml-proxy')
+    assert one(conn, "SELECT pgml.proxy_version()") == f"pgml-proxy {version}"
 
 
 # --- transform ------------------------------------------------------------------------------------
