@@ -338,7 +338,9 @@ def _progress(ctx: CallContext | None) -> Progress:
 
     async def send(message: str) -> None:
         if ctx is not None:
-            await ctx.notice(message)
+            # The asking client may be gone while others wait for the same download.
+            with contextlib.suppress(Exception):
+                await ctx.notice(message)
 
     def say(message: str) -> None:  # called from the resolving thread
         log.info("%s", message)
