@@ -16,8 +16,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from runtime.tiny_models import build_all
 
+from testing.tiny_models import build_all
 from tests.fix_proxy import ROOT, ProxyProcess
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
