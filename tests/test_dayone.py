@@ -32,9 +32,9 @@ def day_proxy(proxy_factory: Callable[..., ProxyProcess],
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     tiny = build_all(ROOT / ".cache" / "tiny-models")
     folder = tmp_path_factory.mktemp("dayone")
-    # A decoder whose tokenizer also returns token_type_ids (as BERT-style tokenizers do).
-    typed = folder / "models" / "gpt2-typed"
-    shutil.copytree(tiny / "gpt2", typed)
+    # A decoder that takes no token_type_ids (Llama), with a tokenizer that returns them.
+    typed = folder / "models" / "llama-typed"
+    shutil.copytree(tiny / "llama-chat", typed)
     tok_config = json.loads((typed / "tokenizer_config.json").read_text())
     tok_config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     (typed / "tokenizer_config.json").write_text(json.dumps(tok_config))
@@ -123,7 +123,7 @@ def test_a_chat_array_is_one_conversation(conn: psycopg.Connection[tuple[object,
 
 def test_transform_stream_with_token_type_ids(conn: psycopg.Connection[tuple[object, ...]],
                                               day_proxy: ProxyProcess) -> None:
-    task = json.dumps({"task": "text-generation", "model": "gpt2-typed"})
+    task = json.dumps({"task": "text-generation", "model": "llama-typed"})
     rows = conn.execute("SELECT * FROM pgml.transform_stream(task => %s::jsonb, args => "
                         "'{\"max_new_tokens\": 4}'::jsonb, input => 'hello there')", (task,)).fetchall()
     assert rows and all(isinstance(r[0], str) for r in rows)
