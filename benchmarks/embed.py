@@ -115,7 +115,7 @@ async def _one_round(rt: Any, ctx: Any, part: list[str], callers: int) -> dict[s
     t0 = time.perf_counter()
     await asyncio.gather(*(caller(part[i::callers]) for i in range(callers)))
     concurrent = time.perf_counter() - t0
-    st = next(iter(rt.registry._models.values())).obj.st  # the runtime's own engine object
+    st = next(iter(rt.models._models.values())).obj.st  # the runtime's own engine object
     t0 = time.perf_counter()
     st.encode(part, batch_size=64, show_progress_bar=False)
     ceiling = time.perf_counter() - t0
@@ -297,7 +297,7 @@ async def through_runtime(
     chunk = 1024  # rows a statement hands the runtime at once (planner setting chunk_rows)
     try:
         await rt.call_batch("embed", [call(s) for s in sents[: args.batch]], ctx)  # load and warm up
-        st = next(iter(rt.registry._models.values())).obj.st  # the runtime's own engine object
+        st = next(iter(rt.models._models.values())).obj.st  # the runtime's own engine object
         t0 = time.perf_counter()
         st.encode(sents, batch_size=args.batch, show_progress_bar=False)
         encode = rate(len(sents), time.perf_counter() - t0)

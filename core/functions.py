@@ -26,6 +26,7 @@ them alone.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,7 +44,20 @@ class Arg:
     def describe(self) -> str:
         if self.default is REQUIRED:
             return f"{self.name} {self.type}"
-        return f"{self.name} {self.type} DEFAULT {self.default!r}"
+        return f"{self.name} {self.type} DEFAULT {_sql_literal(self.default)}"
+
+
+def _sql_literal(value: Any) -> str:
+    """A default as SQL writes it: NULL, true, 0.25, 'text', '{}' (a jsonb or array literal)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict | list):
+        return "'{}'" if not value else "'" + json.dumps(value).replace("'", "''") + "'"
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)

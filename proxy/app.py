@@ -74,7 +74,7 @@ class ServerInfo:
 
 
 @dataclass
-class Snapshot:
+class ServerState:
     """A point-in-time view for the admin console and metrics.
 
     pools: per (database, user) pool its mode, bound, active/idle connections and
@@ -233,8 +233,8 @@ class ProxyServer:
                 conn.close()
 
     # --- observation ---------------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
-        snap = Snapshot()
+    def snapshot(self) -> ServerState:
+        snap = ServerState()
         for (db, user), pool in self.pools.items():
             snap.pools.append(PoolInfo(db, user, pool.settings.mode, pool.settings.size,
                                        len(pool.busy) + pool.connecting, len(pool.idle), len(pool.waiters)))

@@ -2,7 +2,7 @@
 
 Owns dispatch by function name (each function's declaration in `core.functions` names the
 `serve_<method>` that serves it), argument validation into SQLSTATE errors, model lookup
-through the registry (one load per model for every connection) and the thread pool that
+through the model cache (one load per model for every connection) and the thread pool that
 all model work runs in. Language-model functions are served here; tabular ones by
 `runtime.tabular.TabularRuntime`.
 """
@@ -33,7 +33,7 @@ from runtime import transform as tf
 from runtime.config import RuntimeConfig
 from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
 from runtime.engines import Placement, choose
-from runtime.registry import Loaded, Registry
+from runtime.model_cache import Loaded, ModelCache
 from runtime.resolve import Progress, ResolvedModel, Resolver
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class Runtime:
         self.upstream_dsn = upstream_dsn
         self.resolver = Resolver(self.config)
         self.executor = ThreadPoolExecutor(self.config.thread_count, thread_name_prefix="pgml-model")
-        self.registry = Registry(self.config, self.executor)
+        self.models = ModelCache(self.config, self.executor)
         self._tabular: TabularRuntime | None = None
 
     async def start(self) -> None:
@@ -92,11 +92,11 @@ class Runtime:
     async def close(self) -> None:
         if self._tabular is not None:
             await self._tabular.close()
-        await self.registry.close()
+        await self.models.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def models_info(self) -> list[dict[str, Any]]:
-        return self.registry.info()
+        return self.models.info()
 
     async def call_batch(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
@@ -201,7 +201,7 @@ class Runtime:
         resolved = await self.resolver.aresolve(name, _revision(kwargs), _progress(ctx))
         placement = choose(self.config, dict(kwargs), onnx_capable=True)
         key = f"{kind}:{resolved.key}:{placement.engine}:{placement.device}"
-        return await self.registry.get(key, name, lambda: build(resolved, placement, trust))
+        return await self.models.get(key, name, lambda: build(resolved, placement, trust))
 
     async def _embed_model(
         self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None

@@ -25,6 +25,7 @@ def _flags(fn: Function) -> str:
             ("writes", fn.writes),
             ("streams", fn.streams),
             ("set", fn.returns_set),
+            ("strict", all(s.strict for s in fn.overloads)),
         )
         if on
     ]
