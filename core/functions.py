@@ -365,6 +365,43 @@ FUNCTIONS: tuple[Function, ...] = (
         "fine-tune a language model",
         writes=True,
     ),
+    # The extension's utility functions that describe the Python the models run in (the proxy's).
+    Function(
+        "python_version",
+        (Signature("python_version", (), "text"),),
+        Served("models", "utility"),
+        "the version of the Python the models run in (the proxy's)",
+    ),
+    Function(
+        "python_package_version",
+        (Signature("python_package_version", (Arg("name", "text"),), "text"),),
+        Served("models", "utility"),
+        "the installed version of a Python package in the proxy's environment",
+    ),
+    Function(
+        "python_pip_freeze",
+        (Signature("python_pip_freeze", (), "record", setof=True, columns=(("package", "text"),)),),
+        Served("models", "utility"),
+        "every installed Python package as name==version",
+    ),
+    Function(
+        "validate_python_dependencies",
+        (Signature("validate_python_dependencies", (), "bool"),),
+        Served("models", "utility"),
+        "true when every package the runtime needs is installed, else 58000 naming the missing",
+    ),
+    Function(
+        "clear_gpu_cache",
+        (Signature("clear_gpu_cache", (Arg("memory_usage", "real", None),), "bool", strict=False),),
+        Served("models", "utility"),
+        "free torch's cached CUDA memory; false where there is no GPU",
+    ),
+    Function(
+        "proxy_version",
+        (Signature("proxy_version", (), "text"),),
+        Served("models", "utility"),
+        "the proxy's own version (pgml.version() gives the extension version it matches)",
+    ),
     Function(
         "generate",
         (

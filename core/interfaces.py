@@ -150,6 +150,11 @@ class CallContext:
     database: str = ""
     # The client's upstream session, for functions that must see its transaction.
     upstream: UpstreamSession | None = None
+    # Sends a WARNING notice (an option accepted but not applied, and why); None: as INFO.
+    warn: Callable[[str], Awaitable[None]] | None = None
+
+    async def warning(self, message: str) -> None:
+        await (self.warn or self.notice)(message)
 
 
 @runtime_checkable

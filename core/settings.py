@@ -120,7 +120,12 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
 class RuntimeConfig:
     """Every runtime setting; the only place their defaults live."""
 
-    models_dir: str = "models"
+    # One folder or several: names are looked up in each, and a client's path must lie in one.
+    models_dir: str | tuple[str, ...] = "models"
+    # Paths outside models_dir as model names (a single-user machine, a notebook).
+    allow_paths: bool = False
+    # Hub ids not on disk are downloaded on first use (also off with HF_HUB_OFFLINE=1).
+    downloads: bool = True
     cache_dir: str = ".cache/pgml-proxy"
     aliases: Mapping[str, str] = field(default_factory=dict)
     default_models: Mapping[str, str] = field(default_factory=lambda: dict(HF_DEFAULT_MODELS))
@@ -164,19 +169,27 @@ class RuntimeConfig:
         return self.threads or (os.cpu_count() or 1)
 
     @property
+    def models_dirs(self) -> tuple[str, ...]:
+        return (self.models_dir,) if isinstance(self.models_dir, str) else self.models_dir
+
+    @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser()
 
 
 def _check(name: str, value: Any) -> Any:
     key = f"runtime.{name}"
+    if name == "models_dir" and isinstance(value, list | tuple):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, "must be a folder or a non-empty list of folders")
+        return tuple(value)
     if name in ("models_dir", "cache_dir"):
         return _typed(key, value, str)
     if name in ("device", "engine"):
         if value not in _CHOICES[name]:
             raise ConfigError(key, f"{value!r} is not one of {', '.join(_CHOICES[name])}")
         return value
-    if name in ("quantize", "trust_remote_code"):
+    if name in ("quantize", "trust_remote_code", "allow_paths", "downloads"):
         return _typed(key, value, bool)
     if name in ("aliases", "default_models", "tabular"):
         if not isinstance(value, Mapping):

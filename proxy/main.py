@@ -126,6 +126,11 @@ async def serve(config: Config, config_path: str | None, overrides: dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["models"]:  # `pgml-proxy models pull|list|remove` (runtime/models_cli.py)
+        from runtime import models_cli
+
+        return models_cli.main(argv[1:], lambda path: load(path).runtime)
     args = build_parser().parse_args(argv)
     overrides = _overrides(args)
     try:

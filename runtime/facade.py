@@ -12,28 +12,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from core import functions
-from core.errors import FeatureNotSupported, InsufficientPrivilege, InvalidParameterValue, UndefinedFunction
+from core.errors import (
+    FeatureNotSupported,
+    InsufficientPrivilege,
+    InvalidParameterValue,
+    PgError,
+    UndefinedFunction,
+)
 from core.functions import NotSupported
 from core.interfaces import CallContext
 from runtime import chunk as chunking
-from runtime import optional
+from runtime import optional, utility
 from runtime import transform as tf
 from runtime.config import RuntimeConfig
 from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
 from runtime.engines import Placement, choose
 from runtime.model_cache import Loaded, ModelCache
-from runtime.resolve import ResolvedModel, Resolver
+from runtime.resolve import Progress, ResolvedModel, Resolver
 
 if TYPE_CHECKING:
     from runtime.tabular import TabularRuntime
 
+log = logging.getLogger(__name__)
+
 # Builds a model object from (resolved model, placement, trust_remote_code).
 _Build = Callable[[ResolvedModel, Placement, bool], Any]
+# Options accepted for compatibility but not applied, with why: each gets a WARNING.
+_EMBED_IGNORED = {
+    "batch_size": "the proxy batches every connection's calls itself (runtime.max_batch_size)",
+    "token": "downloads use the proxy's own HF_TOKEN, not a per-call token",
+    "cache_folder": "models live in the proxy's configured caches (HF_HOME, runtime.cache_dir)",
+}
+_TRAIN_RUNTIME = "pgml.train: runtime {!r} is ignored: the proxy trains with the Python libraries"
 
 
 class Runtime:
@@ -89,6 +105,8 @@ class Runtime:
         fn = functions.declaration(function)
         if fn is None:
             raise UndefinedFunction(f"function pgml.{function} is not provided by the runtime")
+        for line in self._ignored(function, calls):
+            await ctx.warning(line)
         if isinstance(fn.serve, NotSupported):
             raise FeatureNotSupported(f"pgml.{function} is not supported by pgml-proxy", hint=fn.serve.hint)
         if fn.serve.runtime == "tabular":
@@ -107,22 +125,27 @@ class Runtime:
     async def serve_embed(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
-        return await self._embed_calls(calls)
+        return await self._embed_calls(calls, ctx)
 
     async def serve_transform(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
-        return await _each(self._transform, calls)
+        return await _each(self._transform, calls, ctx)
 
     async def serve_rank(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
-        return await _each(self._rank, calls)
+        return await _each(self._rank, calls, ctx)
+
+    async def serve_utility(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return [await asyncio.to_thread(utility.call, function, call) for call in calls]
 
     async def serve_chunk(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
-        return await _each(self._chunk, calls)
+        return await _each(self._chunk, calls, ctx)
 
     async def stream(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> AsyncIterator[Any]:
         fn = functions.declaration(function)
@@ -130,34 +153,64 @@ class Runtime:
             raise UndefinedFunction(f"function pgml.{function} does not stream")
         spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
         tf.check_streamable(spec)
+        for line in tf.ignored_options(spec, False):
+            await ctx.warning(line)
         inputs = call.get("inputs")
         as_list = inputs is not None
         if inputs is None:
             inputs = [call.get("input", "")]
-        entry = await self._pipeline(spec)
+        entry = await self._pipeline(spec, ctx)
         with _in_use(entry):
             async for piece in tf.stream_generation(entry.obj, spec, list(inputs), as_list):
                 yield piece
+
+    def _ignored(self, function: str, calls: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The WARNING lines for a statement's calls, each once however many rows repeat it."""
+        lines: dict[str, None] = {}
+        seen: set[str] = set()
+        for call in calls:
+            key = json.dumps([call.get("task"), call.get("args"), call.get("cache"), call.get("kwargs"),
+                              call.get("runtime")], sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            if function in ("transform", "transform_stream"):
+                try:
+                    spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
+                except PgError:
+                    continue  # the call itself reports it
+                lines.update(dict.fromkeys(tf.ignored_options(spec, call.get("cache") is True)))
+            elif function == "embed" and isinstance(call.get("kwargs"), Mapping):
+                lines.update(dict.fromkeys(f'pgml.embed: kwarg "{k}" is ignored: {why}'
+                                           for k, why in _EMBED_IGNORED.items() if k in call["kwargs"]))
+            elif function == "train" and call.get("runtime") is not None:
+                lines[_TRAIN_RUNTIME.format(call["runtime"])] = None
+        return list(lines)
 
     async def _collect_stream(self, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[Any]]:
         return [(piece,) async for piece in self.stream("transform_stream", call, ctx)]
 
     # --- embed / rank ---------------------------------------------------------------------------
-    async def _model(self, kind: str, name: str, kwargs: Mapping[str, Any], build: _Build) -> Loaded:
+    async def _model(
+        self, kind: str, name: str, kwargs: Mapping[str, Any], build: _Build, ctx: CallContext | None
+    ) -> Loaded:
         """The loaded model of `kind` (`embed`, `rank`, `transform:<task>`) for `name`: one
-        load per resolved model, engine and device for every connection."""
-        resolved = self.resolver.resolve(name, _revision(kwargs))
-        trust = self._trust(kwargs)
+        load per resolved model, engine and device for every connection. Resolution (file
+        walks, hashing, a download whose progress goes to the client) runs off the event loop."""
+        trust = self._trust(kwargs)  # the rules apply before anything is looked up or fetched
+        resolved = await self.resolver.aresolve(name, _revision(kwargs), _progress(ctx))
         placement = choose(self.config, dict(kwargs), onnx_capable=True)
         key = f"{kind}:{resolved.key}:{placement.engine}:{placement.device}"
         return await self.models.get(key, name, lambda: build(resolved, placement, trust))
 
-    async def _embed_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
+    async def _embed_model(
+        self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None
+    ) -> Loaded:
         return await self._model(
-            "embed", name, kwargs, lambda r, p, trust: EmbedModel(self.config, r, p, trust)
+            "embed", name, kwargs, lambda r, p, trust: EmbedModel(self.config, r, p, trust), ctx
         )
 
-    async def _embed_calls(self, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+    async def _embed_calls(self, calls: Sequence[Mapping[str, Any]], ctx: CallContext) -> list[Any]:
         """Every call of a statement at once. Calls naming the same model and kwargs (a
         statement's rows, usually) share one model lookup and one submit: per row, only the
         batcher's own work is left, which matters where the model is fast (a GPU)."""
@@ -166,17 +219,17 @@ class Runtime:
             key = json.dumps([call.get("transformer"), call.get("kwargs")], sort_keys=True, default=str)
             groups.setdefault(key, []).append(i)
         if len(groups) == 1:  # the usual case: no task per group
-            return await self._embed_group(calls)
+            return await self._embed_group(calls, ctx)
         out: list[Any] = [None] * len(calls)
 
         async def one_group(idx: list[int]) -> None:
-            for i, result in zip(idx, await self._embed_group([calls[i] for i in idx]), strict=True):
+            for i, result in zip(idx, await self._embed_group([calls[i] for i in idx], ctx), strict=True):
                 out[i] = result
 
         await asyncio.gather(*(one_group(idx) for idx in groups.values()))
         return out
 
-    async def _embed_group(self, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+    async def _embed_group(self, calls: Sequence[Mapping[str, Any]], ctx: CallContext) -> list[Any]:
         """Calls with one transformer and kwargs: a vector per `text` call, 1-tuples per `inputs` call."""
         name = _text_arg(calls[0], "transformer", "embed")
         kwargs = _kwargs(calls[0], "embed")
@@ -191,7 +244,7 @@ class Runtime:
                 raise InvalidParameterValue("pgml.embed: every input must be text")
             spans.append((len(texts), len(checked), many))
             texts.extend(checked)
-        entry = await self._embed_model(name, {k: v for k, v in kwargs.items() if k in MODEL_KWARGS})
+        entry = await self._embed_model(name, {k: v for k, v in kwargs.items() if k in MODEL_KWARGS}, ctx)
         with _in_use(entry):
             vecs = await entry.batcher.submit([(t, opts) for t in texts], [approx_tokens(t) for t in texts])
         results: list[Any] = []
@@ -200,12 +253,14 @@ class Runtime:
             results.append([(v,) for v in lists] if many else lists[0])
         return results
 
-    async def _rank_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
+    async def _rank_model(
+        self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None
+    ) -> Loaded:
         return await self._model(
-            "rank", name, kwargs, lambda r, p, trust: RankModel(self.config, r, p, trust)
+            "rank", name, kwargs, lambda r, p, trust: RankModel(self.config, r, p, trust), ctx
         )
 
-    async def _rank(self, call: Mapping[str, Any]) -> list[tuple[int, float, str]]:
+    async def _rank(self, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[int, float, str]]:
         name = _text_arg(call, "transformer", "rank")
         query = _text_arg(call, "query", "rank")
         documents = list(call.get("documents") or [])
@@ -218,27 +273,28 @@ class Runtime:
             raise InvalidParameterValue(f'pgml.rank: unknown kwarg "{unknown[0]}"')
         if not documents:
             return []
-        entry = await self._rank_model(name, kwargs)
+        entry = await self._rank_model(name, kwargs, ctx)
         pairs = [(query, str(d)) for d in documents]
         with _in_use(entry):
             scores = await entry.batcher.submit(pairs, [approx_tokens(q + d) for q, d in pairs])
         return rank_rows([str(d) for d in documents], scores, top_k)
 
     # --- transform ----------------------------------------------------------------------------------
-    async def _pipeline(self, spec: tf.TaskSpec) -> Loaded:
+    async def _pipeline(self, spec: tf.TaskSpec, ctx: CallContext | None = None) -> Loaded:
         return await self._model(
             f"transform:{spec.pipeline_task}",
             spec.model,
             spec.model_kwargs,
             lambda r, p, trust: tf.PipelineModel(self.config, r, spec, p, trust),
+            ctx,
         )
 
-    async def _transform(self, call: Mapping[str, Any]) -> Any:
+    async def _transform(self, call: Mapping[str, Any], ctx: CallContext) -> Any:
         spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
         inputs = tf.check_inputs(spec, list(call.get("inputs") or []))
         if not inputs:
             return []
-        entry = await self._pipeline(spec)
+        entry = await self._pipeline(spec, ctx)
         with _in_use(entry):
             outputs = await entry.batcher.submit(
                 [(x, spec.args_key) for x in inputs], [tf.input_cost(x) for x in inputs]
@@ -246,7 +302,7 @@ class Runtime:
         return tf.shape_outputs(spec, outputs)
 
     # --- chunk ---------------------------------------------------------------------------------------
-    async def _chunk(self, call: Mapping[str, Any]) -> list[tuple[int, str]]:
+    async def _chunk(self, call: Mapping[str, Any], _ctx: CallContext) -> list[tuple[int, str]]:
         splitter = _text_arg(call, "splitter", "chunk")
         text = call.get("text")
         if not isinstance(text, str):
@@ -266,12 +322,31 @@ class Runtime:
 
 
 async def _each(
-    handler: Callable[[Mapping[str, Any]], Awaitable[Any]], calls: Sequence[Mapping[str, Any]]
+    handler: Callable[[Mapping[str, Any], CallContext], Awaitable[Any]],
+    calls: Sequence[Mapping[str, Any]],
+    ctx: CallContext,
 ) -> list[Any]:
     if len(calls) == 1:
-        return [await handler(calls[0])]
+        return [await handler(calls[0], ctx)]
     # Every call is submitted at once so the batcher sees them together.
-    return list(await asyncio.gather(*(handler(call) for call in calls)))
+    return list(await asyncio.gather(*(handler(call, ctx) for call in calls)))
+
+
+def _progress(ctx: CallContext | None) -> Progress:
+    """A download's progress lines: to the log, and to the client as INFO notices."""
+    loop = asyncio.get_running_loop()
+
+    async def send(message: str) -> None:
+        if ctx is not None:
+            # The asking client may be gone while others wait for the same download.
+            with contextlib.suppress(Exception):
+                await ctx.notice(message)
+
+    def say(message: str) -> None:  # called from the resolving thread
+        log.info("%s", message)
+        asyncio.run_coroutine_threadsafe(send(message), loop)
+
+    return say
 
 
 @contextlib.contextmanager

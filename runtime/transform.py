@@ -63,6 +63,24 @@ _MODEL_KWARGS = frozenset(
         "model_type",
     }
 )
+# Generation options users put in the task object (the pgml SDK does: `{"model": ...,
+# "temperature": 0.1, "repetition_penalty": 1.5}`): call arguments for the generative tasks,
+# as the extension passes them on. `max_tokens` is OpenAI's name for max_new_tokens.
+_GENERATION_OPTIONS = frozenset(
+    {"temperature", "top_p", "top_k", "repetition_penalty", "do_sample", "max_new_tokens", "max_tokens",
+     "num_beams", "no_repeat_ngram_size", "min_new_tokens"}
+)
+# Model options the proxy accepts but cannot apply, with why (sent as a WARNING).
+IGNORED_MODEL_KWARGS: Mapping[str, str] = {
+    "torch_dtype": "the engine picks the precision (fp32 on ONNX Runtime, fp16 on CUDA)",
+    "dtype": "the engine picks the precision (fp32 on ONNX Runtime, fp16 on CUDA)",
+    "device_map": "a model runs on the one device runtime.device names",
+    "load_in_8bit": "bitsandbytes quantisation is not used; set runtime.quantize for int8 on ONNX Runtime",
+    "load_in_4bit": "bitsandbytes quantisation is not used; set runtime.quantize for int8 on ONNX Runtime",
+    "token": "downloads use the proxy's own HF_TOKEN, not a per-call token",
+    "use_auth_token": "downloads use the proxy's own HF_TOKEN, not a per-call token",
+    "model_type": "the model's config.json decides its architecture",
+}
 _GENERATIVE = frozenset(
     {"text-generation", "conversational", "summarization", "translation", "text2text-generation"}
 )
@@ -103,11 +121,16 @@ def parse_task(task: Any, args: Any, config: RuntimeConfig) -> TaskSpec:
             f'pgml.transform: unknown task "{name}"',
             hint="accepted: " + ", ".join(sorted(TASKS)) + ", translation_xx_to_yy",
         )
+    generation = {k: options.pop(k) for k in sorted(set(options) & _GENERATION_OPTIONS)}
+    if generation and base not in _GENERATIVE:
+        raise InvalidParameterValue(
+            f'pgml.transform: task option "{next(iter(generation))}" applies to text generation, not "{name}"'
+        )
     unknown = sorted(set(options) - _MODEL_KWARGS)
     if unknown:
         raise InvalidParameterValue(
             f'pgml.transform: unknown task option "{unknown[0]}"',
-            hint="accepted: task, model, " + ", ".join(sorted(_MODEL_KWARGS)),
+            hint="accepted: task, model, " + ", ".join(sorted(_MODEL_KWARGS | _GENERATION_OPTIONS)),
         )
     if model is None:
         model = config.default_models.get(base)
@@ -115,12 +138,39 @@ def parse_task(task: Any, args: Any, config: RuntimeConfig) -> TaskSpec:
         raise InvalidParameterValue(f'pgml.transform: no model given and no default for task "{name}"')
     if not isinstance(args, Mapping):
         raise InvalidParameterValue("pgml.transform: args must be a JSON object")
-    call_args = {k: v for k, v in args.items() if k != "cache"}
+    # The call's own args win over the task object's generation options.
+    call_args = {**generation, **{k: v for k, v in args.items() if k != "cache"}}
+    if "max_tokens" in call_args:
+        call_args.setdefault("max_new_tokens", call_args.pop("max_tokens"))
+        call_args.pop("max_tokens", None)
     return TaskSpec(name, base, model, options, call_args, json.dumps(call_args, sort_keys=True))
 
 
+def ignored_options(spec: TaskSpec, cache: bool) -> list[str]:
+    """WARNING lines for the options of a call that are accepted but not applied, and why."""
+    lines = [
+        f'pgml.transform: task option "{k}" is ignored: {why}'
+        for k, why in IGNORED_MODEL_KWARGS.items()
+        if k in spec.model_kwargs
+    ]
+    if cache:
+        lines.append('pgml.transform: "cache" is ignored: every loaded model stays cached in the proxy '
+                     "(runtime.memory_budget_mb decides what is evicted)")
+    return lines
+
+
 def check_inputs(spec: TaskSpec, inputs: list[Any]) -> list[Any]:
-    """Inputs as the pipeline takes them: QA JSON parsed, chats checked."""
+    """Inputs as the pipeline takes them: QA JSON parsed, chats checked.
+
+    An array of messages (`ARRAY['{"role": "system", ...}'::jsonb, '{"role": "user", ...}']`)
+    is one conversation, as the extension reads it: one answer.
+    """
+    if (
+        spec.base in ("conversational", "text-generation")
+        and inputs
+        and all(isinstance(m, Mapping) and "role" in m for m in inputs)
+    ):
+        return [_check_chat(list(inputs), 1)]
     out: list[Any] = []
     for i, item in enumerate(inputs, start=1):
         if spec.base == "question-answering":
@@ -292,6 +342,8 @@ async def stream_generation(
         else item
     )
     enc = tok(prompt, return_tensors="pt", add_special_tokens=not isinstance(item, list)).to(lm.device)
+    # What generate() takes; some tokenizers add token_type_ids, which decoders refuse.
+    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
     stop = threading.Event()
 

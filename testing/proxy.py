@@ -76,11 +76,14 @@ def _wait_ready(p: ProxyProcess, timeout: float = 120) -> None:
 
 
 def start_proxy(upstream: str, pool_mode: str = "session", config: Path | None = None,
-                **overrides: Any) -> ProxyProcess:
-    """Start `pgml-proxy` (the installed console script's module) and wait until it accepts."""
+                environ: dict[str, str] | None = None, **overrides: Any) -> ProxyProcess:
+    """Start `pgml-proxy` (the installed console script's module) and wait until it accepts.
+
+    The proxy runs offline unless `environ` says otherwise (the hub tests set HF_HUB_OFFLINE=0).
+    """
     port = free_port()
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(environ or {})})
     for key, value in overrides.items():
         env["PGML_PROXY_" + key.upper()] = str(value)
     logdir = Path(tempfile.mkdtemp(prefix="pgml-proxy-test-"))

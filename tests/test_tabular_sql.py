@@ -114,11 +114,11 @@ async def test_metrics_match_sklearn(tab: TabularRuntime, tab_dsn: str) -> None:
         },
         rel=1e-6,
     )
-    assert await one(tab_dsn, "SELECT pgml.version()") == "pgml-proxy 0.1.0"
+    assert await one(tab_dsn, "SELECT pgml.version()") == "2.10.0"  # the extension's (migration 0005)
 
 
 def test_generated_functions_file_is_current() -> None:
-    """0002_functions.sql is what gen_functions.py renders (edit the generator, not the SQL)."""
+    """0005_surface.sql is what gen_functions.py renders (edit the generator, not the SQL)."""
     from runtime.sql import gen_functions
 
-    assert gen_functions.render() == (Path(gen_functions.__file__).parent / "0002_functions.sql").read_text()
+    assert gen_functions.render() == (Path(gen_functions.__file__).parent / "0005_surface.sql").read_text()

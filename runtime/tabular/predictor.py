@@ -247,7 +247,8 @@ class Predictor:
         if any("row" in c for c in calls):
             parts = [self._matrix(op, served, [c]) for c in calls]
             return np.vstack([p[0] for p in parts]), [p[1][0] for p in parts]
-        feats = [_features(c["features"], op) for c in calls]
+        # A multi-dimensional array (an image column, smallint[][]) is flattened, as at training.
+        feats = [_features(_flat(c["features"]), op) for c in calls]
         for f, c in zip(feats, calls, strict=True):
             _check_finite(served, f, op, c["features"])
         if op == "predict_batch":
@@ -355,6 +356,12 @@ def _floats(values: Any) -> np.ndarray:
             else [np.nan if v is None else float(v) for v in values],
             dtype=np.float32,
         )
+
+
+def _flat(values: Any) -> Any:
+    if isinstance(values, list) and values and isinstance(values[0], list):
+        return [v for inner in values for v in _flat(inner)]
+    return values
 
 
 def _mismatch(got: int, width: int, flat: bool) -> np.ndarray:
