@@ -152,7 +152,7 @@ CASES = [
     ("SELECT pgml.predict('bi', ARRAY[1e400, 1, 1, 1])", "22003", "out of range"),
     ("SELECT pgml.predict('bi', ARRAY['1e39', 1, 1, 1]::real[])", "22003", "out of range for type real"),
     # A 2-D array is flattened as at training (issue 12's digits images): a wrong total is 22023.
-    ("SELECT pgml.predict('bi', ARRAY[[1, 2, 3], [4, 5, 6]])", "22023", "has 6 elements but the model expects 4"),
+    ("SELECT pgml.predict('bi', ARRAY[[1, 2, 3], [4, 5, 6]])", "22023", "6 elements but the model expects 4"),
     ("SELECT * FROM pgml.train('bi', hyperparams => '{')", "22P02", "invalid input syntax for type json"),
     (
         "SELECT * FROM pgml.train('bi', hyperparams => '\"abc\"')",
