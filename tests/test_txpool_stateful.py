@@ -7,8 +7,8 @@ the same operations. Every result is compared with its twin's: rows, command tag
 SQLSTATE of every error. Operations: protocol Parse/Bind/Execute/Describe/Close of named
 statements, pipelines (with an error inside, so that the rest is skipped to Sync),
 transactions that commit or roll back (SET LOCAL, set_config(..., true), PREPARE inside),
-SQL-level PREPARE/EXECUTE/DEALLOCATE, DEALLOCATE ALL, DISCARD ALL, SET/RESET/RESET ALL and
-set_config, SHOW, and clients that reconnect.
+SQL-level PREPARE/EXECUTE/DEALLOCATE (simple Query, and inside pipelines), DEALLOCATE ALL,
+DISCARD ALL, SET/RESET/RESET ALL and set_config, SHOW, and clients that reconnect.
 
 CI runs a fixed seed and a bounded number of examples; TXPOOL_EXAMPLES=2000 (and
 TXPOOL_STEPS) runs longer (see README.md). Not compared, by design: pg_prepared_statements
@@ -47,6 +47,9 @@ SIMPLE = [
     "select 1; PREPARE q2 AS select 'multi'; select 2",
 ]
 IN_TX = [*SIMPLE[5:], "select 1/0"]
+# Statements a pipeline sends through the extended protocol (as psycopg's pipeline mode does).
+IN_PIPELINE = ["PREPARE q1(int) AS select $1 * 2", "EXECUTE q1(21)", "DEALLOCATE q1", "DEALLOCATE ALL",
+               "SET work_mem = '6MB'", "SHOW work_mem", "EXECUTE s1(5)"]
 
 Outcome = tuple[Any, ...]
 
@@ -74,7 +77,9 @@ def pipeline(pg: pq.abc.PGconn, items: list[tuple[str, str, int]]) -> list[Outco
     pg.enter_pipeline_mode()
     for op, name, arg in items:
         if op == "parse":
-            pg.send_prepare(name.encode(), TEXTS[arg].encode())
+            pg.send_prepare(name.encode(), TEXTS[arg % len(TEXTS)].encode())
+        elif op == "sql":
+            pg.send_query_params(IN_PIPELINE[arg].encode(), None)
         elif op == "exec":
             pg.send_query_prepared(name.encode(), [str(arg).encode()])
         elif op == "close":
@@ -145,8 +150,10 @@ class Pooling(RuleBasedStateMachine):
     def query(self, i: int, sql: str) -> None:
         self.both(i, lambda pg: simple(pg, sql), sql)
 
-    @rule(i=clients, items=st.lists(st.tuples(st.sampled_from(["parse", "exec", "close", "fail"]), names,
-                                              st.integers(0, 2)), min_size=1, max_size=5))
+    ops = st.sampled_from(["parse", "exec", "close", "fail", "sql"])
+
+    @rule(i=clients, items=st.lists(st.tuples(ops, names, st.integers(0, len(IN_PIPELINE) - 1)),
+                                    min_size=1, max_size=5))
     def pipelined(self, i: int, items: list[tuple[str, str, int]]) -> None:
         self.both(i, lambda pg: pipeline(pg, items), f"pipeline {items}")
 
