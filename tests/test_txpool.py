@@ -61,7 +61,11 @@ def test_psycopg_reexecution_prepares_once(tx3: ProxyProcess) -> None:
 
 
 def test_psycopg_evicted_statement_is_deallocated(tx3: ProxyProcess) -> None:
-    """psycopg's cache overflows (prepared_max) and it sends `DEALLOCATE _pg3_N` for its own name."""
+    """psycopg's cache overflows (prepared_max): it closes the statement it evicts.
+
+    (With libpq 17+ that is a protocol Close; older libpq gets `DEALLOCATE _pg3_N`, which the
+    stateful test and tests/test_txstate.py cover as SQL DEALLOCATE of a protocol statement.)
+    """
     with psycopg.connect(tx3.dsn(), autocommit=True, prepare_threshold=0) as c:
         c.prepared_max = 2
         for i in range(8):
