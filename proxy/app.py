@@ -151,8 +151,16 @@ class ProxyServer:
     async def _reap_idle(self) -> None:
         while True:
             await asyncio.sleep(min(self.config.server_idle_timeout, 30.0))
-            for pool in self.pools.values():
+            for pool in list(self.pools.values()):
                 pool.close_idle(self.config.server_idle_timeout)
+                self.drop_if_unused(pool)
+
+    def drop_if_unused(self, pool: Pool) -> None:
+        """Forget a pool with no connections, no waiters and no client (a failed login's, an old one)."""
+        if pool.total or pool.waiters or any(fe.pool is pool for fe in self.clients.values()):
+            return
+        if self.pools.get((pool.database, pool.user)) is pool:
+            del self.pools[(pool.database, pool.user)]
 
     # --- clients and pools ---------------------------------------------------------------
     def forget(self, fe: Frontend) -> None:

@@ -358,12 +358,17 @@ class ServerConn(asyncio.Protocol):
 
     async def sync_after_error(self, error: PgError) -> PgError:
         """Send Sync and read up to ReadyForQuery, so the connection is usable again."""
+        await self.sync()
+        return error
+
+    async def sync(self) -> None:
+        """Send Sync and drop every response up to its ReadyForQuery (which sets tx_status)."""
         self.send(m.SYNC)
         while True:
             t, body = await self.recv()
             if t == 0x5A:
                 self.tx_status = chr(body[0])
-                return error
+                return
 
     def cancel_key(self) -> tuple[int, int]:
         return self.pid, self.secret

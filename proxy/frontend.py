@@ -112,8 +112,9 @@ class Frontend(asyncio.Protocol):
                 # It was busy for this client: stop its query and do not reuse it.
                 self.app.spawn(self.app.cancel_backend(srv))
                 self.pool.discard(srv)
-            elif not self.tx or srv.tx_status != "I":
-                self.app.spawn(self.pool.reset_and_release(srv))
+            elif not self.tx or srv.tx_status != "I" or self.batch_forwarded:
+                # The exchange is finished for it (a Sync if one is owed), then the reset.
+                self.app.spawn(self.pool.reset_and_release(srv, sync_owed=self.batch_forwarded))
             else:
                 self.pool.release(srv)
 
@@ -365,6 +366,12 @@ class Frontend(asyncio.Protocol):
                 return local.execute(msg)
             return self._forward(t, msg, b"CsI")
         if t == 0x48:  # Flush
+            if len(msg) > 5:  # a body Postgres cannot read: its 08P01, then it skips to Sync
+                if self.server is None:
+                    return self._bad_message(t)
+                self.up.append(msg)  # its error comes unasked, after what is owed before it
+                self.batch_forwarded = True
+                return None
             if self.server is not None and self.server.entries:
                 self.up.append(msg)
             return None
@@ -377,6 +384,14 @@ class Frontend(asyncio.Protocol):
         if not self.tx and not local.stmts and not local.portals:
             return self._forward(t, msg, b"2" if t == 0x42 else b"3" if t == 0x43 else b"Tn")
         return self._named(t, msg)
+
+    def _bad_message(self, t: int) -> Step:
+        """Postgres's answer to a message whose body it cannot read (no server to ask)."""
+        exc = ProtocolViolation(f"invalid message format (message type {chr(t)!r})")
+        self.app.stats.errors += 1
+        self.reply(m.error_message(exc.fields))
+        self.failed_batch = self.batch
+        return None
 
     def _parse(self, msg: bytes) -> Step:
         p = m.Parse.parse(msg[5:])

@@ -20,6 +20,9 @@ from core.errors import PgError, TooManyConnections
 from proxy.backend import ServerConn, Target, connect
 
 log = logging.getLogger("pgml_proxy.pool")
+# How long a vanished client's server connection may take to come back clean (Sync answered,
+# ROLLBACK and reset done) before it is closed instead of reused.
+FINISH_TIMEOUT = 5.0
 
 
 @dataclass
@@ -133,24 +136,37 @@ class Pool:
         if not self._wake_one(conn):
             self.idle.append(conn)
 
-    async def reset_and_release(self, conn: ServerConn) -> None:
-        """Session mode: run `server_reset_query`, then give the connection back."""
+    async def reset_and_release(self, conn: ServerConn, sync_owed: bool = False) -> None:
+        """Finish what a vanished client left (Sync, ROLLBACK), reset in session mode, give back.
+
+        `sync_owed`: the client sent extended-protocol messages and no Sync, so the upstream
+        may be skipping input until one (after an error) and would ignore the reset. The
+        whole exchange is bounded: a connection that does not come back clean is closed.
+        """
         conn.client = None
         conn.internal = True
+        conn.entries.clear()
+        conn.inbox.clear()
         try:
-            if conn.tx_status != "I":
-                await conn.run_simple("ROLLBACK")
-            if self.settings.reset_query:
-                await conn.run_simple(self.settings.reset_query)
+            async with asyncio.timeout(FINISH_TIMEOUT):
+                await self._finish(conn, sync_owed)
+        except (PgError, OSError, TimeoutError) as exc:
+            log.warning("server conn %d reset failed, closing it: %s", conn.id, exc or "timeout")
+            conn.close()
+        conn.internal = False
+        self.release(conn)
+
+    async def _finish(self, conn: ServerConn, sync_owed: bool) -> None:
+        if sync_owed:
+            await conn.sync()
+        if conn.tx_status != "I":
+            await conn.run_simple("ROLLBACK")
+        if self.settings.reset_query:
+            await conn.run_simple(self.settings.reset_query)
             conn.prepared.clear()
             conn.extra.clear()
             conn.unnamed = None
             conn.last_client = None
-        except (PgError, OSError) as exc:
-            log.warning("server conn %d reset failed, closing it: %s", conn.id, exc)
-            conn.close()
-        conn.internal = False
-        self.release(conn)
 
     def discard(self, conn: ServerConn) -> None:
         conn.close()

@@ -97,8 +97,13 @@ async def _login(fe: Frontend, startup: m.StartupMessage) -> None:
         _admin_ready(fe)
         return
     fe.app.check_client_limit()
-    fe.pool = fe.app.pool_for(database, user)
-    conn = await fe.pool.acquire(password)
+    fe.pool = pool = fe.app.pool_for(database, user)
+    try:
+        conn = await pool.acquire(password)
+    except BaseException:
+        fe.pool = None
+        fe.app.drop_if_unused(pool)  # a failed login leaves no pool entry behind
+        raise
     if password is not None:
         # Passthrough: only now has the upstream accepted the password (a fresh login, or the
         # very password a pooled connection proved), so only now is the client told so.
