@@ -99,6 +99,7 @@ class ProxyServer:
         self.handler = handler
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: dict[int, Frontend] = {}
+        self.cancel_keys: dict[tuple[int, int], Frontend] = {}
         self.stats = Stats()
         self.started_at = time.time()
         self.client_tls: ssl.SSLContext | None = None
@@ -165,6 +166,12 @@ class ProxyServer:
     # --- clients and pools ---------------------------------------------------------------
     def forget(self, fe: Frontend) -> None:
         self.clients.pop(fe.id, None)
+        if self.cancel_keys.get(fe.key) is fe:
+            del self.cancel_keys[fe.key]
+
+    def register_key(self, fe: Frontend) -> None:
+        """The BackendKeyData `fe` was given: a CancelRequest with it reaches `fe`."""
+        self.cancel_keys[fe.key] = fe
 
     def check_client_limit(self) -> None:
         if len(self.clients) > self.config.max_client_connections:
@@ -197,8 +204,8 @@ class ProxyServer:
 
     # --- cancel --------------------------------------------------------------------------
     def cancel(self, pid: int, secret: int) -> None:
-        fe = self.clients.get(pid)
-        if fe is None or fe.key != (pid, secret):
+        fe = self.cancel_keys.get((pid, secret))
+        if fe is None:
             log.info("cancel request with an unknown key ignored")
             return
         fe.cancel()

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgml_proxy.backend")
 _ids = itertools.count(1)
 
+# Startup parameters beyond user and database, in the client's order: (name, value) pairs.
+Startup = tuple[tuple[str, str], ...]
+
 # Synthetic-response entries carry the bytes to send when they reach the head of the queue.
 SWALLOW_NONE, SWALLOW_OK, SWALLOW_ALL = 0, 1, 2
 
@@ -47,6 +50,11 @@ class Client(Protocol):
     def server_lost(self, conn: ServerConn) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
+
+
+def _severity(buf: bytes | bytearray, s: int, e: int) -> str:
+    """The severity of the ErrorResponse at buf[s:e] (errors are rare: parsing them is cheap)."""
+    return m.ErrorResponse.parse(bytes(buf[s + 5 : e])).fields.get("S", "")
 
 
 class Expect:
@@ -100,9 +108,10 @@ def parse_dsn(dsn: str, sslmode: str = "prefer") -> Target:
 class ServerConn(asyncio.Protocol):
     """One upstream connection. Relays to `client` unless `internal`, when responses queue up."""
 
-    def __init__(self, database: str, user: str) -> None:
+    def __init__(self, database: str, user: str, startup: Startup = ()) -> None:
         self.id = next(_ids)
         self.database, self.user = database, user
+        self.startup = startup  # the client's startup parameters it was opened with (session mode)
         self.transport: asyncio.Transport | None = None
         self.framer = m.Framer()
         self.params: dict[str, str] = {}
@@ -120,6 +129,7 @@ class ServerConn(asyncio.Protocol):
         self.prepared: set[str] = set()
         self.unnamed: object = None
         self.closed = False
+        self.said_fatal = False  # the upstream sent a FATAL (relayed): the client needs no other
         self.created_at = self.used_at = time.monotonic()
         self.host = ""
         self._ssl_answer: asyncio.Future[bytes] | None = None
@@ -216,6 +226,8 @@ class ServerConn(asyncio.Protocol):
                     span = e
                 continue
             relay = True
+            if t == 0x45 and _severity(buf, s, e) in ("FATAL", "PANIC"):  # e.g. 57P01: its close follows
+                self.said_fatal = True
             if entries:
                 head = entries[0]
                 if head.swallow:
@@ -383,10 +395,12 @@ class ServerConn(asyncio.Protocol):
 async def connect(
     target: Target, database: str, user: str, password: str | None,
     ssl_context: Callable[[str], ssl.SSLContext | None] | None = None, timeout: float = 10.0,
+    startup: Startup = (),
 ) -> ServerConn:
-    """Open and log in a server connection as `user` to `database`; raises PgError (class 08/28/3D)."""
+    """Open and log in a server connection as `user` to `database` with the further startup
+    parameters `startup`; raises PgError (class 08/28/3D, or what the upstream says of them)."""
     loop = asyncio.get_running_loop()
-    conn = ServerConn(database, user)
+    conn = ServerConn(database, user, startup)
     try:
         async with asyncio.timeout(timeout):
             if target.unix_path:
@@ -428,7 +442,7 @@ async def _start_tls(conn: ServerConn, target: Target, ctx: ssl.SSLContext | Non
 
 
 async def _login(conn: ServerConn, database: str, user: str, password: str | None) -> None:
-    conn.send(m.StartupMessage({"user": user, "database": database}).encode())
+    conn.send(m.StartupMessage({"user": user, "database": database, **dict(conn.startup)}).encode())
     auth = UpstreamAuthenticator(user, password)
     while True:
         t, body = await conn.recv()

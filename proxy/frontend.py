@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from core.errors import (
+    FeatureNotSupported,
     InternalError,
     PgError,
     ProtocolViolation,
@@ -253,7 +254,7 @@ class Frontend(asyncio.Protocol):
             self.app.stats.queries += 1
             if self.admin:
                 return self.local.admin_query(m.Query.parse(msg[5:]).sql)
-            if _PGML.search(msg, 5) is not None:
+            if _PGML.search(msg, 5) is not None and not self._passes_through(msg):
                 return self.local.simple_query(m.Query.parse(msg[5:]).sql)
             self.unnamed = None
             step = self._forward(t, msg, b"Z")
@@ -277,11 +278,28 @@ class Frontend(asyncio.Protocol):
             if self.server is not None:
                 self.up.append(msg)
             return None
+        if t == 0x46:  # FunctionCall (libpq's large objects): relayed like a simple Query
+            self.app.stats.queries += 1
+            if self.admin:
+                exc = FeatureNotSupported("the pgml_proxy admin database answers simple queries only")
+                self.reply(m.error_message(exc.fields) + m.ReadyForQuery("I").encode())
+                return None
+            return self._forward(t, msg, b"Z")
         if t == 0x58:  # Terminate
             self.state = "closing"
             self.close()
             return None
         raise ProtocolViolation(f"invalid frontend message type {t} ({chr(t)!r})")
+
+    def _passes_through(self, msg: bytes) -> bool:
+        """A Query that names pgml but calls none of it (the planner decides): relayed as bytes."""
+        check = getattr(self.app.handler, "passes_through", None)
+        if check is None:
+            return False
+        try:
+            return bool(check(m.Query.parse(msg[5:]).sql))
+        except Exception:  # the local path reports whatever is wrong with it
+            return False
 
     def _server_now(self) -> ServerConn | None:
         if self.server is not None:
@@ -497,7 +515,10 @@ class Frontend(asyncio.Protocol):
             self.server = None
             if self.pool is not None:
                 self.pool.discard(conn)
-            self.fatal(PgError("the upstream server connection was lost", fields={"C": "08006"}))
+            if conn.said_fatal:  # the client has Postgres's own reason; then the close, as direct
+                self.close()
+            else:
+                self.fatal(PgError("the upstream server connection was lost", fields={"C": "08006"}))
 
     def maybe_release(self) -> None:
         """Transaction mode: the server connection goes back once the client is between transactions."""

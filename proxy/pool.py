@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.errors import PgError, TooManyConnections
-from proxy.backend import ServerConn, Target, connect
+from proxy.backend import ServerConn, Startup, Target, connect
 
 log = logging.getLogger("pgml_proxy.pool")
 # How long a vanished client's server connection may take to come back clean (Sync answered,
@@ -54,32 +54,37 @@ class Pool:
     def total(self) -> int:
         return len(self.idle) + len(self.busy) + self.connecting
 
-    def try_acquire(self) -> ServerConn | None:
-        """An idle connection right now, or None (then `acquire` must be awaited)."""
-        while self.idle:
-            conn = self.idle.pop()  # LIFO: the warmest connection
-            if not conn.closed:
+    def try_acquire(self, startup: Startup = ()) -> ServerConn | None:
+        """An idle connection opened with `startup` right now, or None (then await `acquire`)."""
+        for conn in reversed(self.idle):  # LIFO: the warmest connection
+            if conn.startup == startup and not conn.closed:
+                self.idle.remove(conn)
                 self.busy.add(conn)
                 return conn
+        self.idle = deque(c for c in self.idle if not c.closed)
         return None
 
-    async def acquire(self, password: str | None = None) -> ServerConn:
-        """A server connection; raises TooManyConnections after `timeout`, PgError from login.
+    async def acquire(self, password: str | None = None, startup: Startup = ()) -> ServerConn:
+        """A server connection opened with the startup parameters `startup` (session mode: the
+        client's own, so RESET returns to them); raises TooManyConnections after `timeout`,
+        PgError from login.
 
         `password` (passthrough auth): unless it is the one already proven upstream, the
         upstream checks it on a fresh login before any pooled connection is handed out.
         """
         if password is not None and password != self.password:
-            conn = await self._open(password)
+            conn = await self._open(password, startup)
             self.password = password
             return conn
-        idle = self.try_acquire()
+        idle = self.try_acquire(startup)
         if idle is not None:
             return idle
         start = time.monotonic()
         while True:
+            if self.total >= self.settings.size and self.idle:
+                self.idle.popleft().close()  # the coldest idle one, opened for other parameters
             if self.total < self.settings.size:
-                return await self._open()
+                return await self._open(None, startup)
             fut: asyncio.Future[ServerConn | None] = asyncio.get_running_loop().create_future()
             self.waiters.append(fut)
             left = self.settings.timeout - (time.monotonic() - start)
@@ -98,14 +103,16 @@ class Pool:
                     self.waiters.remove(fut)
             self.wait_time += time.monotonic() - start
             if got is not None and not got.closed:
-                self.busy.add(got)
-                return got
+                if got.startup == startup:
+                    self.busy.add(got)
+                    return got
+                got.close()  # its slot is ours, but not with these parameters
 
-    async def _open(self, password: str | None = None) -> ServerConn:
+    async def _open(self, password: str | None = None, startup: Startup = ()) -> ServerConn:
         self.connecting += 1
         try:
             conn = await connect(self.target, self.database, self.user, password or self.password,
-                                 self.ssl_context)
+                                 self.ssl_context, startup=startup)
         except BaseException:
             self.connecting -= 1
             self._wake_one(None)
