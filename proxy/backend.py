@@ -26,6 +26,7 @@ from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
 from core.interfaces import QueryResult
 from proxy import messages as m
 from proxy.auth import UpstreamAuthenticator
+from proxy.txstate import ServerTx, Tracker
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -60,17 +61,22 @@ def _severity(buf: bytes | bytearray, s: int, e: int) -> str:
 class Expect:
     """One response owed by the upstream: the message types that end it, and what to do with it."""
 
-    __slots__ = ("batch", "stmt", "swallow", "synthetic", "terminals")
+    __slots__ = ("batch", "swallow", "synthetic", "terminals", "track")
 
     def __init__(
         self, terminals: bytes, batch: int, swallow: int = SWALLOW_NONE,
-        synthetic: bytes | None = None, stmt: str | None = None,
+        synthetic: bytes | None = None, track: Tracker | None = None,
     ) -> None:
         self.terminals = terminals
         self.batch = batch
         self.swallow = swallow
         self.synthetic = synthetic
-        self.stmt = stmt  # a server-side statement name whose Parse this is
+        self.track = track  # transaction pooling's bookkeeping to settle (proxy.txstate)
+
+    def settle(self, t: int) -> None:
+        """The response ended with message type `t` (0: skipped after an error)."""
+        if self.track is not None:
+            self.track.close(t)
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,7 @@ class ServerConn(asyncio.Protocol):
         self.inbox: deque[tuple[int, bytes]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._idle_event: asyncio.Event | None = None
-        self.prepared: set[str] = set()
+        self.txs = ServerTx()  # transaction mode: the named statements and settings it holds
         self.unnamed: object = None
         self.closed = False
         self.said_fatal = False  # the upstream sent a FATAL (relayed): the client needs no other
@@ -222,6 +228,8 @@ class ServerConn(asyncio.Protocol):
         for t, s, e in msgs:
             if t == 0x44:  # DataRow: nothing to look at
                 if entries and entries[0].swallow:
+                    if entries[0].track is not None:
+                        entries[0].track.row(bytes(buf[s + 5 : e]))
                     out.append(buf[span:s])
                     span = e
                 continue
@@ -230,6 +238,8 @@ class ServerConn(asyncio.Protocol):
                 self.said_fatal = True
             if entries:
                 head = entries[0]
+                if t == 0x43 and head.track is not None:
+                    head.track.complete()
                 if head.swallow:
                     relay = t == 0x45 and head.swallow == SWALLOW_OK
                 if t == 0x45:
@@ -238,7 +248,7 @@ class ServerConn(asyncio.Protocol):
                     elif not head.swallow:
                         client.server_error(-1)  # counted; a simple Query needs no skipping
                 elif t in head.terminals:
-                    entries.popleft()
+                    entries.popleft().settle(t)
                     if t == 0x5A:
                         self.tx_status = chr(buf[s + 5])
                         ready = True
@@ -275,10 +285,11 @@ class ServerConn(asyncio.Protocol):
         """After an error in an extended batch the upstream skips to Sync: so do the owed entries."""
         entries = self.entries
         batch = entries[0].batch
+        skipped = []
         while entries and entries[0].terminals != b"Z":
-            stmt = entries.popleft().stmt
-            if stmt is not None:  # that Parse failed or was skipped: not prepared after all
-                self.prepared.discard(stmt)
+            skipped.append(entries.popleft())
+        for entry in reversed(skipped):  # what failed or never ran is undone, latest first
+            entry.settle(0)
         if self.client is not None:
             self.client.server_error(batch)
 

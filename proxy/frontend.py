@@ -12,7 +12,6 @@ are relayed as the client sent them.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import re
@@ -23,6 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from core.errors import (
+    DuplicatePreparedStatement,
     FeatureNotSupported,
     InternalError,
     PgError,
@@ -31,9 +31,9 @@ from core.errors import (
 )
 from core.interfaces import CallContext
 from proxy import messages as m
+from proxy import txstate as txs
 from proxy.backend import (
     SWALLOW_ALL,
-    SWALLOW_NONE,
     SWALLOW_OK,
     Expect,
     ServerConn,
@@ -50,9 +50,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgml_proxy.frontend")
 _ids = itertools.count(1)
 _PGML = re.compile(rb"[pP][gG][mM][lL]")
-_DEALLOCATE = re.compile(rb"(?i)\b(deallocate|discard)\b")
 _EXTENDED = frozenset(b"PBDECH")
 Step = Coroutine[Any, Any, None] | None
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
 
 
 def _fatal(exc: PgError) -> bytes:
@@ -87,8 +90,12 @@ class Frontend(asyncio.Protocol):
         self.batch = 0
         self.failed_batch = -1
         self.batch_forwarded = False
-        self.stmts: dict[str, tuple[str, bytes]] = {}
+        # Transaction mode: the client's named statements and settings (proxy.txstate); the
+        # unnamed statement's Parse and what its SQL does, and that of portals bound from one.
+        self.txs = txs.ClientTx()
         self.unnamed: bytes | None = None
+        self.unnamed_scan: tuple[txs.Stmt, ...] | None = None
+        self.portal_scan: dict[str, tuple[txs.Stmt, ...]] = {}
         self.local = LocalStatements(self)
         self.holding = False
         self.copying = False
@@ -109,7 +116,7 @@ class Frontend(asyncio.Protocol):
         srv, self.server = self.server, None
         if srv is not None and self.pool is not None:
             srv.client = None
-            if srv.entries or self.holding or srv.internal:
+            if srv.entries or self.holding or srv.internal or self.txs.dirty:
                 # It was busy for this client: stop its query and do not reuse it.
                 self.app.spawn(self.app.cancel_backend(srv))
                 self.pool.discard(srv)
@@ -256,16 +263,9 @@ class Frontend(asyncio.Protocol):
                 return self.local.admin_query(m.Query.parse(msg[5:]).sql)
             if _PGML.search(msg, 5) is not None and not self._passes_through(msg):
                 return self.local.simple_query(m.Query.parse(msg[5:]).sql)
-            self.unnamed = None
-            step = self._forward(t, msg, b"Z")
-            srv = self.server
-            if srv is not None:
-                srv.unnamed = None  # a simple Query drops the unnamed statement upstream
-                if self.tx and _DEALLOCATE.search(msg, 5) is not None:
-                    # DEALLOCATE ALL / DISCARD ALL (psycopg sends one after DDL) empties the server's
-                    # statements, ours included: they are prepared again when next bound.
-                    srv.prepared.clear()
-            return step
+            if self.tx:
+                return self._query(msg)
+            return self._forward(t, msg, b"Z")
         if t in _EXTENDED:
             if self.failed_batch == self.batch and t != 0x48:
                 return None  # skipping to Sync after an error
@@ -328,6 +328,12 @@ class Frontend(asyncio.Protocol):
             if k not in self.want:
                 changes[k] = None
                 del conn.extra[k]
+        # What SET and friends left (the server's account, read before the client last let go).
+        wanted = {k.lower() for k in self.want}
+        for k, val in txs.settings_changes(self.txs.settings, conn.txs.settings).items():
+            if val is not None or k not in wanted:
+                changes[k] = val
+        conn.txs.settings = dict(self.txs.settings)
         if not changes:
             return
         for k, val in changes.items():
@@ -382,6 +388,8 @@ class Frontend(asyncio.Protocol):
             self.app.stats.queries += 1
             if local.portals and local.has_portal(msg):
                 return local.execute(msg)
+            if self.portal_scan:
+                return self._execute(msg)
             return self._forward(t, msg, b"CsI")
         if t == 0x48:  # Flush
             if len(msg) > 5:  # a body Postgres cannot read: its 08P01, then it skips to Sync
@@ -405,40 +413,82 @@ class Frontend(asyncio.Protocol):
 
     def _bad_message(self, t: int) -> Step:
         """Postgres's answer to a message whose body it cannot read (no server to ask)."""
-        exc = ProtocolViolation(f"invalid message format (message type {chr(t)!r})")
-        self.app.stats.errors += 1
-        self.reply(m.error_message(exc.fields))
-        self.failed_batch = self.batch
+        self._batch_error(ProtocolViolation(f"invalid message format (message type {chr(t)!r})"))
         return None
 
     def _parse(self, msg: bytes) -> Step:
         p = m.Parse.parse(msg[5:])
         self.local.forget_statement(p.name)
-        if not self.tx or p.name == "":
-            if self.tx:
-                self.unnamed = msg
-                srv = self._server_now()
-                if srv is not None:
-                    srv.unnamed = msg
+        if not self.tx:
             return self._forward(0x50, msg, b"1")
-        key = f"{p.sql}\0{p.param_oids}\0{self.want.get('search_path', '')}".encode()
-        srvname = "pgmlproxy_" + hashlib.sha1(key, usedforsecurity=False).hexdigest()[:20]
-        self.stmts[p.name] = (srvname, m.Parse(srvname, p.sql, p.param_oids).encode())
         srv = self._server_now()
         if srv is None:
             return self._forward_later(0x50, msg)
-        if srvname in srv.prepared:
+        scan = txs.scan(p.sql) if txs.hint(msg) else None
+        if p.name == "":
+            self.unnamed, self.unnamed_scan = msg, scan
+            srv.unnamed = msg
+            return self._forward(0x50, msg, b"1")
+        if p.name in self.txs.stmts:  # upstream it may well not exist: say what Postgres would
+            self._batch_error(DuplicatePreparedStatement(f'prepared statement "{p.name}" already exists'))
+            return None
+        path = self.want.get("search_path") or self.txs.settings.get("search_path", "")
+        srvname = txs.server_name(p.sql, p.param_oids, path)
+        prep = txs.Prepared(srvname, m.Parse(srvname, p.sql, p.param_oids).encode(), scan)
+        if srvname in srv.txs.prepared:
+            self.txs.stmts[p.name] = prep
             srv.expect(Expect(b"", self.batch, synthetic=m.PARSE_COMPLETE))
             return None
-        return self._forward(0x50, self._prepare(srv, p.name, SWALLOW_NONE, send=False), b"1")
+        self.up.append(prep.parse)
+        srv.expect(Expect(b"1", self.batch, track=txs.parse(self.txs, srv.txs, p.name, prep)))
+        self.batch_forwarded = True
+        return None
 
-    def _prepare(self, srv: ServerConn, name: str, swallow: int, send: bool = True) -> bytes:
-        srvname, parse = self.stmts[name]
-        srv.prepared.add(srvname)
-        if send:
-            self.up.append(parse)
-            srv.expect(Expect(b"1", self.batch, swallow, stmt=srvname))
-        return parse
+    def _prepare(self, srv: ServerConn, prep: txs.Prepared) -> None:
+        """Prepare a statement of this client's again, on a server connection that lacks it."""
+        self.up.append(prep.parse)
+        srv.expect(Expect(b"1", self.batch, SWALLOW_OK, track=txs.parse(None, srv.txs, "", prep)))
+
+    def _batch_error(self, exc: PgError) -> None:
+        """An error of the proxy's own in an extended batch: sent in order, then skip to Sync."""
+        self.app.stats.errors += 1
+        self.reply(m.error_message(exc.fields))
+        self.failed_batch = self.batch
+
+    def _query(self, msg: bytes) -> Step:
+        """A simple Query in transaction mode: put the server in step with the names it uses."""
+        srv = self._server_now()
+        if srv is None:
+            return self._forward_later(0x51, msg)
+        self.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
+        scan = txs.scan(m.Query.parse(msg[5:]).sql) if txs.hint(msg) else None
+        track = None
+        if scan is not None:
+            for s in txs.sync(self.txs, srv.txs, scan):
+                # The proxy's own statements: if one fails the client's own says why.
+                srv.expect(Expect(b"Z", self.batch, SWALLOW_ALL,
+                                  track=txs.begin(self.txs, srv.txs, [s], sync_only=True)))
+                self.up.append(m.Query(s.text).encode())
+            track = txs.begin(self.txs, srv.txs, scan)
+        self.up.append(msg)
+        srv.expect(Expect(b"Z", self.batch, track=track))
+        return None
+
+    def _sync_extended(self, srv: ServerConn, scan: tuple[txs.Stmt, ...]) -> None:
+        """Before a Bind: the same as `_query`'s, as extended messages on a statement of ours."""
+        name = txs.PREFIX + "sync"
+        for s in txs.sync(self.txs, srv.txs, scan):
+            track = txs.begin(self.txs, srv.txs, [s], sync_only=True)
+            # An error here aborts the client's batch upstream: it is relayed (SWALLOW_OK).
+            for msg, ends, tr in (
+                (m.Parse(name, s.text).encode(), b"1", None),
+                (m.Bind(name, name).encode(), b"2", None),
+                (m.Execute(name).encode(), b"CsI", track),
+                (m.Close("P", name).encode(), b"3", None),
+                (m.Close("S", name).encode(), b"3", None),
+            ):
+                self.up.append(msg)
+                srv.expect(Expect(ends, self.batch, SWALLOW_OK, track=tr))
 
     def _named(self, t: int, msg: bytes) -> Step:
         """Bind, Describe and Close: answer local objects here, rename prepared statements upstream."""
@@ -463,23 +513,44 @@ class Frontend(asyncio.Protocol):
         srv = self._server_now()
         if srv is None:
             return self._forward_later(t, msg)
-        if t == 0x43 and stmt in self.stmts:  # Close: keep it prepared upstream for the next user
-            del self.stmts[stmt]
+        if t == 0x43:  # Close: answered here; what is prepared upstream stays for the next user
+            if self.txs.stmts.pop(stmt, None) is None:
+                self.txs.sql.pop(stmt, None)  # a Close of a PREPAREd name drops it too
             self.reply(m.CLOSE_COMPLETE)
             return None
+        scan: tuple[txs.Stmt, ...] | None = None
         if stmt == "":
             if self.unnamed is not None and srv.unnamed != self.unnamed:
                 self.up.append(self.unnamed)
                 srv.expect(Expect(b"1", self.batch, SWALLOW_OK))
                 srv.unnamed = self.unnamed
-        elif stmt in self.stmts:
-            srvname = self.stmts[stmt][0]
-            if srvname not in srv.prepared:
-                self._prepare(srv, stmt, SWALLOW_OK)
+            scan = self.unnamed_scan
+        elif stmt in self.txs.stmts:
+            prep = self.txs.stmts[stmt]
+            if prep.srvname not in srv.txs.prepared:
+                self._prepare(srv, prep)
+            scan = prep.stmts
             rest = msg[5 + r.pos :]
-            head = (m.cstr(portal) if t == 0x42 else b"S") + m.cstr(srvname)
+            head = (m.cstr(portal) if t == 0x42 else b"S") + m.cstr(prep.srvname)
             msg = m.frame(bytes([t]), head + rest)
-        return self._forward(t, msg, b"2" if t == 0x42 else b"3" if t == 0x43 else b"Tn")
+        if t == 0x42:
+            if scan is not None:
+                self._sync_extended(srv, scan)
+                self.portal_scan[portal] = scan
+            else:
+                self.portal_scan.pop(portal, None)
+        return self._forward(t, msg, b"2" if t == 0x42 else b"Tn")
+
+    def _execute(self, msg: bytes) -> Step:
+        srv = self._server_now()
+        if srv is None:
+            return self._forward_later(0x45, msg)
+        scan = self.portal_scan.pop(m.Execute.parse(msg[5:]).portal, None)
+        track = None if scan is None else txs.begin(self.txs, srv.txs, scan)
+        self.up.append(msg)
+        srv.expect(Expect(b"CsI", self.batch, track=track))
+        self.batch_forwarded = True
+        return None
 
     def _sync(self) -> Step:
         srv = self.server
@@ -526,9 +597,22 @@ class Frontend(asyncio.Protocol):
         if (not self.tx or srv is None or self.holding or srv.entries or srv.tx_status != "I"
                 or srv.internal or self.batch_forwarded or self.pool is None):
             return
+        if self.txs.dirty:  # a SET may have changed the session: ask the server what stuck
+            self.txs.dirty = False
+            srv.expect(Expect(b"Z", self.batch, SWALLOW_ALL, track=txs.Capture(self._captured)))
+            srv.send(m.Query(txs.CAPTURE_SQL).encode())
+            return
         self.server = None
         srv.client = None
         self.pool.release(srv)
+
+    def _captured(self, rows: list[bytes]) -> None:
+        srv = self.server
+        values = [m.DataRow.parse(body).values for body in rows]
+        got = txs.captured(((_text(v[0]), _text(v[1])) for v in values), srv.params if srv else ())
+        self.txs.settings = got
+        if srv is not None:
+            srv.txs.settings = dict(got)
 
     # --- the planner's view of this client -----------------------------------------------
     async def hold(self) -> ServerConn:

@@ -164,7 +164,7 @@ class LocalStatements:
     async def parse(self, p: m.Parse) -> None:
         fe = self.fe
         fe.app.stats.pgml_queries += 1
-        fe.stmts.pop(p.name, None)
+        fe.txs.stmts.pop(p.name, None)
 
         async def work() -> None:
             self.stmts[p.name] = await self._handler().parse(p.sql, p.param_oids)

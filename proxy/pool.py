@@ -170,7 +170,7 @@ class Pool:
             await conn.run_simple("ROLLBACK")
         if self.settings.reset_query:
             await conn.run_simple(self.settings.reset_query)
-            conn.prepared.clear()
+            conn.txs.reset()
             conn.extra.clear()
             conn.unnamed = None
             conn.last_client = None
