@@ -21,6 +21,7 @@ from core.interfaces import StatementHandler
 from proxy.backend import ServerConn, Target, parse_dsn, send_cancel
 from proxy.config import Config
 from proxy.pool import Pool, PoolSettings
+from proxy.session import Phase
 
 if TYPE_CHECKING:
     from proxy.frontend import Frontend
@@ -267,7 +268,8 @@ class ProxyServer:
             for conn in pool.idle:
                 snap.servers.append(ServerInfo(conn.id, db, user, "idle", conn.pid, None))
         for fe in self.clients.values():
-            state = "startup" if fe.state != "ready" else "active" if fe.server is not None else "idle"
+            ready = fe.s.phase is Phase.READY
+            state = "startup" if not ready else "active" if fe.server is not None else "idle"
             snap.clients.append(ClientInfo(fe.id, fe.addr, fe.database, fe.user, fe.application_name,
                                            state, fe.connected_at))
         s = self.stats

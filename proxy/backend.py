@@ -26,6 +26,7 @@ from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
 from core.interfaces import QueryResult
 from proxy import messages as m
 from proxy.auth import UpstreamAuthenticator
+from proxy.session import Reply
 from proxy.txstate import ServerTx, Tracker
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class Expect:
     __slots__ = ("batch", "swallow", "synthetic", "terminals", "track")
 
     def __init__(
-        self, terminals: bytes, batch: int, swallow: int = SWALLOW_NONE,
+        self, terminals: Reply, batch: int, swallow: int = SWALLOW_NONE,
         synthetic: bytes | None = None, track: Tracker | None = None,
     ) -> None:
         self.terminals = terminals
@@ -243,7 +244,7 @@ class ServerConn(asyncio.Protocol):
                 if head.swallow:
                     relay = t == 0x45 and head.swallow == SWALLOW_OK
                 if t == 0x45:
-                    if head.terminals != b"Z":
+                    if head.terminals is not Reply.READY:
                         self._skip_to_sync()
                     elif not head.swallow:
                         client.server_error(-1)  # counted; a simple Query needs no skipping
@@ -286,7 +287,7 @@ class ServerConn(asyncio.Protocol):
         entries = self.entries
         batch = entries[0].batch
         skipped = []
-        while entries and entries[0].terminals != b"Z":
+        while entries and entries[0].terminals is not Reply.READY:
             skipped.append(entries.popleft())
         for entry in reversed(skipped):  # what failed or never ran is undone, latest first
             entry.settle(0)
@@ -311,7 +312,7 @@ class ServerConn(asyncio.Protocol):
     async def idle(self) -> None:
         """Wait until every owed response has been relayed (asking the upstream to flush)."""
         while self.entries and not self.closed:
-            if any(e.terminals != b"Z" and e.synthetic is None for e in self.entries):
+            if any(e.terminals is not Reply.READY and e.synthetic is None for e in self.entries):
                 self.send(m.FLUSH)
             self._idle_event = asyncio.Event()
             await self._idle_event.wait()

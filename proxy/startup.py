@@ -16,6 +16,7 @@ from core.errors import FeatureNotSupported, InvalidAuthorizationSpecification, 
 from proxy import messages as m
 from proxy.auth import ClientAuthenticator
 from proxy.backend import ServerConn, Startup, settings_sql, valid_setting_name
+from proxy.session import Phase
 
 if TYPE_CHECKING:
     from proxy.frontend import Frontend
@@ -52,7 +53,7 @@ def startup_bytes(fe: Frontend, data: bytes) -> None:
         fe.app.cancel(req.pid, req.secret)
         fe.close()
     elif code >> 16 == 3:
-        fe.state = "auth"
+        fe.s.phase = Phase.AUTH
         fe.framer.feed(rest)
         fe.start_task(_login(fe, m.StartupMessage.parse(body)))
     else:
