@@ -40,7 +40,7 @@ from proxy.backend import (
     settings_sql,
 )
 from proxy.localexec import LocalStatements
-from proxy.session import Leave, Phase, Reply, Route, Session, SyncAnswer
+from proxy.session import Leave, Phase, Reply, Route, Session, SyncAnswer, refusal_sql, unpoolable
 from proxy.sink import ClientSink
 from proxy.startup import UNSETTABLE, startup_bytes
 
@@ -420,6 +420,10 @@ class Frontend(asyncio.Protocol):
         srv = self._server_now()
         if srv is None:
             return self._forward_later(0x50, msg)
+        what = unpoolable(p.sql.encode(), srv.tx_status)
+        if what is not None:
+            p = m.Parse(p.name, refusal_sql(what), p.param_oids)
+            msg = p.encode()
         scan = txs.scan(p.sql) if txs.hint(msg) else None
         if p.name == "":
             self.unnamed, self.unnamed_scan = msg, scan
@@ -457,6 +461,9 @@ class Frontend(asyncio.Protocol):
         if srv is None:
             return self._forward_later(0x51, msg)
         self.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
+        what = unpoolable(memoryview(msg)[5:], srv.tx_status)
+        if what is not None:
+            msg = m.Query(refusal_sql(what)).encode()
         scan = txs.scan(m.Query.parse(msg[5:]).sql) if txs.hint(msg) else None
         track = None
         if scan is not None:

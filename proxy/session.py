@@ -5,7 +5,8 @@ extended-query batch (the batch number, whether a Sync is owed upstream, whether
 batch failed so messages are skipped to Sync), whether the planner holds the server
 connection, the kinds of reply the upstream can owe (`Reply`), and the decisions that
 depend on all of these: how a Sync is answered, whether the server connection may go
-back to the pool, and what becomes of it when the client vanishes. No sockets, no
+back to the pool, what becomes of it when the client vanishes, and what a transaction-pooled
+session cannot keep (`unpoolable`). No sockets, no
 asyncio: `proxy.frontend.Frontend` feeds it events and carries out what it answers;
 tests/test_session_machine.py drives it with byte fixtures.
 """
@@ -13,6 +14,7 @@ tests/test_session_machine.py drives it with byte fixtures.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 
@@ -141,3 +143,34 @@ class Session:
         if not self.transaction_pooling or status != "I" or self.sync_owed:
             return Leave.FINISH
         return Leave.RELEASE
+
+
+# What outlives a transaction on its server connection, so transaction pooling cannot keep it
+# for the client: a LISTEN committed on its own, WITH HOLD cursors, session advisory locks.
+_UNPOOLABLE = re.compile(
+    rb"(?is)\A\s*(?P<listen>listen)\b|\b(?P<hold>with\s+hold)\b"
+    rb"|\b(?P<lock>pg_(?:try_)?advisory_lock(?:_shared)?)\s*\("
+)
+_WHAT = {"listen": "LISTEN", "hold": "a WITH HOLD cursor", "lock": "a session advisory lock"}
+
+
+def unpoolable(sql: bytes | memoryview, tx_status: str) -> str | None:
+    """What in `sql` transaction pooling cannot keep for the client, or None.
+
+    A LISTEN inside a transaction block is let through (it takes effect at COMMIT, and a
+    rolled-back one leaves nothing); on its own it would stay on a connection others use.
+    """
+    for match in _UNPOOLABLE.finditer(sql):
+        kind = match.lastgroup or ""
+        if kind != "listen" or tx_status == "I":
+            return _WHAT[kind]
+    return None
+
+
+def refusal_sql(what: str) -> str:
+    """A statement that fails as the refusal of `what`: sent in place of the client's, so the
+    error comes in order and aborts an open transaction block as any failed statement does."""
+    message = f"{what} cannot be kept under pool_mode=transaction"
+    hint = "it would stay on a server connection that other clients use; use pool_mode=session"
+    return ("DO $pgmlproxy$BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', "
+            f"MESSAGE = '{message}', HINT = '{hint}'; END$pgmlproxy$")

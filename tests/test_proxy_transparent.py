@@ -133,3 +133,37 @@ def test_copy_into_the_pgml_schema_passes_through(px: ProxyProcess, pg_dsn: str)
         assert conn.execute(f"select count(*), sum(label) from {table}").fetchone() == (100, 99)
     with psycopg.connect(pg_dsn, autocommit=True) as direct:
         direct.execute(f"drop table {table}")
+
+
+UNPOOLABLE = [
+    "listen some_chan",
+    "select pg_advisory_lock(42)",
+    "select pg_try_advisory_lock_shared(42)",
+    "declare held cursor with hold for select 1",
+]
+
+
+@pytest.mark.parametrize("sql", UNPOOLABLE)
+def test_transaction_pooling_refuses_what_it_cannot_keep(proxy_tx: ProxyProcess, sql: str) -> None:
+    with psycopg.connect(proxy_tx.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+            conn.execute(sql)
+        assert "pool_mode=transaction" in str(err.value)
+        assert err.value.diag.message_hint is not None and "pool_mode=session" in err.value.diag.message_hint
+        assert conn.execute("select 'still usable'").fetchone() == ("still usable",)
+        if "listen" not in sql:  # inside a block the refusal aborts it, as any failed statement
+            conn.execute("begin")
+            with pytest.raises(psycopg.errors.FeatureNotSupported):
+                conn.execute(sql.replace("%", "%%"), prepare=True)
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                conn.execute("select 1")
+            conn.execute("rollback")
+
+
+def test_session_pooling_keeps_them(proxy: ProxyProcess) -> None:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.execute("select pg_advisory_lock(42)").fetchone() == ("",)
+        assert conn.execute("select pg_advisory_unlock(42)").fetchone() == (True,)
+        conn.execute("declare held cursor with hold for select 7")
+        assert conn.execute("fetch 1 from held").fetchone() == (7,)
+        conn.execute("close held")
