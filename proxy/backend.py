@@ -26,7 +26,7 @@ from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
 from core.interfaces import QueryResult
 from proxy import messages as m
 from proxy.auth import UpstreamAuthenticator
-from proxy.session import Reply
+from proxy.session import Reply, Swallow
 from proxy.txstate import ServerTx, Tracker
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ _ids = itertools.count(1)
 Startup = tuple[tuple[str, str], ...]
 
 # Synthetic-response entries carry the bytes to send when they reach the head of the queue.
-SWALLOW_NONE, SWALLOW_OK, SWALLOW_ALL = 0, 1, 2
+SWALLOW_NONE, SWALLOW_OK, SWALLOW_ALL = Swallow.NONE, Swallow.OK, Swallow.ALL
 
 
 class Client(Protocol):
@@ -65,7 +65,7 @@ class Expect:
     __slots__ = ("batch", "swallow", "synthetic", "terminals", "track")
 
     def __init__(
-        self, terminals: Reply, batch: int, swallow: int = SWALLOW_NONE,
+        self, terminals: Reply, batch: int, swallow: Swallow = SWALLOW_NONE,
         synthetic: bytes | None = None, track: Tracker | None = None,
     ) -> None:
         self.terminals = terminals

@@ -1,12 +1,13 @@
-"""One client session: the proxy playing the server to a driver.
+"""One client session: the proxy playing the server to a driver, as an asyncio adapter.
 
-Owns the client's state machine (startup, TLS, authentication, ready; the extended-
-query batch and its skip-to-Sync after an error; COPY), the decision of which server
-connection serves the client and when it goes back to the pool (ReadyForQuery 'I' in
-transaction mode, disconnect in session mode), the replay of session settings and
-named prepared statements onto whichever server connection runs them, and the hook
-that hands statements mentioning pgml to the planner. Messages that need no rewriting
-are relayed as the client sent them.
+The session's protocol state and the decisions that follow from it (phase, extended
+batch and skip-to-Sync, routing by message type, how a Sync is answered, when the server
+connection goes back to the pool, what a vanished client's server connection gets) are
+`proxy.session.Session`'s; this module moves bytes and carries them out. It also owns
+which server connection serves the client, the replay of session settings and named
+prepared statements onto whichever server connection runs them (with proxy.txstate), and
+the hook that hands statements calling pgml to the planner. Messages that need no
+rewriting are relayed as the client sent them.
 """
 
 from __future__ import annotations

@@ -50,6 +50,14 @@ _BY_TYPE = {0x50: Reply.PARSE, 0x42: Reply.BIND, 0x43: Reply.CLOSE, 0x44: Reply.
             0x45: Reply.EXECUTE, 0x51: Reply.READY, 0x46: Reply.READY, 0x53: Reply.READY}
 
 
+class Swallow(enum.IntEnum):
+    """What reaches the client of a response the proxy asked for itself (a replayed statement)."""
+
+    NONE = 0  # the client's own: relayed
+    OK = 1  # the proxy's, relayed only if it fails (the client's batch fails with it)
+    ALL = 2  # the proxy's, never relayed
+
+
 class Route(enum.Enum):
     """Where a client message goes, by its type byte (and the batch's state)."""
 

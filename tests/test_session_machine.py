@@ -131,3 +131,15 @@ def test_replies_end_where_postgres_ends_them() -> None:
     assert all(ord(c) in Reply.EXECUTE for c in "CsI") and ord("D") not in Reply.EXECUTE
     assert ord("t") not in Reply.DESCRIBE and ord("T") in Reply.DESCRIBE  # ParameterDescription first
     assert Reply.to(0x42) is Reply.BIND and Reply.to(0x43) is Reply.CLOSE and bytes(Reply.READY) == b"Z"
+
+
+def test_unpoolable_statements() -> None:
+    from proxy.session import Swallow, refusal_sql, unpoolable
+
+    assert unpoolable(b"  LISTEN chan", "I") == "LISTEN"
+    assert unpoolable(b"listen chan", "T") is None  # takes effect at COMMIT; a rollback leaves nothing
+    assert unpoolable(b"select pg_advisory_lock(1)", "T") == "a session advisory lock"
+    assert unpoolable(b"select pg_advisory_xact_lock(1)", "I") is None  # released at transaction end
+    assert unpoolable(b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", "T") == "a WITH HOLD cursor"
+    assert unpoolable(b"select 1 /* listen */", "I") is None
+    assert "feature_not_supported" in refusal_sql("LISTEN") and not Swallow.NONE and Swallow.ALL > Swallow.OK
