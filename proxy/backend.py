@@ -298,7 +298,10 @@ class ServerConn(asyncio.Protocol):
         out = []
         entries = self.entries
         while entries and entries[0].synthetic is not None:
-            out.append(entries.popleft().synthetic or b"")
+            entry = entries.popleft()
+            synthetic = entry.synthetic or b""
+            entry.settle(synthetic[0] if synthetic else 0)  # sent: as if the server had said it
+            out.append(synthetic)
         return out
 
     def expect(self, entry: Expect) -> None:
@@ -306,6 +309,7 @@ class ServerConn(asyncio.Protocol):
         if entry.synthetic is not None and not self.entries:
             assert self.client is not None
             self.client.write(entry.synthetic)
+            entry.settle(entry.synthetic[0] if entry.synthetic else 0)
             return
         self.entries.append(entry)
 

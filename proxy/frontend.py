@@ -312,8 +312,8 @@ class Frontend(asyncio.Protocol):
         conn.client = self
         conn.internal = False
         self.server = conn
-        if conn.last_client is not self:
-            self._replay_settings(conn)
+        if conn.last_client is not self or conn.txs.settings != self.txs.settings:
+            self._replay_settings(conn)  # (the client may have SET something elsewhere since)
             conn.last_client = self
 
     def _replay_settings(self, conn: ServerConn) -> None:
@@ -437,8 +437,8 @@ class Frontend(asyncio.Protocol):
         srvname = txs.server_name(p.sql, p.param_oids, path)
         prep = txs.Prepared(srvname, m.Parse(srvname, p.sql, p.param_oids).encode(), scan)
         if srvname in srv.txs.prepared:
-            self.txs.stmts[p.name] = prep
-            srv.expect(Expect(Reply.NOTHING, self.s.batch, synthetic=m.PARSE_COMPLETE))
+            srv.expect(Expect(Reply.NOTHING, self.s.batch, synthetic=m.PARSE_COMPLETE,
+                              track=txs.parse(self.txs, None, p.name, prep)))
             return None
         self.up.append(prep.parse)
         srv.expect(Expect(Reply.PARSE, self.s.batch, track=txs.parse(self.txs, srv.txs, p.name, prep)))
@@ -468,31 +468,30 @@ class Frontend(asyncio.Protocol):
         scan = txs.scan(m.Query.parse(msg[5:]).sql) if txs.hint(msg) else None
         track = None
         if scan is not None:
-            for s in txs.sync(self.txs, srv.txs, scan):
+            syncs = txs.sync(self.txs, srv.txs, scan)
+            tracks, track = txs.begin_query(self.txs, srv.txs, syncs, scan)
+            for s, tr in zip(syncs, tracks, strict=True):
                 # The proxy's own statements: if one fails the client's own says why.
-                srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL,
-                                  track=txs.begin(self.txs, srv.txs, [s], sync_only=True)))
+                srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=tr))
                 self.up.append(m.Query(s.text).encode())
-            track = txs.begin(self.txs, srv.txs, scan)
         self.up.append(msg)
         srv.expect(Expect(Reply.READY, self.s.batch, track=track))
         return None
 
     def _sync_extended(self, srv: ServerConn, scan: tuple[txs.Stmt, ...]) -> None:
-        """Before a Bind: the same as `_query`'s, as extended messages on a statement of ours."""
-        name = txs.PREFIX + "sync"
+        """Before a Bind or Describe: `_query`'s sync as extended messages, on the unnamed statement."""
         for s in txs.sync(self.txs, srv.txs, scan):
             track = txs.begin(self.txs, srv.txs, [s], sync_only=True)
             # An error here aborts the client's batch upstream: it is relayed (SWALLOW_OK).
             for msg, ends, tr in (
-                (m.Parse(name, s.text).encode(), Reply.PARSE, None),
-                (m.Bind(name, name).encode(), Reply.BIND, None),
-                (m.Execute(name).encode(), Reply.EXECUTE, track),
-                (m.Close("P", name).encode(), Reply.CLOSE, None),
-                (m.Close("S", name).encode(), Reply.CLOSE, None),
+                (m.Parse("", s.text).encode(), Reply.PARSE, None),
+                (m.Bind("", "").encode(), Reply.BIND, None),
+                (m.Execute("").encode(), Reply.EXECUTE, track),
             ):
                 self.up.append(msg)
                 srv.expect(Expect(ends, self.s.batch, SWALLOW_OK, track=tr))
+            srv.unnamed = None
+            self.s.forwarded(Reply.EXECUTE)
 
     def _named(self, t: int, msg: bytes) -> Step:
         """Bind, Describe and Close: answer local objects here, rename prepared statements upstream."""
@@ -522,24 +521,27 @@ class Frontend(asyncio.Protocol):
                 self.txs.sql.pop(stmt, None)  # a Close of a PREPAREd name drops it too
             self.reply(m.CLOSE_COMPLETE)
             return None
-        scan: tuple[txs.Stmt, ...] | None = None
+        prep = self.txs.stmts.get(stmt) if stmt else None
+        scan = self.unnamed_scan if stmt == "" else prep.stmts if prep is not None else None
+        # First what the server must hold for the names the statement uses (this borrows the
+        # unnamed statement upstream: it is parsed again below when the client's is needed).
+        if prep is None and stmt:  # a PREPAREd name, or none: this client's version, or none
+            self._sync_extended(srv, (txs.Stmt("execute", stmt),))
+        if t == 0x42 and scan is not None:
+            self._sync_extended(srv, scan)
         if stmt == "":
             if self.unnamed is not None and srv.unnamed != self.unnamed:
                 self.up.append(self.unnamed)
                 srv.expect(Expect(Reply.PARSE, self.s.batch, SWALLOW_OK))
                 srv.unnamed = self.unnamed
-            scan = self.unnamed_scan
-        elif stmt in self.txs.stmts:
-            prep = self.txs.stmts[stmt]
+        elif prep is not None:
             if prep.srvname not in srv.txs.prepared:
                 self._prepare(srv, prep)
-            scan = prep.stmts
             rest = msg[5 + r.pos :]
             head = (m.cstr(portal) if t == 0x42 else b"S") + m.cstr(prep.srvname)
             msg = m.frame(bytes([t]), head + rest)
         if t == 0x42:
             if scan is not None:
-                self._sync_extended(srv, scan)
                 self.portal_scan[portal] = scan
             else:
                 self.portal_scan.pop(portal, None)

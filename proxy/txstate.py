@@ -186,27 +186,33 @@ class Tracker(Protocol):
 
 
 class Pending:
-    """The optimistic changes of one forwarded message, in statement order.
+    """The optimistic changes of forwarded statements, settled as their responses arrive.
 
-    `complete()` on each CommandComplete confirms the next statement's; `close(t)` at the end
-    of the message's response undoes those of statements that never completed.
+    Each statement has a slot in `undos` (shared by the messages of one client request);
+    `complete()` on a message's CommandComplete confirms the next of its `slots`; `close(t)`
+    on the last message of the request undoes, latest first, every slot left unconfirmed.
     """
 
-    __slots__ = ("undos",)
+    __slots__ = ("final", "slots", "undos")
 
-    def __init__(self, undos: list[Undo]) -> None:
+    def __init__(self, undos: list[Undo | None], slots: list[int] | None = None, final: bool = True) -> None:
         self.undos = undos
+        self.slots = list(range(len(undos))) if slots is None else slots
+        self.final = final
 
     def row(self, body: bytes) -> None:
         return None
 
     def complete(self) -> None:
-        if self.undos:
-            self.undos.pop(0)
+        if self.slots:
+            self.undos[self.slots.pop(0)] = None
 
     def close(self, t: int) -> None:
-        while self.undos:
-            self.undos.pop()()
+        if self.final:
+            for i in reversed(range(len(self.undos))):
+                undo, self.undos[i] = self.undos[i], None
+                if undo is not None:
+                    undo()
 
 
 class ParseTrack(Pending):
@@ -216,14 +222,20 @@ class ParseTrack(Pending):
 
     def close(self, t: int) -> None:
         if t == PARSE_COMPLETE:
-            self.undos.clear()
+            self.undos[:] = [None] * len(self.undos)
         super().close(t)
 
 
-def parse(client: ClientTx | None, server: ServerTx, name: str, prep: Prepared) -> ParseTrack:
-    """A Parse of `prep` is on its way to `server` (for `client`'s statement `name`, if given)."""
-    server.prepared.add(prep.srvname)
-    undos: list[Undo] = [lambda: server.prepared.discard(prep.srvname)]
+def parse(client: ClientTx | None, server: ServerTx | None, name: str, prep: Prepared) -> ParseTrack:
+    """A Parse of `prep` is on its way to `server` (for `client`'s statement `name`, if given).
+
+    `server` None: the server holds it already, the client is answered ParseComplete in its
+    turn (unless its batch fails first).
+    """
+    undos: list[Undo] = []
+    if server is not None:
+        server.prepared.add(prep.srvname)
+        undos.append(lambda: server.prepared.discard(prep.srvname))
     if client is not None:
         client.stmts[name] = prep
         undos.append(lambda: _forget(client, name, prep))
@@ -260,6 +272,20 @@ def begin(client: ClientTx, server: ServerTx, stmts: Iterable[Stmt], sync_only: 
     `sync_only`: the proxy's own statements from `sync`, which change only the server's table.
     """
     return Pending([_apply(client, server, s, sync_only) for s in stmts])
+
+
+def begin_query(client: ClientTx, server: ServerTx, syncs: list[Stmt],
+                stmts: tuple[Stmt, ...]) -> tuple[list[Pending], Pending]:
+    """`begin` for one simple Query per sync statement and then the client's own Query.
+
+    They share one account, undone latest first when the client's Query ends: each Query's
+    own ReadyForQuery arrives first to last, which would restore in the wrong order.
+    """
+    undos: list[Undo | None] = [_apply(client, server, s, True) for s in syncs]
+    undos += [_apply(client, server, s, False) for s in stmts]
+    n = len(syncs)
+    return ([Pending(undos, [i], final=False) for i in range(n)],
+            Pending(undos, list(range(n, len(undos)))))
 
 
 def _restore(d: dict[str, str], name: str, old: str | None, new: str | None) -> None:
