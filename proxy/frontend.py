@@ -326,7 +326,11 @@ class Frontend(asyncio.Protocol):
             if k not in self.want:
                 changes[k] = None
                 del conn.extra[k]
-        # What SET and friends left (the server's account, read before the client last let go).
+        for k, val in changes.items():
+            if k not in conn.params and val is not None:
+                conn.extra[k] = val
+        # What SET and friends left (the server's account, read before the client last let go);
+        # kept apart from `extra`, which a new client's login resets.
         wanted = {k.lower() for k in self.want}
         for k, val in txs.settings_changes(self.txs.settings, conn.txs.settings).items():
             if val is not None or k not in wanted:
@@ -334,9 +338,6 @@ class Frontend(asyncio.Protocol):
         conn.txs.settings = dict(self.txs.settings)
         if not changes:
             return
-        for k, val in changes.items():
-            if k not in conn.params and val is not None:
-                conn.extra[k] = val
         self.up.append(m.Query(settings_sql(changes)).encode())
         conn.unnamed = None
         conn.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL))
@@ -430,12 +431,13 @@ class Frontend(asyncio.Protocol):
             self.unnamed, self.unnamed_scan = msg, scan
             srv.unnamed = msg
             return self._forward(0x50, msg, Reply.PARSE)
-        if p.name in self.txs.stmts:  # upstream it may well not exist: say what Postgres would
+        if p.name in self.txs.stmts or p.name in self.txs.sql:  # one namespace, as upstream
             self._batch_error(DuplicatePreparedStatement(f'prepared statement "{p.name}" already exists'))
             return None
         path = self.want.get("search_path") or self.txs.settings.get("search_path", "")
         srvname = txs.server_name(p.sql, p.param_oids, path)
-        prep = txs.Prepared(srvname, m.Parse(srvname, p.sql, p.param_oids).encode(), scan)
+        prep = txs.Prepared(srvname, m.Parse(srvname, p.sql, p.param_oids).encode(), scan,
+                            txs.as_sql(p.name, p.sql, p.param_oids))
         if srvname in srv.txs.prepared:
             srv.expect(Expect(Reply.NOTHING, self.s.batch, synthetic=m.PARSE_COMPLETE,
                               track=txs.parse(self.txs, None, p.name, prep)))

@@ -115,6 +115,12 @@ class Prepared:
     srvname: str
     parse: bytes
     stmts: tuple[Stmt, ...] | None = None
+    as_sql: str | None = None  # the same as SQL PREPARE (for SQL EXECUTE), when one can say it
+
+
+def as_sql(name: str, sql: str, param_oids: tuple[int, ...]) -> str | None:
+    """`PREPARE name AS sql`; None when the Parse gave parameter types (SQL would need names)."""
+    return None if any(param_oids) else f"PREPARE {ident(name)} AS {sql}"
 
 
 @dataclass(slots=True)
@@ -144,15 +150,19 @@ class ClientTx:
     def view(self, name: str, kind: str) -> str | None:
         """The PREPARE text the server must hold under `name` for this client's `kind` statement.
 
-        A client's protocol-level statement is visible to SQL DEALLOCATE and PREPARE on a
-        direct connection (psycopg sends `DEALLOCATE _pg3_0` when its cache overflows): a
-        placeholder under that name lets the server answer as it would.
+        A client's protocol-level statement is visible to SQL EXECUTE, DEALLOCATE and PREPARE
+        on a direct connection (psycopg sends `DEALLOCATE _pg3_0` when its cache overflows):
+        the same statement under that name (or, where its parameter types cannot be written
+        in SQL, a placeholder) lets the server answer as it would.
         """
         if name in self.sql:
             return self.sql[name]
-        if name in self.stmts and kind != "execute":
-            return f"PREPARE {ident(name)} AS SELECT NULL"
-        return None
+        prep = self.stmts.get(name)
+        if prep is None:
+            return None
+        if prep.as_sql is not None:
+            return prep.as_sql
+        return None if kind == "execute" else f"PREPARE {ident(name)} AS SELECT NULL"
 
 
 def sync(client: ClientTx, server: ServerTx, stmts: Iterable[Stmt]) -> list[Stmt]:

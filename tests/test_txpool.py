@@ -119,3 +119,29 @@ def test_psycopg_clients_interleaved(where: str, tx3: ProxyProcess, pg_dsn: str)
     finally:
         for c in conns:
             c.close()
+
+
+def test_pg_prepared_statements_describes_the_server_connection(tx1: ProxyProcess) -> None:
+    """What a client sees there in transaction mode (README.md, "Transaction pooling").
+
+    The view belongs to the server connection: protocol-level statements appear under the
+    proxy's shared names (pgmlproxy_<hash>, never the client's own `_pg3_0`), SQL-level ones
+    under their own names, and so do those other clients left on that connection.
+    """
+    with psycopg.connect(tx1.dsn(), autocommit=True) as a, psycopg.connect(tx1.dsn(), autocommit=True) as b:
+        assert a.execute("select %s::int + 41", [1], prepare=True).fetchone() == (42,)
+        a.execute("PREPARE mine AS select 'mine'")
+        assert a.execute("EXECUTE mine").fetchone() == ("mine",)
+        seen = a.execute("select name, statement, from_sql from pg_prepared_statements").fetchall()
+        names = {name for name, _, _ in seen}
+        assert "_pg3_0" not in names
+        assert any(n.startswith("pgmlproxy_") and text == "select $1::int + 41" and not sql
+                   for n, text, sql in seen)
+        assert ("mine", "PREPARE mine AS select 'mine'", True) in seen
+        # b never prepared anything, yet shares the one server connection: it sees a's too.
+        others = {row[0] for row in b.execute("select name from pg_prepared_statements")}
+        assert "mine" in others and any(n.startswith("pgmlproxy_") for n in others)
+        # ... but cannot use them: to b, "mine" does not exist, as on a connection of its own.
+        with pytest.raises(pe.InvalidSqlStatementName):
+            b.execute("EXECUTE mine")
+        assert a.execute("EXECUTE mine").fetchone() == ("mine",)
