@@ -149,3 +149,17 @@ def test_direct_postgres_is_what_we_compare_against(pg_server: PgServer) -> None
     """The reference stream itself: rows, Z, 08P01, Z, rows, Z (as issue 15 describes)."""
     got = _bad_flush_exchange("127.0.0.1", pg_server.port)
     assert b"".join(t for t, _ in got) == b"TDCZEZTDCZ"
+
+
+def test_server_termination_reaches_the_client_as_sent(proxy: ProxyProcess, pg_dsn: str) -> None:
+    """pg_terminate_backend on the pid the client was given: Postgres's FATAL 57P01, then the close."""
+    w = Wire(proxy.host, proxy.port)
+    [key] = [m.BackendKeyData.parse(b) for t, b in w.startup if t == b"K"]
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        assert admin.execute("select pg_terminate_backend(%s)", [key.pid]).fetchone() == (True,)
+    got = []
+    with pytest.raises(ConnectionError):
+        while True:
+            got.append(w.read())
+    w.close()
+    assert [(t, m.ErrorResponse.parse(b).fields["C"]) for t, b in got] == [(b"E", "57P01")]
