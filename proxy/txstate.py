@@ -184,7 +184,7 @@ def sync(client: ClientTx, server: ServerTx, stmts: Iterable[Stmt]) -> list[Stmt
 
 
 Undo = Callable[[], None]
-PARSE_COMPLETE = 0x31
+PARSE_COMPLETE, CLOSE_COMPLETE = 0x31, 0x33
 
 
 class Tracker(Protocol):
@@ -226,14 +226,33 @@ class Pending:
 
 
 class ParseTrack(Pending):
-    """A Parse sent under a server name: prepared only if its ParseComplete arrives."""
+    """A Parse (or a Close answered by the proxy): it took effect only if `ok` arrives in its turn."""
 
-    __slots__ = ()
+    __slots__ = ("ok",)
+
+    def __init__(self, undos: list[Undo | None], ok: int = PARSE_COMPLETE) -> None:
+        super().__init__(undos)
+        self.ok = ok
 
     def close(self, t: int) -> None:
-        if t == PARSE_COMPLETE:
+        if t == self.ok:
             self.undos[:] = [None] * len(self.undos)
         super().close(t)
+
+
+def close(client: ClientTx, name: str) -> ParseTrack:
+    """A Close of statement `name`, answered by the proxy (upstream it stays for the next user).
+
+    A Close of a PREPAREd name drops it too; if the batch fails before the CloseComplete is
+    due, the statement was never closed.
+    """
+    undos: list[Undo] = []
+    prep = client.stmts.pop(name, None)
+    if prep is not None:
+        undos.append(lambda: _put_back(client, name, prep))
+    else:
+        undos.append(_set(client.sql, name, None))
+    return ParseTrack([_both(*undos)], ok=CLOSE_COMPLETE)
 
 
 def parse(client: ClientTx | None, server: ServerTx | None, name: str, prep: Prepared) -> ParseTrack:

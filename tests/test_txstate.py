@@ -147,3 +147,16 @@ def test_set_marks_the_client_for_a_read_back() -> None:
     client, server = ClientTx(), ServerTx()
     txs.begin(client, server, txs.scan("SET LOCAL work_mem = '9MB'") or ()).close(0x5A)
     assert client.dirty
+
+
+def test_a_close_answered_here_is_undone_when_its_batch_fails_first() -> None:
+    """Pipeline: Bind/Execute fails, then Close s: Postgres skips the Close, so s remains."""
+    client = ClientTx()
+    prep = Prepared("pgmlproxy_s", b"")
+    client.stmts["s"] = prep
+    txs.close(client, "s").close(0)  # skipped to Sync
+    assert client.stmts["s"] is prep
+    client.sql["q"] = "PREPARE q AS select 1"
+    done = txs.close(client, "q")
+    done.close(txs.CLOSE_COMPLETE)
+    assert "q" not in client.sql
