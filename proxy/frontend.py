@@ -520,7 +520,8 @@ class Frontend(asyncio.Protocol):
             return self._forward_later(t, msg)
         if t == 0x43:  # Close: answered here; what is prepared upstream stays for the next user
             # In its turn, and undone if the batch fails before it is due.
-            srv.expect(Expect(b"", self.batch, synthetic=m.CLOSE_COMPLETE, track=txs.close(self.txs, stmt)))
+            srv.expect(Expect(Reply.NOTHING, self.s.batch, synthetic=m.CLOSE_COMPLETE,
+                              track=txs.close(self.txs, stmt)))
             return None
         prep = self.txs.stmts.get(stmt) if stmt else None
         scan = self.unnamed_scan if stmt == "" else prep.stmts if prep is not None else None
