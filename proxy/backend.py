@@ -26,6 +26,7 @@ from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
 from core.interfaces import QueryResult
 from proxy import messages as m
 from proxy.auth import UpstreamAuthenticator
+from proxy.session import Reply, Swallow
 from proxy.txstate import ServerTx, Tracker
 
 if TYPE_CHECKING:
@@ -34,8 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgml_proxy.backend")
 _ids = itertools.count(1)
 
+# Startup parameters beyond user and database, in the client's order: (name, value) pairs.
+Startup = tuple[tuple[str, str], ...]
+
 # Synthetic-response entries carry the bytes to send when they reach the head of the queue.
-SWALLOW_NONE, SWALLOW_OK, SWALLOW_ALL = 0, 1, 2
+SWALLOW_NONE, SWALLOW_OK, SWALLOW_ALL = Swallow.NONE, Swallow.OK, Swallow.ALL
 
 
 class Client(Protocol):
@@ -50,13 +54,18 @@ class Client(Protocol):
     def resume_reading(self) -> None: ...
 
 
+def _severity(buf: bytes | bytearray, s: int, e: int) -> str:
+    """The severity of the ErrorResponse at buf[s:e] (errors are rare: parsing them is cheap)."""
+    return m.ErrorResponse.parse(bytes(buf[s + 5 : e])).fields.get("S", "")
+
+
 class Expect:
     """One response owed by the upstream: the message types that end it, and what to do with it."""
 
     __slots__ = ("batch", "swallow", "synthetic", "terminals", "track")
 
     def __init__(
-        self, terminals: bytes, batch: int, swallow: int = SWALLOW_NONE,
+        self, terminals: Reply, batch: int, swallow: Swallow = SWALLOW_NONE,
         synthetic: bytes | None = None, track: Tracker | None = None,
     ) -> None:
         self.terminals = terminals
@@ -106,9 +115,10 @@ def parse_dsn(dsn: str, sslmode: str = "prefer") -> Target:
 class ServerConn(asyncio.Protocol):
     """One upstream connection. Relays to `client` unless `internal`, when responses queue up."""
 
-    def __init__(self, database: str, user: str) -> None:
+    def __init__(self, database: str, user: str, startup: Startup = ()) -> None:
         self.id = next(_ids)
         self.database, self.user = database, user
+        self.startup = startup  # the client's startup parameters it was opened with (session mode)
         self.transport: asyncio.Transport | None = None
         self.framer = m.Framer()
         self.params: dict[str, str] = {}
@@ -126,6 +136,7 @@ class ServerConn(asyncio.Protocol):
         self.txs = ServerTx()  # transaction mode: the named statements and settings it holds
         self.unnamed: object = None
         self.closed = False
+        self.said_fatal = False  # the upstream sent a FATAL (relayed): the client needs no other
         self.created_at = self.used_at = time.monotonic()
         self.host = ""
         self._ssl_answer: asyncio.Future[bytes] | None = None
@@ -224,6 +235,8 @@ class ServerConn(asyncio.Protocol):
                     span = e
                 continue
             relay = True
+            if t == 0x45 and _severity(buf, s, e) in ("FATAL", "PANIC"):  # e.g. 57P01: its close follows
+                self.said_fatal = True
             if entries:
                 head = entries[0]
                 if t == 0x43 and head.track is not None:
@@ -231,7 +244,7 @@ class ServerConn(asyncio.Protocol):
                 if head.swallow:
                     relay = t == 0x45 and head.swallow == SWALLOW_OK
                 if t == 0x45:
-                    if head.terminals != b"Z":
+                    if head.terminals is not Reply.READY:
                         self._skip_to_sync()
                     elif not head.swallow:
                         client.server_error(-1)  # counted; a simple Query needs no skipping
@@ -274,7 +287,7 @@ class ServerConn(asyncio.Protocol):
         entries = self.entries
         batch = entries[0].batch
         skipped = []
-        while entries and entries[0].terminals != b"Z":
+        while entries and entries[0].terminals is not Reply.READY:
             skipped.append(entries.popleft())
         for entry in reversed(skipped):  # what failed or never ran is undone, latest first
             entry.settle(0)
@@ -303,7 +316,7 @@ class ServerConn(asyncio.Protocol):
     async def idle(self) -> None:
         """Wait until every owed response has been relayed (asking the upstream to flush)."""
         while self.entries and not self.closed:
-            if any(e.terminals != b"Z" and e.synthetic is None for e in self.entries):
+            if any(e.terminals is not Reply.READY and e.synthetic is None for e in self.entries):
                 self.send(m.FLUSH)
             self._idle_event = asyncio.Event()
             await self._idle_event.wait()
@@ -373,12 +386,17 @@ class ServerConn(asyncio.Protocol):
 
     async def sync_after_error(self, error: PgError) -> PgError:
         """Send Sync and read up to ReadyForQuery, so the connection is usable again."""
+        await self.sync()
+        return error
+
+    async def sync(self) -> None:
+        """Send Sync and drop every response up to its ReadyForQuery (which sets tx_status)."""
         self.send(m.SYNC)
         while True:
             t, body = await self.recv()
             if t == 0x5A:
                 self.tx_status = chr(body[0])
-                return error
+                return
 
     def cancel_key(self) -> tuple[int, int]:
         return self.pid, self.secret
@@ -393,10 +411,12 @@ class ServerConn(asyncio.Protocol):
 async def connect(
     target: Target, database: str, user: str, password: str | None,
     ssl_context: Callable[[str], ssl.SSLContext | None] | None = None, timeout: float = 10.0,
+    startup: Startup = (),
 ) -> ServerConn:
-    """Open and log in a server connection as `user` to `database`; raises PgError (class 08/28/3D)."""
+    """Open and log in a server connection as `user` to `database` with the further startup
+    parameters `startup`; raises PgError (class 08/28/3D, or what the upstream says of them)."""
     loop = asyncio.get_running_loop()
-    conn = ServerConn(database, user)
+    conn = ServerConn(database, user, startup)
     try:
         async with asyncio.timeout(timeout):
             if target.unix_path:
@@ -438,7 +458,7 @@ async def _start_tls(conn: ServerConn, target: Target, ctx: ssl.SSLContext | Non
 
 
 async def _login(conn: ServerConn, database: str, user: str, password: str | None) -> None:
-    conn.send(m.StartupMessage({"user": user, "database": database}).encode())
+    conn.send(m.StartupMessage({"user": user, "database": database, **dict(conn.startup)}).encode())
     auth = UpstreamAuthenticator(user, password)
     while True:
         t, body = await conn.recv()
