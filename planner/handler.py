@@ -88,6 +88,14 @@ class Handler:
                 self._cache.popitem(last=False)
         return plans
 
+    def passes_through(self, sql: str) -> bool:
+        """Whether a whole Query calls nothing of pgml's (it may name the schema): the proxy
+        then relays it untouched, so COPY pgml.t FROM STDIN and the like work as direct."""
+        try:
+            return all(p.kind == "passthrough" for p in self.plans(sql))
+        except PgError:
+            return False  # the local path reports it
+
     async def simple_query(
         self, sql: str, upstream: UpstreamSession, sink: ResultSink, ctx: CallContext
     ) -> None:

@@ -22,6 +22,7 @@ from proxy import tls
 from proxy.backend import ServerConn, Target, parse_dsn, send_cancel
 from proxy.config import Config
 from proxy.pool import Pool, PoolSettings
+from proxy.session import Phase
 
 if TYPE_CHECKING:
     from proxy.frontend import Frontend
@@ -100,6 +101,7 @@ class ProxyServer:
         self.handler = handler
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: dict[int, Frontend] = {}
+        self.cancel_keys: dict[tuple[int, int], Frontend] = {}
         self.stats = Stats()
         self.started_at = time.time()
         self.client_tls: ssl.SSLContext | None = None
@@ -144,12 +146,26 @@ class ProxyServer:
     async def _reap_idle(self) -> None:
         while True:
             await asyncio.sleep(min(self.config.server_idle_timeout, 30.0))
-            for pool in self.pools.values():
+            for pool in list(self.pools.values()):
                 pool.close_idle(self.config.server_idle_timeout)
+                self.drop_if_unused(pool)
+
+    def drop_if_unused(self, pool: Pool) -> None:
+        """Forget a pool with no connections, no waiters and no client (a failed login's, an old one)."""
+        if pool.total or pool.waiters or any(fe.pool is pool for fe in self.clients.values()):
+            return
+        if self.pools.get((pool.database, pool.user)) is pool:
+            del self.pools[(pool.database, pool.user)]
 
     # --- clients and pools ---------------------------------------------------------------
     def forget(self, fe: Frontend) -> None:
         self.clients.pop(fe.id, None)
+        if self.cancel_keys.get(fe.key) is fe:
+            del self.cancel_keys[fe.key]
+
+    def register_key(self, fe: Frontend) -> None:
+        """The BackendKeyData `fe` was given: a CancelRequest with it reaches `fe`."""
+        self.cancel_keys[fe.key] = fe
 
     def check_client_limit(self) -> None:
         if len(self.clients) > self.config.max_client_connections:
@@ -182,8 +198,8 @@ class ProxyServer:
 
     # --- cancel --------------------------------------------------------------------------
     def cancel(self, pid: int, secret: int) -> None:
-        fe = self.clients.get(pid)
-        if fe is None or fe.key != (pid, secret):
+        fe = self.cancel_keys.get((pid, secret))
+        if fe is None:
             log.info("cancel request with an unknown key ignored")
             return
         fe.cancel()
@@ -245,7 +261,8 @@ class ProxyServer:
             for conn in pool.idle:
                 snap.servers.append(ServerInfo(conn.id, db, user, "idle", conn.pid, None))
         for fe in self.clients.values():
-            state = "startup" if fe.state != "ready" else "active" if fe.server is not None else "idle"
+            ready = fe.s.phase is Phase.READY
+            state = "startup" if not ready else "active" if fe.server is not None else "idle"
             snap.clients.append(ClientInfo(fe.id, fe.addr, fe.database, fe.user, fe.application_name,
                                            state, fe.connected_at))
         s = self.stats

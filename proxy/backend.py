@@ -26,6 +26,8 @@ from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
 from core.interfaces import QueryResult
 from proxy import messages as m
 from proxy.auth import UpstreamAuthenticator
+from proxy.session import Reply, Swallow
+from proxy.txstate import ServerTx, Tracker
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -33,8 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgml_proxy.backend")
 _ids = itertools.count(1)
 
+# Startup parameters beyond user and database, in the client's order: (name, value) pairs.
+Startup = tuple[tuple[str, str], ...]
+
 # Synthetic-response entries carry the bytes to send when they reach the head of the queue.
-SWALLOW_NONE, SWALLOW_OK, SWALLOW_ALL = 0, 1, 2
+SWALLOW_NONE, SWALLOW_OK, SWALLOW_ALL = Swallow.NONE, Swallow.OK, Swallow.ALL
 
 
 class Client(Protocol):
@@ -49,20 +54,30 @@ class Client(Protocol):
     def resume_reading(self) -> None: ...
 
 
+def _severity(buf: bytes | bytearray, s: int, e: int) -> str:
+    """The severity of the ErrorResponse at buf[s:e] (errors are rare: parsing them is cheap)."""
+    return m.ErrorResponse.parse(bytes(buf[s + 5 : e])).fields.get("S", "")
+
+
 class Expect:
     """One response owed by the upstream: the message types that end it, and what to do with it."""
 
-    __slots__ = ("batch", "stmt", "swallow", "synthetic", "terminals")
+    __slots__ = ("batch", "swallow", "synthetic", "terminals", "track")
 
     def __init__(
-        self, terminals: bytes, batch: int, swallow: int = SWALLOW_NONE,
-        synthetic: bytes | None = None, stmt: str | None = None,
+        self, terminals: Reply, batch: int, swallow: Swallow = SWALLOW_NONE,
+        synthetic: bytes | None = None, track: Tracker | None = None,
     ) -> None:
         self.terminals = terminals
         self.batch = batch
         self.swallow = swallow
         self.synthetic = synthetic
-        self.stmt = stmt  # a server-side statement name whose Parse this is
+        self.track = track  # transaction pooling's bookkeeping to settle (proxy.txstate)
+
+    def settle(self, t: int) -> None:
+        """The response ended with message type `t` (0: skipped after an error)."""
+        if self.track is not None:
+            self.track.close(t)
 
 
 @dataclass(frozen=True)
@@ -100,9 +115,10 @@ def parse_dsn(dsn: str, sslmode: str = "prefer") -> Target:
 class ServerConn(asyncio.Protocol):
     """One upstream connection. Relays to `client` unless `internal`, when responses queue up."""
 
-    def __init__(self, database: str, user: str) -> None:
+    def __init__(self, database: str, user: str, startup: Startup = ()) -> None:
         self.id = next(_ids)
         self.database, self.user = database, user
+        self.startup = startup  # the client's startup parameters it was opened with (session mode)
         self.transport: asyncio.Transport | None = None
         self.framer = m.Framer()
         self.params: dict[str, str] = {}
@@ -117,9 +133,10 @@ class ServerConn(asyncio.Protocol):
         self.inbox: deque[tuple[int, bytes]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._idle_event: asyncio.Event | None = None
-        self.prepared: set[str] = set()
+        self.txs = ServerTx()  # transaction mode: the named statements and settings it holds
         self.unnamed: object = None
         self.closed = False
+        self.said_fatal = False  # the upstream sent a FATAL (relayed): the client needs no other
         self.created_at = self.used_at = time.monotonic()
         self.host = ""
         self._ssl_answer: asyncio.Future[bytes] | None = None
@@ -212,21 +229,27 @@ class ServerConn(asyncio.Protocol):
         for t, s, e in msgs:
             if t == 0x44:  # DataRow: nothing to look at
                 if entries and entries[0].swallow:
+                    if entries[0].track is not None:
+                        entries[0].track.row(bytes(buf[s + 5 : e]))
                     out.append(buf[span:s])
                     span = e
                 continue
             relay = True
+            if t == 0x45 and _severity(buf, s, e) in ("FATAL", "PANIC"):  # e.g. 57P01: its close follows
+                self.said_fatal = True
             if entries:
                 head = entries[0]
+                if t == 0x43 and head.track is not None:
+                    head.track.complete()
                 if head.swallow:
                     relay = t == 0x45 and head.swallow == SWALLOW_OK
                 if t == 0x45:
-                    if head.terminals != b"Z":
+                    if head.terminals is not Reply.READY:
                         self._skip_to_sync()
                     elif not head.swallow:
                         client.server_error(-1)  # counted; a simple Query needs no skipping
                 elif t in head.terminals:
-                    entries.popleft()
+                    entries.popleft().settle(t)
                     if t == 0x5A:
                         self.tx_status = chr(buf[s + 5])
                         ready = True
@@ -263,10 +286,11 @@ class ServerConn(asyncio.Protocol):
         """After an error in an extended batch the upstream skips to Sync: so do the owed entries."""
         entries = self.entries
         batch = entries[0].batch
-        while entries and entries[0].terminals != b"Z":
-            stmt = entries.popleft().stmt
-            if stmt is not None:  # that Parse failed or was skipped: not prepared after all
-                self.prepared.discard(stmt)
+        skipped = []
+        while entries and entries[0].terminals is not Reply.READY:
+            skipped.append(entries.popleft())
+        for entry in reversed(skipped):  # what failed or never ran is undone, latest first
+            entry.settle(0)
         if self.client is not None:
             self.client.server_error(batch)
 
@@ -274,7 +298,10 @@ class ServerConn(asyncio.Protocol):
         out = []
         entries = self.entries
         while entries and entries[0].synthetic is not None:
-            out.append(entries.popleft().synthetic or b"")
+            entry = entries.popleft()
+            synthetic = entry.synthetic or b""
+            entry.settle(synthetic[0] if synthetic else 0)  # sent: as if the server had said it
+            out.append(synthetic)
         return out
 
     def expect(self, entry: Expect) -> None:
@@ -282,13 +309,14 @@ class ServerConn(asyncio.Protocol):
         if entry.synthetic is not None and not self.entries:
             assert self.client is not None
             self.client.write(entry.synthetic)
+            entry.settle(entry.synthetic[0] if entry.synthetic else 0)
             return
         self.entries.append(entry)
 
     async def idle(self) -> None:
         """Wait until every owed response has been relayed (asking the upstream to flush)."""
         while self.entries and not self.closed:
-            if any(e.terminals != b"Z" and e.synthetic is None for e in self.entries):
+            if any(e.terminals is not Reply.READY and e.synthetic is None for e in self.entries):
                 self.send(m.FLUSH)
             self._idle_event = asyncio.Event()
             await self._idle_event.wait()
@@ -358,12 +386,17 @@ class ServerConn(asyncio.Protocol):
 
     async def sync_after_error(self, error: PgError) -> PgError:
         """Send Sync and read up to ReadyForQuery, so the connection is usable again."""
+        await self.sync()
+        return error
+
+    async def sync(self) -> None:
+        """Send Sync and drop every response up to its ReadyForQuery (which sets tx_status)."""
         self.send(m.SYNC)
         while True:
             t, body = await self.recv()
             if t == 0x5A:
                 self.tx_status = chr(body[0])
-                return error
+                return
 
     def cancel_key(self) -> tuple[int, int]:
         return self.pid, self.secret
@@ -378,10 +411,12 @@ class ServerConn(asyncio.Protocol):
 async def connect(
     target: Target, database: str, user: str, password: str | None,
     ssl_context: Callable[[str], ssl.SSLContext | None] | None = None, timeout: float = 10.0,
+    startup: Startup = (),
 ) -> ServerConn:
-    """Open and log in a server connection as `user` to `database`; raises PgError (class 08/28/3D)."""
+    """Open and log in a server connection as `user` to `database` with the further startup
+    parameters `startup`; raises PgError (class 08/28/3D, or what the upstream says of them)."""
     loop = asyncio.get_running_loop()
-    conn = ServerConn(database, user)
+    conn = ServerConn(database, user, startup)
     try:
         async with asyncio.timeout(timeout):
             if target.unix_path:
@@ -423,7 +458,7 @@ async def _start_tls(conn: ServerConn, target: Target, ctx: ssl.SSLContext | Non
 
 
 async def _server_login(conn: ServerConn, database: str, user: str, password: str | None) -> None:
-    conn.send(m.StartupMessage({"user": user, "database": database}).encode())
+    conn.send(m.StartupMessage({"user": user, "database": database, **dict(conn.startup)}).encode())
     auth = UpstreamAuthenticator(user, password)
     while True:
         t, body = await conn.recv()

@@ -1,18 +1,18 @@
-"""One client session: the proxy playing the server to a driver.
+"""One client session: the proxy playing the server to a driver, as an asyncio adapter.
 
-Owns the client's state machine (startup, TLS, authentication, ready; the extended-
-query batch and its skip-to-Sync after an error; COPY), the decision of which server
-connection serves the client and when it goes back to the pool (ReadyForQuery 'I' in
-transaction mode, disconnect in session mode), the replay of session settings and
-named prepared statements onto whichever server connection runs them, and the hook
-that hands statements mentioning pgml to the planner. Messages that need no rewriting
-are relayed as the client sent them.
+The session's protocol state and the decisions that follow from it (phase, extended
+batch and skip-to-Sync, routing by message type, how a Sync is answered, when the server
+connection goes back to the pool, what a vanished client's server connection gets) are
+`proxy.session.Session`'s; this module moves bytes and carries them out. It also owns
+which server connection serves the client, the replay of session settings and named
+prepared statements onto whichever server connection runs them (with proxy.txstate), and
+the hook that hands statements calling pgml to the planner. Messages that need no
+rewriting are relayed as the client sent them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import re
@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from core.errors import (
+    DuplicatePreparedStatement,
+    FeatureNotSupported,
     InternalError,
     PgError,
     ProtocolViolation,
@@ -30,15 +32,16 @@ from core.errors import (
 )
 from core.interfaces import CallContext
 from proxy import messages as m
+from proxy import txstate as txs
 from proxy.backend import (
     SWALLOW_ALL,
-    SWALLOW_NONE,
     SWALLOW_OK,
     Expect,
     ServerConn,
     settings_sql,
 )
 from proxy.localexec import LocalStatements
+from proxy.session import Leave, Phase, Reply, Route, Session, SyncAnswer, refusal_sql, unpoolable
 from proxy.sink import ClientSink
 from proxy.startup import UNSETTABLE, startup_bytes
 
@@ -49,9 +52,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgml_proxy.frontend")
 _ids = itertools.count(1)
 _PGML = re.compile(rb"[pP][gG][mM][lL]")
-_DEALLOCATE = re.compile(rb"(?i)\b(deallocate|discard)\b")
-_EXTENDED = frozenset(b"PBDECH")
 Step = Coroutine[Any, Any, None] | None
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
 
 
 def _fatal(exc: PgError) -> bytes:
@@ -70,7 +75,6 @@ class Frontend(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.addr = ""
         self.framer = m.Framer(app.config.max_message_size)
-        self.state = "startup"
         self.startup_buf = bytearray()
         self.database = self.user = self.application_name = ""
         self.connected_at = time.time()
@@ -83,14 +87,14 @@ class Frontend(asyncio.Protocol):
         self.auth_queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         self.up: list[bytes] = []
-        self.batch = 0
-        self.failed_batch = -1
-        self.batch_forwarded = False
-        self.stmts: dict[str, tuple[str, bytes]] = {}
+        self.s = Session(app.config.pool_mode == "transaction")  # phase, batch, release decisions
+        # Transaction mode: the client's named statements and settings (proxy.txstate); the
+        # unnamed statement's Parse and what its SQL does, and that of portals bound from one.
+        self.txs = txs.ClientTx()
         self.unnamed: bytes | None = None
+        self.unnamed_scan: tuple[txs.Stmt, ...] | None = None
+        self.portal_scan: dict[str, tuple[txs.Stmt, ...]] = {}
         self.local = LocalStatements(self)
-        self.holding = False
-        self.copying = False
 
     # --- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -100,22 +104,23 @@ class Frontend(asyncio.Protocol):
         self.app.clients[self.id] = self
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state = "closed"
+        self.s.phase = Phase.CLOSED
         self.app.forget(self)
         if self.task is not None:
             self.task.cancel()
         self.local.cancel()
         srv, self.server = self.server, None
-        if srv is not None and self.pool is not None:
-            srv.client = None
-            if srv.entries or self.holding or srv.internal:
-                # It was busy for this client: stop its query and do not reuse it.
-                self.app.spawn(self.app.cancel_backend(srv))
-                self.pool.discard(srv)
-            elif not self.tx or srv.tx_status != "I":
-                self.app.spawn(self.pool.reset_and_release(srv))
-            else:
-                self.pool.release(srv)
+        if srv is None or self.pool is None:
+            return
+        srv.client = None
+        leave = self.s.leave(len(srv.entries), srv.tx_status, srv.internal, self.txs.dirty)
+        if leave is Leave.CANCEL_AND_CLOSE:
+            self.app.spawn(self.app.cancel_backend(srv))
+            self.pool.discard(srv)
+        elif leave is Leave.FINISH:
+            self.app.spawn(self.pool.reset_and_release(srv, sync_owed=self.s.sync_owed))
+        else:
+            self.pool.release(srv)
 
     def pause_reading(self) -> None:
         if self.transport is not None:
@@ -136,7 +141,7 @@ class Frontend(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.app.stats.bytes_in += len(data)
         try:
-            if self.state == "startup":
+            if self.s.phase is Phase.STARTUP:
                 startup_bytes(self, data)
                 return
             fr = self.framer
@@ -148,9 +153,9 @@ class Frontend(asyncio.Protocol):
             msgs, used = m.scan(buf, fr.max_size)
             for t, s, e in msgs:
                 msg = bytes(buf[s:e])  # no copy when `data` is exactly one message
-                if self.state == "auth":
+                if self.s.phase is Phase.AUTH:
                     self.auth_queue.put_nowait((t, msg[5:]))
-                elif self.state == "ready":
+                elif self.s.phase is Phase.READY:
                     self._handle(t, msg)
             if buf is data:
                 if used < len(data):
@@ -166,7 +171,7 @@ class Frontend(asyncio.Protocol):
 
     # --- writing -------------------------------------------------------------------------
     def write(self, data: bytes | bytearray) -> None:
-        if self.transport is not None and self.state != "closed":
+        if self.transport is not None and self.s.phase is not Phase.CLOSED:
             self.app.stats.bytes_out += len(data)
             self.transport.write(data)
 
@@ -174,7 +179,7 @@ class Frontend(asyncio.Protocol):
         """Send a response of our own, after whatever the upstream still owes the client."""
         srv = self.server
         if srv is not None and srv.entries:
-            srv.expect(Expect(b"", self.batch, synthetic=data))
+            srv.expect(Expect(Reply.NOTHING, self.s.batch, synthetic=data))
         else:
             self.write(data)
 
@@ -196,7 +201,7 @@ class Frontend(asyncio.Protocol):
 
     def ready(self) -> None:
         """Login is done: what the client already sent is handled next, in order."""
-        self.state = "ready"
+        self.s.phase = Phase.READY
         while not self.auth_queue.empty():
             self.pending.append(self.auth_queue.get_nowait())
         msgs, used = self.framer.scan()
@@ -212,7 +217,7 @@ class Frontend(asyncio.Protocol):
         try:
             if step is not None:
                 await step
-            while self.pending and self.state == "ready":
+            while self.pending and self.s.phase is Phase.READY:
                 t, msg = self.pending.popleft()
                 nxt = self._dispatch(t, msg)
                 if nxt is not None:
@@ -230,7 +235,7 @@ class Frontend(asyncio.Protocol):
             self.fatal(InternalError(f"pgml-proxy internal error: {exc}"))
         finally:
             self.task = None
-        if self.pending and self.state == "ready":
+        if self.pending and self.s.phase is Phase.READY:
             self.start_task(self._noop())
 
     async def _noop(self) -> None:
@@ -248,39 +253,51 @@ class Frontend(asyncio.Protocol):
     # --- routing -------------------------------------------------------------------------
     def _dispatch(self, t: int, msg: bytes) -> Step:
         """Route one client message; returns a coroutine when it must wait for something."""
-        if t == 0x51:  # Query
-            self.app.stats.queries += 1
-            if self.admin:
-                return self.local.admin_query(m.Query.parse(msg[5:]).sql)
-            if _PGML.search(msg, 5) is not None:
-                return self.local.simple_query(m.Query.parse(msg[5:]).sql)
-            self.unnamed = None
-            step = self._forward(t, msg, b"Z")
-            srv = self.server
-            if srv is not None:
-                srv.unnamed = None  # a simple Query drops the unnamed statement upstream
-                if self.tx and _DEALLOCATE.search(msg, 5) is not None:
-                    # DEALLOCATE ALL / DISCARD ALL (psycopg sends one after DDL) empties the server's
-                    # statements, ours included: they are prepared again when next bound.
-                    srv.prepared.clear()
-            return step
-        if t in _EXTENDED:
-            if self.failed_batch == self.batch and t != 0x48:
+        match self.s.route(t):
+            case Route.QUERY:
+                return self._simple(t, msg)
+            case Route.EXTENDED | Route.FLUSH:
+                return self.local.refuse_extended(t) if self.admin else self._extended(t, msg)
+            case Route.SYNC:
+                return self._sync()
+            case Route.SKIP:
                 return None  # skipping to Sync after an error
-            if self.admin:
-                return self.local.refuse_extended(t)
-            return self._extended(t, msg)
-        if t == 0x53:  # Sync
-            return self._sync()
-        if t in (0x64, 0x63, 0x66):  # CopyData, CopyDone, CopyFail: the server conn is ours
-            if self.server is not None:
-                self.up.append(msg)
-            return None
-        if t == 0x58:  # Terminate
-            self.state = "closing"
-            self.close()
-            return None
+            case Route.COPY:  # CopyData, CopyDone, CopyFail: the server conn is ours
+                if self.server is not None:
+                    self.up.append(msg)
+                return None
+            case Route.FUNCTION_CALL:  # libpq's large objects: relayed like a simple Query
+                self.app.stats.queries += 1
+                if self.admin:
+                    exc = FeatureNotSupported("the pgml_proxy admin database answers simple queries only")
+                    self.reply(m.error_message(exc.fields) + m.ReadyForQuery("I").encode())
+                    return None
+                return self._forward(t, msg, Reply.READY)
+            case Route.TERMINATE:
+                self.close()
+                return None
         raise ProtocolViolation(f"invalid frontend message type {t} ({chr(t)!r})")
+
+    def _simple(self, t: int, msg: bytes) -> Step:
+        """A Query: the admin console's, the planner's (it calls pgml), or relayed as bytes."""
+        self.app.stats.queries += 1
+        if self.admin:
+            return self.local.admin_query(m.Query.parse(msg[5:]).sql)
+        if _PGML.search(msg, 5) is not None and not self._passes_through(msg):
+            return self.local.simple_query(m.Query.parse(msg[5:]).sql)
+        if self.tx:
+            return self._query(msg)
+        return self._forward(t, msg, Reply.READY)
+
+    def _passes_through(self, msg: bytes) -> bool:
+        """A Query that names pgml but calls none of it (the planner decides): relayed as bytes."""
+        check = getattr(self.app.handler, "passes_through", None)
+        if check is None:
+            return False
+        try:
+            return bool(check(m.Query.parse(msg[5:]).sql))
+        except Exception:  # the local path reports whatever is wrong with it
+            return False
 
     def _server_now(self) -> ServerConn | None:
         if self.server is not None:
@@ -295,8 +312,8 @@ class Frontend(asyncio.Protocol):
         conn.client = self
         conn.internal = False
         self.server = conn
-        if conn.last_client is not self:
-            self._replay_settings(conn)
+        if conn.last_client is not self or conn.txs.settings != self.txs.settings:
+            self._replay_settings(conn)  # (the client may have SET something elsewhere since)
             conn.last_client = self
 
     def _replay_settings(self, conn: ServerConn) -> None:
@@ -309,14 +326,21 @@ class Frontend(asyncio.Protocol):
             if k not in self.want:
                 changes[k] = None
                 del conn.extra[k]
-        if not changes:
-            return
         for k, val in changes.items():
             if k not in conn.params and val is not None:
                 conn.extra[k] = val
+        # What SET and friends left (the server's account, read before the client last let go);
+        # kept apart from `extra`, which a new client's login resets.
+        wanted = {k.lower() for k in self.want}
+        for k, val in txs.settings_changes(self.txs.settings, conn.txs.settings).items():
+            if val is not None or k not in wanted:
+                changes[k] = val
+        conn.txs.settings = dict(self.txs.settings)
+        if not changes:
+            return
         self.up.append(m.Query(settings_sql(changes)).encode())
         conn.unnamed = None
-        conn.expect(Expect(b"Z", self.batch, SWALLOW_ALL))
+        conn.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL))
 
     async def acquire(self) -> ServerConn:
         """A server connection for this client, waiting for the pool when it must."""
@@ -324,21 +348,20 @@ class Frontend(asyncio.Protocol):
             return self.server
         assert self.pool is not None
         conn = await self.pool.acquire()
-        if self.state == "closed":
+        if self.s.phase is Phase.CLOSED:
             self.pool.release(conn)
             raise asyncio.CancelledError()
         self._attach(conn)
         self.flush_up()
         return conn
 
-    def _forward(self, t: int, msg: bytes, terminals: bytes) -> Step:
+    def _forward(self, t: int, msg: bytes, terminals: Reply) -> Step:
         srv = self._server_now()
         if srv is None:
             return self._forward_later(t, msg)
         self.up.append(msg)
-        srv.expect(Expect(terminals, self.batch))
-        if terminals != b"Z":  # an extended-protocol message: the batch is open upstream until Sync
-            self.batch_forwarded = True
+        srv.expect(Expect(terminals, self.s.batch))
+        self.s.forwarded(terminals)
         return None
 
     async def _forward_later(self, t: int, msg: bytes) -> None:
@@ -350,7 +373,7 @@ class Frontend(asyncio.Protocol):
             if t == 0x51:
                 self.write(m.ReadyForQuery("I").encode())
             else:
-                self.failed_batch = self.batch
+                self.s.failed()
             return
         step = self._dispatch(t, msg)
         self.flush_up()
@@ -363,8 +386,16 @@ class Frontend(asyncio.Protocol):
             self.app.stats.queries += 1
             if local.portals and local.has_portal(msg):
                 return local.execute(msg)
-            return self._forward(t, msg, b"CsI")
+            if self.portal_scan:
+                return self._execute(msg)
+            return self._forward(t, msg, Reply.EXECUTE)
         if t == 0x48:  # Flush
+            if len(msg) > 5:  # a body Postgres cannot read: its 08P01, then it skips to Sync
+                if self.server is None:
+                    return self._bad_message(t)
+                self.up.append(msg)  # its error comes unasked, after what is owed before it
+                self.s.forwarded(Reply.NOTHING)
+                return None
             if self.server is not None and self.server.entries:
                 self.up.append(msg)
             return None
@@ -372,40 +403,97 @@ class Frontend(asyncio.Protocol):
             if _PGML.search(msg, 5) is not None:
                 return local.parse(m.Parse.parse(msg[5:]))
             if not self.tx and not local.stmts:
-                return self._forward(t, msg, b"1")
+                return self._forward(t, msg, Reply.PARSE)
             return self._parse(msg)
         if not self.tx and not local.stmts and not local.portals:
-            return self._forward(t, msg, b"2" if t == 0x42 else b"3" if t == 0x43 else b"Tn")
+            return self._forward(t, msg, Reply.to(t))
         return self._named(t, msg)
+
+    def _bad_message(self, t: int) -> Step:
+        """Postgres's answer to a message whose body it cannot read (no server to ask)."""
+        self._batch_error(ProtocolViolation(f"invalid message format (message type {chr(t)!r})"))
+        return None
 
     def _parse(self, msg: bytes) -> Step:
         p = m.Parse.parse(msg[5:])
         self.local.forget_statement(p.name)
-        if not self.tx or p.name == "":
-            if self.tx:
-                self.unnamed = msg
-                srv = self._server_now()
-                if srv is not None:
-                    srv.unnamed = msg
-            return self._forward(0x50, msg, b"1")
-        key = f"{p.sql}\0{p.param_oids}\0{self.want.get('search_path', '')}".encode()
-        srvname = "pgmlproxy_" + hashlib.sha1(key, usedforsecurity=False).hexdigest()[:20]
-        self.stmts[p.name] = (srvname, m.Parse(srvname, p.sql, p.param_oids).encode())
+        if not self.tx:
+            return self._forward(0x50, msg, Reply.PARSE)
         srv = self._server_now()
         if srv is None:
             return self._forward_later(0x50, msg)
-        if srvname in srv.prepared:
-            srv.expect(Expect(b"", self.batch, synthetic=m.PARSE_COMPLETE))
+        what = unpoolable(p.sql.encode(), srv.tx_status)
+        if what is not None:
+            p = m.Parse(p.name, refusal_sql(what), p.param_oids)
+            msg = p.encode()
+        scan = txs.scan(p.sql) if txs.hint(msg) else None
+        if p.name == "":
+            self.unnamed, self.unnamed_scan = msg, scan
+            srv.unnamed = msg
+            return self._forward(0x50, msg, Reply.PARSE)
+        if p.name in self.txs.stmts or p.name in self.txs.sql:  # one namespace, as upstream
+            self._batch_error(DuplicatePreparedStatement(f'prepared statement "{p.name}" already exists'))
             return None
-        return self._forward(0x50, self._prepare(srv, p.name, SWALLOW_NONE, send=False), b"1")
+        path = self.want.get("search_path") or self.txs.settings.get("search_path", "")
+        srvname = txs.server_name(p.sql, p.param_oids, path)
+        prep = txs.Prepared(srvname, m.Parse(srvname, p.sql, p.param_oids).encode(), scan,
+                            txs.as_sql(p.name, p.sql, p.param_oids))
+        if srvname in srv.txs.prepared:
+            srv.expect(Expect(Reply.NOTHING, self.s.batch, synthetic=m.PARSE_COMPLETE,
+                              track=txs.parse(self.txs, None, p.name, prep)))
+            return None
+        self.up.append(prep.parse)
+        srv.expect(Expect(Reply.PARSE, self.s.batch, track=txs.parse(self.txs, srv.txs, p.name, prep)))
+        self.s.forwarded(Reply.PARSE)
+        return None
 
-    def _prepare(self, srv: ServerConn, name: str, swallow: int, send: bool = True) -> bytes:
-        srvname, parse = self.stmts[name]
-        srv.prepared.add(srvname)
-        if send:
-            self.up.append(parse)
-            srv.expect(Expect(b"1", self.batch, swallow, stmt=srvname))
-        return parse
+    def _prepare(self, srv: ServerConn, prep: txs.Prepared) -> None:
+        """Prepare a statement of this client's again, on a server connection that lacks it."""
+        self.up.append(prep.parse)
+        srv.expect(Expect(Reply.PARSE, self.s.batch, SWALLOW_OK, track=txs.parse(None, srv.txs, "", prep)))
+
+    def _batch_error(self, exc: PgError) -> None:
+        """An error of the proxy's own in an extended batch: sent in order, then skip to Sync."""
+        self.app.stats.errors += 1
+        self.reply(m.error_message(exc.fields))
+        self.s.failed()
+
+    def _query(self, msg: bytes) -> Step:
+        """A simple Query in transaction mode: put the server in step with the names it uses."""
+        srv = self._server_now()
+        if srv is None:
+            return self._forward_later(0x51, msg)
+        self.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
+        what = unpoolable(memoryview(msg)[5:], srv.tx_status)
+        if what is not None:
+            msg = m.Query(refusal_sql(what)).encode()
+        scan = txs.scan(m.Query.parse(msg[5:]).sql) if txs.hint(msg) else None
+        track = None
+        if scan is not None:
+            syncs = txs.sync(self.txs, srv.txs, scan)
+            tracks, track = txs.begin_query(self.txs, srv.txs, syncs, scan)
+            for s, tr in zip(syncs, tracks, strict=True):
+                # The proxy's own statements: if one fails the client's own says why.
+                srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=tr))
+                self.up.append(m.Query(s.text).encode())
+        self.up.append(msg)
+        srv.expect(Expect(Reply.READY, self.s.batch, track=track))
+        return None
+
+    def _sync_extended(self, srv: ServerConn, scan: tuple[txs.Stmt, ...]) -> None:
+        """Before a Bind or Describe: `_query`'s sync as extended messages, on the unnamed statement."""
+        for s in txs.sync(self.txs, srv.txs, scan):
+            track = txs.begin(self.txs, srv.txs, [s], sync_only=True)
+            # An error here aborts the client's batch upstream: it is relayed (SWALLOW_OK).
+            for msg, ends, tr in (
+                (m.Parse("", s.text).encode(), Reply.PARSE, None),
+                (m.Bind("", "").encode(), Reply.BIND, None),
+                (m.Execute("").encode(), Reply.EXECUTE, track),
+            ):
+                self.up.append(msg)
+                srv.expect(Expect(ends, self.s.batch, SWALLOW_OK, track=tr))
+            srv.unnamed = None
+            self.s.forwarded(Reply.EXECUTE)
 
     def _named(self, t: int, msg: bytes) -> Step:
         """Bind, Describe and Close: answer local objects here, rename prepared statements upstream."""
@@ -418,7 +506,7 @@ class Frontend(asyncio.Protocol):
             if kind == b"P":
                 if self.local.has_portal_name(portal):
                     return self.local.describe_portal(portal) if t == 0x44 else self.local.close(b"P", portal)
-                return self._forward(t, msg, b"Tn" if t == 0x44 else b"3")
+                return self._forward(t, msg, Reply.to(t))
         if stmt in self.local.stmts:
             if t == 0x42:
                 return self.local.bind(m.Bind.parse(msg[5:]))
@@ -426,37 +514,61 @@ class Frontend(asyncio.Protocol):
         if t == 0x42:
             self.local.forget_portal(portal)
         if not self.tx:
-            return self._forward(t, msg, b"2" if t == 0x42 else b"3" if t == 0x43 else b"Tn")
+            return self._forward(t, msg, Reply.to(t))
         srv = self._server_now()
         if srv is None:
             return self._forward_later(t, msg)
-        if t == 0x43 and stmt in self.stmts:  # Close: keep it prepared upstream for the next user
-            del self.stmts[stmt]
-            self.reply(m.CLOSE_COMPLETE)
+        if t == 0x43:  # Close: answered here; what is prepared upstream stays for the next user
+            # In its turn, and undone if the batch fails before it is due.
+            srv.expect(Expect(Reply.NOTHING, self.s.batch, synthetic=m.CLOSE_COMPLETE,
+                              track=txs.close(self.txs, stmt)))
             return None
+        prep = self.txs.stmts.get(stmt) if stmt else None
+        scan = self.unnamed_scan if stmt == "" else prep.stmts if prep is not None else None
+        # First what the server must hold for the names the statement uses (this borrows the
+        # unnamed statement upstream: it is parsed again below when the client's is needed).
+        if prep is None and stmt:  # a PREPAREd name, or none: this client's version, or none
+            self._sync_extended(srv, (txs.Stmt("execute", stmt),))
+        if t == 0x42 and scan is not None:
+            self._sync_extended(srv, scan)
         if stmt == "":
             if self.unnamed is not None and srv.unnamed != self.unnamed:
                 self.up.append(self.unnamed)
-                srv.expect(Expect(b"1", self.batch, SWALLOW_OK))
+                srv.expect(Expect(Reply.PARSE, self.s.batch, SWALLOW_OK))
                 srv.unnamed = self.unnamed
-        elif stmt in self.stmts:
-            srvname = self.stmts[stmt][0]
-            if srvname not in srv.prepared:
-                self._prepare(srv, stmt, SWALLOW_OK)
+        elif prep is not None:
+            if prep.srvname not in srv.txs.prepared:
+                self._prepare(srv, prep)
             rest = msg[5 + r.pos :]
-            head = (m.cstr(portal) if t == 0x42 else b"S") + m.cstr(srvname)
+            head = (m.cstr(portal) if t == 0x42 else b"S") + m.cstr(prep.srvname)
             msg = m.frame(bytes([t]), head + rest)
-        return self._forward(t, msg, b"2" if t == 0x42 else b"3" if t == 0x43 else b"Tn")
+        if t == 0x42:
+            if scan is not None:
+                self.portal_scan[portal] = scan
+            else:
+                self.portal_scan.pop(portal, None)
+        return self._forward(t, msg, Reply.to(t))
+
+    def _execute(self, msg: bytes) -> Step:
+        srv = self._server_now()
+        if srv is None:
+            return self._forward_later(0x45, msg)
+        scan = self.portal_scan.pop(m.Execute.parse(msg[5:]).portal, None)
+        track = None if scan is None else txs.begin(self.txs, srv.txs, scan)
+        self.up.append(msg)
+        srv.expect(Expect(Reply.EXECUTE, self.s.batch, track=track))
+        self.s.forwarded(Reply.EXECUTE)
+        return None
 
     def _sync(self) -> Step:
         srv = self.server
-        if srv is not None and self.batch_forwarded:
+        batch = self.s.batch
+        if self.s.sync(srv is not None) is SyncAnswer.FORWARD:
+            assert srv is not None
             self.up.append(m.SYNC)
-            srv.expect(Expect(b"Z", self.batch))
+            srv.expect(Expect(Reply.READY, batch))
         else:
             self.reply(m.ReadyForQuery(srv.tx_status if srv is not None else "I").encode())
-        self.batch += 1
-        self.batch_forwarded = False
         if srv is not None and not srv.entries:
             self.maybe_release()
         return None
@@ -465,7 +577,7 @@ class Frontend(asyncio.Protocol):
     def server_error(self, batch: int) -> None:
         """The upstream sent an error; in extended batch `batch` (-1: a simple Query) skip to Sync."""
         if batch >= 0:
-            self.failed_batch = batch
+            self.s.failed(batch)
         self.app.stats.errors += 1
 
     def server_ready(self) -> None:
@@ -482,30 +594,46 @@ class Frontend(asyncio.Protocol):
             self.server = None
             if self.pool is not None:
                 self.pool.discard(conn)
-            self.fatal(PgError("the upstream server connection was lost", fields={"C": "08006"}))
+            if conn.said_fatal:  # the client has Postgres's own reason; then the close, as direct
+                self.close()
+            else:
+                self.fatal(PgError("the upstream server connection was lost", fields={"C": "08006"}))
 
     def maybe_release(self) -> None:
         """Transaction mode: the server connection goes back once the client is between transactions."""
         srv = self.server
-        if (not self.tx or srv is None or self.holding or srv.entries or srv.tx_status != "I"
-                or srv.internal or self.batch_forwarded or self.pool is None):
+        if srv is None or self.pool is None or not self.s.may_release(len(srv.entries), srv.tx_status,
+                                                                      srv.internal):
+            return
+        if self.txs.dirty:  # a SET may have changed the session: ask the server what stuck
+            self.txs.dirty = False
+            srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=txs.Capture(self._captured)))
+            srv.send(m.Query(txs.CAPTURE_SQL).encode())
             return
         self.server = None
         srv.client = None
         self.pool.release(srv)
 
+    def _captured(self, rows: list[bytes]) -> None:
+        srv = self.server
+        values = [m.DataRow.parse(body).values for body in rows]
+        got = txs.captured(((_text(v[0]), _text(v[1])) for v in values), srv.params if srv else ())
+        self.txs.settings = got
+        if srv is not None:
+            srv.txs.settings = dict(got)
+
     # --- the planner's view of this client -----------------------------------------------
     async def hold(self) -> ServerConn:
         """The server connection, with nothing owed, switched to the proxy's own requests."""
         srv = await self.acquire()
-        self.holding = True
+        self.s.holding = True
         await srv.idle()
         srv.internal = True
         return srv
 
     def unhold(self) -> None:
-        if self.holding:
-            self.holding = False
+        if self.s.holding:
+            self.s.holding = False
             srv = self.server
             if srv is not None:
                 srv.internal = False
@@ -522,8 +650,8 @@ class Frontend(asyncio.Protocol):
     def cancel(self) -> None:
         """A CancelRequest for this client: stop its upstream query and its planner work."""
         srv = self.server
-        if srv is not None and (srv.entries or (self.holding and srv.internal)):
+        if srv is not None and (srv.entries or (self.s.holding and srv.internal)):
             self.app.spawn(self.app.cancel_backend(srv))
-            if self.holding:
+            if self.s.holding:
                 return
         self.local.cancel()

@@ -80,7 +80,7 @@ class LocalStatements:
         try:
             if fe.server is not None:
                 await fe.server.idle()
-            if extended and fe.failed_batch == fe.batch:
+            if extended and fe.s.skipping:
                 return
             self.current = asyncio.ensure_future(work())
             await self.current
@@ -116,7 +116,7 @@ class LocalStatements:
         self.fe.app.stats.errors += 1
         self.fe.write(m.error_message(exc.fields))
         if extended:
-            self.fe.failed_batch = self.fe.batch
+            self.fe.s.failed()
 
     def _finish_simple(self) -> None:
         fe = self.fe
@@ -162,7 +162,7 @@ class LocalStatements:
     async def parse(self, p: m.Parse) -> None:
         fe = self.fe
         fe.app.stats.pgml_queries += 1
-        fe.stmts.pop(p.name, None)
+        fe.txs.stmts.pop(p.name, None)
 
         async def work() -> None:
             self.stmts[p.name] = await self._handler().parse(p.sql, p.param_oids)

@@ -17,9 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.errors import PgError, TooManyConnections
-from proxy.backend import ServerConn, Target, connect
+from proxy.backend import ServerConn, Startup, Target, connect
 
 log = logging.getLogger("pgml_proxy.pool")
+# How long a vanished client's server connection may take to come back clean (Sync answered,
+# ROLLBACK and reset done) before it is closed instead of reused.
+FINISH_TIMEOUT = 5.0
 
 
 @dataclass
@@ -51,32 +54,37 @@ class Pool:
     def total(self) -> int:
         return len(self.idle) + len(self.busy) + self.connecting
 
-    def try_acquire(self) -> ServerConn | None:
-        """An idle connection right now, or None (then `acquire` must be awaited)."""
-        while self.idle:
-            conn = self.idle.pop()  # LIFO: the warmest connection
-            if not conn.closed:
+    def try_acquire(self, startup: Startup = ()) -> ServerConn | None:
+        """An idle connection opened with `startup` right now, or None (then await `acquire`)."""
+        for conn in reversed(self.idle):  # LIFO: the warmest connection
+            if conn.startup == startup and not conn.closed:
+                self.idle.remove(conn)
                 self.busy.add(conn)
                 return conn
+        self.idle = deque(c for c in self.idle if not c.closed)
         return None
 
-    async def acquire(self, password: str | None = None) -> ServerConn:
-        """A server connection; raises TooManyConnections after `timeout`, PgError from login.
+    async def acquire(self, password: str | None = None, startup: Startup = ()) -> ServerConn:
+        """A server connection opened with the startup parameters `startup` (session mode: the
+        client's own, so RESET returns to them); raises TooManyConnections after `timeout`,
+        PgError from login.
 
         `password` (passthrough auth): unless it is the one already proven upstream, the
         upstream checks it on a fresh login before any pooled connection is handed out.
         """
         if password is not None and password != self.password:
-            conn = await self._open(password)
+            conn = await self._open(password, startup)
             self.password = password
             return conn
-        idle = self.try_acquire()
+        idle = self.try_acquire(startup)
         if idle is not None:
             return idle
         start = time.monotonic()
         while True:
+            if self.total >= self.settings.size and self.idle:
+                self.idle.popleft().close()  # the coldest idle one, opened for other parameters
             if self.total < self.settings.size:
-                return await self._open()
+                return await self._open(None, startup)
             fut: asyncio.Future[ServerConn | None] = asyncio.get_running_loop().create_future()
             self.waiters.append(fut)
             left = self.settings.timeout - (time.monotonic() - start)
@@ -95,14 +103,16 @@ class Pool:
                     self.waiters.remove(fut)
             self.wait_time += time.monotonic() - start
             if got is not None and not got.closed:
-                self.busy.add(got)
-                return got
+                if got.startup == startup:
+                    self.busy.add(got)
+                    return got
+                got.close()  # its slot is ours, but not with these parameters
 
-    async def _open(self, password: str | None = None) -> ServerConn:
+    async def _open(self, password: str | None = None, startup: Startup = ()) -> ServerConn:
         self.connecting += 1
         try:
             conn = await connect(self.target, self.database, self.user, password or self.password,
-                                 self.ssl_context)
+                                 self.ssl_context, startup=startup)
         except BaseException:
             self.connecting -= 1
             self._wake_one(None)
@@ -133,24 +143,37 @@ class Pool:
         if not self._wake_one(conn):
             self.idle.append(conn)
 
-    async def reset_and_release(self, conn: ServerConn) -> None:
-        """Session mode: run `server_reset_query`, then give the connection back."""
+    async def reset_and_release(self, conn: ServerConn, sync_owed: bool = False) -> None:
+        """Finish what a vanished client left (Sync, ROLLBACK), reset in session mode, give back.
+
+        `sync_owed`: the client sent extended-protocol messages and no Sync, so the upstream
+        may be skipping input until one (after an error) and would ignore the reset. The
+        whole exchange is bounded: a connection that does not come back clean is closed.
+        """
         conn.client = None
         conn.internal = True
+        conn.entries.clear()
+        conn.inbox.clear()
         try:
-            if conn.tx_status != "I":
-                await conn.run_simple("ROLLBACK")
-            if self.settings.reset_query:
-                await conn.run_simple(self.settings.reset_query)
-            conn.prepared.clear()
-            conn.extra.clear()
-            conn.unnamed = None
-            conn.last_client = None
-        except (PgError, OSError) as exc:
-            log.warning("server conn %d reset failed, closing it: %s", conn.id, exc)
+            async with asyncio.timeout(FINISH_TIMEOUT):
+                await self._finish(conn, sync_owed)
+        except (PgError, OSError, TimeoutError) as exc:
+            log.warning("server conn %d reset failed, closing it: %s", conn.id, exc or "timeout")
             conn.close()
         conn.internal = False
         self.release(conn)
+
+    async def _finish(self, conn: ServerConn, sync_owed: bool) -> None:
+        if sync_owed:
+            await conn.sync()
+        if conn.tx_status != "I":
+            await conn.run_simple("ROLLBACK")
+        if self.settings.reset_query:
+            await conn.run_simple(self.settings.reset_query)
+            conn.txs.reset()
+            conn.extra.clear()
+            conn.unnamed = None
+            conn.last_client = None
 
     def discard(self, conn: ServerConn) -> None:
         conn.close()

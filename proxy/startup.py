@@ -9,12 +9,14 @@ BackendKeyData, ReadyForQuery). Then `proxy.frontend.Frontend` takes over.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import TYPE_CHECKING, cast
 
 from core.errors import FeatureNotSupported, InvalidAuthorizationSpecification, PgError, ProtocolViolation
 from proxy import messages as m
 from proxy.auth import ClientAuthenticator
-from proxy.backend import settings_sql, valid_setting_name
+from proxy.backend import ServerConn, Startup, settings_sql, valid_setting_name
+from proxy.session import Phase
 
 if TYPE_CHECKING:
     from proxy.frontend import Frontend
@@ -51,7 +53,7 @@ def startup_bytes(fe: Frontend, data: bytes) -> None:
         fe.app.cancel(req.pid, req.secret)
         fe.close()
     elif code >> 16 == 3:
-        fe.state = "auth"
+        fe.s.phase = Phase.AUTH
         fe.framer.feed(rest)
         fe.start_task(_client_login(fe, m.StartupMessage.parse(body)))
     else:
@@ -82,11 +84,13 @@ async def _client_login(fe: Frontend, startup: m.StartupMessage) -> None:
     if "replication" in params and params.pop("replication") not in ("false", "0", "off", "no"):
         raise FeatureNotSupported("replication connections are not supported by pgml-proxy")
     unknown = [k for k in params if k.startswith("_pq_.")]
-    settings = {k: v for k, v in params.items() if not k.startswith("_pq_.") and k != "options"}
+    passed = {k: v for k, v in params.items() if not k.startswith("_pq_.")}
+    settings = {k: v for k, v in passed.items() if k != "options"}
     settings.update(m.parse_options(params.get("options", "")))
-    for name in settings:
-        if not valid_setting_name(name):
-            raise InvalidAuthorizationSpecification(f"invalid startup parameter name {name!r}")
+    if fe.tx:  # applied with SQL later, so the names must be names
+        for name in settings:
+            if not valid_setting_name(name):
+                raise InvalidAuthorizationSpecification(f"invalid startup parameter name {name!r}")
     fe.user, fe.database = user, database
     fe.application_name = settings.get("application_name", "")
     if startup.version & 0xFFFF or unknown:
@@ -97,17 +101,53 @@ async def _client_login(fe: Frontend, startup: m.StartupMessage) -> None:
         _admin_ready(fe)
         return
     fe.app.check_client_limit()
-    fe.pool = fe.app.pool_for(database, user)
-    conn = await fe.pool.acquire(password)
+    # Session mode: the client's startup parameters go into the server's own startup packet,
+    # as on a direct connection (so RESET and DISCARD ALL return to them).
+    conn = await _first_server(fe, password, () if fe.tx else tuple(passed.items()))
+    conn.client = fe
+    conn.internal = True
+    if fe.tx:
+        await _apply_settings(fe, conn, settings)
+        fe.key = (fe.id, secrets.randbits(31))
+    else:
+        fe.want = {k: v for k, v in conn.params.items() if k not in UNSETTABLE}
+        conn.last_client = fe
+        fe.key = (conn.pid, secrets.randbits(31))  # the server's own pid, our secret
+    fe.app.register_key(fe)
+    fe.write(b"".join(m.ParameterStatus(k, v).encode() for k, v in conn.params.items()))
+    fe.write(m.BackendKeyData(*fe.key).encode() + m.ReadyForQuery("I").encode())
+    conn.internal = False
+    if fe.tx:
+        conn.client = None
+        assert fe.pool is not None
+        fe.pool.release(conn)
+    else:
+        fe.server = conn
+    fe.ready()
+
+
+async def _first_server(fe: Frontend, password: str | None, startup: Startup) -> ServerConn:
+    fe.pool = pool = fe.app.pool_for(fe.database, fe.user)
+    try:
+        conn = await pool.acquire(password, startup)
+    except BaseException:
+        fe.pool = None
+        fe.app.drop_if_unused(pool)  # a failed login leaves no pool entry behind
+        raise
     if password is not None:
         # Passthrough: only now has the upstream accepted the password (a fresh login, or the
         # very password a pooled connection proved), so only now is the client told so.
         fe.write(m.AUTH_OK)
-    conn.client = fe
-    conn.internal = True
-    # A pooled connection may carry an earlier client's settings: back to the defaults, then ours.
+    return conn
+
+
+async def _apply_settings(fe: Frontend, conn: ServerConn, settings: dict[str, str]) -> None:
+    """Transaction mode: a pooled connection may carry an earlier client's settings: back to
+    the defaults, then the client's startup settings, applied with SQL."""
+    pool = fe.pool
+    assert pool is not None
     changes: dict[str, str | None] = {
-        k: v for k, v in fe.pool.defaults.items() if k not in UNSETTABLE and conn.params.get(k) != v
+        k: v for k, v in pool.defaults.items() if k not in UNSETTABLE and conn.params.get(k) != v
     }
     changes.update({k: None for k in conn.extra if k not in settings})
     changes.update(settings)
@@ -116,24 +156,15 @@ async def _client_login(fe: Frontend, startup: m.StartupMessage) -> None:
             await conn.run_simple(settings_sql(changes))
     except PgError:
         conn.internal = False
-        fe.pool.release(conn)  # a bad setting: the connection itself is fine
+        pool.release(conn)  # a bad setting: the connection itself is fine
         raise
     except BaseException:
-        fe.pool.discard(conn)  # the client left mid-login: the reply may be half read
+        pool.discard(conn)  # the client left mid-login: the reply may be half read
         raise
     conn.extra = {k: v for k, v in settings.items() if k not in conn.params}
     fe.want = {k: v for k, v in conn.params.items() if k not in UNSETTABLE}
     fe.want.update(conn.extra)
     conn.last_client = fe
-    fe.write(b"".join(m.ParameterStatus(k, v).encode() for k, v in conn.params.items()))
-    fe.write(m.BackendKeyData(*fe.key).encode() + m.ReadyForQuery("I").encode())
-    conn.internal = False
-    if fe.tx:
-        conn.client = None
-        fe.pool.release(conn)
-    else:
-        fe.server = conn
-    fe.ready()
 
 
 async def _authenticate(fe: Frontend, user: str) -> str | None:
@@ -172,5 +203,6 @@ def _admin_ready(fe: Frontend) -> None:
               "client_encoding": "UTF8", "DateStyle": "ISO, MDY", "integer_datetimes": "on",
               "standard_conforming_strings": "on", "TimeZone": "UTC"}
     fe.write(b"".join(m.ParameterStatus(k, v).encode() for k, v in params.items()))
+    fe.app.register_key(fe)
     fe.write(m.BackendKeyData(*fe.key).encode() + m.ReadyForQuery("I").encode())
     fe.ready()

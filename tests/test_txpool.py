@@ -1,0 +1,151 @@
+"""Transaction pooling with psycopg as applications use it: the prepared statements that
+psycopg creates on its own (prepare_threshold), its DEALLOCATE housekeeping, pipelines,
+errors and reconnects, on fewer server connections than clients; what
+`pg_prepared_statements` shows a client.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from psycopg import errors as pe
+
+from tests.fix_proxy import ProxyProcess
+
+BYTEA_SQL = "select %s::bytea = set_byte('x', 0, %s)"
+
+
+@pytest.fixture(scope="module")
+def tx3(proxy_factory: Callable[..., ProxyProcess]) -> ProxyProcess:
+    return proxy_factory("transaction", pool_size=3, pool_timeout=5.0)
+
+
+@pytest.fixture(scope="module")
+def tx1(proxy_factory: Callable[..., ProxyProcess]) -> ProxyProcess:
+    return proxy_factory("transaction", pool_size=1, pool_timeout=5.0)
+
+
+def test_failed_discard_all_leaves_statements_prepared(tx1: ProxyProcess) -> None:
+    """A DISCARD ALL that fails (inside a transaction) drops nothing: the others' statements stay.
+
+    Before, any Query naming DISCARD or DEALLOCATE emptied the proxy's account of the server
+    connection, and the next client re-prepared into DuplicatePreparedStatement.
+    """
+    with psycopg.connect(tx1.dsn(), prepare_threshold=0) as a, \
+            psycopg.connect(tx1.dsn(), autocommit=True, prepare_threshold=0) as b:
+        assert b.execute(BYTEA_SQL, [b"x", 120]).fetchone() == (True,)
+        with pytest.raises(pe.ActiveSqlTransaction):
+            a.execute("discard all")
+        a.rollback()
+        for _ in range(3):
+            assert b.execute(BYTEA_SQL, [b"x", 120]).fetchone() == (True,)
+
+
+def test_psycopg_reexecution_prepares_once(tx3: ProxyProcess) -> None:
+    """psycopg prepares on the 5th execution; DDL makes it send DEALLOCATE ALL; re-execution goes on."""
+    conns = [psycopg.connect(tx3.dsn(), autocommit=True) for _ in range(4)]
+    try:
+        for round_ in range(30):
+            for i, c in enumerate(conns):
+                assert c.execute(BYTEA_SQL, [b"x", 120]).fetchone() == (True,)
+                assert c.execute(BYTEA_SQL, [b"y", 120]).fetchone() == (False,)
+                if round_ % 7 == i:
+                    c.execute("create temp table if not exists t_ddl (a int)")
+                    c.execute("drop table if exists t_ddl")  # psycopg: DEALLOCATE ALL
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_psycopg_evicted_statement_is_deallocated(tx3: ProxyProcess) -> None:
+    """psycopg's cache overflows (prepared_max): it closes the statement it evicts.
+
+    (With libpq 17+ that is a protocol Close; older libpq gets `DEALLOCATE _pg3_N`, which the
+    stateful test and tests/test_txstate.py cover as SQL DEALLOCATE of a protocol statement.)
+    """
+    with psycopg.connect(tx3.dsn(), autocommit=True, prepare_threshold=0) as c:
+        c.prepared_max = 2
+        for i in range(8):
+            assert c.execute(f"select %s::int + {i}", [1]).fetchone() == (1 + i,)
+        for i in range(8):
+            assert c.execute(f"select %s::int + {i}", [2]).fetchone() == (2 + i,)
+
+
+def _client_round(rng: random.Random, c: psycopg.Connection[tuple[object, ...]]) -> None:
+    op = rng.randrange(6)
+    n = rng.randrange(4)
+    if op == 0:
+        assert c.execute(f"select %s::int * {n}", [3]).fetchone() == (3 * n,)
+    elif op == 1:
+        with c.pipeline() as p:
+            cur = c.execute(f"select %s::int + {n}", [1])
+            cur2 = c.execute(BYTEA_SQL, [b"x", 120])
+            p.sync()
+            assert cur.fetchone() == (1 + n,)
+            assert cur2.fetchone() == (True,)
+    elif op == 2:
+        with pytest.raises(pe.DivisionByZero):
+            with c.pipeline():
+                c.execute(f"select %s::int / 0 + {n}", [1])
+                c.execute(f"select %s::int + {n}", [1])
+    elif op == 3:  # psycopg answers a DROP by sending DEALLOCATE ALL
+        c.execute("drop table if exists no_such_table_here")
+    elif op == 4:
+        with c.transaction():
+            assert c.execute(f"select %s::int - {n}", [1]).fetchone() == (1 - n,)
+            with pytest.raises(pe.UndefinedTable):
+                with c.transaction():
+                    c.execute("select * from no_such_table_here")
+    else:
+        assert c.execute(BYTEA_SQL, [b"y", 120]).fetchone() == (False,)
+
+
+@pytest.mark.parametrize("where", ["direct", "proxy"])
+def test_psycopg_clients_interleaved(where: str, tx3: ProxyProcess, pg_dsn: str) -> None:
+    """8 clients on 3 server connections, thresholds 0/1/5, pipelines, errors, DEALLOCATE ALL, reconnects.
+
+    The same run direct proves the script itself is one Postgres accepts.
+    """
+    dsn = tx3.dsn() if where == "proxy" else pg_dsn
+    rng = random.Random(10)
+    conns = [psycopg.connect(dsn, autocommit=True, prepare_threshold=(0, 1, 5)[i % 3]) for i in range(8)]
+    try:
+        for _ in range(400):
+            i = rng.randrange(len(conns))
+            if rng.random() < 0.03:
+                conns[i].close()
+                conns[i] = psycopg.connect(dsn, autocommit=True,
+                                           prepare_threshold=rng.choice((0, 1, 5)))
+            _client_round(rng, conns[i])
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_pg_prepared_statements_describes_the_server_connection(tx1: ProxyProcess) -> None:
+    """What a client sees there in transaction mode (README.md, "Transaction pooling").
+
+    The view belongs to the server connection: protocol-level statements appear under the
+    proxy's shared names (pgmlproxy_<hash>, never the client's own `_pg3_0`), SQL-level ones
+    under their own names, and so do those other clients left on that connection.
+    """
+    with psycopg.connect(tx1.dsn(), autocommit=True) as a, psycopg.connect(tx1.dsn(), autocommit=True) as b:
+        assert a.execute("select %s::int + 41", [1], prepare=True).fetchone() == (42,)
+        a.execute("PREPARE mine AS select 'mine'")
+        assert a.execute("EXECUTE mine").fetchone() == ("mine",)
+        seen = a.execute("select name, statement, from_sql from pg_prepared_statements").fetchall()
+        names = {name for name, _, _ in seen}
+        assert "_pg3_0" not in names
+        assert any(n.startswith("pgmlproxy_") and text == "select $1::int + 41" and not sql
+                   for n, text, sql in seen)
+        assert ("mine", "PREPARE mine AS select 'mine'", True) in seen
+        # b never prepared anything, yet shares the one server connection: it sees a's too.
+        others = {row[0] for row in b.execute("select name from pg_prepared_statements")}
+        assert "mine" in others and any(n.startswith("pgmlproxy_") for n in others)
+        # ... but cannot use them: to b, "mine" does not exist, as on a connection of its own.
+        with pytest.raises(pe.InvalidSqlStatementName):
+            b.execute("EXECUTE mine")
+        assert a.execute("EXECUTE mine").fetchone() == ("mine",)
