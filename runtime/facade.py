@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -27,15 +28,6 @@ from runtime.registry import Loaded, Registry
 from runtime.resolve import Resolver
 
 _LM_FUNCTIONS = frozenset({"embed", "transform", "transform_stream", "rank", "chunk"})
-# Functions of the extension that the proxy does not run (yet), with what to do instead.
-_NOT_SUPPORTED = {
-    "tune": "fine-tuning (pgml.tune) is not implemented: fine-tune with transformers outside the proxy, "
-    "then serve the model with pgml.transform by naming its folder in [runtime.aliases]",
-    "generate": "pgml.generate serves models made by pgml.tune, which is not implemented; "
-    "use pgml.transform('text-generation', ...) or chat with inputs jsonb[]",
-}
-
-
 class Runtime:
     """Implements `core.interfaces.Runtime` (and `models_info` for SHOW MODELS)."""
 
@@ -46,6 +38,7 @@ class Runtime:
         self.executor = ThreadPoolExecutor(self.config.thread_count, thread_name_prefix="pgml-model")
         self.registry = Registry(self.config, self.executor)
         self._tabular: Any = None
+        self._tune: Any = None
 
     async def start(self) -> None:
         """Start the tabular side (its migrations) and warm the preload list."""
@@ -54,6 +47,9 @@ class Runtime:
             self._tabular = _load_tabular(self.upstream_dsn, self.config.tabular)
         if self._tabular is not None:
             await self._tabular.start()
+            self._tune = _load_tune(self.upstream_dsn, self.config, self.resolver)
+            if self._tune is not None:
+                self._tabular.deploy_listeners.append(self._tune.forget)
         for name in self.config.preload:
             await self.preload(name)
 
@@ -70,6 +66,8 @@ class Runtime:
             await self._embed_model(rest if kind == "embed" else name, {})
 
     async def close(self) -> None:
+        if self._tune is not None:
+            await self._tune.close()
         if self._tabular is not None:
             await self._tabular.close()
         await self.registry.close()
@@ -84,9 +82,11 @@ class Runtime:
         if function not in _LM_FUNCTIONS:
             if self._tabular is not None and function in self._tabular.functions:
                 return list(await self._tabular.call_batch(function, calls, ctx))
-            if function in _NOT_SUPPORTED:
+            if self._tune is not None and function in self._tune.functions:
+                return list(await self._tune.call_batch(function, calls, ctx))
+            if function in ("tune", "generate"):
                 raise FeatureNotSupported(
-                    f"pgml.{function} is not supported by pgml-proxy", hint=_NOT_SUPPORTED[function]
+                    f"pgml.{function} needs the tabular registry, which this runtime runs without"
                 )
             raise UndefinedFunction(f"function pgml.{function} is not provided by the runtime")
         if function == "transform_stream":
@@ -211,7 +211,7 @@ class Runtime:
         )
 
     async def _transform(self, call: Mapping[str, Any]) -> Any:
-        spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
+        spec = await self._tuned(tf.parse_task(call.get("task"), call.get("args") or {}, self.config))
         inputs = tf.check_inputs(spec, list(call.get("inputs") or []))
         if not inputs:
             return []
@@ -221,6 +221,13 @@ class Runtime:
                 [(x, spec.args_key) for x in inputs], [tf.input_cost(x) for x in inputs]
             )
         return tf.shape_outputs(spec, outputs)
+
+    async def _tuned(self, spec: tf.TaskSpec) -> tf.TaskSpec:
+        """A model named after a tuned project is its deployed model's folder from pgml.files."""
+        if self._tune is None:
+            return spec
+        found = await self._tune.tuned_folder(spec.model)
+        return spec if found is None else dataclasses.replace(spec, model=str(found[0]))
 
     # --- chunk ---------------------------------------------------------------------------------------
     async def _chunk(self, call: Mapping[str, Any]) -> list[tuple[int, str]]:
@@ -272,6 +279,13 @@ def _kwargs(call: Mapping[str, Any], function: str) -> dict[str, Any]:
     if not isinstance(kwargs, Mapping):
         raise InvalidParameterValue(f"pgml.{function}: kwargs must be a JSON object")
     return dict(kwargs)
+
+
+def _load_tune(dsn: str, config: RuntimeConfig, resolver: Resolver) -> Any:
+    """The fine-tuning runtime (runtime.tune), which shares the tabular registry."""
+    from runtime.tune import TuneRuntime
+
+    return TuneRuntime(dsn, config, resolver)
 
 
 def _load_tabular(dsn: str, settings: Mapping[str, Any]) -> Any:

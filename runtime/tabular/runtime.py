@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -87,6 +87,8 @@ class TabularRuntime:
             self._pool, self._executor, cfg["max_batch_rows"], cfg["max_queue"], cfg["max_models"]
         )
         self._listener: asyncio.Task[None] | None = None
+        # Others caching per-project deployments (runtime.tune): told what this listener hears.
+        self.deploy_listeners: list[Callable[[str | None], None]] = []
         self._listening = asyncio.Event()
 
     async def start(self) -> None:
@@ -105,14 +107,19 @@ class TabularRuntime:
                 async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {registry.DEPLOY_CHANNEL}")
                     # Anything announced while we were not listening is unknown: start afresh.
-                    self._predictor.forget_deployment()
+                    self._forget(None)
                     self._listening.set()
                     async for note in conn.notifies():
-                        self._predictor.forget_deployment(note.payload)
+                        self._forget(note.payload)
             except psycopg.Error as exc:
                 log.warning("LISTEN %s failed (%s); retrying", registry.DEPLOY_CHANNEL, exc)
                 self._predictor.forget_deployment()
                 await asyncio.sleep(1)
+
+    def _forget(self, project: str | None) -> None:
+        self._predictor.forget_deployment(project)
+        for listener in self.deploy_listeners:
+            listener(project)
 
     def batch_stats(self) -> dict[str, dict[str, int]]:
         """Library calls and rows per `model_id/op` since start: how well predicts batch."""
@@ -153,7 +160,7 @@ class TabularRuntime:
             return [await trainer.snapshot(self._pool, call, ctx)]
         if function == "deploy":
             row = await deploy.deploy(self._pool, call)
-            self._predictor.forget_deployment(row[0])
+            self._forget(row[0])
             return [row]
         return [await self._load_dataset(call, ctx)]
 

