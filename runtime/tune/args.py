@@ -85,7 +85,9 @@ def parse(call: Mapping[str, Any]) -> TuneArgs:
         raise InvalidParameterValue("pgml.tune: project_name must be a non-empty text value")
     task = call.get("task")
     if task not in TASKS:
-        raise InvalidParameterValue(f"pgml.tune: task {task!r} is not supported", hint=f"accepted: {', '.join(TASKS)}")
+        raise InvalidParameterValue(
+            f"pgml.tune: task {task!r} is not supported", hint=f"accepted: {', '.join(TASKS)}"
+        )
     relation = call.get("relation_name")
     if not isinstance(relation, str) or not relation:
         raise InvalidParameterValue("pgml.tune: relation_name must name the table or view to train on")
@@ -101,7 +103,9 @@ def parse(call: Mapping[str, Any]) -> TuneArgs:
             f"pgml.tune: unknown hyperparams key(s) {', '.join(map(repr, unknown))}",
             hint=f"accepted: {', '.join(sorted(_HYPERPARAMS))}",
         )
-    columns = _columns(str(task), _object(hyper.get("dataset_args"), "dataset_args"), call.get("y_column_name"))
+    columns = _columns(
+        str(task), _object(hyper.get("dataset_args"), "dataset_args"), call.get("y_column_name")
+    )
     training = _object(hyper.get("training_args"), "training_args")
     token = training.pop("hub_token", None) or hyper.get("token")
     push = bool(training.pop("push_to_hub", False))
@@ -119,10 +123,14 @@ def parse(call: Mapping[str, Any]) -> TuneArgs:
         training.pop(key)
     sampling = str(call.get("test_sampling") or "stratified")
     if sampling not in ("stratified", "random", "last"):
-        raise InvalidParameterValue(f"pgml.tune: test_sampling {sampling!r} is unknown", hint="accepted: stratified, random, last")
+        raise InvalidParameterValue(
+            f"pgml.tune: test_sampling {sampling!r} is unknown", hint="accepted: stratified, random, last"
+        )
     test_size = 0.25 if call.get("test_size") is None else float(call["test_size"])
     if test_size <= 0:
-        raise InvalidParameterValue(f"pgml.tune: test_size must be > 0 (the evaluation needs rows), got {test_size}")
+        raise InvalidParameterValue(
+            f"pgml.tune: test_size must be > 0 (the evaluation needs rows), got {test_size}"
+        )
     return TuneArgs(
         project=project,
         task=str(task),
@@ -150,7 +158,12 @@ def _columns(task: str, dataset_args: dict[str, Any], y_column: Any) -> dict[str
             hint=f"accepted: {', '.join(known)}",
         )
     out = {key: str(dataset_args.get(key) or default) for key, default in known.items()}
-    if "class_column" in known and "class_column" not in dataset_args and isinstance(y_column, str) and y_column:
+    if (
+        "class_column" in known
+        and "class_column" not in dataset_args
+        and isinstance(y_column, str)
+        and y_column
+    ):
         out["class_column"] = y_column  # y_column_name, as in pgml.train, when dataset_args does not say
     return out
 

@@ -46,14 +46,18 @@ def train(job: dict[str, Any], folder: Path, training_args: Any, callback: Any) 
         labels: list[list[int]] = []
         systems = part.get("system") or [None] * len(part["user"])
         for system, user, answer in zip(systems, part["user"], part["assistant"], strict=True):
-            prompt = tok.apply_chat_template(_messages(system, user), add_generation_prompt=True, tokenize=False)
+            prompt = tok.apply_chat_template(
+                _messages(system, user), add_generation_prompt=True, tokenize=False
+            )
             p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
             a_ids = tok(str(answer) + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
             p_ids = p_ids[: max(max_length - len(a_ids), 0)]  # keep the answer: it is what is learnt
             full = (p_ids + a_ids)[:max_length]
             ids.append(full)
             labels.append(([-100] * len(p_ids) + a_ids)[:max_length])
-        return _Rows({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": labels}, None)
+        return _Rows(
+            {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": labels}, None
+        )
 
     trainer = Trainer(
         model=model,
@@ -109,7 +113,9 @@ class Generator:
         options.setdefault("max_new_tokens", 64)
         options.setdefault("do_sample", False)
         texts = [
-            self.tok.apply_chat_template(_messages(config.get("system"), p), add_generation_prompt=True, tokenize=False)
+            self.tok.apply_chat_template(
+                _messages(config.get("system"), p), add_generation_prompt=True, tokenize=False
+            )
             for p in prompts
         ]
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -66,11 +66,14 @@ def _split(args: TuneArgs, data: dict[str, Any], n: int, types: dict[str, str]) 
     labels: list[str] = []
     if label_col is not None:
         raw = data[label_col]
-        classes, y = np.unique(raw.astype(np.int64) if raw.dtype != object else raw.astype(str), return_inverse=True)
+        classes, y = np.unique(
+            raw.astype(np.int64) if raw.dtype != object else raw.astype(str), return_inverse=True
+        )
         labels = [str(c) for c in classes.tolist()]
         if len(labels) < 2:
             raise InvalidParameterValue(
-                f"pgml.tune: column {label_col!r} has {len(labels)} distinct label(s); classification needs at least 2"
+                f"pgml.tune: column {label_col!r} has {len(labels)} distinct label(s);"
+                " classification needs at least 2"
             )
     train_idx, test_idx = training.split(n, y, args.test_size, args.sampling, y is not None, seed=0)
     if len(train_idx) == 0 or len(test_idx) == 0:
@@ -83,7 +86,8 @@ def _split(args: TuneArgs, data: dict[str, Any], n: int, types: dict[str, str]) 
         unseen = sorted(set(y[test_idx].tolist()) - set(y[train_idx].tolist()))
         if unseen:
             raise InvalidParameterValue(
-                f"pgml.tune: label(s) {', '.join(repr(labels[i]) for i in unseen)} occur only in the test split",
+                f"pgml.tune: label(s) {', '.join(repr(labels[i]) for i in unseen)}"
+                " occur only in the test split",
                 hint="add rows of that class, or use test_sampling => 'stratified'",
             )
     roles = {key.removesuffix("_column"): col for key, col in args.columns.items()}

@@ -57,7 +57,9 @@ class TuneRuntime:
         else:
             self._deployed.pop(project, None)
 
-    async def call_batch(self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext) -> list[Any]:
+    async def call_batch(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
         if function == "tune":
             return [[await self.tune(call, ctx)] for call in calls]
         from . import chat  # generate: conversation models only
@@ -136,7 +138,9 @@ class TuneRuntime:
         async with self._pool.connection() as conn:
             proj = await registry.project(conn, args.project)
         if proj is not None and proj["task"] != args.task:
-            raise InvalidParameterValue(f"pgml.tune: project {args.project!r} has task {proj['task']!r}, not {args.task!r}")
+            raise InvalidParameterValue(
+                f"pgml.tune: project {args.project!r} has task {proj['task']!r}, not {args.task!r}"
+            )
         base = await self._base(args.model_name)
         split = await data.read(self._pool, args, ctx.user)
         project_id, model_id = await store.begin(self._pool, args, split)
@@ -193,11 +197,19 @@ class TuneRuntime:
         )
         with open(folder / "stderr.log", "wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "runtime.tune.worker", str(folder),
-                stdout=asyncio.subprocess.PIPE, stderr=err, env=env, cwd=str(_ROOT),
+                sys.executable,
+                "-m",
+                "runtime.tune.worker",
+                str(folder),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                env=env,
+                cwd=str(_ROOT),
             )
         try:
-            outcome = await _relay(proc, ctx, lambda entry: store.log(self._pool, project_id, model_id, entry))
+            outcome = await _relay(
+                proc, ctx, lambda entry: store.log(self._pool, project_id, model_id, entry)
+            )
         finally:
             if proc.returncode is None:
                 proc.kill()  # a cancel stops the training now, not at the end of an epoch
@@ -209,7 +221,9 @@ class TuneRuntime:
             raise lookup(outcome.get("sqlstate", "XX000"))(f"pgml.tune: {outcome['error']}")
         if "result" not in outcome:
             tail = (folder / "stderr.log").read_text(errors="replace")[-500:]
-            raise lookup("XX000")(f"pgml.tune: the training process ended with code {proc.returncode}: {tail}")
+            raise lookup("XX000")(
+                f"pgml.tune: the training process ended with code {proc.returncode}: {tail}"
+            )
         return _metrics(outcome["result"])
 
 
@@ -249,4 +263,6 @@ def _cancelled() -> bool:
 
 
 def _undefined(name: str) -> UndefinedModel:
-    return UndefinedModel(f"project {name!r} has no deployed tuned model", hint="tune it first with pgml.tune")
+    return UndefinedModel(
+        f"project {name!r} has no deployed tuned model", hint="tune it first with pgml.tune"
+    )

@@ -15,7 +15,6 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from core.errors import UndefinedModel
-
 from runtime.tabular import registry, storage
 
 from .args import ALGORITHM, TuneArgs
@@ -67,7 +66,8 @@ async def finish(pool: registry.Pool, model_id: int, status: str) -> None:
     """Mark a model that will get no files ('failed', 'cancelled')."""
     async with pool.connection() as conn:
         await conn.execute(
-            "UPDATE pgml.models SET status = %s, updated_at = clock_timestamp() WHERE id = %s AND status = 'in_progress'",
+            "UPDATE pgml.models SET status = %s, updated_at = clock_timestamp()"
+            " WHERE id = %s AND status = 'in_progress'",
             (status, model_id),
         )
 
@@ -159,7 +159,9 @@ async def write_folder(pool: registry.Pool, model_id: int, target: Path) -> None
 async def base_name(pool: registry.Pool, model_id: int) -> str:
     """The model_name a tuned model was trained from (recorded in its hyperparams)."""
     async with pool.connection() as conn:
-        cur = await conn.execute("SELECT hyperparams ->> 'model_name' FROM pgml.models WHERE id = %s", (model_id,))
+        cur = await conn.execute(
+            "SELECT hyperparams ->> 'model_name' FROM pgml.models WHERE id = %s", (model_id,)
+        )
         row = await cur.fetchone()
     if row is None or not row[0]:
         raise UndefinedModel(f"model {model_id} does not record the base model it was tuned from")

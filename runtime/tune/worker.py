@@ -154,8 +154,12 @@ def _push(job: dict[str, Any], folder: Path) -> None:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        send({"warning": "push_to_hub: the Hugging Face hub is offline (HF_HUB_OFFLINE); "
-              "the model is kept in pgml.files only"})
+        send(
+            {
+                "warning": "push_to_hub: the Hugging Face hub is offline (HF_HUB_OFFLINE); "
+                "the model is kept in pgml.files only"
+            }
+        )
         return
     try:
         from huggingface_hub import HfApi
@@ -164,7 +168,12 @@ def _push(job: dict[str, Any], folder: Path) -> None:
         repo = api.create_repo(job["project_name"], private=bool(job.get("hub_private_repo")), exist_ok=True)
         api.upload_folder(folder_path=str(folder / "model"), repo_id=repo.repo_id)
     except Exception as exc:  # any network or auth failure: the model is still stored
-        send({"warning": f"push_to_hub failed ({type(exc).__name__}: {exc}); the model is kept in pgml.files only"})
+        send(
+            {
+                "warning": f"push_to_hub failed ({type(exc).__name__}: {exc});"
+                " the model is kept in pgml.files only"
+            }
+        )
 
 
 def main(folder: Path) -> int:
