@@ -150,6 +150,9 @@ class CallContext:
     database: str = ""
     # The client's upstream session, for functions that must see its transaction.
     upstream: UpstreamSession | None = None
+    # Sends a WARNING notice (something asked for was not done, the statement goes on);
+    # None: the text goes through `notice`.
+    warning: Callable[[str], Awaitable[None]] | None = None
 
 
 @runtime_checkable

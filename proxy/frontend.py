@@ -511,9 +511,10 @@ class Frontend(asyncio.Protocol):
                 srv.internal = False
                 srv.inbox.clear()
 
-    def context(self, notice: Callable[[str], Awaitable[None]]) -> CallContext:
+    def context(self, notice: Callable[[str], Awaitable[None]],
+                warning: Callable[[str], Awaitable[None]] | None = None) -> CallContext:
         return CallContext(notice=notice, user=self.user, database=self.database,
-                           upstream=self.local.upstream)
+                           upstream=self.local.upstream, warning=warning)
 
     def sink(self) -> ClientSink:
         return ClientSink(self.write)

@@ -131,7 +131,8 @@ class LocalStatements:
         async def work() -> None:
             handler = self._handler()
             sink = fe.sink()
-            await handler.simple_query(sql, self.upstream, sink, fe.context(sink.notice_text))
+            ctx = fe.context(sink.notice_text, sink.warning_text)
+            await handler.simple_query(sql, self.upstream, sink, ctx)
 
         await self._guard(work, extended=False)
         self._finish_simple()
@@ -205,7 +206,8 @@ class LocalStatements:
         async def work() -> None:
             sink = fe.sink()
             portal = self.portals[ex.portal]
-            suspended = await portal.execute(self.upstream, sink, fe.context(sink.notice_text), ex.max_rows)
+            ctx = fe.context(sink.notice_text, sink.warning_text)
+            suspended = await portal.execute(self.upstream, sink, ctx, ex.max_rows)
             if suspended:
                 fe.write(m.PORTAL_SUSPENDED)
 

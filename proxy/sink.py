@@ -42,3 +42,7 @@ class ClientSink:
     async def notice_text(self, message: str) -> None:
         """CallContext.notice: progress lines (training and the like) as INFO notices."""
         await self.notice({"S": "INFO", "V": "INFO", "M": message})
+
+    async def warning_text(self, message: str) -> None:
+        """CallContext.warning: a WARNING notice (code 01000, as Postgres's own warnings)."""
+        await self.notice({"S": "WARNING", "V": "WARNING", "C": "01000", "M": message})

@@ -193,7 +193,9 @@ def test_second_proxy_serves_the_tuned_model(db: Db, tuned: dict[str, Any]) -> N
     # Its own cache folder: the model comes from pgml.files, not from the first proxy's disk.
     cache = Path(tempfile.mkdtemp(prefix="tune-cache-"))
     config = cache / "config.toml"
-    config.write_text(TEST_CONFIG.read_text().replace("\n[runtime]\n", f"\n[runtime]\ncache_dir = '{cache}'\n"))
+    config.write_text(
+        TEST_CONFIG.read_text().replace("\n[runtime]\n", f"\n[runtime]\ncache_dir = '{cache}'\n")
+    )
     other = start_proxy(db.direct, "session", config=config)
     try:
         with db.via_proxy(other) as conn:
@@ -328,3 +330,116 @@ def test_unknown_base_model_is_42704(db: Db, tuned: dict[str, Any]) -> None:
     with pytest.raises(psycopg.errors.UndefinedObject):
         run_tune(db, tune_sql("bbc_errors", "bbc_small", {}, model="no-such/model"))
     assert db.registry() == before
+
+
+def test_text_pair_classification(db: Db, tuned: dict[str, Any]) -> None:
+    """Pairs of BBC articles labelled by whether they share a category; served with text_pair inputs."""
+    articles = bbc(12, ("business", "sports"), chars=200, skip=400)
+    pairs = [
+        (a[0], b[0], "same" if a[1] == b[1] else "different")
+        for a, b in zip(articles, articles[1:] + articles[:1], strict=True)
+    ]
+    pairs += [(a[0], b[0], "same") for a, b in zip(articles[::2], articles[2::2], strict=False)]
+    db.load("bbc_pairs", pairs, "a text, b text, class text")
+    hyper = {
+        "training_args": SMALL_ARGS,
+        "dataset_args": {"text1_column": "a", "text2_column": "b", "class_column": "class"},
+        "max_seq_length": 96,
+    }
+    sql = "SELECT * FROM pgml.tune('bbc_pairs', 'text-pair-classification', 'bbc_pairs', NULL, %s, %s::jsonb)"
+    with db.via_proxy() as conn:  # positional arguments, as the extension takes them
+        rows = conn.execute(sql, (MINILM, json.dumps(hyper))).fetchall()
+    assert rows == [("bbc_pairs", "text-pair-classification", "transformers", True)]
+    task = json.dumps({"task": "text-classification", "model": "bbc_pairs"})
+    inputs = [json.dumps({"text": a, "text_pair": b}) for a, b, _ in pairs[:3]]
+    with db.via_proxy() as conn:
+        [(served,)] = conn.execute(
+            "SELECT pgml.transform(task => %s::jsonb, inputs => %s::jsonb[])", (task, inputs)
+        ).fetchall()
+    from transformers import pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = pipeline(
+            "text-classification", model=str(_saved_folder(db, "bbc_pairs", Path(tmp))), device="cpu"
+        )
+        direct = pipe([{"text": a, "text_pair": b} for a, b, _ in pairs[:3]])
+    assert [r["label"] for r in served] == [r["label"] for r in direct]
+    assert {r["label"] for r in served} <= {"same", "different"}
+    for got, want in zip(served, direct, strict=True):
+        assert abs(got["score"] - want["score"]) < 1e-3
+
+
+SYSTEM = "Answer with the category of the news article."
+
+
+def test_conversation_lora_and_generate(db: Db) -> None:
+    """LoRA on SmolLM2: after tuning, the greedy answer to a training prompt is the trained answer;
+    pgml.generate answers as base + adapter loaded with transformers and peft directly."""
+    rows = [(SYSTEM, text[:160], category) for text, category in bbc(4, ("business", "sports"), skip=500)]
+    db.load("bbc_chat", rows, "system text, question text, answer text")
+    hyper = {
+        "training_args": {
+            **SMALL_ARGS,
+            "num_train_epochs": 8,
+            "learning_rate": 3e-3,
+            "per_device_train_batch_size": 2,
+        },
+        "dataset_args": {"system_column": "system", "user_column": "question", "assistant_column": "answer"},
+        "lora_config": {
+            "r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.0,
+            "target_modules": ["q_proj", "v_proj"],
+        },
+        "max_seq_length": 128,
+    }
+    sql = (
+        "SELECT * FROM pgml.tune('bbc_chat', task => 'conversation', relation_name => 'bbc_chat',"
+        " model_name => 'HuggingFaceTB/SmolLM2-135M-Instruct', hyperparams => %s::jsonb, test_size => 2, test_sampling => 'last')"
+    )
+    notes: list[tuple[str, str]] = []
+    with db.via_proxy() as conn:
+        conn.add_notice_handler(lambda d: notes.append((d.severity or "", d.message_primary or "")))
+        assert conn.execute(sql, (json.dumps(hyper),)).fetchall() == [
+            ("bbc_chat", "conversation", "transformers", True)
+        ]
+        prompts = [q for _, q, _ in rows[:2]]
+        config = json.dumps({"system": SYSTEM, "max_new_tokens": 6})
+        [(answers,)] = conn.execute(
+            "SELECT pgml.generate('bbc_chat', %s, %s::jsonb)", (prompts, config)
+        ).fetchall()
+        [(one,)] = conn.execute(
+            "SELECT pgml.generate('bbc_chat', %s, %s::jsonb)", (prompts[0], config)
+        ).fetchall()
+    assert one == answers[0]
+    for answer, (_, _, category) in zip(answers, rows[:2], strict=True):
+        assert answer.strip().lower().startswith(category), answers
+    paths = {
+        p
+        for (p,) in db.query(
+            "SELECT DISTINCT f.path FROM pgml.files f JOIN pgml.deployed_models d ON d.id = f.model_id"
+            " WHERE d.name = 'bbc_chat'"
+        )
+    }
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= paths
+    with tempfile.TemporaryDirectory() as tmp:
+        direct = _direct_generate(_saved_folder(db, "bbc_chat", Path(tmp)), prompts)
+    assert answers == direct
+
+
+def _direct_generate(adapter: Path, prompts: list[str]) -> list[str]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    tok = AutoTokenizer.from_pretrained(str(adapter), padding_side="left")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), str(adapter)
+    ).merge_and_unload()
+    out = []
+    for prompt in prompts:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(gen[0][ids.shape[1] :], skip_special_tokens=True))
+    return out

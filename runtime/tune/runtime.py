@@ -240,7 +240,7 @@ async def _relay(
             await ctx.notice(json.dumps(entry, indent=4))
             await record(entry)
         elif "warning" in message:
-            await ctx.notice(f"WARNING: {message['warning']}")
+            await (ctx.warning or ctx.notice)(str(message["warning"]))
         else:
             outcome = message
     await proc.wait()

@@ -196,4 +196,6 @@ if __name__ == "__main__":
     # The protocol goes on the real stdout; whatever the libraries print goes to stderr.
     _OUT = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
+    # Below the proxy's priority: other clients' statements must not wait behind a training.
+    os.nice(10)
     sys.exit(main(Path(sys.argv[1])))
