@@ -25,6 +25,8 @@ from tests.fix_postgres import PgServer
 from tests.fix_proxy import TEST_CONFIG, ProxyProcess, start_proxy
 from tests.test_tabular_support import new_database
 
+# Training on a shared CPU can take minutes where it takes seconds on a free one.
+pytestmark = pytest.mark.timeout(1800)
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SMALL_ARGS = {
     "num_train_epochs": 1,
@@ -395,7 +397,8 @@ def test_conversation_lora_and_generate(db: Db) -> None:
     }
     sql = (
         "SELECT * FROM pgml.tune('bbc_chat', task => 'conversation', relation_name => 'bbc_chat',"
-        " model_name => 'HuggingFaceTB/SmolLM2-135M-Instruct', hyperparams => %s::jsonb, test_size => 2, test_sampling => 'last')"
+        " model_name => 'HuggingFaceTB/SmolLM2-135M-Instruct', hyperparams => %s::jsonb, test_size => 2,"
+        " test_sampling => 'last')"
     )
     notes: list[tuple[str, str]] = []
     with db.via_proxy() as conn:

@@ -196,6 +196,9 @@ if __name__ == "__main__":
     # The protocol goes on the real stdout; whatever the libraries print goes to stderr.
     _OUT = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    # Below the proxy's priority: other clients' statements must not wait behind a training.
-    os.nice(10)
+    # One core is left to the proxy (and the database): other clients' statements must not
+    # wait behind a training. (A lower priority was tried: on a busy host it starves the training.)
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     sys.exit(main(Path(sys.argv[1])))
