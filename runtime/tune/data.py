@@ -61,6 +61,11 @@ def _is_number(pg_type: str) -> bool:
 
 
 def _split(args: TuneArgs, data: dict[str, Any], n: int, types: dict[str, str]) -> Split:
+    if n < 2:
+        raise InvalidParameterValue(
+            f"pgml.tune: relation {args.relation!r} has {n} rows; tuning needs at least 2"
+            " (rows to train on and rows to evaluate on)"
+        )
     label_col = args.columns.get("class_column")
     y: np.ndarray | None = None
     labels: list[str] = []

@@ -141,12 +141,14 @@ async def deployed_tuned(pool: registry.Pool, name: str) -> tuple[int, str] | No
 
 async def write_folder(pool: registry.Pool, model_id: int, target: Path) -> None:
     """Write model `model_id`'s files from pgml.files into `target` (a fresh folder)."""
-    target.mkdir(parents=True)
     async with pool.connection() as conn:
         cur = await conn.execute(
             "SELECT path, data FROM pgml.files WHERE model_id = %s ORDER BY path, part", (model_id,)
         )
         rows = await cur.fetchall()
+    if not rows:
+        raise UndefinedModel(f"model {model_id} has no files in pgml.files")
+    target.mkdir(parents=True)
     for path, data in rows:
         dest = (target / str(path)).resolve()
         if not dest.is_relative_to(target.resolve()) or not dest.name.endswith(_SAFE_SUFFIXES):
