@@ -21,4 +21,4 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy core proxy planner runtime tests benchmarks tools
+	$(BIN)/mypy core proxy planner runtime tests benchmarks tools testing

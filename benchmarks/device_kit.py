@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.tiny_models import TOKENIZER_FILES, minilm_tokenizer_dir
+from testing.tiny_models import TOKENIZER_FILES, minilm_tokenizer_dir
 
 KIT = Path(__file__).resolve().parent.parent / ".device-kit"
 # The project's pins the GPU image lacks (it has other versions), and the test plugin it lacks.

@@ -115,7 +115,7 @@ async def _one_round(rt: Any, ctx: Any, part: list[str], callers: int) -> dict[s
     t0 = time.perf_counter()
     await asyncio.gather(*(caller(part[i::callers]) for i in range(callers)))
     concurrent = time.perf_counter() - t0
-    st = next(iter(rt.registry._models.values())).obj.st  # the runtime's own engine object
+    st = next(iter(rt.models._models.values())).obj.st  # the runtime's own engine object
     t0 = time.perf_counter()
     st.encode(part, batch_size=64, show_progress_bar=False)
     ceiling = time.perf_counter() - t0
@@ -163,7 +163,7 @@ def cpu_main(args: argparse.Namespace) -> None:
 def _random_minilm(device: str) -> Any:
     import torch
 
-    from runtime.tiny_models import MINILM_ARCH
+    from testing.tiny_models import MINILM_ARCH
 
     transformers: Any = importlib.import_module("transformers")
     cfg = transformers.BertConfig(**MINILM_ARCH)
@@ -297,7 +297,7 @@ async def through_runtime(
     chunk = 1024  # rows a statement hands the runtime at once (planner setting chunk_rows)
     try:
         await rt.call_batch("embed", [call(s) for s in sents[: args.batch]], ctx)  # load and warm up
-        st = next(iter(rt.registry._models.values())).obj.st  # the runtime's own engine object
+        st = next(iter(rt.models._models.values())).obj.st  # the runtime's own engine object
         t0 = time.perf_counter()
         st.encode(sents, batch_size=args.batch, show_progress_bar=False)
         encode = rate(len(sents), time.perf_counter() - t0)
@@ -347,7 +347,7 @@ def cuda_main(args: argparse.Namespace) -> None:
     one = rate(len(few), time.perf_counter() - t0)
     del model
     torch.cuda.empty_cache()
-    from runtime.tiny_models import random_minilm
+    from testing.tiny_models import random_minilm
 
     # MiniLM's architecture, random weights, its real tokenizer, sequences cut at --tokens.
     folder = random_minilm(Path(args.cache_dir) / f"minilm-random-{args.tokens}", max_seq_length=args.tokens)

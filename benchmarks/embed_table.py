@@ -109,8 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from tests.fix_postgres import start_postgres
-    from tests.fix_proxy import start_proxy
+    from testing.postgres import start_postgres
+    from testing.proxy import start_proxy
 
     texts = corpus_sentences(args.rows)
     base = Path(tempfile.mkdtemp(prefix="pgml-bench-embed-table-"))

@@ -52,7 +52,7 @@ async def _round(rt: Any, ctx: Any, prompts: list[str], args: argparse.Namespace
     t0 = time.perf_counter()
     await asyncio.gather(*(caller(prompts[i :: args.callers]) for i in range(args.callers)))
     seconds[f"runtime_{args.callers}_callers"] = time.perf_counter() - t0
-    pipe = next(iter(rt.registry._models.values())).obj.pipe  # the runtime's own engine object
+    pipe = next(iter(rt.models._models.values())).obj.pipe  # the runtime's own engine object
     chats = [_chat(s) for s in prompts]
     t0 = time.perf_counter()
     pipe(chats, batch_size=len(chats), return_full_text=False, **gen)

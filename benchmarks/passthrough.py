@@ -2,7 +2,7 @@
 and through PgBouncer (same modes), interleaved in one session; medians of the rounds.
 
 Run: ``.venv/bin/python -m benchmarks.passthrough [--duration 10] [--rounds 3] [--clients 8 32]
-[--profile]``. It starts its own Postgres (tests.fix_postgres), runs ``pgbench -i -s 10``,
+[--profile]``. It starts its own Postgres (testing/postgres.py), runs ``pgbench -i -s 10``,
 starts pgml-proxy with its real CLI and PgBouncer (Debian package ``pgbouncer``) with an
 ini written to a temp dir, and writes TPS, latency and ratios (to direct Postgres and to
 PgBouncer in the same pool mode) to ``benchmarks/results/passthrough.{json,md}``.
@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 
 from benchmarks.common import machine_info, markdown_table, median, write_results
-from tests.fix_postgres import PG_USER, PgServer, free_port, start_postgres
+from testing.postgres import PG_USER, PgServer, free_port, start_postgres
 
 POOL_SIZE = 40  # >= the most clients, for pgml-proxy and PgBouncer alike: session mode needs one each
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python -m benchmarks.predict [--duration 6] [--rounds 2] [--clients 1 8 32]
 [--rows 100000]``.
-It starts its own Postgres (tests.fix_postgres), loads a synthetic 16-feature table of
+It starts its own Postgres (testing/postgres.py), loads a synthetic 16-feature table of
 `--rows` rows with COPY, trains an XGBoost classifier with `TabularRuntime`, then measures,
 in this one session on this machine:
 
@@ -41,7 +41,7 @@ from pydantic import BaseModel
 
 from benchmarks.common import machine_info, markdown_table, write_results
 from core.interfaces import CallContext
-from tests.fix_postgres import free_port, start_postgres
+from testing.postgres import free_port, start_postgres
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = "bench xgb"
@@ -144,7 +144,7 @@ def _pgbench(
 
 def _start_proxy(dsn: str, tmp: Path) -> tuple[Any, Path | None, str | None]:
     """Start the proxy and check that it answers pgml.predict: (proxy, pgbench script, error)."""
-    from tests.fix_proxy import start_proxy
+    from testing.proxy import start_proxy
 
     try:
         proxy = start_proxy(dsn, "session", pool_size=40)

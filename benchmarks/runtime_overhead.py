@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", default=".cache/pgml-proxy-bench")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from runtime.tiny_models import build_all
+    from testing.tiny_models import build_all
 
     folder = build_all(".cache/tiny-models") / "bert-embed"
     sents = [f"short sentence number {i} about databases" for i in range(args.sentences)]

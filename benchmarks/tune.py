@@ -100,9 +100,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from tests.fix_postgres import start_postgres
-    from tests.fix_proxy import start_proxy
-    from tests.test_tune import bbc
+    from testing.bbc import bbc
+    from testing.postgres import start_postgres
+    from testing.proxy import start_proxy
 
     rows = bbc(args.rows // len(CLASSES), CLASSES, chars=1000)
     base = Path(tempfile.mkdtemp(prefix="pgml-bench-tune-"))

@@ -161,7 +161,7 @@ class Runtime(Protocol):
 
     Function names are the pgml function names without the schema (``embed``,
     ``transform``, ``predict``, ``train``, ...). Each call is a mapping from the
-    reference's argument names (``../shared/reference/pgml-api.md``) to Python values,
+    argument names declared in `core.functions` (the SQL names) to Python values,
     defaults already applied, NULL-in-gives-NULL-out already handled by the planner:
     text -> str, jsonb -> dict/list/str/number, real[]/float8[] -> list[float] (or a
     numpy array), bigint/int -> int, bool -> bool, text[] -> list[str], jsonb[] -> list,

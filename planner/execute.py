@@ -18,10 +18,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from core import functions
 from core.errors import DuplicateCursor, InFailedSqlTransaction, NoActiveSqlTransaction, PgError
 from core.interfaces import CallContext, Column, Runtime, UpstreamSession, WireValue
 from planner.args import coerce
-from planner.catalog import ANY, TYPE_OIDS, runtime_keys
+from planner.catalog import ANY, TYPE_OIDS
 from planner.plan import (
     CallPlan,
     ClientParam,
@@ -39,9 +40,7 @@ _ARG_COL = re.compile(r"^__pgml_(\d+)_(\d+)$")
 
 
 # Functions whose identical calls in one statement may share one evaluation.
-_DETERMINISTIC = frozenset(
-    {"embed", "predict", "predict_proba", "predict_joint", "predict_batch", "decompose", "rank", "chunk"}
-)
+_DETERMINISTIC = frozenset(fn.name for fn in functions.FUNCTIONS if fn.deterministic)
 
 
 @dataclass
@@ -137,7 +136,7 @@ class _Run:
             values[name] = value
         for name, value in call.defaults.items():
             values[name] = value
-        return runtime_keys(call.sig, values)
+        return values
 
     async def batch(self, call: CallPlan, rows: Sequence[Sequence[Any] | None]) -> list[Any]:
         """Run `call` once per row (STRICT NULLs skipped), results in row order."""

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from core.errors import ConfigError, PgError, SyntaxError_
+from core.errors import PgError, SyntaxError_
 from core.interfaces import (
     CallContext,
     Column,
@@ -27,34 +27,17 @@ from core.interfaces import (
     UpstreamSession,
     WireValue,
 )
+from core.settings import PlannerSettings
 from planner.analyze import analyze
 from planner.execute import Bound, Event, Executor, cursor_open
 from planner.plan import StatementPlan
 
 _PORTALS = itertools.count(1)  # names the upstream cursors of row-limited portals
-DEFAULTS: dict[str, int] = {"chunk_rows": 1000, "materialise_rows": 5000, "parse_cache_size": 512}
-# The column type CREATE TABLE AS gives a bare pgml.embed(): pgvector's, or the extension's real[].
-CTAS_EMBEDDING_TYPES = ("vector", "real[]")
 
 
 def validate(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The `[planner]` table with defaults applied; raises ConfigError naming a bad key."""
-    known = sorted([*DEFAULTS, "ctas_embedding_type"])
-    unknown = sorted(set(settings) - set(known))
-    if unknown:
-        raise ConfigError(f"planner.{unknown[0]}", f"unknown key; known keys: {', '.join(known)}")
-    out: dict[str, Any] = {**DEFAULTS, "ctas_embedding_type": "vector"}
-    for key, value in settings.items():
-        if key == "ctas_embedding_type":
-            if value not in CTAS_EMBEDDING_TYPES:
-                raise ConfigError(f"planner.{key}", f"expected one of {CTAS_EMBEDDING_TYPES}, got {value!r}")
-            out[key] = value
-            continue
-        low = 0 if key == "parse_cache_size" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"planner.{key}", f"must be an integer >= {low}, got {value!r}")
-        out[key] = value
-    return out
+    """The `[planner]` table with defaults applied (core.settings); raises ConfigError naming a bad key."""
+    return dataclasses.asdict(PlannerSettings.from_mapping(settings))
 
 
 class Handler:

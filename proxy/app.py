@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.errors import TooManyConnections
 from core.interfaces import StatementHandler
+from proxy import tls
 from proxy.backend import ServerConn, Target, parse_dsn, send_cancel
 from proxy.config import Config
 from proxy.pool import Pool, PoolSettings
@@ -73,7 +74,7 @@ class ServerInfo:
 
 
 @dataclass
-class Snapshot:
+class ServerState:
     """A point-in-time view for the admin console and metrics.
 
     pools: per (database, user) pool its mode, bound, active/idle connections and
@@ -112,17 +113,9 @@ class ProxyServer:
         self._load_tls()
 
     def _load_tls(self) -> None:
-        try:
-            from proxy import tls
-        except ImportError:
-            return
         self.client_tls = tls.client_context(self.config)
 
     def _upstream_ssl(self, mode: str) -> ssl.SSLContext | None:
-        try:
-            from proxy import tls
-        except ImportError:
-            return None
         return tls.upstream_context(mode)
 
     # --- listening -----------------------------------------------------------------------
@@ -240,8 +233,8 @@ class ProxyServer:
                 conn.close()
 
     # --- observation ---------------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
-        snap = Snapshot()
+    def snapshot(self) -> ServerState:
+        snap = ServerState()
         for (db, user), pool in self.pools.items():
             snap.pools.append(PoolInfo(db, user, pool.settings.mode, pool.settings.size,
                                        len(pool.busy) + pool.connecting, len(pool.idle), len(pool.waiters)))

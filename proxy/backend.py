@@ -390,7 +390,7 @@ async def connect(
                 await loop.create_connection(lambda: conn, target.host, target.port)
             if target.sslmode != "disable" and ssl_context is not None:
                 await _start_tls(conn, target, ssl_context(target.sslmode))
-            await _login(conn, database, user, password)
+            await _server_login(conn, database, user, password)
     except OSError as exc:
         conn.close()
         where = target.unix_path or f"{target.host}:{target.port}"
@@ -422,7 +422,7 @@ async def _start_tls(conn: ServerConn, target: Target, ctx: ssl.SSLContext | Non
     conn.transport = cast(asyncio.Transport, tr)
 
 
-async def _login(conn: ServerConn, database: str, user: str, password: str | None) -> None:
+async def _server_login(conn: ServerConn, database: str, user: str, password: str | None) -> None:
     conn.send(m.StartupMessage({"user": user, "database": database}).encode())
     auth = UpstreamAuthenticator(user, password)
     while True:

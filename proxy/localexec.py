@@ -141,10 +141,7 @@ class LocalStatements:
         fe = self.fe
 
         async def work() -> None:
-            try:
-                from proxy import admin
-            except ImportError:
-                raise FeatureNotSupported("the admin console (proxy/admin.py) is not installed") from None
+            from proxy import admin
             sink = fe.sink()
             for result in await admin.answer(sql, fe.app):
                 if result.columns is not None:

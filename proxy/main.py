@@ -2,9 +2,9 @@
 
 Owns the process lifecycle: parse flags into `proxy.config.load` overrides, start the
 embedded Postgres when no upstream is given, build the runtime and the planner handler
-(lazily: either may be missing while they are being written, then pgml statements get
-0A000), start the ProxyServer and metrics, and handle SIGINT (drain), SIGTERM (stop)
-and SIGHUP (reload; a bad config keeps the old one and logs the key).
+(a failure in either stops the start), start the ProxyServer and metrics, and handle
+SIGINT (drain), SIGTERM (stop) and SIGHUP (reload; a bad config keeps the old one and
+logs the key).
 """
 
 from __future__ import annotations
@@ -14,10 +14,16 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import uvloop
 
 from core.errors import ConfigError
+from core.interfaces import StatementHandler
 from proxy.config import Config, load
+
+if TYPE_CHECKING:
+    from runtime import Runtime
 
 log = logging.getLogger("pgml_proxy")
 
@@ -49,28 +55,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             "data_dir": args.data_dir, "log_level": args.log_level}
 
 
-async def _build_handler(config: Config, upstream: str) -> tuple[Any, Any]:
-    """(runtime, handler); either None when its package is not there yet or failed to load."""
-    try:
-        import runtime as runtime_pkg
+async def _build_handler(config: Config, upstream: str) -> tuple[Runtime, StatementHandler]:
+    """The runtime (started: its migrations run) and the planner's handler in front of it.
 
-        runtime = runtime_pkg.Runtime(config.runtime, upstream)  # type: ignore[attr-defined]
-        await runtime.start()
-    except ConfigError:
-        raise
-    except (ImportError, AttributeError) as exc:
-        log.warning("runtime not available (%s): pgml functions that need models will fail", exc)
-        runtime = None
-    try:
-        import planner
+    Imported here rather than at the top so `pgml-proxy --help` and a bad config answer at
+    once, without loading the model libraries. Any failure, an import included, stops the
+    start: a proxy without its runtime would answer pgml statements with errors for nothing.
+    """
+    import planner
+    from runtime import Runtime
 
-        handler = planner.build_handler(runtime, config.planner)  # type: ignore[attr-defined,arg-type]
-    except ConfigError:
-        raise
-    except (ImportError, AttributeError) as exc:
-        log.warning("planner not available (%s): pgml statements get SQLSTATE 0A000", exc)
-        handler = None
-    return runtime, handler
+    runtime = Runtime(config.runtime, upstream)
+    await runtime.start()
+    return runtime, planner.build_handler(runtime, config.planner)
 
 
 async def serve(config: Config, config_path: str | None, overrides: dict[str, Any]) -> int:
@@ -89,12 +86,9 @@ async def serve(config: Config, config_path: str | None, overrides: dict[str, An
     server.runtime = runtime
     await server.start()
     if config.metrics_port:
-        try:
-            from proxy import metrics
+        from proxy import metrics
 
-            metrics.start(config, server)
-        except ImportError as exc:
-            log.warning("metrics not available: %s", exc)
+        metrics.start(config, server)
     print(f"pgml-proxy ready on {server.address}", file=sys.stderr, flush=True)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -125,8 +119,7 @@ async def serve(config: Config, config_path: str | None, overrides: dict[str, An
     loop.add_signal_handler(signal.SIGTERM, lambda: later(stop()))
     loop.add_signal_handler(signal.SIGHUP, reload)
     await done.wait()
-    if runtime is not None and hasattr(runtime, "close"):
-        await runtime.close()
+    await runtime.close()
     if embedded is not None:
         await asyncio.to_thread(embedded.stop)
     return 0
@@ -143,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        import uvloop
-
-        return int(uvloop.run(serve(config, args.config, overrides)))
-    except ImportError:
-        return asyncio.run(serve(config, args.config, overrides))
+        return int(uvloop.run(serve(config, args.config, overrides)))  # uvloop: a dependency
     except ConfigError as exc:
         print(f"pgml-proxy: {exc}", file=sys.stderr)
         return 2

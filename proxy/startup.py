@@ -53,7 +53,7 @@ def startup_bytes(fe: Frontend, data: bytes) -> None:
     elif code >> 16 == 3:
         fe.state = "auth"
         fe.framer.feed(rest)
-        fe.start_task(_login(fe, m.StartupMessage.parse(body)))
+        fe.start_task(_client_login(fe, m.StartupMessage.parse(body)))
     else:
         raise FeatureNotSupported(
             f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: server supports 3.0"
@@ -73,7 +73,7 @@ async def _ssl(fe: Frontend, rest: bytes) -> None:
     fe.transport = cast(asyncio.Transport, tr)
 
 
-async def _login(fe: Frontend, startup: m.StartupMessage) -> None:
+async def _client_login(fe: Frontend, startup: m.StartupMessage) -> None:
     params = dict(startup.params)
     user = params.pop("user", "")
     database = params.pop("database", "") or user

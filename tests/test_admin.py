@@ -48,7 +48,7 @@ SNAPSHOT = {
 @dataclass
 class Runtime:
     def models_info(self) -> list[dict[str, Any]]:
-        # The fields runtime.Runtime.models_info() gives (runtime/registry.py).
+        # The fields runtime.Runtime.models_info() gives (runtime/model_cache.py).
         return [{"name": "intfloat/e5-small-v2", "kind": "embed", "engine": "onnxruntime", "device": "cpu",
                  "precision": "fp32", "memory_bytes": 133_000_000, "loaded_at": 1767261600.0,
                  "load_seconds": 1.25, "batches": 4, "items": 300}]

@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("core", "proxy", "planner", "runtime")
+NOT_SHIPPED = ("testing", "tests", "benchmarks")  # left out of the wheel (pyproject's packages.find)
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "runtime": {"core"},
@@ -37,7 +38,7 @@ def _imports(path: Path) -> set[str]:
             names = [node.module]
         else:
             continue
-        out.update(n.split(".")[0] for n in names if n.split(".")[0] in (*PACKAGES, "tests", "benchmarks"))
+        out.update(n.split(".")[0] for n in names if n.split(".")[0] in (*PACKAGES, *NOT_SHIPPED))
     return out
 
 
@@ -85,6 +86,23 @@ def test_shipped_packages_import_no_tests_or_benchmarks() -> None:
         str(m.relative_to(ROOT))
         for p in PACKAGES
         for m in _modules(p)
-        if _imports(m) & {"tests", "benchmarks"}
+        if _imports(m) & set(NOT_SHIPPED)
     ]
     assert bad == []
+
+
+def test_benchmarks_and_testing_do_not_import_tests() -> None:
+    bad = {
+        str(m.relative_to(ROOT)): sorted(found)
+        for p in ("benchmarks", "testing")
+        for m in _modules(p)
+        if (found := _imports(m) & ({"tests", "benchmarks"} - {p}))
+    }
+    assert bad == {}, "benchmarks share fixtures through testing/, never tests/"
+
+
+def test_the_wheel_leaves_the_fixtures_out() -> None:
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert sorted(p.rstrip("*") for p in include["include"]) == sorted(PACKAGES)

@@ -23,12 +23,19 @@ from pathlib import Path
 
 import pytest
 
-from runtime.tiny_models import build_all
+from testing.tiny_models import build_all
 from tests.fix_postgres import free_port, pgserver_bin
-from tests.readme_blocks import Example, examples, shape
+from tests.readme_blocks import README, Example, examples, reference_readme, shape
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # PostgresML's README is kept beside the repository (../shared/reference), not in it.
+    pytest.mark.skipif(
+        reference_readme() is None,
+        reason=f"PostgresML's README is not beside this checkout ({README}): nothing to replay",
+    ),
+]
 
 # Blocks whose statement must fail, by README block index, and why.
 EXPECTED_ERRORS: dict[int, tuple[str, str]] = {

@@ -15,7 +15,7 @@ from core.interfaces import CallContext
 from runtime import Runtime
 from runtime.config import RuntimeConfig
 from runtime.resolve import Resolver
-from runtime.tiny_models import build_all
+from testing.tiny_models import build_all
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,7 +20,7 @@ import pytest
 
 from core.interfaces import CallContext
 from runtime import Runtime
-from runtime.tiny_models import build_all
+from testing.tiny_models import build_all
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -135,7 +135,7 @@ async def test_an_architecture_without_onnx_export(tmp_path: Path) -> None:
     # optimum-onnx has no exporter for CTRL: engine "auto" runs it on torch and says why;
     # engine "onnx" refuses it with 0A000 naming the model.
     from core.errors import FeatureNotSupported
-    from runtime.tiny_models import bpe_tokenizer
+    from testing.tiny_models import bpe_tokenizer
 
     transformers: Any = importlib.import_module("transformers")
     tok = bpe_tokenizer()

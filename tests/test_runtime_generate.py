@@ -14,7 +14,7 @@ from core.errors import FeatureNotSupported, InvalidParameterValue
 from core.interfaces import CallContext
 from runtime import Runtime
 from runtime.gguf import ensure_transformers_folder
-from runtime.tiny_models import build_all
+from testing.tiny_models import build_all
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

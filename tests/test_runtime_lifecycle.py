@@ -14,7 +14,7 @@ from core.interfaces import CallContext
 from runtime import Runtime
 from runtime.engines import QUANT_MIN_COSINE, export_dir
 from runtime.resolve import package_dir
-from runtime.tiny_models import build_all, build_bert, random_minilm
+from testing.tiny_models import build_all, build_bert, random_minilm
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -17,7 +17,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from runtime.tiny_models import build_all
+from testing.tiny_models import build_all
 from tests.fix_proxy import ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """pgml.transform for every README task, with tiny random models: output shapes and types only.
 
-The models come from `runtime.tiny_models` and are reached through the README's own hub names,
+The models come from `testing.tiny_models` and are reached through the README's own hub names,
 aliased in tests/models.test.toml, so these calls are the README examples themselves.
 """
 
@@ -19,7 +19,7 @@ import pytest
 from core.errors import InvalidParameterValue, UndefinedModel
 from core.interfaces import CallContext
 from runtime import Runtime
-from runtime.tiny_models import NER_LABELS, NLI_LABELS, POS_LABELS, SENTIMENT_LABELS, build_all
+from testing.tiny_models import NER_LABELS, NLI_LABELS, POS_LABELS, SENTIMENT_LABELS, build_all
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

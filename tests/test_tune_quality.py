@@ -11,10 +11,11 @@ from collections.abc import Callable
 
 import pytest
 
+from testing.bbc import bbc
 from tests.fix_postgres import PgServer
 from tests.fix_proxy import ProxyProcess
 from tests.test_tabular_support import new_database
-from tests.test_tune import MINILM, Db, bbc, run_tune, tune_sql
+from tests.test_tune import MINILM, Db, run_tune, tune_sql
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 CLASSES = ("business", "entertainment", "politics", "sports", "tech")

@@ -7,9 +7,10 @@ any training starts so a bad name is an error of its own (22023) naming what fit
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable
 from typing import Any
+
+from runtime import optional
 
 TASKS = ("regression", "classification", "clustering", "decomposition")
 # The metric that decides automatic deployment (bigger is better for each).
@@ -102,9 +103,15 @@ _BY_TASK = {
 
 
 def _installed(module: str) -> bool:
-    # find_spec, not an import: importing catboost and friends costs seconds, and a
-    # validation of the algorithm name must not pay for libraries it does not use.
-    return importlib.util.find_spec(module.split(".")[0]) is not None
+    # Not an import: importing catboost and friends costs seconds, and a validation of the
+    # algorithm name must not pay for libraries it does not use.
+    package = module.split(".")[0]
+    return optional.installed(package)
+
+
+def known(task: str) -> list[str]:
+    """Every algorithm name of `task`, installed or not."""
+    return list(_BY_TASK[task])
 
 
 def available(task: str) -> list[str]:

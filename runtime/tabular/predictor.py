@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from core import functions
 from core.errors import DataException, InvalidParameterValue
 
 from . import preprocess, registry, storage
 from .batcher import Batcher
 
-OPS = ("predict", "predict_proba", "predict_joint", "predict_batch", "decompose")
+OPS = functions.served_by("tabular", "predict")
 
 
 @dataclass

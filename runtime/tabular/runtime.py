@@ -11,80 +11,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
 
 from core.errors import ConfigError, InvalidParameterValue, UndefinedFunction, lookup
+from core.functions import Served, declaration, served_by
 from core.interfaces import CallContext
+from core.settings import TabularSettings
 
 from . import datasets, deploy, migrations, offline_datasets, registry, trainer
-from .predictor import OPS, Predictor
+from .predictor import Predictor
 
 log = logging.getLogger(__name__)
+_Calls = Sequence[Mapping[str, Any]]
 
-_SETTINGS = {
-    "pool_size": 4,
-    "predict_threads": 2,
-    "max_batch_rows": 4096,
-    "max_queue": 10000,
-    "max_models": 32,
-}
-
-
-def _substitutes(raw: Mapping[str, Any]) -> dict[str, str]:
+def _substitutes(settings: TabularSettings) -> dict[str, str]:
     """`dataset_substitutes`: hub dataset name -> an offline generator of the same role."""
-    subs = raw.get("dataset_substitutes", {})
-    if not isinstance(subs, Mapping):
-        raise ConfigError("runtime.tabular.dataset_substitutes", "expected a table of name = generator")
-    for name, generator in subs.items():
+    for name, generator in settings.dataset_substitutes.items():
         if generator not in offline_datasets.GENERATORS:
             raise ConfigError(
                 f"runtime.tabular.dataset_substitutes.{name}",
                 f"unknown generator {generator!r}; expected one of {sorted(offline_datasets.GENERATORS)}",
             )
-    return {str(k): str(v) for k, v in subs.items()}
-
-
-def _settings(raw: Mapping[str, Any]) -> dict[str, int]:
-    out = dict(_SETTINGS)
-    for key, value in raw.items():
-        if key not in _SETTINGS:
-            continue  # other runtime keys belong to the language-model side or _substitutes
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"runtime.{key}", f"must be a positive integer, got {value!r}")
-        out[key] = value
-    return out
+    return dict(settings.dataset_substitutes)
 
 
 class TabularRuntime:
     """Training, prediction and the registry of tabular models in the upstream's `pgml` schema."""
 
-    functions = frozenset(
-        {
-            "train",
-            "train_joint",
-            "snapshot",
-            "predict",
-            "predict_proba",
-            "predict_joint",
-            "predict_batch",
-            "decompose",
-            "deploy",
-            "load_dataset",
-        }
-    )
+    functions = served_by("tabular")
 
-    def __init__(self, upstream_dsn: str, settings: Mapping[str, Any]) -> None:
+    def __init__(self, upstream_dsn: str, settings: TabularSettings | Mapping[str, Any]) -> None:
         self._dsn = upstream_dsn
-        cfg = _settings(settings)
-        self._substitutes = _substitutes(settings)
-        self._pool = registry.Pool(upstream_dsn, cfg["pool_size"])
-        self._executor = ThreadPoolExecutor(cfg["predict_threads"], thread_name_prefix="pgml-predict")
+        cfg = settings if isinstance(settings, TabularSettings) else TabularSettings.from_mapping(settings)
+        self._substitutes = _substitutes(cfg)
+        self._pool = registry.Pool(upstream_dsn, cfg.pool_size)
+        self._executor = ThreadPoolExecutor(cfg.predict_threads, thread_name_prefix="pgml-predict")
         self._predictor = Predictor(
-            self._pool, self._executor, cfg["max_batch_rows"], cfg["max_queue"], cfg["max_models"]
+            self._pool, self._executor, cfg.max_batch_rows, cfg.max_queue, cfg.max_models
         )
         self._listener: asyncio.Task[None] | None = None
         # Others caching per-project deployments (runtime.tune): told what this listener hears.
@@ -137,32 +104,46 @@ class TabularRuntime:
     async def call_batch(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
-        """One result per call (see core.interfaces.Runtime.call_batch)."""
-        if function not in self.functions:
+        """One result per call (see core.interfaces.Runtime.call_batch), by `serve_<method>`."""
+        fn = declaration(function)
+        if fn is None or not isinstance(fn.serve, Served) or fn.serve.runtime != "tabular":
             raise UndefinedFunction(f"pgml.{function} is not a tabular function")
+        serve: Callable[..., Awaitable[list[Any]]] = getattr(self, f"serve_{fn.serve.method}")
         try:
-            if function in OPS:
-                return await self._predictor.run(function, calls)
-            # Training and registry changes run one call at a time, in order.
-            return [await self._one(function, call, ctx) for call in calls]
+            return await serve(function, calls, ctx)
         except psycopg.Error as exc:
             # An upstream error on our own connections (permissions, a lost connection):
             # the client gets its SQLSTATE and message rather than an internal error.
             code = exc.sqlstate or "58000"
             raise lookup(code)(f"pgml.{function}: {exc}".strip(), fields={"C": code}) from exc
 
-    async def _one(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[Any, ...]]:
-        if function in ("train", "train_joint"):
+    async def serve_predict(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:
+        return await self._predictor.run(function, [_predict_keys(c) for c in calls])
+
+    # Training and registry changes run one call at a time, in order.
+    async def serve_train(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:
+        out = []
+        for call in calls:
             row = await trainer.train(self._pool, call, ctx, joint=function == "train_joint")
             self._predictor.forget_deployment(str(call["project_name"]))
-            return [row]
-        if function == "snapshot":
-            return [await trainer.snapshot(self._pool, call, ctx)]
-        if function == "deploy":
+            out.append([row])
+        return out
+
+    async def serve_snapshot(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:
+        return [[await trainer.snapshot(self._pool, call, ctx)] for call in calls]
+
+    async def serve_deploy(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:
+        out = []
+        for call in calls:
             row = await deploy.deploy(self._pool, call)
             self._forget(row[0])
-            return [row]
-        return [await self._load_dataset(call, ctx)]
+            out.append([row])
+        return out
+
+    async def serve_load_dataset(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return [[await self._load_dataset(call, ctx)] for call in calls]
 
     async def _load_dataset(self, call: Mapping[str, Any], ctx: CallContext) -> tuple[Any, ...]:
         source = str(call.get("source") or "")
@@ -185,3 +166,17 @@ class TabularRuntime:
         )
         async with self._pool.connection() as conn:
             return await datasets.store(conn, ds, ctx.user)
+
+
+def _predict_keys(call: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The SQL arguments as the predictor takes them: an integer `project_name` is a
+    `model_id`, a row (`t.*`, ROW(...)) given as `features` is a `row`."""
+    if "project_name" not in call and "features" not in call:
+        return call
+    out = dict(call)
+    project = out.get("project_name")
+    if isinstance(project, int) and not isinstance(project, bool):
+        out["model_id"] = out.pop("project_name")
+    if isinstance(out.get("features"), Mapping):
+        out["row"] = out.pop("features")
+    return out

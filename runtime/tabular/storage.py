@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import DataException, FeatureNotSupported, InternalError
+from runtime import optional
 
 # skops already trusts its own list of safe builtins/NumPy types; beyond those a file may
 # name only scikit-learn CLASSES (estimators, trees, kernels). A function reference (say
@@ -166,6 +167,7 @@ def _load(task: str, lib: str, algorithm: str, data: bytes) -> Any:
 
         return lgb.Booster(model_str=data.decode())
     if lib == "catboost":
+        optional.require("catboost", "this model (trained with catboost)")
         import catboost as cb
 
         model: Any = cb.CatBoostClassifier() if task == "classification" else cb.CatBoostRegressor()

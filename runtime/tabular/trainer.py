@@ -25,7 +25,7 @@ _DEFAULT_STEPS = {"encode": "native", "impute": "error", "scale": "preserve"}
 
 
 @dataclass
-class Prepared:
+class TrainingData:
     """A relation read and preprocessed: what a snapshot records and a training consumes."""
 
     relation: str
@@ -91,7 +91,7 @@ async def prepare(
     *,
     user: str,
     source: str | None = None,
-) -> Prepared:
+) -> TrainingData:
     """Read `relation`, check the labels, split, fit the preprocessing and build the matrix.
 
     `user` (the client's role) must be allowed to read `source`, the relation the data came
@@ -133,7 +133,7 @@ async def prepare(
     for spec in features:
         preprocess.fit(spec, data[spec["name"]][train_idx], None if y is None else y[train_idx])
     x = preprocess.transform(features, data, n)
-    return Prepared(relation, y_names, specs, x, y, train_idx, test_idx, test_size, sampling)
+    return TrainingData(relation, y_names, specs, x, y, train_idx, test_idx, test_size, sampling)
 
 
 async def _run_thread(
@@ -204,7 +204,7 @@ def _source(
 
 
 def _job(
-    prep: Prepared,
+    prep: TrainingData,
     task: str,
     algorithm: str,
     hyperparams: dict[str, Any],
@@ -272,7 +272,7 @@ async def _register(
     name: str,
     task: str,
     algorithm: str,
-    prep: Prepared,
+    prep: TrainingData,
     result: training.TrainResult,
     metrics: dict[str, Any],
     path: str,

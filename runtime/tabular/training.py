@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import InvalidParameterValue, QueryCanceled
+from runtime import optional
 
 from . import algorithms
 
@@ -228,6 +229,8 @@ def check_task_algorithm(task: str, algorithm: str, joint: bool = False) -> None
     if task not in algorithms.TASKS:
         raise InvalidParameterValue(f"unknown task {task!r}", hint=f"tasks: {', '.join(algorithms.TASKS)}")
     names = algorithms.available(task)
+    if algorithm in algorithms.known(task):
+        optional.require(algorithms.library(task, algorithm), f"algorithm {algorithm!r}")
     if algorithm not in names:
         raise InvalidParameterValue(
             f"algorithm {algorithm!r} does not fit the task {task!r}",

@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.errors import InvalidParameterValue, UndefinedModel, lookup
+from core.errors import InvalidParameterValue, lookup
+from core.functions import served_by
 from core.interfaces import CallContext
 from runtime.config import RuntimeConfig
 from runtime.resolve import Resolver
@@ -37,7 +38,7 @@ _ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `runtime` 
 class TuneRuntime:
     """The fine-tuning side of the runtime, on its own upstream connections."""
 
-    functions = frozenset({"tune", "generate"})
+    functions = served_by("tune")
 
     def __init__(self, dsn: str, config: RuntimeConfig, resolver: Resolver) -> None:
         self._pool = registry.Pool(dsn, 2)
@@ -260,9 +261,3 @@ def _metrics(result: Mapping[str, Any]) -> dict[str, Any]:
 def _cancelled() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _undefined(name: str) -> UndefinedModel:
-    return UndefinedModel(
-        f"project {name!r} has no deployed tuned model", hint="tune it first with pgml.tune"
-    )

@@ -49,7 +49,7 @@ class Loaded:
             self.names.append(self.name)
 
 
-class Registry:
+class ModelCache:
     """Loaded models keyed by (kind, content key, engine, device): one load serves every alias."""
 
     def __init__(self, config: RuntimeConfig, executor: Executor) -> None:

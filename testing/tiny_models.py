@@ -1,4 +1,4 @@
-"""Tiny random models of every pipeline architecture, built offline: `python -m runtime.tiny_models OUT`.
+"""Tiny random models of every pipeline architecture, built offline: `python -m testing.tiny_models OUT`.
 
 Owns the test and benchmark fixtures for tasks that have no real offline model: seeded,
 deterministic BERT/BART/T5/GPT-2/Llama models of a few MB, with real tokenizers (BERT
@@ -320,7 +320,7 @@ def random_minilm(out: Path | str, max_seq_length: int = 256) -> Path:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m runtime.tiny_models OUT_DIR", file=sys.stderr)
+        print("usage: python -m testing.tiny_models OUT_DIR", file=sys.stderr)
         return 2
     print(build_all(argv[0]))
     return 0

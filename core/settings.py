@@ -1,0 +1,293 @@
+"""The settings tree: every key of config.toml with its default and its validation, here only.
+
+`Config` is the whole tree: the `[proxy]` keys, `[runtime]` (`RuntimeConfig`, with
+`[runtime.tabular]` as `TabularSettings`) and `[planner]` (`PlannerSettings`).
+`Config.validate` checks every section, so a start, a RELOAD and a SIGHUP (all of which go
+through `proxy.config.load`) refuse a bad tree before anything of it is applied. Errors are
+`core.errors.ConfigError` carrying the key's full dotted name (`runtime.tabular.pool_size`).
+`proxy/config.py` reads the tree from TOML, the environment and flags; the owners of the
+sections take their part already validated (`RuntimeConfig.from_mapping` and friends are
+idempotent, so a section may also be given as a plain mapping, as tests do).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from core.errors import ConfigError
+
+
+def _count(key: str, value: Any, low: int = 1) -> int:
+    """An integer >= `low` (bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(key, f"must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _unknown(section: str, given: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(
+            f"{section}.{unknown[0]}", f"unknown key; accepted keys: {', '.join(sorted(known))}"
+        )
+
+
+# --- [planner] -------------------------------------------------------------------------------------
+CTAS_EMBEDDING_TYPES = ("vector", "real[]")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerSettings:
+    chunk_rows: int = 1000  # rows fetched from the upstream per model batch
+    materialise_rows: int = 5000  # argument values per batch when a call is materialised
+    parse_cache_size: int = 512  # analysed statements kept by text (0: none)
+    # The column type CREATE TABLE AS gives a bare pgml.embed(): pgvector's, or the extension's real[].
+    ctas_embedding_type: str = "vector"
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any] | None) -> PlannerSettings:
+        d = dict(d or {})
+        _unknown("planner", d, {f.name for f in fields(cls)})
+        for key, value in d.items():
+            if key == "ctas_embedding_type":
+                if value not in CTAS_EMBEDDING_TYPES:
+                    raise ConfigError(
+                        f"planner.{key}", f"expected one of {CTAS_EMBEDDING_TYPES}, got {value!r}"
+                    )
+            else:
+                _count(f"planner.{key}", value, 0 if key == "parse_cache_size" else 1)
+        return cls(**d)
+
+
+# --- [runtime.tabular] -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TabularSettings:
+    pool_size: int = 4  # the tabular runtime's own upstream connections
+    predict_threads: int = 2
+    max_batch_rows: int = 4096
+    max_queue: int = 10000
+    max_models: int = 32  # loaded tabular models kept in memory
+    # hub dataset name -> offline generator (runtime/tabular/offline_datasets.py checks the name)
+    dataset_substitutes: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any] | None) -> TabularSettings:
+        d = dict(d or {})
+        _unknown("runtime.tabular", d, {f.name for f in fields(cls)})
+        kw: dict[str, Any] = {}
+        for key, value in d.items():
+            if key == "dataset_substitutes":
+                if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+                    raise ConfigError(
+                        "runtime.tabular.dataset_substitutes", "expected a table of name = generator"
+                    )
+                kw[key] = {str(k): v for k, v in value.items()}
+            else:
+                kw[key] = _count(f"runtime.tabular.{key}", value)
+        return cls(**kw)
+
+
+# --- [runtime] -------------------------------------------------------------------------------------
+# Hugging Face's own pipeline defaults (transformers.pipelines.SUPPORTED_TASKS, 4.57), so a
+# task without a model means what it means to PostgresML users.
+HF_DEFAULT_MODELS: Mapping[str, str] = {
+    "text-classification": "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+    "zero-shot-classification": "facebook/bart-large-mnli",
+    "token-classification": "dbmdz/bert-large-cased-finetuned-conll03-english",
+    "question-answering": "distilbert/distilbert-base-cased-distilled-squad",
+    "fill-mask": "distilbert/distilroberta-base",
+    "summarization": "sshleifer/distilbart-cnn-12-6",
+    "translation": "google-t5/t5-base",
+    "text2text-generation": "google-t5/t5-base",
+    "text-generation": "openai-community/gpt2",
+    "feature-extraction": "distilbert/distilbert-base-cased",
+    "conversational": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "embed": "sentence-transformers/all-MiniLM-L6-v2",
+    "rank": "cross-encoder/ms-marco-MiniLM-L-6-v2",
+}
+
+_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "device": ("auto", "cpu", "cuda"),
+    "engine": ("auto", "onnx", "torch"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Every runtime setting; the only place their defaults live."""
+
+    models_dir: str = "models"
+    cache_dir: str = ".cache/pgml-proxy"
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    default_models: Mapping[str, str] = field(default_factory=lambda: dict(HF_DEFAULT_MODELS))
+    device: str = "auto"
+    engine: str = "auto"
+    quantize: bool = False
+    trust_remote_code: bool = False
+    allowed_models: tuple[str, ...] = ()
+    max_batch_size: int = 64
+    max_batch_tokens: int = 16384
+    batch_wait_ms: float = 2.0
+    queue_size: int = 4096
+    memory_budget_mb: int = 4096
+    # engine = "auto": a transform model with more weight than this stays on torch. Exporting
+    # traces the model in memory (several times its size) and a large decoder gains little.
+    onnx_max_model_mb: int = 2048
+    preload: tuple[str, ...] = ()
+    threads: int = 0  # 0: one per core
+    tabular: TabularSettings = field(default_factory=TabularSettings)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any] | None) -> RuntimeConfig:
+        """Validate `d` (the raw `[runtime]` table); raises ConfigError naming the key."""
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"runtime.{unknown[0]}", f"unknown key; accepted keys: {', '.join(sorted(known))}"
+            )
+        kw: dict[str, Any] = {}
+        for name, value in d.items():
+            kw[name] = _check(name, value)
+        if "default_models" in kw:
+            # Configured defaults override Hugging Face's task by task.
+            kw["default_models"] = {**HF_DEFAULT_MODELS, **kw["default_models"]}
+        return cls(**kw)
+
+    @property
+    def thread_count(self) -> int:
+        return self.threads or (os.cpu_count() or 1)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
+
+
+def _check(name: str, value: Any) -> Any:
+    key = f"runtime.{name}"
+    if name in ("models_dir", "cache_dir"):
+        return _typed(key, value, str)
+    if name in ("device", "engine"):
+        if value not in _CHOICES[name]:
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(_CHOICES[name])}")
+        return value
+    if name in ("quantize", "trust_remote_code"):
+        return _typed(key, value, bool)
+    if name in ("aliases", "default_models", "tabular"):
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, "must be a table")
+        if name == "tabular":
+            return TabularSettings.from_mapping(value)
+        if not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(key, "every value must be a string")
+        return dict(value)
+    if name in ("allowed_models", "preload"):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, "must be a list of strings")
+        return tuple(value)
+    if name == "batch_wait_ms":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(key, "must be a number >= 0")
+        return float(value)
+    # The remaining keys are counts.
+    number = _typed(key, value, int)
+    if number < (0 if name == "threads" else 1):
+        raise ConfigError(key, f"must be >= {0 if name == 'threads' else 1}, got {number}")
+    return number
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(key, f"must be {kind.__name__}, got bool")
+    if not isinstance(value, kind):
+        raise ConfigError(key, f"must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+# --- [proxy], and the whole tree ---------------------------------------------------------------
+POOL_MODES = ("session", "transaction")
+CLIENT_AUTH_METHODS = ("trust", "cleartext", "md5", "scram-sha-256", "passthrough")
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1:6432"
+    # libpq URL or key=value string; empty means: start the embedded Postgres in data_dir.
+    upstream: str = ""
+    pool_mode: str = "session"
+    data_dir: str = "./pgml-data"
+    # Server connections per (database, user) pool, and how long a client waits for one.
+    pool_size: int = 20
+    pool_timeout: float = 5.0
+    # Idle server connections older than this are closed.
+    server_idle_timeout: float = 600.0
+    # How a server connection is reset before it goes back to the pool.
+    server_reset_query: str = "DISCARD ALL"
+    max_client_connections: int = 1000
+    # Largest protocol message accepted from a client (bytes); larger ones are a protocol violation.
+    max_message_size: int = 64 * 1024 * 1024
+    # Client authentication: trust | cleartext | md5 | scram-sha-256 | passthrough (the upstream checks).
+    auth_method: str = "trust"
+    # user -> password (plain text or an md5/SCRAM verifier as Postgres stores them).
+    users: Mapping[str, str] = field(default_factory=dict)
+    # TLS towards clients: both set -> SSLRequest answered 'S'; else 'N'.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # TLS towards the upstream: disable | prefer | require (sslmode in the DSN wins when given).
+    upstream_sslmode: str = "prefer"
+    admin_users: tuple[str, ...] = ()
+    # Prometheus metrics over HTTP; 0 disables.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    # SIGINT: how long transactions get to finish before their clients are cut.
+    shutdown_timeout: float = 30.0
+    log_level: str = "INFO"
+    # The sections of their owners, kept as given (mappings) and validated by `validate`.
+    runtime: Mapping[str, Any] = field(default_factory=dict)
+    planner: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    def validate(self) -> Config:
+        """Return self, or raise ConfigError naming the first bad key of the whole tree."""
+        RuntimeConfig.from_mapping(self.runtime)
+        PlannerSettings.from_mapping(self.planner)
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError("listen", f"expected HOST:PORT, got {self.listen!r}")
+        if self.pool_mode not in POOL_MODES:
+            raise ConfigError("pool_mode", f"expected one of {POOL_MODES}, got {self.pool_mode!r}")
+        if self.auth_method not in CLIENT_AUTH_METHODS:
+            raise ConfigError(
+                "auth_method", f"expected one of {CLIENT_AUTH_METHODS}, got {self.auth_method!r}"
+            )
+        if self.auth_method in ("cleartext", "md5", "scram-sha-256") and not self.users:
+            raise ConfigError("users", f"auth_method {self.auth_method!r} needs at least one user")
+        if self.upstream_sslmode not in ("disable", "prefer", "require"):
+            raise ConfigError("upstream_sslmode", "expected disable, prefer or require")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert" if not self.tls_cert else "tls_key", "set both tls_cert and tls_key")
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(key, f"no such file: {path}")
+        for key in ("pool_size", "max_client_connections", "max_message_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, "must be at least 1")
+        for key in ("pool_timeout", "server_idle_timeout", "shutdown_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, "must be positive")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError("metrics_port", "must be a port number (0 disables)")
+        return self
