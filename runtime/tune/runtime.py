@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.errors import InvalidParameterValue, lookup
-from core.functions import served_by
+from core.errors import InvalidParameterValue, UndefinedFunction, lookup
+from core.functions import Served, declaration, served_by
 from core.interfaces import CallContext
 from runtime.config import RuntimeConfig
 from runtime.resolve import Resolver
@@ -61,9 +61,22 @@ class TuneRuntime:
     async def call_batch(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
     ) -> list[Any]:
-        if function == "tune":
-            return [[await self.tune(call, ctx)] for call in calls]
-        from . import chat  # generate: conversation models only
+        """Dispatch by the declaration (core.functions): `serve_<method>`."""
+        fn = declaration(function)
+        if fn is None or not isinstance(fn.serve, Served) or fn.serve.runtime != "tune":
+            raise UndefinedFunction(f"pgml.{function} is not a fine-tuning function")
+        serve: Callable[..., Awaitable[list[Any]]] = getattr(self, f"serve_{fn.serve.method}")
+        return await serve(function, calls, ctx)
+
+    async def serve_tune(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        return [[await self.tune(call, ctx)] for call in calls]  # one training at a time, in order
+
+    async def serve_generate(
+        self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
+    ) -> list[Any]:
+        from . import chat
 
         return [await chat.generate(self, call) for call in calls]
 
