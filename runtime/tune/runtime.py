@@ -44,8 +44,8 @@ class TuneRuntime:
         self._pool = registry.Pool(dsn, 2)
         self._config = config
         self._resolver = resolver
-        # project name -> (model id, task) of its deployed tuned model, or None: not a tuned project.
-        self._deployed: dict[str, tuple[int, str] | None] = {}
+        # project name -> (folder, task) of its deployed tuned model, or None: not a tuned project.
+        self._deployed: dict[str, tuple[Path, str] | None] = {}
         self._generators: dict[str, Any] = {}
 
     async def close(self) -> None:
@@ -84,15 +84,22 @@ class TuneRuntime:
     async def tuned_folder(self, name: str, tasks: Sequence[str] = ()) -> tuple[Path, str] | None:
         """(local folder, task) of project `name`'s deployed tuned model; None when `name` is not one."""
         if name not in self._deployed:
-            self._deployed[name] = await store.deployed_tuned(self._pool, name)
-        found = self._deployed[name]
-        if found is None or (tasks and found[1] not in tasks):
+            found = await store.deployed_tuned(self._pool, name)
+            # Cached until a deploy is announced: a transform call costs no query after the first.
+            self._deployed[name] = None if found is None else (await self.model_folder(found[0]), found[1])
+        cached = self._deployed[name]
+        if cached is None or (tasks and cached[1] not in tasks):
             return None
-        return await self.model_folder(found[0]), found[1]
+        return cached
 
     async def model_folder(self, model_id: int) -> Path:
         """Model `model_id`'s files as a local folder, written once (beside, then renamed)."""
-        target = self._config.cache_path / "tuned" / f"model-{model_id}"
+        # Model ids repeat across databases and clusters: the folder is named by what is unique.
+        target = (
+            self._config.cache_path
+            / "tuned"
+            / f"model-{model_id}-{await store.model_stamp(self._pool, model_id)}"
+        )
         if (target / "config.json").is_file() or (target / "adapter_config.json").is_file():
             return target
         # Written beside, then renamed: a crash (or another proxy on this disk) never leaves

@@ -9,6 +9,7 @@ when loaded are stored (safetensors, JSON, vocabularies), never a pickle.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,17 @@ async def base_name(pool: registry.Pool, model_id: int) -> str:
     if row is None or not row[0]:
         raise UndefinedModel(f"model {model_id} does not record the base model it was tuned from")
     return str(row[0])
+
+
+async def model_stamp(pool: registry.Pool, model_id: int) -> str:
+    """A short key unique to this model row anywhere: database, id and creation time."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT current_database() || ':' || id || ':' || created_at::text"
+            " FROM pgml.models WHERE id = %s",
+            (model_id,),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        raise UndefinedModel(f"model {model_id} does not exist")
+    return hashlib.sha256(str(row[0]).encode()).hexdigest()[:12]
