@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,9 @@ class TuneRuntime:
         split = await data.read(self._pool, args, ctx.user)
         project_id, model_id = await store.begin(self._pool, args, split)
         self.forget(args.project)
-        folder = self._config.cache_path / "tune" / f"job-{model_id}"
+        # Its own folder: model ids repeat across databases that proxies sharing this disk serve.
+        (self._config.cache_path / "tune").mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"job-{model_id}-", dir=self._config.cache_path / "tune"))
         try:
             metrics = await self._train(args, split, base, folder, project_id, model_id, ctx)
             files = await asyncio.to_thread(store.model_files, folder / "model")
@@ -192,8 +195,6 @@ class TuneRuntime:
         ctx: CallContext,
     ) -> dict[str, Any]:
         """Run the worker process to its end; relay its lines; returns the model's metrics."""
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
         job = {
             "task": args.task,
             "base": base,
