@@ -8,6 +8,7 @@ from a project, cancellation and the errors. The quality run is marked slow.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import tempfile
@@ -154,7 +155,7 @@ def _saved_folder(db: Db, project: str, target: Path) -> Path:
 
 
 def test_transform_serves_the_tuned_model_like_transformers(db: Db, tuned: dict[str, Any]) -> None:
-    from transformers import pipeline
+    pipeline: Any = importlib.import_module("transformers").pipeline
 
     texts = [t for t, _ in bbc(3, ("business", "sports"), skip=100)]
     task = json.dumps({"task": "text-classification", "model": "bbc_small"})
@@ -212,7 +213,9 @@ def test_restart_from_a_previous_project(db: Db, tuned: dict[str, Any]) -> None:
     sql = "SELECT pgml.transform(task => %s::jsonb, inputs => %s)"
     with db.via_proxy() as conn:
         answers = [
-            conn.execute(sql, (json.dumps({"task": "text-classification", "model": p}), texts)).fetchone()[0]
+            conn.execute(sql, (json.dumps({"task": "text-classification", "model": p}), texts)).fetchall()[0][
+                0
+            ]
             for p in ("bbc_small", "bbc_restart")
         ]
     assert _p_first(answers[0], "business") == pytest.approx(_p_first(answers[1], "business"), abs=1e-4)
@@ -349,7 +352,7 @@ def test_text_pair_classification(db: Db, tuned: dict[str, Any]) -> None:
         [(served,)] = conn.execute(
             "SELECT pgml.transform(task => %s::jsonb, inputs => %s::jsonb[])", (task, inputs)
         ).fetchall()
-    from transformers import pipeline
+    pipeline: Any = importlib.import_module("transformers").pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = pipeline(
@@ -420,8 +423,9 @@ def test_conversation_lora_and_generate(db: Db) -> None:
 
 
 def _direct_generate(adapter: Path, prompts: list[str]) -> list[str]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    PeftModel: Any = importlib.import_module("peft").PeftModel
+    _transformers: Any = importlib.import_module("transformers")
+    AutoModelForCausalLM, AutoTokenizer = _transformers.AutoModelForCausalLM, _transformers.AutoTokenizer
 
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     tok = AutoTokenizer.from_pretrained(str(adapter), padding_side="left")

@@ -10,6 +10,7 @@ model). `merged_folder` turns a stored adapter into a plain model folder once, s
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,8 +28,15 @@ def _messages(system: str | None, user: str) -> list[dict[str, str]]:
 
 def train(job: dict[str, Any], folder: Path, training_args: Any, callback: Any) -> dict[str, Any]:
     """Train a LoRA adapter on the job's rows; save it under `<folder>/model`; returns summaries."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer
+    _peft: Any = importlib.import_module("peft")
+    LoraConfig, get_peft_model = _peft.LoraConfig, _peft.get_peft_model
+    _transformers: Any = importlib.import_module("transformers")
+    AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer = (
+        _transformers.AutoModelForCausalLM,
+        _transformers.AutoTokenizer,
+        _transformers.DataCollatorForSeq2Seq,
+        _transformers.Trainer,
+    )
 
     base = job["base"]
     tok = AutoTokenizer.from_pretrained(base)
@@ -80,8 +88,9 @@ def train(job: dict[str, Any], folder: Path, training_args: Any, callback: Any) 
 
 def merge_adapter(adapter: Path, base: str, target: Path) -> None:
     """Write base + adapter, merged, as a plain model folder at `target` (run in a thread)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    PeftModel: Any = importlib.import_module("peft").PeftModel
+    _transformers: Any = importlib.import_module("transformers")
+    AutoModelForCausalLM, AutoTokenizer = _transformers.AutoModelForCausalLM, _transformers.AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
@@ -97,7 +106,8 @@ class Generator:
     """A tuned chat model loaded once; answers a list of prompts greedily by default."""
 
     def __init__(self, folder: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        _transformers: Any = importlib.import_module("transformers")
+        AutoModelForCausalLM, AutoTokenizer = _transformers.AutoModelForCausalLM, _transformers.AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(str(folder))
         self.tok.padding_side = "left"

@@ -13,6 +13,7 @@ the libraries print goes to stderr. It never talks to the database.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _relay_callback() -> Any:
-    from transformers import TrainerCallback
+    TrainerCallback: Any = importlib.import_module("transformers").TrainerCallback
 
     class Relay(TrainerCallback):  # type: ignore[misc]
         """Each logging step (and the train/eval summaries) to the proxy, with step and time."""
@@ -85,7 +86,7 @@ def _metrics(pred: Any) -> dict[str, float]:
 
 
 def _training_args(job: dict[str, Any], folder: Path) -> Any:
-    from transformers import TrainingArguments
+    TrainingArguments: Any = importlib.import_module("transformers").TrainingArguments
 
     given = dict(job["training_args"])
     forced = {
@@ -101,11 +102,12 @@ def _training_args(job: dict[str, Any], folder: Path) -> Any:
 
 
 def _classify(job: dict[str, Any], folder: Path) -> dict[str, Any]:
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
+    _transformers: Any = importlib.import_module("transformers")
+    AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer = (
+        _transformers.AutoModelForSequenceClassification,
+        _transformers.AutoTokenizer,
+        _transformers.DataCollatorWithPadding,
+        _transformers.Trainer,
     )
 
     labels: list[str] = job["labels"]
