@@ -401,7 +401,7 @@ def test_conversation_lora_and_generate(db: Db) -> None:
         prompts = [q for _, q, _ in rows[:2]]
         config = json.dumps({"system": SYSTEM, "max_new_tokens": 6})
         [(answers,)] = conn.execute(
-            "SELECT pgml.generate('bbc_chat', %s, %s::jsonb)", (prompts, config)
+            "SELECT pgml.generate('bbc_chat', %s::text[], %s::jsonb)", (prompts, config)
         ).fetchall()
         [(one,)] = conn.execute(
             "SELECT pgml.generate('bbc_chat', %s, %s::jsonb)", (prompts[0], config)
