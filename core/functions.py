@@ -93,7 +93,8 @@ class Signature:
 class Served:
     """The runtime method that serves a function: `serve_<method>` on that runtime."""
 
-    runtime: Literal["models", "tabular"]  # runtime.Runtime, or runtime.tabular.TabularRuntime
+    # runtime.Runtime, runtime.tabular.TabularRuntime, or runtime.tune.TuneRuntime
+    runtime: Literal["models", "tabular", "tune"]
     method: str
 
 
@@ -160,15 +161,6 @@ def _train(name: str, y_type: str, summary: str) -> Function:
     sig = Signature(name, _train_args(y_type), "record", setof=True, columns=_TRAIN_COLS, strict=False)
     return Function(name, (sig,), Served("tabular", "train"), summary, writes=True)
 
-
-_TUNE_HINT = (
-    "fine-tuning (pgml.tune) is not implemented: fine-tune with transformers outside the proxy, "
-    "then serve the model with pgml.transform by naming its folder in [runtime.aliases]"
-)
-_GENERATE_HINT = (
-    "pgml.generate serves models made by pgml.tune, which is not implemented; "
-    "use pgml.transform('text-generation', ...) or chat with inputs jsonb[]"
-)
 
 FUNCTIONS: tuple[Function, ...] = (
     Function(
@@ -361,7 +353,7 @@ FUNCTIONS: tuple[Function, ...] = (
                 strict=False,
             ),
         ),
-        NotSupported(_TUNE_HINT),
+        Served("tune", "tune"),
         "fine-tune a language model",
         writes=True,
     ),
@@ -417,7 +409,7 @@ FUNCTIONS: tuple[Function, ...] = (
                 array_arg="inputs",
             ),
         ),
-        NotSupported(_GENERATE_HINT),
+        Served("tune", "generate"),
         "text from a model made by pgml.tune",
     ),
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ from runtime.resolve import Progress, ResolvedModel, Resolver
 
 if TYPE_CHECKING:
     from runtime.tabular import TabularRuntime
+    from runtime.tune import TuneRuntime
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class Runtime:
         self.executor = ThreadPoolExecutor(self.config.thread_count, thread_name_prefix="pgml-model")
         self.models = ModelCache(self.config, self.executor)
         self._tabular: TabularRuntime | None = None
+        self._tune: TuneRuntime | None = None
 
     async def start(self) -> None:
         """Start the tabular side (its migrations) and warm the preload list."""
@@ -74,6 +77,10 @@ class Runtime:
 
             self._tabular = TabularRuntime(self.upstream_dsn, self.config.tabular)
             await self._tabular.start()
+            from runtime.tune import TuneRuntime  # fine-tuning shares the tabular registry
+
+            self._tune = TuneRuntime(self.upstream_dsn, self.config, self.resolver)
+            self._tabular.deploy_listeners.append(self._tune.forget)
         for name in self.config.preload:
             await self.preload(name)
 
@@ -90,6 +97,8 @@ class Runtime:
             await self._embed_model(rest if kind == "embed" else name, {})
 
     async def close(self) -> None:
+        if self._tune is not None:
+            await self._tune.close()
         if self._tabular is not None:
             await self._tabular.close()
         await self.models.close()
@@ -113,6 +122,12 @@ class Runtime:
             if self._tabular is None:  # an LM-only runtime (no upstream): unit tests, benchmarks
                 raise UndefinedFunction(f"function pgml.{function} is not provided by the runtime")
             return list(await self._tabular.call_batch(function, calls, ctx))
+        if fn.serve.runtime == "tune":
+            if self._tune is None:
+                raise FeatureNotSupported(
+                    f"pgml.{function} needs the registry upstream, which this runtime runs without"
+                )
+            return list(await self._tune.call_batch(function, calls, ctx))
         serve: Callable[..., Awaitable[list[Any]]] = getattr(self, f"serve_{fn.serve.method}")
         return await serve(function, calls, ctx)
 
@@ -290,7 +305,7 @@ class Runtime:
         )
 
     async def _transform(self, call: Mapping[str, Any], ctx: CallContext) -> Any:
-        spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
+        spec = await self._tuned(tf.parse_task(call.get("task"), call.get("args") or {}, self.config))
         inputs = tf.check_inputs(spec, list(call.get("inputs") or []))
         if not inputs:
             return []
@@ -300,6 +315,13 @@ class Runtime:
                 [(x, spec.args_key) for x in inputs], [tf.input_cost(x) for x in inputs]
             )
         return tf.shape_outputs(spec, outputs)
+
+    async def _tuned(self, spec: tf.TaskSpec) -> tf.TaskSpec:
+        """A model named after a tuned project is its deployed model's folder from pgml.files."""
+        if self._tune is None:
+            return spec
+        found = await self._tune.tuned_folder(spec.model)
+        return spec if found is None else dataclasses.replace(spec, model=str(found[0]))
 
     # --- chunk ---------------------------------------------------------------------------------------
     async def _chunk(self, call: Mapping[str, Any], _ctx: CallContext) -> list[tuple[int, str]]:

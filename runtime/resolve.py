@@ -105,6 +105,9 @@ class Resolver:
         self.config = config
         self.aliases = {**builtin_aliases(), **config.aliases}
         self.model_dirs = [Path(d).expanduser() for d in config.models_dirs]
+        # Folders the proxy writes models into itself (tuned projects from pgml.files) are as
+        # trusted as models_dir: the runtime hands their paths to the resolver.
+        self.trusted_dirs = [*self.model_dirs, config.cache_path / "tuned"]
         self._cache: dict[tuple[str, str | None], ResolvedModel] = {}
         # One resolution (and so one download) per name and revision in this process; other
         # processes are kept out by the hub's file lock.
@@ -165,7 +168,7 @@ class Resolver:
 
     def _client_path(self, name: str) -> Path:
         path = Path(name).expanduser().resolve()
-        inside = any(path.is_relative_to(d.resolve()) for d in self.model_dirs)
+        inside = any(path.is_relative_to(d.resolve()) for d in self.trusted_dirs)
         if not (inside or self.config.allow_paths):
             raise InsufficientPrivilege(
                 f'model "{name}": a path outside the configured models folders is not allowed',

@@ -184,9 +184,19 @@ def check_inputs(spec: TaskSpec, inputs: list[Any]) -> list[Any]:
             out.append(_check_chat(item, i))
         elif isinstance(item, str):
             out.append(item)
+        elif spec.base == "text-classification" and _is_pair(item):
+            # A text pair (NLI, a tuned text-pair-classification project): the pipeline's dict form.
+            out.append({"text": item["text"], "text_pair": item["text_pair"]})
         else:
-            raise InvalidParameterValue(f"pgml.transform: input {i} must be text")
+            raise InvalidParameterValue(
+                f"pgml.transform: input {i} must be text"
+                + (' or {"text", "text_pair"}' if spec.base == "text-classification" else "")
+            )
     return out
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, Mapping) and all(isinstance(item.get(k), str) for k in ("text", "text_pair"))
 
 
 def _check_chat(item: Any, i: int) -> list[dict[str, str]]:

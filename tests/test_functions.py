@@ -24,9 +24,10 @@ from planner.catalog import SIGNATURES
 from runtime import Runtime
 from runtime.tabular import TabularRuntime
 from runtime.tabular.predictor import OPS
+from runtime.tune import TuneRuntime
 from tools import gen_sql_docs
 
-RUNTIMES: dict[str, type] = {"models": Runtime, "tabular": TabularRuntime}
+RUNTIMES: dict[str, type] = {"models": Runtime, "tabular": TabularRuntime, "tune": TuneRuntime}
 
 
 def _methods(klass: type) -> set[str]:

@@ -72,6 +72,8 @@ class TabularRuntime:
             self._pool, self._executor, cfg.max_batch_rows, cfg.max_queue, cfg.max_models
         )
         self._listener: asyncio.Task[None] | None = None
+        # Others caching per-project deployments (runtime.tune): told what this listener hears.
+        self.deploy_listeners: list[Callable[[str | None], None]] = []
         self._listening = asyncio.Event()
 
     async def start(self) -> None:
@@ -96,21 +98,26 @@ class TabularRuntime:
                 async with self._pool.connection() as conn:
                     await conn.execute(f"LISTEN {registry.DEPLOY_CHANNEL}")
                     # Anything announced while we were not listening is unknown: start afresh.
-                    self._predictor.forget_deployment()
+                    self._forget(None)
                     self._listening.set()
                     delay = _BACKOFF[0]
                     try:
                         async for note in conn.notifies():
-                            self._predictor.forget_deployment(note.payload)
+                            self._forget(note.payload)
                     finally:
                         if not conn.closed:  # the connection goes back to the pool: stop listening
                             with contextlib.suppress(psycopg.Error):
                                 await conn.execute("UNLISTEN *")
             except (psycopg.Error, PoolTimeout) as exc:
                 log.warning("LISTEN %s lost (%s); retrying in %.1f s", registry.DEPLOY_CHANNEL, exc, delay)
-                self._predictor.forget_deployment()
+                self._forget(None)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF[1])
+
+    def _forget(self, project: str | None) -> None:
+        self._predictor.forget_deployment(project)
+        for listener in self.deploy_listeners:
+            listener(project)
 
     def batch_stats(self) -> dict[str, dict[str, int]]:
         """Library calls and rows per `model_id/op` since start: how well predicts batch."""
@@ -154,7 +161,7 @@ class TabularRuntime:
             # Refused before any training work; checked again where the model is written.
             await self._check_may_write(str(call["project_name"]), ctx.user)
             row = await trainer.train(self._pool, call, ctx, joint=function == "train_joint")
-            self._predictor.forget_deployment(str(call["project_name"]))
+            self._forget(str(call["project_name"]))
             out.append([row])
         return out
 
@@ -165,7 +172,7 @@ class TabularRuntime:
         out = []
         for call in calls:
             row = await deploy.deploy(self._pool, call, ctx.user)
-            self._predictor.forget_deployment(row[0])
+            self._forget(row[0])
             out.append([row])
         return out
 
