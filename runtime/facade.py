@@ -79,7 +79,7 @@ class Runtime:
             await self._tabular.start()
             from runtime.tune import TuneRuntime  # fine-tuning shares the tabular registry
 
-            self._tune = TuneRuntime(self.upstream_dsn, self.config, self.resolver)
+            self._tune = TuneRuntime(self._tabular.pool, self.config, self.resolver)
             self._tabular.deploy_listeners.append(self._tune.forget)
         for name in self.config.preload:
             await self.preload(name)

@@ -119,6 +119,11 @@ class TabularRuntime:
         for listener in self.deploy_listeners:
             listener(project)
 
+    @property
+    def pool(self) -> registry.Pool:
+        """The runtime's one pool of upstream connections (fine-tuning shares it)."""
+        return self._pool
+
     def batch_stats(self) -> dict[str, dict[str, int]]:
         """Library calls and rows per `model_id/op` since start: how well predicts batch."""
         return self._predictor.stats()

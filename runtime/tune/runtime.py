@@ -41,8 +41,10 @@ class TuneRuntime:
 
     functions = served_by("tune")
 
-    def __init__(self, dsn: str, config: RuntimeConfig, resolver: Resolver) -> None:
-        self._pool = registry.Pool(dsn, 2)
+    def __init__(self, pool: registry.Pool, config: RuntimeConfig, resolver: Resolver) -> None:
+        # The tabular runtime's pool (one way to the upstream for the runtime's own work); it
+        # opens and closes it.
+        self._pool = pool
         self._config = config
         self._resolver = resolver
         # project name -> (folder, task) of its deployed tuned model, or None: not a tuned project.
@@ -50,7 +52,7 @@ class TuneRuntime:
         self._generators: dict[str, Any] = {}
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Nothing of its own to release: the pool is the tabular runtime's."""
 
     def forget(self, project: str | None = None) -> None:
         """A deployment changed (NOTIFY pgml_deploy): look the project (or every one) up again."""
@@ -262,7 +264,7 @@ async def _relay(
             await ctx.notice(json.dumps(entry, indent=4))
             await record(entry)
         elif "warning" in message:
-            await (ctx.warning or ctx.notice)(str(message["warning"]))
+            await ctx.warning(str(message["warning"]))
         else:
             outcome = message
     await proc.wait()
