@@ -1,0 +1,80 @@
+"""asyncpg's own published test suite, direct vs through the proxy (both modes) vs PgBouncer.
+
+tests/drivers/run_suite.py runs the suite (the sdist of the installed asyncpg) against one
+address. Session mode must give exactly direct's per-test outcomes; transaction mode must pass
+every test that PgBouncer (1.18, transaction mode, in front of the same Postgres) passes.
+CI runs run_suite.CI_FILES; `DRIVER_SUITE=all` runs every file, and `DRIVER_SUITE_OUT=PATH`
+writes the four reports and the comparison there (benchmarks/results/driver_suite.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from benchmarks.passthrough import start_pgbouncer
+from tests.drivers import run_suite
+from tests.fix_postgres import PgServer
+from tests.fix_proxy import ProxyProcess
+
+SUBSET = os.environ.get("DRIVER_SUITE", "ci")
+
+
+def _gaps(reference: dict[str, str], other: dict[str, str]) -> dict[str, str]:
+    """Tests that pass on `reference` and do not pass on `other`: {test: other's outcome}."""
+    return {t: other.get(t, "missing") for t, v in reference.items() if v == "passed" and other.get(t) != "passed"}
+
+
+@pytest.fixture(scope="module")
+def suite_reports(pg_server: PgServer, proxy: ProxyProcess, proxy_tx: ProxyProcess) -> Any:
+    run_suite.suite_dir()  # download once, before anything is timed out
+    with tempfile.TemporaryDirectory(prefix="drv-pgbouncer-") as work:
+        Path(work).chmod(0o755)
+        bouncer = start_pgbouncer("transaction", pg_server, Path(work))
+        try:
+            url = urlsplit(bouncer.dsn)
+            found = {
+                "direct": run_suite.run("127.0.0.1", pg_server.port, SUBSET, 1800),
+                "session": run_suite.run(proxy.host, proxy.port, SUBSET, 1800),
+                "transaction": run_suite.run(proxy_tx.host, proxy_tx.port, SUBSET, 1800),
+                "pgbouncer-transaction": run_suite.run(url.hostname or "127.0.0.1", url.port or 0, SUBSET, 1800),
+            }
+        finally:
+            bouncer.stop()
+    out = os.environ.get("DRIVER_SUITE_OUT")
+    if out:
+        summary = {
+            "asyncpg": found["direct"]["asyncpg"], "subset": SUBSET, "files": found["direct"]["files"],
+            "counts": {k: v["counts"] for k, v in found.items()},
+            "session_vs_direct": {t: (o, found["session"]["tests"].get(t))
+                                  for t, o in found["direct"]["tests"].items()
+                                  if found["session"]["tests"].get(t) != o},
+            "transaction_gaps_vs_pgbouncer": _gaps(found["pgbouncer-transaction"]["tests"],
+                                                   found["transaction"]["tests"]),
+            "pgbouncer_gaps_vs_transaction": _gaps(found["transaction"]["tests"],
+                                                   found["pgbouncer-transaction"]["tests"]),
+            "transaction_gaps_vs_direct": _gaps(found["direct"]["tests"], found["transaction"]["tests"]),
+            "reports": found,
+        }
+        Path(out).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return found
+
+
+@pytest.mark.slow
+def test_asyncpg_suite_session_matches_direct(suite_reports: Any) -> None:
+    direct, session = suite_reports["direct"]["tests"], suite_reports["session"]["tests"]
+    assert direct and suite_reports["direct"]["counts"].get("passed", 0) > 100
+    differ = {t: (o, session.get(t)) for t, o in direct.items() if session.get(t) != o}
+    assert not differ, f"(direct, session) outcomes differ: {differ}"
+
+
+@pytest.mark.slow
+def test_asyncpg_suite_transaction_no_worse_than_pgbouncer(suite_reports: Any) -> None:
+    gaps = _gaps(suite_reports["pgbouncer-transaction"]["tests"], suite_reports["transaction"]["tests"])
+    assert not gaps, f"passed through PgBouncer, not through the proxy in transaction mode: {gaps}"
