@@ -25,7 +25,8 @@ from tests.fix_proxy import ProxyProcess
 NODE_DIR = Path(__file__).resolve().parent / "drivers" / "node"
 CORE = ["types", "simple_multi", "named_prepared", "transactions", "errors", "pool"]
 
-pytestmark = pytest.mark.skipif(shutil.which("node") is None or not (NODE_DIR / "node_modules" / "pg").is_dir(),
+HAVE_PG = (NODE_DIR / "node_modules" / "pg").is_dir()
+pytestmark = pytest.mark.skipif(shutil.which("node") is None or not HAVE_PG,
                                 reason="needs node and `npm ci` in tests/drivers/node (.ci/run does both)")
 
 
