@@ -9,11 +9,12 @@ proxy; every step's observations (rows, rowcounts, column names, SQLSTATEs) must
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import (
     Connection,
+    CursorResult,
     Engine,
     ForeignKey,
     String,
@@ -67,7 +68,8 @@ def orm_work(engine: Engine | Connection) -> list[Any]:
                 out.append(s.scalars(q).all())
             authors = s.scalars(select(Author).order_by(Author.id))
             out.append([(a.name, [b.title for b in a.books]) for a in authors])
-            out.append(s.execute(update(Book).where(Book.id > 12).values(title="x")).rowcount)
+            changed = cast(CursorResult[Any], s.execute(update(Book).where(Book.id > 12).values(title="x")))
+            out.append(changed.rowcount)
             s.rollback()
             out.append(s.scalar(select(func.count()).where(Book.title == "x")))
             s.execute(delete(Book).where(Book.author_id == 5))

@@ -26,6 +26,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "asyncpg-suite"
@@ -76,7 +77,7 @@ def outcomes(junit: Path) -> tuple[dict[str, str], dict[str, float]]:
     return result, seconds
 
 
-def run(host: str, port: int, subset: str, timeout: float) -> dict[str, object]:
+def run(host: str, port: int, subset: str, timeout: float) -> dict[str, Any]:
     tests = suite_dir()
     files = sorted(p.name for p in tests.glob("test_*.py") if p.name not in EXCLUDED)
     if subset == "ci":
