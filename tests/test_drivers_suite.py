@@ -25,6 +25,8 @@ from tests.fix_postgres import PgServer
 from tests.fix_proxy import ProxyProcess
 
 SUBSET = os.environ.get("DRIVER_SUITE", "ci")
+# The fixture's four runs count against the first test's timeout: the whole suite needs more.
+pytestmark = pytest.mark.timeout(600 if SUBSET == "ci" else 4 * 1800)
 
 
 def _gaps(reference: dict[str, str], other: dict[str, str]) -> dict[str, str]:
