@@ -63,7 +63,8 @@ def outcomes(junit: Path) -> tuple[dict[str, str], dict[str, float]]:
     result: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
-        name = f"{case.get('classname')}::{case.get('name')}"
+        # a case without a class is pytest's report of a crash or collection error, not a test
+        name = f"{case.get('classname') or 'pytest'}::{case.get('name')}"
         seconds[name] = float(case.get("time") or 0)
         kinds = {child.tag for child in case}
         if "error" in kinds:
@@ -98,7 +99,8 @@ def run(host: str, port: int, subset: str, timeout: float) -> dict[str, Any]:
         per_test, seconds = outcomes(junit)
     return {"target": f"{host}:{port}", "asyncpg": version("asyncpg"), "subset": subset, "files": files,
             "counts": dict(Counter(per_test.values())), "tests": per_test,
-            "seconds": round(sum(seconds.values()), 1)}
+            "seconds": round(sum(seconds.values()), 1), "returncode": proc.returncode,
+            "output_tail": proc.stdout[-1500:]}
 
 
 def main() -> None:
