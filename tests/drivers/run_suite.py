@@ -92,7 +92,10 @@ def run(host: str, port: int, subset: str, timeout: float) -> dict[str, Any]:
         env.update(PGHOST=host, PGPORT=str(port), PGUSER="postgres", PGDATABASE="postgres",
                    PGSSLMODE="disable")
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-               f"--junitxml={junit}", "--timeout", "120", *[f"tests/{f}" for f in files]]
+               f"--junitxml={junit}", "--timeout", "120",
+               # native tracebacks: pytest's own formatting of one failure through PgBouncer hit
+               # CPython 3.11's "AST constructor recursion depth mismatch" and aborted the run
+               "--tb=native", *[f"tests/{f}" for f in files]]
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
         if not junit.exists():
             raise RuntimeError(f"asyncpg's suite did not run:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
