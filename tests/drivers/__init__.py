@@ -1,0 +1,1 @@
+"""Driver programs and asyncpg-suite runner for the direct-vs-proxy harness (tests/test_drivers_*.py)."""
