@@ -250,6 +250,7 @@ class Frontend(asyncio.Protocol):
         """Route one client message; returns a coroutine when it must wait for something."""
         if t == 0x51:  # Query
             self.app.stats.queries += 1
+            self.local.note_sql(msg, parse=False)  # statement_timeout may change
             if self.admin:
                 return self.local.admin_query(m.Query.parse(msg[5:]).sql)
             if _PGML.search(msg, 5) is not None:
@@ -369,6 +370,7 @@ class Frontend(asyncio.Protocol):
                 self.up.append(msg)
             return None
         if t == 0x50:  # Parse
+            self.local.note_sql(msg, parse=True)
             if _PGML.search(msg, 5) is not None:
                 return local.parse(m.Parse.parse(msg[5:]))
             if not self.tx and not local.stmts:
@@ -523,6 +525,4 @@ class Frontend(asyncio.Protocol):
         srv = self.server
         if srv is not None and (srv.entries or (self.holding and srv.internal)):
             self.app.spawn(self.app.cancel_backend(srv))
-            if self.holding:
-                return
-        self.local.cancel()
+        self.local.cancel()  # stops its model work; cancels the task only when not holding

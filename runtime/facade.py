@@ -93,16 +93,16 @@ class Runtime:
             # A caller that cannot stream gets every row at once (set-returning: 1-tuples).
             return list(await asyncio.gather(*(self._collect_stream(call, ctx) for call in calls)))
         if function == "embed":
-            return await self._embed_calls(calls)
+            return await self._embed_calls(calls, ctx)
         handler = {
             "transform": self._transform,
             "rank": self._rank,
             "chunk": self._chunk,
         }[function]
         if len(calls) == 1:
-            return [await handler(calls[0])]
+            return [await handler(calls[0], ctx)]
         # Every call is submitted at once so the batcher sees them together.
-        return list(await asyncio.gather(*(handler(call) for call in calls)))
+        return list(await asyncio.gather(*(handler(call, ctx) for call in calls)))
 
     async def stream(self, function: str, call: Mapping[str, Any], ctx: CallContext) -> AsyncIterator[Any]:
         if function != "transform_stream":
@@ -129,7 +129,7 @@ class Runtime:
         key = f"embed:{resolved.key}:{placement.engine}:{placement.device}"
         return await self.registry.get(key, name, lambda: EmbedModel(self.config, resolved, placement, trust))
 
-    async def _embed_calls(self, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+    async def _embed_calls(self, calls: Sequence[Mapping[str, Any]], ctx: CallContext) -> list[Any]:
         """Every call of a statement at once. Calls naming the same model and kwargs (a
         statement's rows, usually) share one model lookup and one submit: per row, only the
         batcher's own work is left, which matters where the model is fast (a GPU)."""
@@ -138,17 +138,17 @@ class Runtime:
             key = json.dumps([call.get("transformer"), call.get("kwargs")], sort_keys=True, default=str)
             groups.setdefault(key, []).append(i)
         if len(groups) == 1:  # the usual case: no task per group
-            return await self._embed_group(calls)
+            return await self._embed_group(calls, ctx)
         out: list[Any] = [None] * len(calls)
 
         async def one_group(idx: list[int]) -> None:
-            for i, result in zip(idx, await self._embed_group([calls[i] for i in idx]), strict=True):
+            for i, result in zip(idx, await self._embed_group([calls[i] for i in idx], ctx), strict=True):
                 out[i] = result
 
         await asyncio.gather(*(one_group(idx) for idx in groups.values()))
         return out
 
-    async def _embed_group(self, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+    async def _embed_group(self, calls: Sequence[Mapping[str, Any]], ctx: CallContext) -> list[Any]:
         """Calls with one transformer and kwargs: a vector per `text` call, 1-tuples per `inputs` call."""
         name = _text_arg(calls[0], "transformer", "embed")
         kwargs = _kwargs(calls[0], "embed")
@@ -165,7 +165,9 @@ class Runtime:
             texts.extend(checked)
         entry = await self._embed_model(name, {k: v for k, v in kwargs.items() if k in MODEL_KWARGS})
         with _in_use(entry):
-            vecs = await entry.batcher.submit([(t, opts) for t in texts], [approx_tokens(t) for t in texts])
+            vecs = await entry.batcher.submit(
+                [(t, opts) for t in texts], [approx_tokens(t) for t in texts], ctx.stop
+            )
         results: list[Any] = []
         for start, count, many in spans:
             lists = [v.tolist() for v in vecs[start : start + count]]
@@ -179,7 +181,7 @@ class Runtime:
         key = f"rank:{resolved.key}:{placement.engine}:{placement.device}"
         return await self.registry.get(key, name, lambda: RankModel(self.config, resolved, placement, trust))
 
-    async def _rank(self, call: Mapping[str, Any]) -> list[tuple[int, float, str]]:
+    async def _rank(self, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[int, float, str]]:
         name = _text_arg(call, "transformer", "rank")
         query = _text_arg(call, "query", "rank")
         documents = list(call.get("documents") or [])
@@ -195,7 +197,7 @@ class Runtime:
         entry = await self._rank_model(name, kwargs)
         pairs = [(query, str(d)) for d in documents]
         with _in_use(entry):
-            scores = await entry.batcher.submit(pairs, [approx_tokens(q + d) for q, d in pairs])
+            scores = await entry.batcher.submit(pairs, [approx_tokens(q + d) for q, d in pairs], ctx.stop)
         return rank_rows([str(d) for d in documents], scores, top_k)
 
     # --- transform ----------------------------------------------------------------------------------
@@ -210,7 +212,7 @@ class Runtime:
             lambda: tf.PipelineModel(self.config, resolved, spec, placement, trust),
         )
 
-    async def _transform(self, call: Mapping[str, Any]) -> Any:
+    async def _transform(self, call: Mapping[str, Any], ctx: CallContext) -> Any:
         spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
         inputs = tf.check_inputs(spec, list(call.get("inputs") or []))
         if not inputs:
@@ -218,12 +220,12 @@ class Runtime:
         entry = await self._pipeline(spec)
         with _in_use(entry):
             outputs = await entry.batcher.submit(
-                [(x, spec.args_key) for x in inputs], [tf.input_cost(x) for x in inputs]
+                [(x, spec.args_key) for x in inputs], [tf.input_cost(x) for x in inputs], ctx.stop
             )
         return tf.shape_outputs(spec, outputs)
 
     # --- chunk ---------------------------------------------------------------------------------------
-    async def _chunk(self, call: Mapping[str, Any]) -> list[tuple[int, str]]:
+    async def _chunk(self, call: Mapping[str, Any], _ctx: CallContext) -> list[tuple[int, str]]:
         splitter = _text_arg(call, "splitter", "chunk")
         text = call.get("text")
         if not isinstance(text, str):

@@ -135,7 +135,7 @@ class TabularRuntime:
             raise UndefinedFunction(f"pgml.{function} is not a tabular function")
         try:
             if function in OPS:
-                return await self._predictor.run(function, calls)
+                return await self._predictor.run(function, calls, ctx.stop)
             # Training and registry changes run one call at a time, in order.
             return [await self._one(function, call, ctx) for call in calls]
         except psycopg.Error as exc:
