@@ -119,10 +119,31 @@ class Batcher:
     ) -> list[Any]:
         """Queue every payload and return their outputs in order.
 
-        Raises InsufficientResources when the queue cannot take them all, the statement's
-        57014 when `stop` is stopped, the error the batch raised otherwise. Cancelling the
-        caller, or stopping its statement, drops its queued items.
+        Raises InsufficientResources when the queue cannot take them, the statement's 57014
+        when `stop` is stopped, the error the batch raised otherwise. Cancelling the caller,
+        or stopping its statement, drops its queued items. More payloads than a quarter of
+        the queue (a statement's chunk of rows) go in slices, two queued at a time, so one
+        statement never fills the queue and never gets 53000 from an idle model.
         """
+        step = max(1, self.policy.queue_size // 4)
+        if len(payloads) <= step:
+            return await self._submit(payloads, costs, stop)
+        out: list[Any] = []
+        ahead: asyncio.Future[list[Any]] | None = None
+        try:
+            for i in range(0, len(payloads), step):
+                nxt = asyncio.ensure_future(self._submit(payloads[i : i + step], costs[i : i + step], stop))
+                if ahead is not None:
+                    out.extend(await ahead)
+                ahead = nxt
+            assert ahead is not None
+            out.extend(await ahead)
+        finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
+        return out
+
+    async def _submit(self, payloads: Sequence[Any], costs: Sequence[int], stop: Stop | None) -> list[Any]:
         self._check_room(len(payloads))
         loop = asyncio.get_running_loop()
         futures = []
