@@ -378,7 +378,13 @@ class _Run:
 
     async def _compute_copy(self, step: TempStep, rows: list[list[Any]], encs: list[Any]) -> bytes:
         results = await self.batch(step.call, [row[1:] for row in rows])
-        return self._copy_rows(step, [row[0] for row in rows], results, encs)
+        # Encoding thousands of vectors as COPY text takes a while: off the event loop, so a
+        # cancel or the statement's timeout (and every other client) is served meanwhile.
+        keys = [row[0] for row in rows]
+        loop = asyncio.get_running_loop()
+        return await stoppable(
+            self.ctx, loop.run_in_executor(None, self._copy_rows, step, keys, results, encs)
+        )
 
     @staticmethod
     def _copy_rows(step: TempStep, keys: list[Any], results: list[Any], encs: list[Any]) -> bytes:

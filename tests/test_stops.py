@@ -30,8 +30,12 @@ TICKS = os.sysconf("SC_CLK_TCK")
 USER_REQUEST = "canceling statement due to user request"
 TIMEOUT = "canceling statement due to statement timeout"
 # Long enough rows that the uncancelled statement runs well past every bound below.
-BIG_EMBED = (
-    "SELECT count(pgml.embed('all-MiniLM-L6-v2', repeat('the quick brown fox jumps ', 12) || i))"
+TEXT = "repeat('the quick brown fox jumps ', 12) || i"
+# Materialised: the calls' results go to a temporary table in chunks, then the aggregate upstream.
+BIG_EMBED = f"SELECT count(pgml.embed('all-MiniLM-L6-v2', {TEXT})) FROM generate_series(1, 20000) i"
+# Streamed: results merged into the rows as they come (one-dimensional, to keep the output small).
+STREAMED_EMBED = (
+    f"SELECT pgml.embed('all-MiniLM-L6-v2', {TEXT}, '{{\"truncate_dim\": 1}}')"
     " FROM generate_series(1, 20000) i"
 )
 BIG_TRAIN = (
@@ -142,8 +146,9 @@ def _stop_and_check(
         assert conn.execute("SELECT 41 + 1").fetchone() == (42,)  # the connection stays usable
 
 
-def test_cancel_during_embed(stop_proxy: ProxyProcess) -> None:
-    _stop_and_check(stop_proxy, BIG_EMBED, lambda c: c.cancel(), USER_REQUEST)
+@pytest.mark.parametrize("sql", [BIG_EMBED, STREAMED_EMBED], ids=["materialised", "streamed"])
+def test_cancel_during_embed(stop_proxy: ProxyProcess, sql: str) -> None:
+    _stop_and_check(stop_proxy, sql, lambda c: c.cancel(), USER_REQUEST)
 
 
 def test_statement_timeout_set_on_embed(stop_proxy: ProxyProcess) -> None:
