@@ -62,10 +62,12 @@ class Soak:
         self.samples: list[str] = []
         self.end = 0.0
 
-    def _record_error(self, kind: str, exc: BaseException, when: float) -> None:
+    def _record_error(self, kind: str, exc: BaseException, started: float) -> None:
+        """Count an error; in flight at the restart when its statement (or connect) began
+        before the upstream was back (plus the grace) and ended after the stop."""
         state = getattr(exc, "sqlstate", None) or f"no SQLSTATE ({type(exc).__name__})"
         lo, hi = self.restart_window
-        if lo <= when <= hi + self.args.grace:
+        if started <= hi + self.args.grace and time.monotonic() >= lo:
             self.at_restart[state] += 1
         else:
             self.errors[state] += 1
@@ -84,12 +86,13 @@ class Soak:
         conn: psycopg.AsyncConnection[Any] | None = None
         while time.monotonic() < self.end:
             kind = rng.choices(kinds, weights)[0]
+            began = time.monotonic()
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
                 await self._statement(conn, kind, KINDS[kind][1])
             except (psycopg.Error, OSError) as exc:
-                self._record_error(kind, exc, time.monotonic())
+                self._record_error(kind, exc, began)
                 if conn is not None and (conn.closed or conn.broken):
                     await conn.close()
                     conn = None
@@ -102,12 +105,13 @@ class Soak:
         conn: psycopg.AsyncConnection[Any] | None = None
         while time.monotonic() + self.args.train_every < self.end:
             await asyncio.sleep(self.args.train_every)
+            began = time.monotonic()
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
                 await self._statement(conn, "train", TRAIN)
             except (psycopg.Error, OSError) as exc:
-                self._record_error("train", exc, time.monotonic())
+                self._record_error("train", exc, began)
                 if conn is not None and (conn.closed or conn.broken):
                     await conn.close()
                     conn = None
