@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from core.errors import InvalidParameterValue
 from runtime.tiny_models import build_all
 from tests.fix_proxy import ProxyProcess, start_proxy
 
@@ -211,3 +212,31 @@ def test_train_stopped_writes_nothing(stop_proxy: ProxyProcess, how: str) -> Non
     _cpu_falls(stop_proxy.pid)
     with psycopg.connect(stop_proxy.dsn(), autocommit=True) as conn:
         assert _registry(conn) == before
+
+
+# --- the stop scope itself -------------------------------------------------------------------------
+def test_statement_timeout_values() -> None:
+    from core.stop import timeout_ms
+
+    assert [timeout_ms(v) for v in ("0", "500ms", "2s", "1min", "1h", "1d", "250")] == [
+        0, 500, 2000, 60_000, 3_600_000, 86_400_000, 250
+    ]
+    with pytest.raises(InvalidParameterValue):
+        timeout_ms("soon")
+
+
+async def test_stop_scope_timeout_callbacks_and_first_reason() -> None:
+    import asyncio
+
+    from core.stop import TIMEOUT, Stop
+
+    stop, fired = Stop(), []
+    stop.add(lambda: fired.append("a"))
+    stop.set_timeout(50)
+    await asyncio.sleep(0.2)
+    assert stop.stopped and stop.reason == TIMEOUT and fired == ["a"]
+    stop.stop()  # a later cancel: the first reason stays, callbacks do not run again
+    assert stop.error().sqlstate == "57014" and str(stop.error().message) == TIMEOUT and fired == ["a"]
+    late: list[str] = []
+    stop.add(lambda: late.append("b"))  # registered after the stop: runs at once
+    assert late == ["b"]
