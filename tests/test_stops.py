@@ -10,6 +10,7 @@ usable, and a stopped train must leave the registry as it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -134,17 +135,27 @@ def _stop_and_check(
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         setup(conn)
         running = Running(conn, sql)
-        time.sleep(after)
-        assert running.thread.is_alive(), "the workload ended before the stop: make it bigger"
-        assert _cpu_busy(proxy.pid)
-        stopped = time.monotonic()
-        stop(conn)
-        error = running.wait(10)
+        try:
+            time.sleep(after)
+            assert running.thread.is_alive(), "the workload ended before the stop: make it bigger"
+            assert _cpu_busy(proxy.pid)
+            stopped = time.monotonic()
+            stop(conn)
+            error = running.wait(10)
+        except BaseException:
+            _vanish(conn)  # a statement that did not stop must not hold the test up for minutes
+            raise
         _assert_canceled(error, message)
         assert running.ended - stopped < 2.5, f"answered {running.ended - stopped:.1f} s after the stop"
         _cpu_falls(proxy.pid)
         conn.rollback()
         assert conn.execute("SELECT 41 + 1").fetchone() == (42,)  # the connection stays usable
+
+
+def _vanish(conn: psycopg.Connection[Any]) -> None:
+    """The client's socket shut down under its driver: to the proxy, a client that is gone."""
+    with contextlib.suppress(OSError):
+        socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
 
 
 @pytest.mark.parametrize("sql", [BIG_EMBED, STREAMED_EMBED], ids=["materialised", "streamed"])
@@ -162,15 +173,23 @@ def test_statement_timeout_set_on_embed(stop_proxy: ProxyProcess) -> None:
 def test_statement_timeout_set_local_on_embed(stop_proxy: ProxyProcess) -> None:
     with psycopg.connect(stop_proxy.dsn()) as conn:  # not autocommit: a transaction block
         conn.execute("SET LOCAL statement_timeout = '1500ms'")
-        started = time.monotonic()
-        with pytest.raises(psycopg.errors.QueryCanceled) as info:
-            conn.execute(BIG_EMBED)
-        assert info.value.diag.message_primary == TIMEOUT
-        assert time.monotonic() - started < 4
+        _ends_with_timeout(conn, BIG_EMBED, within=4)
         _cpu_falls(stop_proxy.pid)
         conn.rollback()
         # SET LOCAL ended with its transaction: the same statement is no longer timed out early.
         conn.execute("SELECT count(pgml.embed('all-MiniLM-L6-v2', 'x' || i)) FROM generate_series(1, 3) i")
+
+
+def _ends_with_timeout(conn: psycopg.Connection[Any], sql: str, within: float) -> None:
+    started = time.monotonic()
+    running = Running(conn, sql)
+    try:
+        error = running.wait(within + 5)
+    except BaseException:
+        _vanish(conn)
+        raise
+    _assert_canceled(error, TIMEOUT)
+    assert running.ended - started < within, f"ended after {running.ended - started:.1f} s"
 
 
 def test_disconnect_mid_embed(stop_proxy: ProxyProcess) -> None:
@@ -178,8 +197,7 @@ def test_disconnect_mid_embed(stop_proxy: ProxyProcess) -> None:
     running = Running(conn, BIG_EMBED)
     time.sleep(1.5)
     assert running.thread.is_alive() and _cpu_busy(stop_proxy.pid)
-    # The client vanishes: its socket is shut down under the driver.
-    socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
+    _vanish(conn)
     running.wait(10)
     conn.close()
     _cpu_falls(stop_proxy.pid)
@@ -194,11 +212,7 @@ def test_train_stopped_writes_nothing(stop_proxy: ProxyProcess, how: str) -> Non
     if how == "timeout_local":
         with psycopg.connect(stop_proxy.dsn()) as conn:
             conn.execute("SET LOCAL statement_timeout = '3s'")
-            started = time.monotonic()
-            with pytest.raises(psycopg.errors.QueryCanceled) as info:
-                conn.execute(BIG_TRAIN)
-            assert info.value.diag.message_primary == TIMEOUT
-            assert time.monotonic() - started < 6
+            _ends_with_timeout(conn, BIG_TRAIN, within=6)
             conn.rollback()
     else:
 
