@@ -86,10 +86,15 @@ def _cpu_falls(pid: int, within: float = 3.0, window: float = 0.5) -> float:
     pytest.fail(f"the proxy still burns CPU {within} s after the stop")
 
 
-def _cpu_busy(pid: int) -> bool:
-    before = _cpu_seconds(pid)
-    time.sleep(0.5)
-    return (_cpu_seconds(pid) - before) / 0.5 > 0.1  # the machine is shared: a modest share
+def _cpu_busy(pid: int, within: float = 10.0) -> bool:
+    """Whether the process gets busy (model work started) within `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        before = _cpu_seconds(pid)
+        time.sleep(0.5)
+        if (_cpu_seconds(pid) - before) / 0.5 > 0.1:  # the machine is shared: a modest share
+            return True
+    return False
 
 
 class Running:
