@@ -42,7 +42,7 @@ class Policy:
     wait_s: float = 0.002  # 0: no timer, a few loop turns (see the module docstring)
     queue_size: int = 4096  # queued items, all callers together
     in_flight: int = 2  # batches running or formed at once; 1 runs them in the owner
-    time_budget_s: float = 0.25  # 0: no time cap
+    time_budget_s: float = 1.0  # 0: no time cap; a stop lands within about this much model time
     wait_turns: int = 4
 
 
