@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from core.errors import DuplicateCursor, InFailedSqlTransaction, NoActiveSqlTransaction, PgError
 from core.interfaces import CallContext, Column, Runtime, UpstreamSession, WireValue
-from core.stop import timeout_ms
+from core.stop import Stop, timeout_ms
 from planner.args import coerce
 from planner.catalog import ANY, TYPE_OIDS, runtime_keys
 from planner.plan import (
@@ -383,13 +383,18 @@ class _Run:
         keys = [row[0] for row in rows]
         loop = asyncio.get_running_loop()
         return await stoppable(
-            self.ctx, loop.run_in_executor(None, self._copy_rows, step, keys, results, encs)
+            self.ctx, loop.run_in_executor(None, self._copy_rows, step, keys, results, encs, self.ctx.stop)
         )
 
     @staticmethod
-    def _copy_rows(step: TempStep, keys: list[Any], results: list[Any], encs: list[Any]) -> bytes:
+    def _copy_rows(
+        step: TempStep, keys: list[Any], results: list[Any], encs: list[Any], stop: Stop | None = None
+    ) -> bytes:
         out = bytearray()
-        for key, result in zip(keys, results, strict=True):
+        for n, (key, result) in enumerate(zip(keys, results, strict=True)):
+            if stop is not None and n % 256 == 0 and stop.stopped:
+                # A stopped statement's encoding thread ends here instead of holding the GIL.
+                raise stop.error()
             if not step.srf:
                 out += copy_text_row([key, result], encs)
                 continue
