@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from core.stop import Stop
+
 # A wire value: the bytes of one field in the format it was asked for, or None for SQL NULL.
 WireValue = bytes | None
 
@@ -150,6 +152,14 @@ class CallContext:
     database: str = ""
     # The client's upstream session, for functions that must see its transaction.
     upstream: UpstreamSession | None = None
+    # The statement's stop scope: a cancel, the client's statement_timeout or its disconnect.
+    # Runtime work stops when it is stopped (queued items dropped, threads at their next check).
+    stop: Stop = field(default_factory=Stop)
+    # The client's statement_timeout in ms when the proxy knows it (0: none). None: not known
+    # (never read, or changed since): the planner reads it on the client's server connection
+    # before the statement's model work and hands the value to `timeout_read`.
+    statement_timeout: float | None = 0.0
+    timeout_read: Callable[[float], None] | None = None
     # Sends a WARNING notice (an option accepted but not applied, and why); None: as INFO.
     warn: Callable[[str], Awaitable[None]] | None = None
 

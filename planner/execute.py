@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from core import functions
 from core.errors import DuplicateCursor, InFailedSqlTransaction, NoActiveSqlTransaction, PgError
 from core.interfaces import CallContext, Column, Runtime, UpstreamSession, WireValue
+from core.stop import Stop, timeout_ms
 from planner.args import coerce
 from planner.catalog import ANY, TYPE_OIDS
 from planner.plan import (
@@ -36,6 +37,7 @@ from planner.plan import (
 from planner.values import TYPE_SIZES, copy_text_row, decoder, encoder, type_oid
 
 Event = tuple[str, Any]
+T = TypeVar("T")
 _ARG_COL = re.compile(r"^__pgml_(\d+)_(\d+)$")
 
 
@@ -60,6 +62,54 @@ class Bound:
     def result_fmt(self, i: int) -> int:
         rf = self.result_formats
         return rf[0] if len(rf) == 1 else (rf[i] if i < len(rf) else 0)
+
+
+async def arm_timeout(up: UpstreamSession, ctx: CallContext) -> None:
+    """Start the statement's statement_timeout clock; read the client's setting when unknown.
+
+    Read on the client's own server connection, so SET, SET LOCAL, set_config, startup
+    options and role defaults all count, as they would in Postgres. The proxy caches the
+    value and asks again only after the client's statements may have changed it.
+    """
+    ms = ctx.statement_timeout
+    if ms is None:
+        if up.transaction_status == "E":
+            return  # the statement fails with 25P02 before any model work
+        res = await up.execute("SELECT current_setting('statement_timeout')")
+        ms = timeout_ms((res.rows[0][0] or b"0").decode())
+        ctx.statement_timeout = ms
+        if ctx.timeout_read is not None:
+            ctx.timeout_read(ms)
+    ctx.stop.set_timeout(ms)
+
+
+async def stoppable(ctx: CallContext, work: Awaitable[T]) -> T:
+    """Await runtime work that ends with the statement's 57014 as soon as its scope is stopped.
+
+    Only the task that awaits the runtime is cancelled: an exchange with the upstream in
+    another task of the statement is never cut in the middle.
+    """
+    stop = ctx.stop
+    stop.check()
+    task = asyncio.current_task()
+    assert task is not None
+    fired = False
+
+    def on_stop() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    stop.add(on_stop)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not fired:
+            raise
+        task.uncancel()
+        raise stop.error() from None
+    finally:
+        stop.discard(on_stop)
 
 
 async def cursor_open(up: UpstreamSession, name: str) -> bool:
@@ -143,13 +193,18 @@ class _Run:
         args = [self.call_args(call, row) for row in rows]
         todo = [a for a in args if a is not None]
         if call.sig.name == "transform_stream":  # the runtime streams it: collect each call's rows
-            out = [
-                [(piece,) async for piece in self.ex.runtime.stream(call.sig.name, a, self.ctx)] for a in todo
-            ]
+            out = [await stoppable(self.ctx, self._collect(call.sig.name, a)) for a in todo]
             results = iter(out)
         else:
-            results = iter(await self.ex.runtime.call_batch(call.sig.name, todo, self.ctx) if todo else [])
+            results = iter(
+                await stoppable(self.ctx, self.ex.runtime.call_batch(call.sig.name, todo, self.ctx))
+                if todo
+                else []
+            )
         return [None if a is None else next(results) for a in args]
+
+    async def _collect(self, function: str, args: dict[str, Any]) -> list[tuple[Any]]:
+        return [(piece,) async for piece in self.ex.runtime.stream(function, args, self.ctx)]
 
     async def _evaluate_constants(self) -> None:
         plan = self.plan
@@ -184,6 +239,7 @@ class _Run:
     # --- the statement ------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[Event]:
         plan = self.plan
+        await arm_timeout(self.up, self.ctx)
         if plan.kind in ("local", "local_table"):
             async for event in self._local():
                 yield event
@@ -321,12 +377,23 @@ class _Run:
 
     async def _compute_copy(self, step: TempStep, rows: list[list[Any]], encs: list[Any]) -> bytes:
         results = await self.batch(step.call, [row[1:] for row in rows])
-        return self._copy_rows(step, [row[0] for row in rows], results, encs)
+        # Encoding thousands of vectors as COPY text takes a while: off the event loop, so a
+        # cancel or the statement's timeout (and every other client) is served meanwhile.
+        keys = [row[0] for row in rows]
+        loop = asyncio.get_running_loop()
+        return await stoppable(
+            self.ctx, loop.run_in_executor(None, self._copy_rows, step, keys, results, encs, self.ctx.stop)
+        )
 
     @staticmethod
-    def _copy_rows(step: TempStep, keys: list[Any], results: list[Any], encs: list[Any]) -> bytes:
+    def _copy_rows(
+        step: TempStep, keys: list[Any], results: list[Any], encs: list[Any], stop: Stop | None = None
+    ) -> bytes:
         out = bytearray()
-        for key, result in zip(keys, results, strict=True):
+        for n, (key, result) in enumerate(zip(keys, results, strict=True)):
+            if stop is not None and n % 256 == 0 and stop.stopped:
+                # A stopped statement's encoding thread ends here instead of holding the GIL.
+                raise stop.error()
             if not step.srf:
                 out += copy_text_row([key, result], encs)
                 continue
@@ -421,7 +488,12 @@ class _Run:
         count = 0
         if args is not None:
             enc = encoder(typ, self.bound.result_fmt(0), vec)
-            async for piece in self.ex.runtime.stream(call.sig.name, args, self.ctx):
+            pieces = aiter(self.ex.runtime.stream(call.sig.name, args, self.ctx))
+            while True:
+                try:
+                    piece = await stoppable(self.ctx, anext(pieces))
+                except StopAsyncIteration:
+                    break
                 count += 1
                 yield "rows", [[enc(piece)]]
         yield "tag", f"SELECT {count}"

@@ -281,6 +281,7 @@ class Frontend(asyncio.Protocol):
     def _simple(self, t: int, msg: bytes) -> Step:
         """A Query: the admin console's, the planner's (it calls pgml), or relayed as bytes."""
         self.app.stats.queries += 1
+        self.local.note_sql(msg, parse=False)  # statement_timeout may change
         if self.admin:
             return self.local.admin_query(m.Query.parse(msg[5:]).sql)
         if _PGML.search(msg, 5) is not None and not self._passes_through(msg):
@@ -400,6 +401,7 @@ class Frontend(asyncio.Protocol):
                 self.up.append(msg)
             return None
         if t == 0x50:  # Parse
+            self.local.note_sql(msg, parse=True)
             if _PGML.search(msg, 5) is not None:
                 return local.parse(m.Parse.parse(msg[5:]))
             if not self.tx and not local.stmts:
@@ -652,6 +654,4 @@ class Frontend(asyncio.Protocol):
         srv = self.server
         if srv is not None and (srv.entries or (self.s.holding and srv.internal)):
             self.app.spawn(self.app.cancel_backend(srv))
-            if self.s.holding:
-                return
-        self.local.cancel()
+        self.local.cancel()  # stops its model work; cancels the task only when not holding

@@ -5,6 +5,13 @@ Owns the client's locally prepared statements and portals (from the planner's
 what it raises into an ErrorResponse (then skip-to-Sync in the extended protocol).
 Every local answer waits until the upstream has delivered all it owed the client, so
 responses stay in the order the client sent its messages.
+
+Also owns each local statement's stop scope (`core.stop.Stop`: a CancelRequest, the
+client vanishing, its statement_timeout) and what the proxy knows of the client's
+statement_timeout: the value read on its server connection, kept until a statement the
+client sends may change it (`note_sql`). A change that only lasts for a transaction
+(inside a block, SET LOCAL, set_config) or comes in a Parse (whose Executes the proxy
+does not read) makes every later pgml statement read the setting afresh.
 """
 
 from __future__ import annotations
@@ -12,19 +19,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from core.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
-from core.interfaces import Portal, PreparedStatement, StatementHandler
+from core.interfaces import CallContext, Portal, PreparedStatement, StatementHandler
+from core.stop import Stop
 from proxy import messages as m
 from proxy.upstream import HeldUpstream
 
 # Fails on purpose: the only way to put an open transaction block into the aborted state.
 _ABORT_BLOCK = "DO $$BEGIN RAISE EXCEPTION 'a pgml statement failed in pgml-proxy'; END$$"
 
+# Statements that may change statement_timeout, and those whose change may not last the session.
+_TIMEOUT_SQL = re.compile(rb"statement_timeout|reset\s+all|discard\s+all", re.IGNORECASE)
+_NOT_SESSION = re.compile(rb"\blocal\b|\bbegin\b|\bstart\s+transaction\b|set_config", re.IGNORECASE)
+
 if TYPE_CHECKING:
     from proxy.frontend import Frontend
+    from proxy.sink import ClientSink
 
 log = logging.getLogger("pgml_proxy.local")
 
@@ -38,6 +52,32 @@ class LocalStatements:
         self.stale: list[Portal] = []
         self.current: asyncio.Future[None] | None = None
         self.upstream = HeldUpstream(fe.hold, self._status)
+        self.scope: Stop | None = None  # the running local statement's
+        self.timeout: float | None = None  # the client's statement_timeout (ms); None: unknown
+        self.timeout_always_read = False
+
+    def note_sql(self, msg: bytes, parse: bool) -> None:
+        """A Query or Parse message of the client's: forget the statement_timeout it may change."""
+        # Substring tests first (a fraction of the regex's cost): most messages match none.
+        if not (b"imeout" in msg or b"IMEOUT" in msg or b"all" in msg or b"ALL" in msg or b"All" in msg):
+            return
+        if _TIMEOUT_SQL.search(msg, 5) is None:
+            return
+        self.timeout = None
+        if parse or self._status() != "I" or _NOT_SESSION.search(msg, 5) is not None:
+            self.timeout_always_read = True
+
+    def _timeout_read(self, ms: float) -> None:
+        self.timeout = ms
+
+    def context(self, sink: ClientSink) -> CallContext:
+        """The CallContext of the running local statement: its stop scope and timeout."""
+        ctx = self.fe.context(sink.notice_text, sink.warning_text)
+        if self.scope is not None:
+            ctx.stop = self.scope
+        ctx.statement_timeout = None if self.timeout_always_read else self.timeout
+        ctx.timeout_read = self._timeout_read
+        return ctx
 
     def _status(self) -> str:
         return self.fe.server.tx_status if self.fe.server is not None else "I"
@@ -71,7 +111,15 @@ class LocalStatements:
             await portal.close(self.upstream)
 
     def cancel(self) -> None:
-        if self.current is not None:
+        """A CancelRequest, or the client is gone: stop the running local statement's work.
+
+        Its scope is stopped (model work ends at once, with 57014). The task itself is cancelled
+        only while it holds no server connection: cutting an exchange with the upstream in the
+        middle would leave the connection out of step (the proxy cancels that query upstream).
+        """
+        if self.scope is not None:
+            self.scope.stop()
+        if self.current is not None and not self.fe.s.holding:
             self.current.cancel()
 
     async def _guard(self, work: Callable[[], Awaitable[None]], extended: bool) -> None:
@@ -82,6 +130,7 @@ class LocalStatements:
                 await fe.server.idle()
             if extended and fe.s.skipping:
                 return
+            self.scope = Stop()
             self.current = asyncio.ensure_future(work())
             await self.current
         except asyncio.CancelledError:
@@ -98,6 +147,9 @@ class LocalStatements:
             )
         finally:
             self.current = None
+            if self.scope is not None:
+                self.scope.close()
+                self.scope = None
             fe.unhold()
 
     async def _fail(self, exc: PgError, extended: bool) -> None:
@@ -131,8 +183,7 @@ class LocalStatements:
         async def work() -> None:
             handler = self._handler()
             sink = fe.sink()
-            ctx = fe.context(sink.notice_text, sink.warning_text)
-            await handler.simple_query(sql, self.upstream, sink, ctx)
+            await handler.simple_query(sql, self.upstream, sink, self.context(sink))
 
         await self._guard(work, extended=False)
         self._finish_simple()
@@ -203,8 +254,7 @@ class LocalStatements:
         async def work() -> None:
             sink = fe.sink()
             portal = self.portals[ex.portal]
-            ctx = fe.context(sink.notice_text, sink.warning_text)
-            suspended = await portal.execute(self.upstream, sink, ctx, ex.max_rows)
+            suspended = await portal.execute(self.upstream, sink, self.context(sink), ex.max_rows)
             if suspended:
                 fe.write(m.PORTAL_SUSPENDED)
 

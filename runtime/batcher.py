@@ -1,11 +1,16 @@
-"""One bounded queue per model, shared by every connection, drained by a single owner task.
+"""The one micro-batcher: a bounded queue per model (or model and operation), one owner task.
 
-Owns micro-batching: callers `submit` items and await futures; the owner closes a batch
-on `max_batch_size` items, a token budget, `wait_s` after its first item or a quarter of
-that with no new item; sorts the
-batch by length to cut padding; skips items whose caller was cancelled; runs the batch
-in a thread pool (never on the event loop) and checks outputs one for one against
-inputs. A full queue answers `InsufficientResources` (53000) at once.
+Serves embed, rank, transform and tabular predict. Callers `submit` items (or `submit_one`)
+and await futures; the owner closes a batch by its `Policy`: `max_batch_size` items, a
+cost (token or row) budget, a time budget (the batch's cost is capped by what the model
+ran per second so far, so a stop lands within about one batch), and either `wait_s` after
+the first item (a quarter of it with no new item) or, with `wait_s` 0, a few turns of the
+event loop while the queue keeps growing (a lone one-row call waits one turn). It sorts
+the batch by cost to cut padding, runs it in a thread pool (never on the event loop) and
+checks outputs one for one against inputs. Items whose caller was cancelled or whose
+statement was stopped (`core.stop.Stop`) are dropped from the queue, and a batch whose
+items are all stopped is abandoned when its thread starts. A full queue answers
+`InsufficientResources` (53000) at once.
 """
 
 from __future__ import annotations
@@ -19,10 +24,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import InsufficientResources, InternalError, PgError
+from core.stop import Stop
 
 RunBatch = Callable[[list[Any]], Sequence[Any]]
 # The quiet gap that closes a batch early, as a share of wait_s.
 _QUIET_GAP = 0.25
+# How much the newest batch weighs in the seconds-per-cost estimate.
+_RATE_WEIGHT = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How one batcher forms its batches."""
+
+    max_batch_size: int = 64
+    max_batch_tokens: int = 16384  # the cost budget: tokens (language models) or rows (tabular)
+    wait_s: float = 0.002  # 0: no timer, a few loop turns (see the module docstring)
+    queue_size: int = 4096  # queued items, all callers together
+    in_flight: int = 2  # batches running or formed at once; 1 runs them in the owner
+    time_budget_s: float = 1.0  # 0: no time cap; a stop lands within about this much model time
+    wait_turns: int = 4
 
 
 @dataclass(slots=True)
@@ -30,13 +51,19 @@ class _Item:
     payload: Any
     cost: int
     future: asyncio.Future[Any]
+    stop: Stop | None
+
+    def dead(self) -> bool:
+        return self.future.done() or (self.stop is not None and self.stop.stopped)
 
 
 @dataclass(slots=True)
 class BatcherStats:
     batches: int = 0
     items: int = 0
+    cost: int = 0  # tokens or rows run
     dropped_cancelled: int = 0
+    abandoned: int = 0  # batches whose every item was stopped before their thread ran them
     last_batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -47,54 +74,94 @@ class Batcher:
         self,
         name: str,
         run: RunBatch,
-        executor: Executor,
-        *,
-        max_batch_size: int,
-        max_batch_tokens: int,
-        wait_s: float,
-        queue_size: int,
-        in_flight: int = 2,
+        executor: Executor | None,
+        policy: Policy | None = None,
+        **settings: Any,
     ) -> None:
+        """`policy`, or a Policy of `settings` (its field names)."""
         self.name = name
         self._run = run
         self._executor = executor
-        self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
-        self.wait_s = wait_s
-        self.queue_size = queue_size
+        self.policy = policy = policy or Policy(**settings)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         # Two batches in flight: the next one tokenises while the current one runs the model.
-        self._slots = asyncio.Semaphore(in_flight)
+        self._slots = asyncio.Semaphore(policy.in_flight)
         self._owner: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._sec_per_cost = 0.0  # measured; 0 until the first batch
         self.stats = BatcherStats()
 
-    async def submit(self, payloads: Sequence[Any], costs: Sequence[int]) -> list[Any]:
-        """Queue every payload and return their outputs in order.
-
-        Raises InsufficientResources when the queue cannot take them all; the error the
-        batch raised otherwise. Cancelling the caller drops its queued items.
-        """
-        if self._queue.qsize() + len(payloads) > self.queue_size:
+    def _check_room(self, n: int) -> None:
+        if self._queue.qsize() + n > self.policy.queue_size:
             raise InsufficientResources(
-                f'the queue of model "{self.name}" is full ({self.queue_size} items)',
+                f'the queue of model "{self.name}" is full ({self.policy.queue_size} items)',
                 hint="retry later, or raise runtime.queue_size",
             )
-        self._ensure_owner()
+        if self._owner is None or self._owner.done():
+            self._owner = asyncio.get_running_loop().create_task(self._own(), name=f"batcher:{self.name}")
+
+    async def submit_one(self, payload: Any, cost: int, stop: Stop | None = None) -> Any:
+        """The output for one payload (no lists, no gather: the one-row path)."""
+        self._check_room(1)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(payload, cost, fut, stop))
+        if stop is None:
+            return await fut
+        fail = _failer([fut], stop)
+        stop.add(fail)
+        try:
+            return await fut
+        finally:
+            stop.discard(fail)
+
+    async def submit(
+        self, payloads: Sequence[Any], costs: Sequence[int], stop: Stop | None = None
+    ) -> list[Any]:
+        """Queue every payload and return their outputs in order.
+
+        Raises InsufficientResources when the queue cannot take them, the statement's 57014
+        when `stop` is stopped, the error the batch raised otherwise. Cancelling the caller,
+        or stopping its statement, drops its queued items. More payloads than a quarter of
+        the queue (a statement's chunk of rows) go in slices, two queued at a time, so one
+        statement never fills the queue and never gets 53000 from an idle model.
+        """
+        step = max(1, self.policy.queue_size // 4)
+        if len(payloads) <= step:
+            return await self._submit(payloads, costs, stop)
+        out: list[Any] = []
+        ahead: asyncio.Future[list[Any]] | None = None
+        try:
+            for i in range(0, len(payloads), step):
+                nxt = asyncio.ensure_future(self._submit(payloads[i : i + step], costs[i : i + step], stop))
+                if ahead is not None:
+                    out.extend(await ahead)
+                ahead = nxt
+            assert ahead is not None
+            out.extend(await ahead)
+        finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
+        return out
+
+    async def _submit(self, payloads: Sequence[Any], costs: Sequence[int], stop: Stop | None) -> list[Any]:
+        self._check_room(len(payloads))
         loop = asyncio.get_running_loop()
         futures = []
         for payload, cost in zip(payloads, costs, strict=True):
             fut: asyncio.Future[Any] = loop.create_future()
-            self._queue.put_nowait(_Item(payload, cost, fut))
+            self._queue.put_nowait(_Item(payload, cost, fut, stop))
             futures.append(fut)
-        # Cancelling the caller cancels the futures it waits on: the owner then skips them.
-        if len(futures) == 1:
-            return [await futures[0]]  # one row: no gather (its bookkeeping costs per call)
-        return list(await asyncio.gather(*futures))
-
-    def _ensure_owner(self) -> None:
-        if self._owner is None or self._owner.done():
-            self._owner = asyncio.get_running_loop().create_task(self._own(), name=f"batcher:{self.name}")
+        fail = _failer(futures, stop) if stop is not None else None
+        if stop is not None and fail is not None:
+            stop.add(fail)
+        try:
+            # Cancelling the caller cancels the futures it waits on: the owner then skips them.
+            if len(futures) == 1:
+                return [await futures[0]]  # one row: no gather (its bookkeeping costs per call)
+            return list(await asyncio.gather(*futures))
+        finally:
+            if stop is not None and fail is not None:
+                stop.discard(fail)
 
     async def close(self) -> None:
         if self._owner is not None:
@@ -110,6 +177,7 @@ class Batcher:
                 item.future.set_exception(InsufficientResources(f'model "{self.name}" was unloaded'))
 
     async def _own(self) -> None:
+        inline = self.policy.in_flight == 1
         while True:
             await self._slots.acquire()
             try:
@@ -117,6 +185,9 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
+            if inline:  # one at a time: the next batch gathers while this one runs
+                await self._execute(batch)
+                continue
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -128,55 +199,91 @@ class Batcher:
                 item = self._queue.get_nowait()
             elif timeout is None:
                 item = await self._queue.get()
+            elif timeout <= 0:
+                return None
             else:
                 try:
-                    item = await asyncio.wait_for(self._queue.get(), max(timeout, 0.0))
+                    item = await asyncio.wait_for(self._queue.get(), timeout)
                 except TimeoutError:
                     return None
-            if not item.future.done():
+            if not item.dead():
                 return item
             self.stats.dropped_cancelled += 1
+
+    def _cost_cap(self) -> int:
+        p = self.policy
+        if p.time_budget_s <= 0 or self._sec_per_cost <= 0:
+            return p.max_batch_tokens
+        return max(1, min(p.max_batch_tokens, int(p.time_budget_s / self._sec_per_cost)))
 
     async def _form_batch(self) -> list[_Item]:
         first = await self._next_live(None)
         assert first is not None
-        batch, tokens = [first], first.cost
-        deadline = time.monotonic() + self.wait_s
-        while len(batch) < self.max_batch_size:
+        batch, cost = [first], first.cost
+        cap, p = self._cost_cap(), self.policy
+        if p.wait_s <= 0:
+            await self._loop_turns()
+        deadline = time.monotonic() + p.wait_s
+        while len(batch) < p.max_batch_size and cost < cap:
             # Whatever is already queued joins at once; only an empty queue waits, and not past
             # a short quiet gap: a burst (callers resubmitting as their results arrive) is over
             # when the queue stays empty that long, so the batch need not wait out all of wait_s.
-            item = await self._next_live(min(deadline - time.monotonic(), self.wait_s * _QUIET_GAP))
+            wait = min(deadline - time.monotonic(), p.wait_s * _QUIET_GAP)
+            item = await self._next_live(wait)
             if item is None:
                 break
-            if tokens + item.cost > self.max_batch_tokens:
+            if cost + item.cost > cap:
                 # Over budget: this item opens the next batch instead.
                 self._requeue_front(item)
                 break
             batch.append(item)
-            tokens += item.cost
+            cost += item.cost
         return batch
+
+    async def _loop_turns(self) -> None:
+        # Callers that are already runnable join this batch, for as long as the queue keeps
+        # growing: a lone request waits one turn, and no timer is involved.
+        for _ in range(self.policy.wait_turns):
+            size = self._queue.qsize()
+            await asyncio.sleep(0)
+            if self._queue.qsize() == size:
+                return
 
     def _requeue_front(self, item: _Item) -> None:
         # asyncio.Queue has no push-front; its deque is the documented storage.
         self._queue._queue.appendleft(item)  # type: ignore[attr-defined]
         self._queue._unfinished_tasks += 1  # type: ignore[attr-defined]
 
+    def _run_unless_stopped(self, live: list[_Item]) -> Sequence[Any] | None:
+        """In the worker thread: the batch's outputs, or None when every item was stopped
+        while the batch waited for its thread (a boundary where a stop lands)."""
+        if all(it.stop is not None and it.stop.stopped for it in live):
+            return None
+        started = time.perf_counter()
+        outputs = self._run([it.payload for it in live])
+        cost = sum(it.cost for it in live) or 1
+        rate = (time.perf_counter() - started) / cost
+        old = self._sec_per_cost
+        self._sec_per_cost = rate if old <= 0 else old + _RATE_WEIGHT * (rate - old)
+        return outputs
+
     async def _execute(self, batch: list[_Item]) -> None:
         try:
-            live = [it for it in batch if not it.future.done()]
+            live = [it for it in batch if not it.dead()]
             self.stats.dropped_cancelled += len(batch) - len(live)
             if not live:
                 return
-            # Similar lengths together cut padding; results go back by identity, not order.
-            live.sort(key=lambda it: it.cost)
-            self.stats.batches += 1
-            self.stats.items += len(live)
-            self.stats.last_batch_sizes = [*self.stats.last_batch_sizes[-15:], len(live)]
+            if len(live) > 1:  # similar lengths together cut padding; results go back by identity
+                live.sort(key=lambda it: it.cost)
             loop = asyncio.get_running_loop()
-            payloads = [it.payload for it in live]
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, payloads)
+                outputs = await loop.run_in_executor(self._executor, self._run_unless_stopped, live)
+                if outputs is None:
+                    self.stats.abandoned += 1
+                    for it in live:  # stopped by a deadline the loop's timer has not seen yet
+                        if not it.future.done() and it.stop is not None:
+                            it.future.set_exception(it.stop.error())
+                    return
                 if len(outputs) != len(live):
                     raise InternalError(
                         f'model "{self.name}" returned {len(outputs)} outputs for {len(live)} inputs'
@@ -187,6 +294,11 @@ class Batcher:
             except Exception as exc:
                 _fail(live, InternalError(f'model "{self.name}" failed: {type(exc).__name__}: {exc}'))
                 return
+            stats = self.stats
+            stats.batches += 1
+            stats.items += len(live)
+            stats.cost += sum(it.cost for it in live)
+            stats.last_batch_sizes = [*stats.last_batch_sizes[-15:], len(live)]
             for it, out in zip(live, outputs, strict=True):
                 if it.future.done():
                     continue
@@ -197,6 +309,15 @@ class Batcher:
                     it.future.set_result(out)
         finally:
             self._slots.release()
+
+
+def _failer(futures: list[asyncio.Future[Any]], stop: Stop) -> Callable[[], None]:
+    def fail() -> None:
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(stop.error())
+
+    return fail
 
 
 def _fail(items: list[_Item], exc: PgError) -> None:

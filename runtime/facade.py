@@ -261,7 +261,9 @@ class Runtime:
             texts.extend(checked)
         entry = await self._embed_model(name, {k: v for k, v in kwargs.items() if k in MODEL_KWARGS}, ctx)
         with _in_use(entry):
-            vecs = await entry.batcher.submit([(t, opts) for t in texts], [approx_tokens(t) for t in texts])
+            vecs = await entry.batcher.submit(
+                [(t, opts) for t in texts], [approx_tokens(t) for t in texts], ctx.stop
+            )
         results: list[Any] = []
         for start, count, many in spans:
             lists = [v.tolist() for v in vecs[start : start + count]]
@@ -291,7 +293,7 @@ class Runtime:
         entry = await self._rank_model(name, kwargs, ctx)
         pairs = [(query, str(d)) for d in documents]
         with _in_use(entry):
-            scores = await entry.batcher.submit(pairs, [approx_tokens(q + d) for q, d in pairs])
+            scores = await entry.batcher.submit(pairs, [approx_tokens(q + d) for q, d in pairs], ctx.stop)
         return rank_rows([str(d) for d in documents], scores, top_k)
 
     # --- transform ----------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ class Runtime:
         entry = await self._pipeline(spec, ctx)
         with _in_use(entry):
             outputs = await entry.batcher.submit(
-                [(x, spec.args_key) for x in inputs], [tf.input_cost(x) for x in inputs]
+                [(x, spec.args_key) for x in inputs], [tf.input_cost(x) for x in inputs], ctx.stop
             )
         return tf.shape_outputs(spec, outputs)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from core.errors import InternalError, InvalidParameterValue, PgError
-from runtime.batcher import Batcher
+from runtime.batcher import Batcher, Policy
 from runtime.config import RuntimeConfig
 
 
@@ -89,15 +89,13 @@ class ModelCache:
         except Exception as exc:
             raise InternalError(f'model "{name}" failed to load: {type(exc).__name__}: {exc}') from exc
         cfg = self.config
-        batcher = Batcher(
-            name,
-            getattr(obj, run_attr),
-            self.executor,
+        policy = Policy(
             max_batch_size=cfg.max_batch_size,
             max_batch_tokens=cfg.max_batch_tokens,
             wait_s=cfg.batch_wait_ms / 1000.0,
             queue_size=cfg.queue_size,
         )
+        batcher = Batcher(name, getattr(obj, run_attr), self.executor, policy)
         entry = Loaded(
             key,
             name,

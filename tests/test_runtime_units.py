@@ -154,11 +154,29 @@ async def test_batcher_closes_on_size_and_token_budget() -> None:
 
 
 async def test_batcher_full_queue_is_53000() -> None:
-    b, _ = _recording_batcher(queue_size=5)
-    with pytest.raises(InsufficientResources) as info:
-        await b.submit(["x"] * 6, [1] * 6)
-    assert info.value.sqlstate == "53000" and "full" in info.value.message
-    assert await b.submit(["ok"], [1]) == ["OK"]  # still usable
+    b, _ = _recording_batcher(queue_size=8)
+    # One statement's many rows go in slices, never all at once: no 53000 from an idle model.
+    assert await b.submit(["x"] * 20, [1] * 20) == ["X"] * 20
+    await b.close()
+    # Callers that together fill the queue (the model is stuck): the next one is refused at once.
+    gate = threading.Event()
+
+    def stuck(batch: list[str]) -> list[str]:
+        gate.wait(5)
+        return batch
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    b = Batcher("stuck", stuck, ThreadPoolExecutor(2), max_batch_size=4, wait_s=0.0, queue_size=8)
+    callers = [asyncio.ensure_future(b.submit(["y"], [1])) for _ in range(12)]
+    await asyncio.sleep(0.1)
+    gate.set()
+    done = await asyncio.gather(*callers, return_exceptions=True)
+    # The first eight fill the queue before the owner takes any; the other four are refused.
+    assert done[:8] == [["y"]] * 8
+    assert all(isinstance(d, InsufficientResources) and d.sqlstate == "53000" for d in done[8:])
+    assert "full" in str(done[8])
+    assert await b.submit(["ok"], [1]) == ["ok"]  # still usable
     await b.close()
 
 

@@ -12,9 +12,10 @@ import psycopg
 import pytest
 
 from core.errors import DataException, PgError
+from runtime.batcher import Batcher, Policy
 from runtime.tabular import TabularRuntime, storage
-from runtime.tabular.batcher import Batcher
 from runtime.tabular.migrations import migration_files
+from runtime.tabular.predictor import _stacked
 from tests.fix_postgres import PgServer
 from tests.test_tabular_support import Notes, call, new_database, tab, tab_dsn, train
 
@@ -178,6 +179,11 @@ async def test_model_files_are_not_pickles_and_foreign_types_are_refused(
     assert "builtins.eval" in info.value.message
 
 
+def _rows_policy(**kw: int) -> Policy:
+    # The predictor's policy: rows as the cost, no timer, one batch at a time.
+    return Policy(**{"max_batch_size": 10000, "wait_s": 0.0, "in_flight": 1, **kw})  # type: ignore[arg-type]
+
+
 async def test_batcher_groups_concurrent_rows_and_keeps_order() -> None:
     calls: list[int] = []
 
@@ -186,17 +192,17 @@ async def test_batcher_groups_concurrent_rows_and_keeps_order() -> None:
         time.sleep(0.005)
         return x[:, 0] * 2
 
-    batcher = Batcher(double, None, max_rows=64)
-    outs = await asyncio.gather(*(batcher.submit(np.array([[float(i)]])) for i in range(100)))
+    batcher = Batcher("double", _stacked(double), None, _rows_policy(max_batch_tokens=64))
+    outs = await asyncio.gather(*(batcher.submit_one(np.array([[float(i)]]), 1) for i in range(100)))
     assert [float(o[0]) for o in outs] == [2.0 * i for i in range(100)]
     assert sum(calls) == 100 and len(calls) < 10 and max(calls) <= 64
     await batcher.close()
 
 
 async def test_batcher_full_queue_is_53000() -> None:
-    batcher = Batcher(lambda x: x, None, max_queue=1)
-    first = asyncio.ensure_future(batcher.submit(np.zeros((1, 1))))
-    second = asyncio.ensure_future(batcher.submit(np.zeros((1, 1))))
+    batcher = Batcher("same", _stacked(lambda x: x), None, _rows_policy(queue_size=1))
+    first = asyncio.ensure_future(batcher.submit_one(np.zeros((1, 1)), 1))
+    second = asyncio.ensure_future(batcher.submit_one(np.zeros((1, 1)), 1))
     done = await asyncio.gather(first, second, return_exceptions=True)
     # The second caller runs before the owner task has taken the first row off the queue.
     assert isinstance(done[0], np.ndarray) and isinstance(done[1], PgError)

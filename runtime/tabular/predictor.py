@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -21,14 +21,16 @@ from psycopg import DataError, adapt, pq
 from core import functions
 from core.errors import (
     DataException,
+    InternalError,
     InvalidParameterValue,
     InvalidTextRepresentation,
     NullValueNotAllowed,
     UndefinedFunction,
 )
+from core.stop import Stop
+from runtime.batcher import Batcher, Policy
 
 from . import preprocess, registry, storage
-from .batcher import Batcher
 
 OPS = functions.served_by("tabular", "predict")
 
@@ -177,11 +179,16 @@ class Predictor:
         batcher = self._batchers.get(key)
         if batcher is None:
             fn = served.model.predict_proba if op == "predict_proba" else served.model.predict
-            batcher = Batcher(fn, self._executor, self._max_rows, self._max_queue)
+            # No timer: a few loop turns gather the rows of concurrent callers, one batch at a time.
+            policy = Policy(
+                max_batch_size=self._max_queue, max_batch_tokens=self._max_rows, wait_s=0.0,
+                queue_size=self._max_queue, in_flight=1,
+            )
+            batcher = Batcher(f"{served.model.model_id}/{op}", _stacked(fn), self._executor, policy)
             self._batchers[key] = batcher
         return batcher
 
-    async def run(self, op: str, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+    async def run(self, op: str, calls: Sequence[Mapping[str, Any]], stop: Stop | None = None) -> list[Any]:
         """One result per call; ONE batched library call per model for all of them."""
         # Resolve each distinct project or model id once, not once per row.
         keys: list[int | str] = [
@@ -202,11 +209,15 @@ class Predictor:
         if len(groups) == 1:
             [(mid, idx)] = groups.items()
             await self._run_group(
-                op, mid, list(calls) if len(idx) == len(calls) else [calls[i] for i in idx], idx, results
+                op, mid, list(calls) if len(idx) == len(calls) else [calls[i] for i in idx], idx, results,
+                stop,
             )
             return results
         await asyncio.gather(
-            *(self._run_group(op, mid, [calls[i] for i in idx], idx, results) for mid, idx in groups.items())
+            *(
+                self._run_group(op, mid, [calls[i] for i in idx], idx, results, stop)
+                for mid, idx in groups.items()
+            )
         )
         return results
 
@@ -214,13 +225,19 @@ class Predictor:
         return key if isinstance(key, int) else await self.model_id(key)
 
     async def _run_group(
-        self, op: str, model_id: int, calls: list[Mapping[str, Any]], where: list[int], results: list[Any]
+        self,
+        op: str,
+        model_id: int,
+        calls: list[Mapping[str, Any]],
+        where: list[int],
+        results: list[Any],
+        stop: Stop | None = None,
     ) -> None:
         served = await self.served(model_id)
         _check_op(op, served.model.task)
         x, counts = self._matrix(op, served, calls)
         # No rows at all (predict_batch of an empty array): nothing to ask the library.
-        out = await self._batcher(served, op).submit(x) if len(x) else np.empty((0,))
+        out = await self._batcher(served, op).submit_one(x, len(x), stop) if len(x) else np.empty((0,))
         if op == "predict" and out.ndim == 1 and len(out) == len(calls):
             # The common case, one value per call: converted for all rows at once.
             values = served.labels(out) if served.model.task == "classification" else out.tolist()
@@ -265,7 +282,8 @@ class Predictor:
     def stats(self) -> dict[str, dict[str, int]]:
         """Per `model_id/op` batcher: library calls and rows so far (for metrics and tests)."""
         return {
-            f"{mid}/{op}": {"batches": b.batches, "rows": b.rows} for (mid, op), b in self._batchers.items()
+            f"{mid}/{op}": {"batches": b.stats.batches, "rows": b.stats.cost}
+            for (mid, op), b in self._batchers.items()
         }
 
     async def close(self) -> None:
@@ -344,6 +362,22 @@ def _check_finite(served: Served, x: np.ndarray, op: str, given: Any) -> None:
         )
     value = "NaN" if nan else "Infinity (or a value beyond real's range)"
     raise InvalidParameterValue(f"pgml.{op}: the features hold {value}, which {what} cannot take")
+
+
+def _stacked(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """A batch function over row blocks: one library call on them stacked, each its own slice."""
+
+    def run(blocks: list[np.ndarray]) -> list[np.ndarray]:
+        x = blocks[0] if len(blocks) == 1 else np.vstack(blocks)
+        out = fn(x)
+        if len(out) != len(x):
+            raise InternalError(f"the model returned {len(out)} outputs for {len(x)} rows")
+        if len(blocks) == 1:
+            return [out]
+        bounds = np.cumsum([len(b) for b in blocks])[:-1]
+        return list(np.split(out, bounds))
+
+    return run
 
 
 def _floats(values: Any) -> np.ndarray:

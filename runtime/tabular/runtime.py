@@ -157,7 +157,7 @@ class TabularRuntime:
             raise lookup(code)(f"pgml.{function}: {exc}".strip(), fields={"C": code}) from exc
 
     async def serve_predict(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:
-        return await self._predictor.run(function, [_predict_keys(c) for c in calls])
+        return await self._predictor.run(function, [_predict_keys(c) for c in calls], ctx.stop)
 
     # Training and registry changes run one call at a time, in order.
     async def serve_train(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:

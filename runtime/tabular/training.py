@@ -2,7 +2,8 @@
 
 Pure computation on NumPy arrays, run in a worker thread by the runtime; no database and
 no event loop here. `progress` lines become INFO notices; `cancelled` is checked between
-stages (a fit in progress finishes, its result is then thrown away).
+stages and, for the boosting libraries, after every round (also inside a search's candidates);
+a fit without such a hook finishes in its thread and its result is thrown away.
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ def _search(
             random_state=0,
         )
     progress(f"{job.search} search over {grid} with {cv}-fold cross-validation")
-    searcher.fit(job.x_train, job.y_train)
+    # Every candidate's fit gets the per-round checks: once cancelled, each stops at its first
+    # round (the search records it as failed) and the refit raises, so no candidate runs long.
+    searcher.fit(job.x_train, job.y_train, **_cancel_hooks(job, base))
     res = searcher.cv_results_
     results = {
         "params": [dict(p) for p in res["params"]],
