@@ -17,7 +17,7 @@ from tests.fix_proxy import ProxyProcess
 from tests.test_tabular_support import new_database
 from tests.test_tune import MINILM, Db, run_tune, tune_sql
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.slow, pytest.mark.quality, pytest.mark.timeout(3600)]
 CLASSES = ("business", "entertainment", "politics", "sports", "tech")
 
 
