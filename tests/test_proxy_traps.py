@@ -250,6 +250,9 @@ def test_pgml_portal_suspension_matches_postgres(px: ProxyProcess, pg_server: An
         raw.until(b"Z")
         raw.send(m.Parse("", sql).encode(), m.Bind("cur", "").encode(), m.Execute("cur", 2).encode(),
                  m.Execute("cur", 2).encode(), m.Execute("cur", 2).encode(), m.SYNC)
+        # The first pgml.embed of the proxy loads MiniLM: on a busy 2-core machine that alone can
+        # pass the 10 s socket timeout, and this test is about the messages, not the time.
+        raw.sock.settimeout(120)
         got = raw.until(b"Z")
         raw.send(m.Query("SELECT count(*) FROM pg_cursors WHERE name LIKE 'pgml_portal_%'").encode())
         [(_, open_cursors)] = [(t, b) for t, b in raw.until(b"Z") if t == b"D"]
