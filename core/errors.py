@@ -46,3 +46,4 @@ class ConfigError(ValueError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"config key {key!r}: {problem}")
         self.key = key
+        self.problem = problem

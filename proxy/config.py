@@ -62,6 +62,21 @@ def load(
     `path` None means ``$PGML_PROXY_CONFIG`` or ``./config.toml`` when it exists.
     Unknown keys are errors (a typo must not be silently ignored).
     """
+    try:
+        return _load(path, overrides, environ)
+    except ConfigError as exc:
+        # [proxy]'s keys are flat in the object (they are flags and PGML_PROXY_* variables too);
+        # the error names them by their full dotted name, as [runtime] and [planner] name theirs.
+        if exc.key in _FIELDS and exc.key not in ("runtime", "planner"):
+            raise ConfigError(f"proxy.{exc.key}", exc.problem) from None
+        raise
+
+
+def _load(
+    path: str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any] | None,
+    environ: Mapping[str, str] | None,
+) -> Config:
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     if path is None:

@@ -1,4 +1,4 @@
-"""Every item of shared/reference/protocol-traps.md, through the real proxy.
+"""Every item of the protocol-traps list (where proxies broke real drivers), through the real proxy.
 
 Where a driver hides the behaviour (Flush without Sync, portal suspension, skip to
 Sync, GSSENCRequest), a small raw-socket client built on proxy/messages.py speaks the

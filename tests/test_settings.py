@@ -21,7 +21,7 @@ from tests.fix_proxy import ROOT, TEST_CONFIG
 
 # (a section's TOML with one bad key, the key's full dotted name)
 BAD = [
-    ("[proxy]\npool_size = 0\n", "pool_size"),
+    ("[proxy]\npool_size = 0\n", "proxy.pool_size"),
     ("[runtime]\nengine = \"tensorrt\"\n", "runtime.engine"),
     ("[runtime.tabular]\npool_size = 0\n", "runtime.tabular.pool_size"),
     ("[runtime.tabular]\npool_sise = 2\n", "runtime.tabular.pool_sise"),
