@@ -12,6 +12,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -19,45 +20,14 @@ import pytest
 from proxy import messages as m
 from tests.fix_postgres import PgServer
 from tests.fix_proxy import ProxyProcess
+from tests.test_proxy_traps import Raw
 
 
-class Wire:
-    """A bare v3 client on (host, port): send framed bytes, read (type, body) pairs."""
-
-    def __init__(self, host: str, port: int, timeout: float = 10, **params: str) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.framer = m.Framer()
-        startup = {"user": "postgres", "database": "postgres", **params}
-        self.sock.sendall(m.StartupMessage(startup).encode())
-        self.startup = self.until(b"Z")
-
-    def send(self, *msgs: bytes) -> None:
-        self.sock.sendall(b"".join(msgs))
-
-    def read(self) -> tuple[bytes, bytes]:
-        while True:
-            msgs, _used = self.framer.scan()
-            if msgs:
-                t, s, e = msgs[0]
-                body = bytes(self.framer.buf[s + 5 : e])
-                self.framer.drop(e)
-                return bytes([t]), body
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed")
-            self.framer.feed(data)
-
-    def until(self, kind: bytes, count: int = 1) -> list[tuple[bytes, bytes]]:
-        out = []
-        while count:
-            msg = self.read()
-            out.append(msg)
-            if msg[0] == kind:
-                count -= 1
-        return out
-
-    def close(self) -> None:
-        self.sock.close()
+def Wire(host: str, port: int, timeout: float = 10, **params: str) -> Raw:
+    """A bare v3 client on (host, port), logged in: test_proxy_traps' `Raw`."""
+    raw = Raw(SimpleNamespace(host=host, port=port), **params)  # type: ignore[arg-type]
+    raw.sock.settimeout(timeout)
+    return raw
 
 
 def _pg_port(pg_dsn: str) -> int:

@@ -51,13 +51,15 @@ class Raw:
                 raise ConnectionError("closed")
             self.framer.feed(data)
 
-    def until(self, kind: bytes) -> list[tuple[bytes, bytes]]:
+    def until(self, kind: bytes, count: int = 1) -> list[tuple[bytes, bytes]]:
+        """Messages up to and including the `count`-th of type `kind`."""
         out = []
-        while True:
+        while count:
             msg = self.read()
             out.append(msg)
             if msg[0] == kind:
-                return out
+                count -= 1
+        return out
 
     def close(self) -> None:
         self.sock.close()
