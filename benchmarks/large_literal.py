@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 
 from benchmarks.common import machine_info, markdown_table, write_results
-from tests.fix_postgres import free_port, start_postgres
+from testing.postgres import free_port, start_postgres
 
 REPO = Path(__file__).resolve().parent.parent
 

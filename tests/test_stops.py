@@ -21,9 +21,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from runtime.tiny_models import build_all
 
 from core.errors import InvalidParameterValue
+from testing.tiny_models import build_all
 from tests.fix_proxy import ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.slow
