@@ -8,7 +8,7 @@ sees sockets; runtime/ never sees wire bytes or SQL text written by clients.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -87,8 +87,11 @@ class UpstreamSession(Protocol):
         param_formats: Sequence[int] = (),
         result_formats: Sequence[int] = (),
         chunk_rows: int = 1000,
-    ) -> AsyncIterator[QueryResult]:
+    ) -> AsyncGenerator[QueryResult, None]:
         """Run one statement and yield its rows in chunks of at most `chunk_rows`.
+
+        A generator: a consumer that stops early closes it (`aclose`), which syncs the upstream
+        portal, so nothing of this statement's replies is left on the connection.
 
         Uses Execute with a row limit (PortalSuspended) so memory stays bounded. Every
         chunk carries the columns; the last one carries the command tag, the others "".

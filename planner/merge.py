@@ -9,6 +9,7 @@ chunk n+1 while the model runs on chunk n. Memory holds at most two chunks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -79,41 +80,47 @@ class Merger:
         tag = ""
         count = 0
         try:
-            async for chunk in run.up.stream(
+            chunks = run.up.stream(
                 run.plan.sql,
                 run.params,
                 param_oids=run.oids,
                 param_formats=run.formats,
                 result_formats=formats,
                 chunk_rows=run.ex.chunk_rows,
-            ):
-                if slots is None and chunk.columns is not None:
-                    slots = self._layout(chunk.columns)
-                    decs = [decoder(c.type_oid, c.format) for c in chunk.columns]
-                    out_cols = []
-                    for i, slot in enumerate(slots):
-                        if slot.call is None:
-                            assert slot.upstream is not None
-                            out_cols.append(chunk.columns[slot.upstream])
-                            continue
-                        fmt = run.bound.result_fmt(i)
-                        oid = type_oid(slot.call.out_type, vec)
-                        encs[slot.call.call.id] = encoder(slot.call.out_type, fmt, vec)
-                        out_cols.append(
-                            Column(slot.call.name, oid, type_size=TYPE_SIZES.get(oid, -1), format=fmt)
-                        )
-                    yield "columns", out_cols
-                count += len(chunk.rows)
-                if chunk.rows and slots is not None:
-                    task = asyncio.ensure_future(self._merge(chunk, slots, decs, encs))
-                    if pending is not None:
-                        yield "rows", await pending
-                    pending = task
-                if chunk.command_tag:
-                    tag = chunk.command_tag
-            if pending is not None:
-                rows, pending = await pending, None
-                yield "rows", rows
+            )
+            # Closed on the way out, whatever ends the loop (a stopped batch raises here while the
+            # stream waits at a chunk boundary): its finally syncs the upstream portal before the
+            # client is answered, so no reply of this statement is left for the next one.
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    if slots is None and chunk.columns is not None:
+                        slots = self._layout(chunk.columns)
+                        decs = [decoder(c.type_oid, c.format) for c in chunk.columns]
+                        out_cols = []
+                        for i, slot in enumerate(slots):
+                            if slot.call is None:
+                                assert slot.upstream is not None
+                                out_cols.append(chunk.columns[slot.upstream])
+                                continue
+                            fmt = run.bound.result_fmt(i)
+                            oid = type_oid(slot.call.out_type, vec)
+                            encs[slot.call.call.id] = encoder(slot.call.out_type, fmt, vec)
+                            out_cols.append(
+                                Column(slot.call.name, oid, type_size=TYPE_SIZES.get(oid, -1), format=fmt)
+                            )
+                        yield "columns", out_cols
+                    count += len(chunk.rows)
+                    if chunk.rows and slots is not None:
+                        # The new chunk's merge starts before the previous one is awaited, and
+                        # is `pending` at once, so the finally cancels it when that await raises.
+                        prev, pending = pending, asyncio.ensure_future(self._merge(chunk, slots, decs, encs))
+                        if prev is not None:
+                            yield "rows", await prev
+                    if chunk.command_tag:
+                        tag = chunk.command_tag
+                if pending is not None:
+                    rows, pending = await pending, None
+                    yield "rows", rows
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()

@@ -8,7 +8,7 @@ connection has been synced, so it stays usable.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
 from core.errors import PgError
 from core.interfaces import Column, QueryResult, StatementDescription, WireValue
@@ -54,7 +54,7 @@ class HeldUpstream:
     async def stream(
         self, sql: str, params: Sequence[WireValue] = (), *, param_oids: Sequence[int] = (),
         param_formats: Sequence[int] = (), result_formats: Sequence[int] = (), chunk_rows: int = 1000,
-    ) -> AsyncIterator[QueryResult]:
+    ) -> AsyncGenerator[QueryResult, None]:
         conn = await self._get()
         self._extended(conn, sql, params, param_oids, param_formats, result_formats)
         execute = m.Execute("", max(chunk_rows, 1)).encode() + m.FLUSH

@@ -82,9 +82,6 @@ def test_jdbc_transaction_mode_matches_direct(reports: Any, mode: str) -> None:
         assert not diff, f"{run}run:\n{diff}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: pgjdbc's LargeObjectManager uses the protocol's FunctionCall message ('F'); the proxy "
-    "answers it with FATAL invalid frontend message type 70 and drops the connection (08006 in JDBC)"))
 @pytest.mark.parametrize("pool", ["session", "transaction"])
 def test_jdbc_large_objects(reports: Any, pool: str) -> None:
     assert reports["direct/text"]["large_object"] == ["read large object bytes size 18"]
