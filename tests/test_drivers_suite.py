@@ -76,11 +76,6 @@ def suite_reports(pg_server: PgServer, proxy: ProxyProcess, proxy_tx: ProxyProce
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 10, session mode: when the server terminates the backend mid-query (pg_terminate_backend), "
-    "the proxy replaces Postgres's FATAL 57P01 'terminating connection due to administrator command' "
-    "with its own 'the upstream server connection was lost' "
-    "(test_execute.TestExecuteScript::test_execute_script_interrupted_by_server)"))
 def test_asyncpg_suite_session_matches_direct(suite_reports: Any) -> None:
     direct, session = suite_reports["direct"]["tests"], suite_reports["session"]["tests"]
     assert not suite_reports["direct"].get("error"), suite_reports["direct"]["error"]
