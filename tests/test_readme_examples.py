@@ -52,7 +52,7 @@ DATASETS = """
 "imdb" = "generated_reviews"
 "FinGPT/fingpt-sentiment-train" = "generated_financial_sentiment"
 """
-# pgml.tune fine-tunes hub models with LoRA on a GPU; the proxy says so with 0A000 (see README.md).
+# What pgml.tune answers for an example that needs what this machine does not have.
 TUNE_STATE = "0A000"
 
 
@@ -132,8 +132,10 @@ def _check_documented(example: Example, out: str) -> None:
 def _outcome(example: Example, statement: str, out: str, state: str | None, err: str) -> str | None:
     """What is wrong with one statement's result, or None when it is what the README leads to."""
     if "pgml.tune(" in statement:
-        if state != TUNE_STATE or "tune" not in err:
-            return f"expected {TUNE_STATE} naming pgml.tune, got {state}: {err}"
+        # pgml.tune runs here: an example trains, or is refused with 0A000 naming what this
+        # machine lacks (the conversation example's 8-bit optimizer needs bitsandbytes).
+        if state is not None and (state != TUNE_STATE or "tune" not in err):
+            return f"pgml.tune: expected a tuned model or {TUNE_STATE} naming what lacks, got {state}: {err}"
         return None
     if example.index in EXPECTED_ERRORS:
         code, words = EXPECTED_ERRORS[example.index]

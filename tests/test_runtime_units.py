@@ -346,3 +346,22 @@ async def test_a_folder_that_is_not_a_model_is_22023(tmp_path: Path) -> None:
         assert rt.models_info() == []
     finally:
         await rt.close()
+
+
+def test_tune_refuses_an_8bit_optimizer_without_bitsandbytes() -> None:
+    """The README's conversation example asks for adamw_bnb_8bit: 0A000 naming the package, before any
+    work (the Trainer used to fail inside the worker, reported as XX000)."""
+    import importlib.util
+
+    from core.errors import FeatureNotSupported
+    from runtime.tune import args
+
+    call = {"project_name": "p", "task": "text-classification", "relation_name": "t",
+            "y_column_name": "class", "model_name": "m",
+            "hyperparams": {"training_args": {"optim": "adamw_bnb_8bit"}}}
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(FeatureNotSupported, match="bitsandbytes"):
+        args.parse(call)
+    plain = {**call, "hyperparams": {"training_args": {"optim": "adamw_torch"}}}
+    assert args.parse(plain).training_args == {"optim": "adamw_torch"}

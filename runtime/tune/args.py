@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import InvalidParameterValue
+from core.errors import FeatureNotSupported, InvalidParameterValue
 
 TASKS = ("text-classification", "text-pair-classification", "conversation")
 ALGORITHM = "transformers"
@@ -121,6 +122,7 @@ def parse(call: Mapping[str, Any]) -> TuneArgs:
         )
     for key in _OURS & set(training):
         training.pop(key)
+    _check_optimizer(training.get("optim"))
     sampling = str(call.get("test_sampling") or "stratified")
     if sampling not in ("stratified", "random", "last"):
         raise InvalidParameterValue(
@@ -147,6 +149,22 @@ def parse(call: Mapping[str, Any]) -> TuneArgs:
         hub_private_repo=private,
         token=str(token) if token else None,
     )
+
+
+def _check_optimizer(optim: Any) -> None:
+    """0A000 naming bitsandbytes for its 8-bit/paged optimizers when it is not installed.
+
+    Checked before any work: the Trainer would otherwise fail inside the worker, after the data
+    was read and the model row written, with an error that looks like ours (XX000).
+    """
+    name = str(optim or "").lower()
+    if not any(part in name for part in ("bnb", "8bit", "paged")):
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FeatureNotSupported(
+            f"pgml.tune: training_args.optim {optim!r} needs the bitsandbytes package (not installed)",
+            hint="install bitsandbytes (it needs a CUDA GPU), or use optim 'adamw_torch'",
+        )
 
 
 def _columns(task: str, dataset_args: dict[str, Any], y_column: Any) -> dict[str, str]:
