@@ -78,7 +78,9 @@ async def _cpu_figures(args: argparse.Namespace, sents: list[str]) -> dict[str, 
     ctx = CallContext(notice=notice)
     runtimes = {}
     for eng in args.engines:
-        rt = Runtime({"device": "cpu", "engine": eng, "cache_dir": args.cache_dir, "batch_wait_ms": 1}, "")
+        # The benchmark names its models by folder (random or converted copies): paths allowed.
+        cfg = {"device": "cpu", "engine": eng, "cache_dir": args.cache_dir, "batch_wait_ms": 1}
+        rt = Runtime({**cfg, "allow_paths": True}, "")
         await rt.start()
         await rt.call_batch("embed", [{"transformer": MINILM, "text": "warm up", "kwargs": {}}], ctx)
         runtimes[eng] = rt

@@ -75,7 +75,9 @@ async def _figures(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     sents = corpus_sentences(args.prompts * args.rounds, seed=1)
     runtimes: dict[str, Any] = {}
     for eng in args.engines:
-        rt = Runtime({"device": "cpu", "engine": eng, "cache_dir": args.cache_dir, "batch_wait_ms": 2}, "")
+        # The benchmark names its models by folder (random or converted copies): paths allowed.
+        cfg = {"device": "cpu", "engine": eng, "cache_dir": args.cache_dir, "batch_wait_ms": 2}
+        rt = Runtime({**cfg, "allow_paths": True}, "")
         await rt.start()
         warm = {"task": {"task": "conversational", "model": SMOL}, "args": {"max_new_tokens": 2}}
         await rt.call_batch("transform", [{**warm, "inputs": [_chat("warm up")]}], ctx)

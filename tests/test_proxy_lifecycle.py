@@ -33,7 +33,7 @@ def test_help_explains_flags() -> None:
 
 def test_bad_config_names_the_key(tmp_path: Path) -> None:
     out = _cli("--pool-mode", "session", "--listen", "nonsense")
-    assert out.returncode == 2 and "'listen'" in out.stderr
+    assert out.returncode == 2 and "'proxy.listen'" in out.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[proxy]\npool_sise = 3\n")
     out = _cli("--config", str(bad))

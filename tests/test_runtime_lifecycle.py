@@ -114,7 +114,7 @@ def minilm_anywhere(tmp: Path) -> str:
 async def test_random_minilm_serves_like_minilm(tmp_path: Path) -> None:
     # The GPU benchmark's model: MiniLM's shape, modules and tokenizer, served by the runtime.
     folder = random_minilm(tmp_path / "m", max_seq_length=64)
-    rt = Runtime({"device": "cpu", "engine": "torch", "threads": 2}, "")
+    rt = Runtime({"device": "cpu", "engine": "torch", "threads": 2, "allow_paths": True}, "")
     await rt.start()
     try:
         [rows] = await rt.call_batch(
@@ -136,7 +136,7 @@ async def test_cuda_fp16_matches_cpu(tmp_path: Path) -> None:
     model = minilm_anywhere(tmp_path)
     out = {}
     for device in ("cpu", "cuda"):
-        rt = Runtime({"device": device, "engine": "torch"}, "")
+        rt = Runtime({"device": device, "engine": "torch", "allow_paths": True}, "")
         await rt.start()
         try:
             rows = await rt.call_batch("embed", [{"transformer": model, "inputs": sents, "kwargs": {}}], CTX)
