@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import time
@@ -76,3 +77,13 @@ def write_results(name: str, data: dict[str, Any], markdown: str) -> tuple[Path,
     print(markdown)
     print(f"\nwrote {json_path} and {md_path}")
     return json_path, md_path
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM (a graceful drain), then SIGKILL if it has not ended within `timeout` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -27,7 +27,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import numpy as np
 import psycopg
 from pydantic import BaseModel
 
-from benchmarks.common import machine_info, markdown_table, write_results
+from benchmarks.common import machine_info, markdown_table, stop_process, write_results
 from core.interfaces import CallContext
 from testing.postgres import free_port, start_postgres
 
@@ -289,15 +288,6 @@ def _wrk(url: str, lua: Path, clients: int, duration: int) -> dict[str, float]:
     }
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _one_row(
     dsn: str, model_path: Path, args: argparse.Namespace, tmp: Path
 ) -> tuple[Any, list[dict[str, Any]]]:
@@ -321,7 +311,7 @@ def _one_row(
                     _wrk(url, lua, c, args.duration)
                 )
     finally:
-        _stop(http)
+        stop_process(http)
     rows: list[dict[str, Any]] = [{"target": "pgml-proxy", "error": error}] if error else []
     for (target, c), runs in samples.items():
         row: dict[str, Any] = {"target": target, "clients": c, "rounds": len(runs)}

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from benchmarks.common import machine_info, markdown_table, write_results
+from benchmarks.common import machine_info, markdown_table, stop_process, write_results
 from benchmarks.pg import Postgres, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -235,11 +234,7 @@ def main() -> None:
             _prepare(dsn)
             res = asyncio.run(Soak(args, dsn).run(pg, proxy.pid))
         finally:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
+            stop_process(proxy, timeout=20)
             pg.stop()
     data = {"machine": machine_info(), "args": vars(args), **res}
     json_path, _ = write_results(args.name, data, _markdown(args, res))
