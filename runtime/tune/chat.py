@@ -26,6 +26,37 @@ def _messages(system: str | None, user: str) -> list[dict[str, str]]:
     return [*out, {"role": "user", "content": user}]
 
 
+def _turn(tok: Any, system: str | None, user: str, answer: str) -> tuple[str, str]:
+    """The prompt (ending where the assistant speaks) and the target: the answer as the chat
+    template closes an assistant turn (`<|im_end|>` for ChatML), so the model learns to end
+    its turn the way generation stops. The tokenizer's eos is not that token for every
+    model (SmolLM2 converted from GGUF names `<|im_start|>`), so it is only the fallback."""
+    messages = _messages(system, user)
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    if (
+        full.startswith(prompt)
+        and full[len(prompt) :].startswith(answer)
+        and len(full) > len(prompt) + len(answer)
+    ):
+        return prompt, full[len(prompt) :].rstrip("\n")
+    return prompt, answer + (tok.eos_token or "")
+
+
+def _stop_ids(tok: Any, model: Any) -> list[int]:
+    """Token ids that end an answer: the model's own eos ids and the chat template's end of turn."""
+    ids: list[int] = []
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [] if configured is None else [configured]
+    _, target = _turn(tok, None, "q", "a")
+    suffix = tok(target[1:], add_special_tokens=False)["input_ids"]
+    if suffix:
+        ids.append(suffix[0])
+    if tok.eos_token_id is not None and not suffix:
+        ids.append(tok.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
 def train(job: dict[str, Any], folder: Path, training_args: Any, callback: Any) -> dict[str, Any]:
     """Train a LoRA adapter on the job's rows; save it under `<folder>/model`; returns summaries."""
     _peft: Any = importlib.import_module("peft")
@@ -54,11 +85,9 @@ def train(job: dict[str, Any], folder: Path, training_args: Any, callback: Any) 
         labels: list[list[int]] = []
         systems = part.get("system") or [None] * len(part["user"])
         for system, user, answer in zip(systems, part["user"], part["assistant"], strict=True):
-            prompt = tok.apply_chat_template(
-                _messages(system, user), add_generation_prompt=True, tokenize=False
-            )
+            prompt, target = _turn(tok, system, user, str(answer))
             p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            a_ids = tok(str(answer) + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+            a_ids = tok(target, add_special_tokens=False)["input_ids"]
             p_ids = p_ids[: max(max_length - len(a_ids), 0)]  # keep the answer: it is what is learnt
             full = (p_ids + a_ids)[:max_length]
             ids.append(full)
@@ -115,6 +144,7 @@ class Generator:
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(str(folder))
         self.model.eval()
+        self.stop_ids = _stop_ids(self.tok, self.model)
 
     def __call__(self, prompts: Sequence[str], config: Mapping[str, Any]) -> list[str]:
         import torch
@@ -122,6 +152,7 @@ class Generator:
         options = {k: v for k, v in config.items() if k != "system"}
         options.setdefault("max_new_tokens", 64)
         options.setdefault("do_sample", False)
+        options.setdefault("eos_token_id", self.stop_ids)
         texts = [
             self.tok.apply_chat_template(
                 _messages(config.get("system"), p), add_generation_prompt=True, tokenize=False
