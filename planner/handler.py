@@ -184,10 +184,13 @@ class Prepared:
                 self._desc = StatementDescription(self.oids, [Column("QUERY PLAN", 25)])
             else:
                 desc = await upstream.describe(sql, self.oids)
+                # As many parameters as the statement has: a passthrough plan does not count its
+                # `$n` (lib/pq's Parse declares none and reads the count from this answer).
+                n = max(len(self.oids), len(desc.param_oids))
                 oids = list(desc.param_oids) + self.oids[len(desc.param_oids) :]
-                self._desc = StatementDescription(oids[: len(self.oids)], desc.columns)
-            self.oids = [o or d for o, d in zip(self.oids, self._desc.param_oids, strict=False)] + self.oids[
-                len(self._desc.param_oids) :
+                self._desc = StatementDescription(oids[:n], desc.columns)
+            self.oids = [
+                o or d for o, d in itertools.zip_longest(self.oids, self._desc.param_oids, fillvalue=0)
             ]
         return self._desc
 

@@ -351,6 +351,7 @@ class ServerConn(asyncio.Protocol):
     async def run_simple(self, sql: str) -> list[QueryResult]:
         """Run a simple Query on this connection (which must be `internal`); raises PgError."""
         self.send(m.Query(sql).encode())
+        self.unnamed = None  # a simple Query drops the unnamed statement upstream
         return await self.read_results()
 
     async def read_results(self) -> list[QueryResult]:

@@ -611,6 +611,7 @@ class Frontend(asyncio.Protocol):
             self.txs.dirty = False
             srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=txs.Capture(self._captured)))
             srv.send(m.Query(txs.CAPTURE_SQL).encode())
+            srv.unnamed = None  # a simple Query drops the unnamed statement upstream
             return
         self.server = None
         srv.client = None
@@ -631,6 +632,9 @@ class Frontend(asyncio.Protocol):
         self.s.holding = True
         await srv.idle()
         srv.internal = True
+        # The proxy's own requests (HeldUpstream) parse the unnamed statement or run simple
+        # Queries, which drop it: the client's must be parsed again before its next Bind.
+        srv.unnamed = None
         return srv
 
     def unhold(self) -> None:

@@ -63,11 +63,6 @@ def test_lib_pq_session_mode_matches_direct(reports: Any, mode: str) -> None:
         assert not diff, f"{run}run:\n{diff}"
 
 
-# Non-strict: only when two of the pool's goroutines interleave so on the 2 server connections.
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 10, transaction pooling: under database/sql's pool (12 goroutines, 3 client connections, "
-    "2 server connections) a query now and then fails with 26000 prepared statement \"pgmlproxy_...\" "
-    "does not exist"))
 @pytest.mark.parametrize("mode", list(MODES))
 def test_lib_pq_transaction_mode_matches_direct(reports: Any, mode: str) -> None:
     for run in ("", "again-"):
@@ -83,13 +78,7 @@ def _psycopg_sims(px: ProxyProcess) -> list[float]:
 
 
 @pytest.mark.parametrize("pool", ["session", "transaction"])
-@pytest.mark.parametrize("mode", [
-    pytest.param("text", marks=pytest.mark.xfail(strict=True, reason=(
-        "proxy bug: lib/pq's Parse (unnamed) + Describe of a statement with a pgml call is answered "
-        "with a ParameterDescription of 0 parameters for `SELECT pgml.cosine_similarity($1::float4[], "
-        "...)`; lib/pq then refuses: 'got 1 parameters but the statement requires 0'"))),
-    "binary",
-])
+@pytest.mark.parametrize("mode", ["text", "binary"])
 def test_lib_pq_pgml_matches_psycopg(reports: Any, pool: str, mode: str, proxy: ProxyProcess,
                                      small_tx: ProxyProcess) -> None:
     want = _psycopg_sims(proxy if pool == "session" else small_tx)

@@ -65,17 +65,7 @@ def test_jdbc_session_mode_matches_direct(reports: Any, mode: str) -> None:
         assert not diff, diff
 
 
-# Non-strict: which case meets the stale statement depends on which of the 2 server connections a
-# client gets, so in some runs one of the two modes comes through clean (seen both ways).
-NAMED_42P05 = pytest.mark.xfail(strict=False, reason=(
-    "issue 10, transaction pooling: once pgjdbc uses named statements (from the 6th execution, or all "
-    "with prepareThreshold=-1), a client that lands on a server connection an earlier client used gets "
-    "42P05 prepared statement \"pgmlproxy_...\" already exists from the proxy's Parse of its renamed "
-    "statement (fetchsize_cursor, transactions, errors, prepared_past_threshold, batch_insert)"))
-
-
-@pytest.mark.parametrize("mode", ["text", pytest.param("default", marks=NAMED_42P05),
-                                  pytest.param("binary", marks=NAMED_42P05)])
+@pytest.mark.parametrize("mode", ["text", "default", "binary"])
 def test_jdbc_transaction_mode_matches_direct(reports: Any, mode: str) -> None:
     for run in ("", "again-"):
         diff = differences(reports[f"direct/{mode}"], reports[f"{run}transaction/{mode}"], CORE)

@@ -167,3 +167,20 @@ def test_session_pooling_keeps_them(proxy: ProxyProcess) -> None:
         conn.execute("declare held cursor with hold for select 7")
         assert conn.execute("fetch 1 from held").fetchone() == (7,)
         conn.execute("close held")
+
+
+@pytest.mark.parametrize("sql, want", [
+    # Runs upstream (a SQL function the proxy installs): its `$1` must still be counted.
+    ("SELECT pgml.cosine_similarity($1::float4[], ARRAY[1, 2, 4]::float4[]) AS sim", [1021]),
+    ("SELECT pgml.embed('intfloat/e5-small-v2', $1) AS e", [25]),
+    ("SELECT $2::int + $1::int", [23, 23]),
+])
+def test_describe_counts_undeclared_parameters(px: ProxyProcess, sql: str, want: list[int]) -> None:
+    """lib/pq's habit: Parse the unnamed statement declaring no types, Describe it, and send as
+    many values as the ParameterDescription lists (it refuses to bind otherwise)."""
+    with psycopg.connect(px.dsn(), autocommit=True) as conn:
+        assert conn.pgconn.prepare(b"", sql.encode(), None).status == psycopg.pq.ExecStatus.COMMAND_OK
+        desc = conn.pgconn.describe_prepared(b"")
+        assert [desc.param_type(i) for i in range(desc.nparams)] == want
+        assert desc.nfields == 1
+        assert conn.execute("select 1").fetchone() == (1,)

@@ -7,6 +7,7 @@ errors and reconnects, on fewer server connections than clients; what
 from __future__ import annotations
 
 import random
+import select
 from collections.abc import Callable
 
 import psycopg
@@ -149,3 +150,47 @@ def test_pg_prepared_statements_describes_the_server_connection(tx1: ProxyProces
         with pytest.raises(pe.InvalidSqlStatementName):
             b.execute("EXECUTE mine")
         assert a.execute("EXECUTE mine").fetchone() == ("mine",)
+
+
+def _until_sync(pgconn: psycopg.pq.abc.PGconn) -> list[psycopg.pq.abc.PGresult]:
+    out = []
+    while True:
+        pgconn.consume_input()
+        while not pgconn.is_busy():
+            r = pgconn.get_result()
+            if r is None:
+                break
+            out.append(r)
+            if r.status == psycopg.pq.ExecStatus.PIPELINE_SYNC:
+                return out
+        select.select([pgconn.socket], [], [], 1)
+
+
+@pytest.mark.parametrize("between", ["login", "pgml"])
+def test_unnamed_statement_survives_the_proxys_own_queries(tx1: ProxyProcess, between: str) -> None:
+    """lib/pq's QueryRow: Parse "" + Describe + Sync, then Bind "" + Execute + Sync, the server
+    connection released in between. There another client's login applied its startup settings
+    with a simple Query (or the planner ran its own statements), which drops the unnamed
+    statement upstream; the proxy must parse it again before the Bind (it answered 26000
+    'unnamed prepared statement does not exist' under Go's database/sql pool)."""
+    # Every client logs in with the same startup settings (as one program's connections do), so
+    # no settings need replaying when `a` comes back to the server connection.
+    same = psycopg.conninfo.make_conninfo(tx1.dsn(), application_name="drv", client_encoding="UTF8")
+    with psycopg.connect(same, autocommit=True) as a:
+        p = a.pgconn
+        p.enter_pipeline_mode()
+        p.send_prepare(b"", b"SELECT ($1::int * 2)::text", None)
+        p.send_describe_prepared(b"")
+        p.pipeline_sync()
+        assert [r.status for r in _until_sync(p)][-1] == psycopg.pq.ExecStatus.PIPELINE_SYNC
+        if between == "login":
+            # Only the login: what the client runs after it would replace the unnamed statement.
+            psycopg.connect(same).close()
+        else:
+            with psycopg.connect(same, autocommit=True) as b:
+                b.execute("select pgml.cosine_similarity(%s::float4[], array[1,2]::float4[])", [[1, 2]])
+        p.send_query_prepared(b"", [b"21"])
+        p.pipeline_sync()
+        results = _until_sync(p)
+        assert [r.error_message for r in results if r.status == psycopg.pq.ExecStatus.FATAL_ERROR] == []
+        assert results[0].get_value(0, 0) == b"42"
