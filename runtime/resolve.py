@@ -13,6 +13,7 @@ go to the log).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import importlib.util
 import logging
@@ -144,7 +145,17 @@ class Resolver:
         self.check_allowed(name)
         cached = self._cache.get((name, revision))
         if cached is None:
-            cached = self._cache[(name, revision)] = self._resolve(name, revision, progress)
+            try:
+                found = self._resolve(name, revision, progress)
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
+                # A name no file can have (a client's 100,000 characters): no such model.
+                raise UndefinedModel(
+                    f'model "{name[:80]}..." not found',
+                    detail=f"the name is {len(name)} characters long, more than a file name can be",
+                ) from None
+            cached = self._cache[(name, revision)] = found
         return cached
 
     def _resolve(self, name: str, revision: str | None, progress: Progress | None) -> ResolvedModel:

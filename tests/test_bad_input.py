@@ -282,31 +282,12 @@ def _corpus() -> list[str]:
 
 
 CORPUS = _corpus()
-# Internal errors the corpus finds in code this suite's owner does not own: each is a known bug.
-ELSEWHERE = {
-    "SELECT pgml.embed(repeat('x', 100000), 'hello')": "runtime/resolve.py (model names): a 100,000-char"
-    " name reaches the file system (OSError: File name too long) instead of 42704/42622",
-}
-
-
-@pytest.mark.parametrize("sql", sorted(ELSEWHERE))
-def test_corpus_known_internal_errors(env: Env, sql: str) -> None:
-    with env.connect() as conn:
-        try:
-            conn.execute(sql).fetchall()
-        except psycopg.Error as exc:
-            if exc.sqlstate == "XX000":
-                pytest.xfail(ELSEWHERE[sql])
-        assert conn.execute("SELECT 1").fetchone() == (1,)
-
 
 def test_corpus_has_no_internal_error(env: Env) -> None:
     assert len(CORPUS) >= 100
     internal = []
     with env.connect() as conn:
         for sql in CORPUS:
-            if sql in ELSEWHERE:
-                continue
             try:
                 conn.execute(sql).fetchall()
             except psycopg.Error as exc:
