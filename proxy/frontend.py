@@ -429,6 +429,10 @@ class Frontend(asyncio.Protocol):
             p = m.Parse(p.name, refusal_sql(what), p.param_oids)
             msg = p.encode()
         scan = txs.scan(p.sql) if txs.hint(msg) else None
+        if scan is not None:
+            # Postgres looks up EXECUTE's statement when it parses (its result columns): the
+            # server must hold the client's version of each name the statement uses by then.
+            self._sync_extended(srv, scan)
         if p.name == "":
             self.unnamed, self.unnamed_scan = msg, scan
             srv.unnamed = msg
@@ -531,7 +535,7 @@ class Frontend(asyncio.Protocol):
         # unnamed statement upstream: it is parsed again below when the client's is needed).
         if prep is None and stmt:  # a PREPAREd name, or none: this client's version, or none
             self._sync_extended(srv, (txs.Stmt("execute", stmt),))
-        if t == 0x42 and scan is not None:
+        if scan is not None:  # a Describe too: Postgres looks up EXECUTE's statement for it
             self._sync_extended(srv, scan)
         if stmt == "":
             if self.unnamed is not None and srv.unnamed != self.unnamed:

@@ -194,3 +194,37 @@ def test_unnamed_statement_survives_the_proxys_own_queries(tx1: ProxyProcess, be
         results = _until_sync(p)
         assert [r.error_message for r in results if r.status == psycopg.pq.ExecStatus.FATAL_ERROR] == []
         assert results[0].get_value(0, 0) == b"42"
+
+
+def _asyncpg_named_then_sql_execute(host: str, port: int) -> list[object]:
+    """asyncpg's test_prepare_explicitly_named: a protocol-level statement run by SQL EXECUTE."""
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> list[object]:
+        con = await asyncpg.connect(host=host, port=port, user="postgres", database="postgres")
+        try:
+            # Kept: asyncpg closes a statement once its object is collected.
+            ps = await con.prepare("select 1", name="foobar")
+            out: list[object] = [ps.get_name(), await con.fetchval("EXECUTE foobar")]
+            try:
+                await con.prepare("select 1", name="foobar")
+            except asyncpg.DuplicatePreparedStatementError as exc:
+                out.append(exc.sqlstate)
+            out.append(await con.fetchval("EXECUTE foobar"))
+            return out
+        finally:
+            await con.close()
+
+    return asyncio.run(run())
+
+
+def test_protocol_statement_runs_by_sql_execute(tx1: ProxyProcess, pg_dsn: str) -> None:
+    """The server must hold the client's statement under its own name when EXECUTE is parsed
+    (Postgres reads its result columns then), not only when it is bound: before, the Describe
+    said no columns and asyncpg refused the row."""
+    direct = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    want = _asyncpg_named_then_sql_execute(str(direct.get("host", "127.0.0.1")), int(direct["port"]))
+    assert want == ["foobar", 1, "42P05", 1]
+    assert _asyncpg_named_then_sql_execute(tx1.host, tx1.port) == want
