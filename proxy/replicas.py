@@ -150,6 +150,7 @@ class Upstreams:
                     node.conn = await connect(t, t.database, t.user, t.password, self._ssl,
                                               timeout=self.timeout)
                     node.conn.internal = True  # its responses are the checker's, never relayed
+                node.conn.inbox.clear()  # what the server said unasked since (a notice)
                 row = (await node.conn.run_simple(CHECK_SQL))[0].rows[0]
         except (PgError, OSError, TimeoutError, ConnectionFailure, IndexError) as exc:
             if node.conn is not None:

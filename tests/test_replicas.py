@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from testing.postgres import PgServer
+from testing.postgres import PgServer, free_port
 from testing.proxy import ProxyProcess, start_proxy
 from testing.replication import Cluster, promote, replay_caught_up, start_cluster, stop_fast
 
 pytestmark = pytest.mark.slow
 
 DELAY = "2s"
-FAST = {"health_check_interval": "0.3", "health_check_timeout": "1.0", "ban_time": "2"}
+FAST: dict[str, Any] = {"health_check_interval": "0.3", "health_check_timeout": "1.0", "ban_time": "2"}
 
 
 def _base() -> Path:
@@ -126,6 +127,8 @@ def test_pgml_writes_land_on_the_primary_and_predict_reads_a_standby(
         assert joint and joint[0][0] == "repl joint"
         deployed = conn.execute("SELECT * FROM pgml.deploy('repl iris', 'most_recent')").fetchall()
         assert deployed and deployed[0][0] == "repl iris"
+        conn.execute("CREATE TABLE docs (id int, body text)")
+        conn.execute("INSERT INTO docs VALUES (1, 'bread'), (2, 'space')")
     # Everything the runtime wrote is on the primary, and replicated.
     count = cluster.primary.psql("SELECT count(*) FROM pgml.models m JOIN pgml.projects p"
                                  " ON p.id = m.project_id WHERE p.name LIKE 'repl %'").strip()
@@ -138,6 +141,12 @@ def test_pgml_writes_land_on_the_primary_and_predict_reads_a_standby(
         rows = conn.execute(predict + " WHERE target = 2").fetchall()
         assert len(rows) == 50 and all(r[0] is True for r in rows)  # read from a standby
         assert sum(r[1] == 2 for r in rows) > 40  # a model that learnt something
+        embedded = conn.execute(
+            "SELECT pg_is_in_recovery(), body, pgml.embed('all-MiniLM-L6-v2', body)::text FROM docs"
+            " ORDER BY id").fetchall()
+        assert [(r[0], r[1]) for r in embedded] == [(True, "bread"), (True, "space")]
+        one = conn.execute("SELECT pgml.embed('all-MiniLM-L6-v2', 'bread')::text").fetchone()
+        assert one is not None and embedded[0][2] == one[0] and len(one[0].split(",")) == 384
         # Ordered by the prediction, the planner fills temp tables: a standby cannot, the primary does.
         rows = conn.execute(predict + " ORDER BY 2 DESC LIMIT 3").fetchall()
         assert [r[0] for r in rows] == [False] * 3 and rows[0][1] == 2
@@ -158,6 +167,24 @@ def test_read_your_writes_with_delayed_replay(cluster: Cluster, proxied: ProxyPr
     time.sleep(0.8)
     with _connect(proxied) as conn:
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+
+
+def test_roles_come_from_the_servers_in_any_order(cluster: Cluster) -> None:
+    # The "upstream" given is a standby and the primary is listed as a replica.
+    replicas = ",".join([cluster.primary.dsn, cluster.standbys[1].dsn])
+    p = start_proxy(cluster.standbys[0].dsn, "transaction", replicas=replicas, **FAST)
+    try:
+        with _connect(p) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS anyorder (id int)")
+            conn.execute("INSERT INTO anyorder VALUES (1)")
+            assert conn.execute("SELECT pg_is_in_recovery(), count(*) FROM anyorder").fetchone() == (False, 1)
+        with _connect(p) as conn:  # a fresh client (nothing to read back): a standby
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        rows = {r["server"]: r["role"] for r in _admin_servers(p) if r["state"] == "health"}
+        assert rows[f"127.0.0.1:{cluster.primary.port}"] == "primary"
+        assert rows[f"127.0.0.1:{cluster.standbys[0].port}"] == "replica"
+    finally:
+        p.stop()
 
 
 def test_read_your_writes_off_reads_the_lagging_standby(cluster: Cluster) -> None:
@@ -212,7 +239,8 @@ def own_cluster() -> Iterator[Callable[[int], Cluster]]:
 
 def test_a_standby_stopped_under_load_is_banned(own_cluster: Callable[[int], Cluster]) -> None:
     c = own_cluster(2)
-    p = _proxy(c, ban_time="30")
+    metrics_port = free_port()
+    p = _proxy(c, ban_time="30", metrics_port=str(metrics_port))
     try:
         stop = threading.Event()
         errors: list[str] = []
@@ -240,6 +268,11 @@ def test_a_standby_stopped_under_load_is_banned(own_cluster: Callable[[int], Clu
         assert rows[f"127.0.0.1:{c.primary.port}"]["role"] == "primary"
         with _connect(p) as conn:
             assert _port_of(conn) == c.standbys[1].port
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        assert f'pgml_proxy_upstream_banned{{server="127.0.0.1:{gone.port}"}} 1.0' in text
+        assert f'pgml_proxy_upstream_up{{role="primary",server="127.0.0.1:{c.primary.port}"}} 1.0' in text
+        assert f'pgml_proxy_upstream_lag_bytes{{server="127.0.0.1:{c.standbys[1].port}"}}' in text
     finally:
         p.stop()
 
