@@ -24,6 +24,7 @@ from proxy.backend import ServerConn, Target, parse_dsn, send_cancel
 from proxy.config import Config
 from proxy.pool import Pool, PoolSettings
 from proxy.replicas import Node, Upstreams, replica_targets
+from proxy.routing import Dest
 from proxy.session import Phase
 
 if TYPE_CHECKING:
@@ -211,6 +212,12 @@ class ProxyServer:
                         self._upstream_ssl)
             self.pools[(database, user, _key(target))] = pool
         return pool
+
+    def session_node(self) -> Node | None:
+        """Session pooling, a client that asked for a replica: the replica for its session."""
+        if self.upstreams is None:
+            return None
+        return self.upstreams.choose(Dest.REPLICA, 0, self.node_load)
 
     def node_load(self, node: Node) -> int:
         """Server connections in use on `node`, over every pool (least-connections balancing)."""

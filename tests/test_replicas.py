@@ -169,6 +169,26 @@ def test_read_your_writes_with_delayed_replay(cluster: Cluster, proxied: ProxyPr
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
 
 
+def test_session_pooling_routes_per_session(cluster: Cluster) -> None:
+    replicas = ",".join(s.dsn for s in cluster.standbys)
+    p = start_proxy(cluster.primary.dsn, "session", replicas=replicas, **FAST)
+    try:
+        with psycopg.connect(p.dsn(), autocommit=True) as conn:  # the primary by default
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+        with psycopg.connect(p.dsn(options="-c%20pgml_proxy.route%3Dreplica"), autocommit=True) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery(), pg_is_in_recovery()").fetchone() == (True, True)
+        with pytest.raises(psycopg.OperationalError, match=r"pgml_proxy\.route"):
+            psycopg.connect(p.dsn(options="-c%20pgml_proxy.route%3Dsideways"))
+    finally:
+        p.stop()
+    t = _proxy(cluster)  # transaction pooling: the login's value is the client's setting
+    try:
+        with psycopg.connect(t.dsn(options="-c%20pgml_proxy.route%3Dprimary"), autocommit=True) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+    finally:
+        t.stop()
+
+
 def test_roles_come_from_the_servers_in_any_order(cluster: Cluster) -> None:
     # The "upstream" given is a standby and the primary is listed as a replica.
     replicas = ",".join([cluster.primary.dsn, cluster.standbys[1].dsn])
