@@ -23,7 +23,7 @@ from proxy import tls
 from proxy.backend import ServerConn, Target, parse_dsn, send_cancel
 from proxy.config import Config
 from proxy.pool import Pool, PoolSettings
-from proxy.replicas import Node, Upstreams, replica_targets
+from proxy.replicas import Node, Upstreams, replica_targets, server_key
 from proxy.routing import Dest
 from proxy.session import Phase
 
@@ -172,7 +172,7 @@ class ProxyServer:
         """Forget a pool with no connections, no waiters and no client (a failed login's, an old one)."""
         if pool.total or pool.waiters or any(fe.pool is pool for fe in self.clients.values()):
             return
-        key = (pool.database, pool.user, _key(pool.target))
+        key = (pool.database, pool.user, server_key(pool.target))
         if self.pools.get(key) is pool:
             del self.pools[key]
 
@@ -205,12 +205,14 @@ class ProxyServer:
 
     def pool_for(self, database: str, user: str, node: Node | None = None) -> Pool:
         """The pool of `database` and `user` on `node` (None: the primary)."""
-        target = self.primary if node is None else node.target
-        pool = self.pools.get((database, user, _key(target)))
+        if node is None and self.upstreams is not None:
+            node = self.upstreams.primary
+        target, key = (node.target, node.key) if node is not None else (self.target, server_key(self.target))
+        pool = self.pools.get((database, user, key))
         if pool is None:
             pool = Pool(database, user, self._password_for(user), target, self._settings(),
                         self._upstream_ssl)
-            self.pools[(database, user, _key(target))] = pool
+            self.pools[(database, user, key)] = pool
         return pool
 
     def session_node(self) -> Node | None:
@@ -318,10 +320,6 @@ class ProxyServer:
             "clients": len(self.clients), "servers": len(snap.servers),
         }
         return snap
-
-
-def _key(target: Target) -> str:
-    return f"{target.host}:{target.port}"
 
 
 def _health(node: Node | None, key: str) -> tuple[str, str, bool | None, int | None]:

@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from core.errors import ConnectionFailure, InvalidParameterValue, PgError
@@ -44,7 +45,11 @@ CHECK_SQL = (
     "SELECT pg_catalog.pg_is_in_recovery(), CASE WHEN pg_catalog.pg_is_in_recovery() "
     "THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_insert_lsn() END"
 )
-BALANCING = ("round_robin", "least_connections", "random")
+_PGML = re.compile("pgml", re.IGNORECASE)
+
+
+def server_key(target: Target) -> str:
+    return f"{target.host}:{target.port}"
 
 
 def parse_lsn(text: str) -> int:
@@ -67,10 +72,10 @@ class Node:
     error: str = ""
     checked_at: float = 0.0  # unix time of the last check
     conn: ServerConn | None = None  # the health check's own connection
+    key: str = field(init=False)  # "host:port": its pools' key
 
-    @property
-    def key(self) -> str:
-        return f"{self.target.host}:{self.target.port}"
+    def __post_init__(self) -> None:
+        self.key = server_key(self.target)
 
     def banned(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) < self.banned_until
@@ -228,6 +233,8 @@ class ClientRoute:
 
     def query(self, fe: Frontend, msg: bytes) -> bool:
         """A simple Query; True when it was `SET pgml_proxy.route`, answered here."""
+        if fe.server is not None and b"pgml_proxy" not in msg:
+            return False  # inside a transaction, whose server is chosen: nothing to decode
         sql = m.Query.parse(msg[5:]).sql
         value = routing.route_setting(sql)
         if value is None:
@@ -276,7 +283,7 @@ class ClientRoute:
         """Whether the planner materialises a pgml call of `sql` in temporary tables, which a
         standby cannot create (its plans are cached: asked once per text)."""
         plans = getattr(self.app.handler, "plans", None)
-        if plans is None or "pgml" not in sql.lower():
+        if plans is None or _PGML.search(sql) is None:
             return False
         try:
             return any(getattr(p, "needs_temp", False) for p in plans(sql))

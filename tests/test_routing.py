@@ -1,10 +1,19 @@
-"""proxy/routing.py without I/O: a table of statements and the server each is sent to."""
+"""proxy/routing.py without I/O: a table of statements and the server each is sent to; and
+proxy/replicas.py's choice among servers (balancing, bans, read-your-writes, a new primary)
+from health-check findings set by hand, and the replica settings."""
 
 from __future__ import annotations
 
-import pytest
+from collections import Counter
 
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from core.errors import ConfigError
 from proxy import routing
+from proxy.backend import Target
+from proxy.config import load
+from proxy.replicas import Upstreams, parse_lsn, runtime_dsn
 from proxy.routing import Dest
 
 P, R = Dest.PRIMARY, Dest.REPLICA
@@ -116,3 +125,79 @@ def test_classification_is_cached_by_text() -> None:
         routing.classify("select 42")
     info = routing.classify.cache_info()
     assert (info.hits, info.misses, info.maxsize) == (2, 1, routing.CACHE_SIZE)
+
+
+# --- proxy/replicas.py's choice among servers (no I/O: the health checks' findings set by hand) ---
+def _upstreams(balancing: str = "round_robin", weights: tuple[int, ...] = (1, 1),
+               primary_reads: bool = False) -> Upstreams:
+    replicas = [(Target("127.0.0.1", 5001 + i, "u", None, "d"), w) for i, w in enumerate(weights)]
+    ups = Upstreams(Target("127.0.0.1", 5000, "u", None, "d"), replicas, interval=1, timeout=1,
+                    max_lag=100, ban_time=60, balancing=balancing, primary_reads=primary_reads)
+    for node in ups.nodes[1:]:
+        node.role, node.lsn = "replica", 1000
+    return ups
+
+
+def _picks(ups: Upstreams, n: int, min_lsn: int = 0, load: dict[int, int] | None = None) -> Counter[int]:
+    loads = load or {}
+    return Counter(ups.choose(R, min_lsn, lambda node: loads.get(node.target.port, 0)).target.port
+                   for _ in range(n))
+
+
+def test_replicas_are_balanced_by_weight() -> None:
+    assert _picks(_upstreams(weights=(2, 1)), 300) == {5001: 200, 5002: 100}
+    assert _picks(_upstreams(primary_reads=True), 300) == {5000: 100, 5001: 100, 5002: 100}
+    randomly = _picks(_upstreams("random", weights=(3, 1)), 2000)
+    assert set(randomly) == {5001, 5002} and randomly[5001] > 2 * randomly[5002]
+    least = _upstreams("least_connections")
+    assert _picks(least, 10, load={5001: 5, 5002: 1}) == {5002: 10}
+    assert _picks(least, 10) == {5001: 5, 5002: 5}  # ties take turns
+
+
+def test_bans_lag_and_read_your_writes_leave_replicas_out() -> None:
+    ups = _upstreams()
+    assert ups.choose(P, 0, lambda n: 0) is ups.primary
+    ups.ban(ups.nodes[1], "test")
+    assert _picks(ups, 4) == {5002: 4}
+    ups.ban(ups.primary, "the primary is never banned")
+    assert not ups.primary.banned()
+    ups.nodes[2].role = "down"
+    assert _picks(ups, 2) == {5000: 2}  # none left: the primary reads
+    fresh = _upstreams()
+    fresh.nodes[1].lsn = 2000
+    assert _picks(fresh, 3, min_lsn=1500) == {5001: 3}  # only the one that replayed the commit
+    assert _picks(fresh, 3, min_lsn=3000) == {5000: 3}
+
+
+def test_a_promoted_standby_becomes_the_primary() -> None:
+    ups = _upstreams()
+    ups.primary.role = "down"
+    ups.nodes[2].role, ups.nodes[2].lsn = "primary", 5000
+    ups._find_primary()
+    assert ups.primary is ups.nodes[2]
+    assert ups.choose(P, 0, lambda n: 0).target.port == 5002
+    assert _picks(ups, 2) == {5001: 2}
+
+
+def test_replica_settings_are_checked() -> None:
+    ok = load(None, {"replicas": ["postgresql://a/db", "postgresql://b/db"], "replica_weights": [3]}, {})
+    assert ok.weights == (3,) and ok.load_balancing == "round_robin" and ok.read_your_writes
+    env = load(None, {}, {"PGML_PROXY_REPLICAS": "postgresql://a/db,postgresql://b/db"})
+    assert env.replicas == ("postgresql://a/db", "postgresql://b/db")
+    for bad, key in (({"load_balancing": "fastest"}, "proxy.load_balancing"),
+                     ({"replicas": ["x"], "replica_weights": [0]}, "proxy.replica_weights"),
+                     ({"replica_weights": [1]}, "proxy.replica_weights"),
+                     ({"ban_time": 0}, "proxy.ban_time")):
+        with pytest.raises(ConfigError) as err:
+            load(None, bad, {})
+        assert err.value.key == key
+
+
+def test_runtime_dsn_lists_every_server_for_the_primary() -> None:
+    dsn = runtime_dsn("postgresql://u:pw@p:5432/app", ["postgresql://u@r1:5433/app", "host=r2 port=5434"])
+    parts = conninfo_to_dict(dsn)
+    assert (parts["host"], parts["port"], parts["target_session_attrs"]) == ("p,r1,r2", "5432,5433,5434",
+                                                                           "read-write")
+    assert (parts["user"], parts["password"], parts["dbname"]) == ("u", "pw", "app")
+    assert runtime_dsn("postgresql://p/app", []) == "postgresql://p/app"
+    assert parse_lsn("16/B374D848") == (0x16 << 32) | 0xB374D848
