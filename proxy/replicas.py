@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +44,6 @@ CHECK_SQL = (
     "SELECT pg_catalog.pg_is_in_recovery(), CASE WHEN pg_catalog.pg_is_in_recovery() "
     "THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_insert_lsn() END"
 )
-_PGML = re.compile("pgml", re.IGNORECASE)
 
 
 def server_key(target: Target) -> str:
@@ -192,8 +190,9 @@ class Upstreams:
         if dest is Dest.PRIMARY:
             return self.primary
         now = time.monotonic()
-        readers = [n for n in self.nodes if n is not self.primary and n.role == "replica"
-                   and not n.banned(now) and (min_lsn <= 0 or (n.lsn or 0) >= min_lsn)]
+        primary = self.primary
+        readers = [n for n in self.nodes if n.role == "replica" and n is not primary
+                   and n.banned_until <= now and (min_lsn <= 0 or (n.lsn or 0) >= min_lsn)]
         if self.primary_reads or not readers:
             readers.append(self.primary)
         return readers[0] if len(readers) == 1 else self._balance(readers, load)
@@ -269,12 +268,11 @@ class ClientRoute:
         """The pool for the transaction `self.sql` starts."""
         ups = self.app.upstreams
         assert ups is not None
-        dest = routing.decide(self.sql, self.setting)
+        dest, explicit = routing.route(self.sql, self.setting)
         if dest is Dest.REPLICA and self._needs_temp(self.sql):
             dest = Dest.PRIMARY
         # An explicit replica route (the setting, a comment hint) reads there, even if stale.
-        forced = self.setting != "auto" or routing.hint(self.sql) not in (None, "auto")
-        ryw = self.app.config.read_your_writes and not forced
+        ryw = self.app.config.read_your_writes and not explicit
         node = ups.choose(dest, self.min_lsn if ryw else 0, self.app.node_load)
         self.lsn_owed = self.app.config.read_your_writes and dest is Dest.PRIMARY and self.setting == "auto"
         return self.app.pool_for(fe.database, fe.user, node)
@@ -283,7 +281,7 @@ class ClientRoute:
         """Whether the planner materialises a pgml call of `sql` in temporary tables, which a
         standby cannot create (its plans are cached: asked once per text)."""
         plans = getattr(self.app.handler, "plans", None)
-        if plans is None or _PGML.search(sql) is None:
+        if plans is None or "pgml" not in sql.lower():
             return False
         try:
             return any(getattr(p, "needs_temp", False) for p in plans(sql))

@@ -109,15 +109,20 @@ def route_setting(sql: str) -> str | None:
 def decide(sql: str, setting: str = "auto", transaction: Dest | None = None) -> Dest:
     """Where `sql` runs: a comment hint wins, then the session's setting (not `auto`), then the
     route of the open transaction it belongs to (`transaction`), then `classify`."""
-    if sql.lstrip().startswith("/*"):
+    return route(sql, setting, transaction)[0]
+
+
+def route(sql: str, setting: str = "auto", transaction: Dest | None = None) -> tuple[Dest, bool]:
+    """`decide`'s answer, and whether it was asked for explicitly (a hint or the setting)."""
+    if sql[:2] == "/*" or (sql[:1].isspace() and sql.lstrip().startswith("/*")):
         asked = hint(sql)
         if asked is not None and asked != "auto":
-            return Dest(asked)
+            return Dest(asked), True
     if setting != "auto":
-        return Dest(setting)
+        return Dest(setting), True
     if transaction is not None:
-        return transaction
-    return classify(sql)
+        return transaction, False
+    return classify(sql), False
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)

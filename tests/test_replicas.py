@@ -327,5 +327,18 @@ def test_failover_to_a_promoted_standby(own_cluster: Callable[[int], Cluster]) -
         assert c.standbys[0].psql("SELECT array_agg(id ORDER BY id) FROM fo").strip() == "{1,4}"
         with _connect(p) as conn:
             assert conn.execute("SELECT pg_is_in_recovery(), count(*) FROM fo").fetchone() == (False, 2)
+        # The runtime's own connections (registry writes) find the new primary too.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with _connect(p) as conn:
+                    snap = conn.execute("SELECT * FROM pgml.snapshot('fo', 'id')").fetchall()
+                    break
+            except psycopg.Error:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert len(snap) == 1
+        assert c.standbys[0].psql("SELECT count(*) FROM pgml.snapshots").strip() == "1"
     finally:
         p.stop()

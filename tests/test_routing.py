@@ -103,6 +103,9 @@ def test_comment_hint_session_setting_and_open_transaction() -> None:
     assert routing.decide("select 1", transaction=P) is P
     assert routing.decide("select 1", setting="auto", transaction=R) is R
     assert routing.hint("select 1 /* pgml_proxy: route=primary */") is None  # leading only
+    assert routing.route("\n\n          /* pgml_proxy: route=primary */ select 1") == (P, True)
+    assert routing.route("select 1", "replica") == (R, True)
+    assert routing.route("select 1") == (R, False)
 
 
 @pytest.mark.parametrize(("sql", "value"), [
