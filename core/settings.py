@@ -224,6 +224,7 @@ def _typed(key: str, value: Any, kind: type) -> Any:
 
 # --- [proxy], and the whole tree ---------------------------------------------------------------
 POOL_MODES = ("session", "transaction")
+LOAD_BALANCING = ("round_robin", "least_connections", "random")
 CLIENT_AUTH_METHODS = ("trust", "cleartext", "md5", "scram-sha-256", "passthrough")
 
 
@@ -260,6 +261,18 @@ class Config:
     # SIGINT: how long transactions get to finish before their clients are cut.
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
+    # Read replicas (libpq DSNs, `--replica` / PGML_PROXY_REPLICAS, comma-separated there). Roles
+    # are found with pg_is_in_recovery(), so upstream and replicas may be listed in any order.
+    replicas: tuple[str, ...] = ()
+    replica_weights: tuple[str, ...] = ()  # integers >= 1, one per replica in order (default 1)
+    load_balancing: str = "round_robin"  # round_robin | least_connections | random
+    primary_reads: bool = False  # the primary serves reads too (it always does when no replica can)
+    max_replica_lag: int = 16 * 1024 * 1024  # bytes of WAL behind the primary before a ban
+    ban_time: float = 60.0  # seconds a failing or lagging replica is left out
+    health_check_interval: float = 1.0  # seconds between checks of every server (roles, lag)
+    health_check_timeout: float = 2.0
+    # After a client's write commits, its reads go to a replica only once it has replayed it.
+    read_your_writes: bool = True
     # The sections of their owners, kept as given (mappings) and validated by `validate`.
     runtime: Mapping[str, Any] = field(default_factory=dict)
     planner: Mapping[str, Any] = field(default_factory=dict)
@@ -301,6 +314,28 @@ class Config:
         for key in ("pool_timeout", "server_idle_timeout", "shutdown_timeout"):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, "must be positive")
+        self._validate_replicas()
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("metrics_port", "must be a port number (0 disables)")
         return self
+
+    @property
+    def weights(self) -> tuple[int, ...]:
+        """`replica_weights` as integers (validated)."""
+        return tuple(int(w) for w in self.replica_weights)
+
+    def _validate_replicas(self) -> None:
+        if self.load_balancing not in LOAD_BALANCING:
+            raise ConfigError("load_balancing",
+                              f"expected one of {LOAD_BALANCING}, got {self.load_balancing!r}")
+        if len(self.replica_weights) > len(self.replicas):
+            raise ConfigError("replica_weights", f"{len(self.replica_weights)} weights for "
+                              f"{len(self.replicas)} replicas: give at most one per replica")
+        for w in self.replica_weights:
+            if not str(w).isdigit() or int(w) < 1:
+                raise ConfigError("replica_weights", f"must be integers >= 1, got {w!r}")
+        if self.max_replica_lag < 0:
+            raise ConfigError("max_replica_lag", "must be >= 0 (bytes of WAL)")
+        for key in ("ban_time", "health_check_interval", "health_check_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, "must be positive")

@@ -41,7 +41,8 @@ class Snapshot:
 
     pools: database, user, mode, size, active, idle, waiting.
     clients: id, addr, database, user, application_name, state, connected_at.
-    servers: id, database, user, state, backend_pid, client_id.
+    servers: id, database, user, state, backend_pid, client_id, and (replicas) server, role,
+    banned, lag_bytes; a health-check connection per upstream server has state "health".
     counters: queries, pgml_queries, bytes_in, bytes_out, errors, wait_time (seconds).
     """
 
@@ -121,9 +122,10 @@ def _show_clients(snap: Snapshot) -> QueryResult:
 
 def _show_servers(snap: Snapshot) -> QueryResult:
     columns = [("id", INT8), ("user", TEXT), ("database", TEXT), ("state", TEXT), ("remote_pid", INT8),
-               ("link", INT8)]
+               ("link", INT8), ("server", TEXT), ("role", TEXT), ("banned", TEXT), ("lag_bytes", INT8)]
     rows = [[field_of(s, "id"), field_of(s, "user"), field_of(s, "database"), field_of(s, "state"),
-             field_of(s, "backend_pid"), field_of(s, "client_id")] for s in snap.servers]
+             field_of(s, "backend_pid"), field_of(s, "client_id"), field_of(s, "server"),
+             field_of(s, "role"), field_of(s, "banned"), field_of(s, "lag_bytes")] for s in snap.servers]
     return _result(columns, rows, "SHOW")
 
 
@@ -187,7 +189,7 @@ def _show_models(snap: Snapshot) -> QueryResult:
 HELP = (
     ("SHOW POOLS", "server connection pools per (database, user)"),
     ("SHOW CLIENTS", "client connections"),
-    ("SHOW SERVERS", "server connections to the upstream"),
+    ("SHOW SERVERS", "server connections to the upstream, with each server's role, ban and lag"),
     ("SHOW STATS", "query, byte, error and wait-time counters"),
     ("SHOW CONFIG", "the running configuration (passwords hidden)"),
     ("SHOW MODELS", "models the runtime has loaded"),

@@ -1,6 +1,7 @@
 """`ProxyServer`: the listening proxy and everything shared between its clients.
 
-Owns the listening socket, the pools (one per database and user), the registry of
+Owns the listening socket, the pools (one per database, user and upstream server; the
+servers and their health are proxy/replicas.py's `Upstreams` when replicas are configured), the registry of
 clients and their cancel keys (cancel routing), counters, `snapshot()` for the admin
 console and metrics, the SIGHUP reload of pool settings and the SIGINT drain. It
 holds the planner handler and hands it to client sessions; it knows no SQL itself.
@@ -22,6 +23,8 @@ from proxy import tls
 from proxy.backend import ServerConn, Target, parse_dsn, send_cancel
 from proxy.config import Config
 from proxy.pool import Pool, PoolSettings
+from proxy.replicas import Node, Upstreams, replica_targets, server_key
+from proxy.routing import Dest
 from proxy.session import Phase
 
 if TYPE_CHECKING:
@@ -72,6 +75,11 @@ class ServerInfo:
     state: str  # "active" (attached), "idle"
     backend_pid: int
     client_id: int | None
+    # The upstream server it is connected to and what its last health check said of that server.
+    server: str = ""
+    role: str = ""
+    banned: bool | None = None
+    lag_bytes: int | None = None
 
 
 @dataclass
@@ -99,7 +107,15 @@ class ProxyServer:
         self.upstream_dsn = upstream
         self.target: Target = parse_dsn(upstream, config.upstream_sslmode)
         self.handler = handler
-        self.pools: dict[tuple[str, str], Pool] = {}
+        self.pools: dict[tuple[str, str, str], Pool] = {}  # (database, user, server "host:port")
+        self.upstreams: Upstreams | None = None
+        if config.replicas:
+            c = config
+            self.upstreams = Upstreams(
+                self.target, replica_targets(c.replicas, c.weights, c.upstream_sslmode),
+                interval=c.health_check_interval, timeout=c.health_check_timeout,
+                max_lag=c.max_replica_lag, ban_time=c.ban_time, balancing=c.load_balancing,
+                primary_reads=c.primary_reads, ssl_context=self._upstream_ssl)
         self.clients: dict[int, Frontend] = {}
         self.cancel_keys: dict[tuple[int, int], Frontend] = {}
         self.stats = Stats()
@@ -125,6 +141,8 @@ class ProxyServer:
         from proxy.frontend import Frontend
 
         loop = asyncio.get_running_loop()
+        if self.upstreams is not None:
+            await self.upstreams.start()
         self._server = await loop.create_server(
             lambda: Frontend(self), self.config.listen_host, self.config.listen_port, reuse_address=True
         )
@@ -154,8 +172,9 @@ class ProxyServer:
         """Forget a pool with no connections, no waiters and no client (a failed login's, an old one)."""
         if pool.total or pool.waiters or any(fe.pool is pool for fe in self.clients.values()):
             return
-        if self.pools.get((pool.database, pool.user)) is pool:
-            del self.pools[(pool.database, pool.user)]
+        key = (pool.database, pool.user, server_key(pool.target))
+        if self.pools.get(key) is pool:
+            del self.pools[key]
 
     # --- clients and pools ---------------------------------------------------------------
     def forget(self, fe: Frontend) -> None:
@@ -179,13 +198,33 @@ class ProxyServer:
         reset = c.server_reset_query if c.pool_mode == "session" else ""
         return PoolSettings(c.pool_size, c.pool_timeout, c.server_idle_timeout, reset, c.pool_mode)
 
-    def pool_for(self, database: str, user: str) -> Pool:
-        pool = self.pools.get((database, user))
+    @property
+    def primary(self) -> Target:
+        """Where writes go now: the configured upstream, or the server promoted since."""
+        return self.upstreams.primary.target if self.upstreams is not None else self.target
+
+    def pool_for(self, database: str, user: str, node: Node | None = None) -> Pool:
+        """The pool of `database` and `user` on `node` (None: the primary)."""
+        if node is None and self.upstreams is not None:
+            node = self.upstreams.primary
+        target, key = (node.target, node.key) if node is not None else (self.target, server_key(self.target))
+        pool = self.pools.get((database, user, key))
         if pool is None:
-            pool = Pool(database, user, self._password_for(user), self.target, self._settings(),
+            pool = Pool(database, user, self._password_for(user), target, self._settings(),
                         self._upstream_ssl)
-            self.pools[(database, user)] = pool
+            self.pools[(database, user, key)] = pool
         return pool
+
+    def session_node(self) -> Node | None:
+        """Session pooling, a client that asked for a replica: the replica for its session."""
+        if self.upstreams is None:
+            return None
+        return self.upstreams.choose(Dest.REPLICA, 0, self.node_load)
+
+    def node_load(self, node: Node) -> int:
+        """Server connections in use on `node`, over every pool (least-connections balancing)."""
+        key = node.key
+        return sum(len(p.busy) + p.connecting for (_, _, k), p in self.pools.items() if k == key)
 
     def _password_for(self, user: str) -> str | None:
         """The upstream password: the DSN's for its user, else a plain one from `users`."""
@@ -205,7 +244,7 @@ class ProxyServer:
         fe.cancel()
 
     async def cancel_backend(self, conn: ServerConn) -> None:
-        await send_cancel(self.target, conn.pid, conn.secret)
+        await send_cancel(conn.target or self.target, conn.pid, conn.secret)
 
     # --- lifecycle -----------------------------------------------------------------------
     def reload(self, config: Config) -> None:
@@ -240,6 +279,8 @@ class ProxyServer:
             self._server.close()
         if self._reaper is not None:
             self._reaper.cancel()
+        if self.upstreams is not None:
+            await self.upstreams.close()
         for fe in list(self.clients.values()):
             fe.write(_shutdown_error())
             fe.close()
@@ -251,15 +292,21 @@ class ProxyServer:
     # --- observation ---------------------------------------------------------------------
     def snapshot(self) -> ServerState:
         snap = ServerState()
-        for (db, user), pool in self.pools.items():
+        nodes = {n.key: n for n in self.upstreams.nodes} if self.upstreams is not None else {}
+        for (db, user, key), pool in self.pools.items():
             snap.pools.append(PoolInfo(db, user, pool.settings.mode, pool.settings.size,
                                        len(pool.busy) + pool.connecting, len(pool.idle), len(pool.waiters)))
+            health = _health(nodes.get(key), key)
             for conn in pool.busy:
                 fe = conn.client
                 snap.servers.append(ServerInfo(conn.id, db, user, "active", conn.pid,
-                                               getattr(fe, "id", None)))
+                                               getattr(fe, "id", None), *health))
             for conn in pool.idle:
-                snap.servers.append(ServerInfo(conn.id, db, user, "idle", conn.pid, None))
+                snap.servers.append(ServerInfo(conn.id, db, user, "idle", conn.pid, None, *health))
+        for node in nodes.values():  # each server's health-check connection: its state is its role
+            hc = node.conn
+            snap.servers.append(ServerInfo(hc.id if hc else 0, node.target.database, node.target.user,
+                                           "health", hc.pid if hc else 0, None, *_health(node, node.key)))
         for fe in self.clients.values():
             ready = fe.s.phase is Phase.READY
             state = "startup" if not ready else "active" if fe.server is not None else "idle"
@@ -273,6 +320,13 @@ class ProxyServer:
             "clients": len(self.clients), "servers": len(snap.servers),
         }
         return snap
+
+
+def _health(node: Node | None, key: str) -> tuple[str, str, bool | None, int | None]:
+    """(server, role, banned, lag) of a server for SHOW SERVERS; no checks without replicas."""
+    if node is None:
+        return key, "", None, None
+    return key, node.role, node.banned(), node.lag
 
 
 def _shutdown_error() -> bytes:

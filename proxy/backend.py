@@ -139,6 +139,7 @@ class ServerConn(asyncio.Protocol):
         self.said_fatal = False  # the upstream sent a FATAL (relayed): the client needs no other
         self.created_at = self.used_at = time.monotonic()
         self.host = ""
+        self.target: Target | None = None  # where it is connected (cancel requests go there)
         self._ssl_answer: asyncio.Future[bytes] | None = None
 
     # --- asyncio callbacks ---------------------------------------------------------------
@@ -438,7 +439,7 @@ async def connect(
         conn.close()
         raise
     conn.internal = False
-    conn.host = target.host
+    conn.host, conn.target = target.host, target
     return conn
 
 

@@ -30,6 +30,7 @@ from core.errors import (
     ProtocolViolation,
     TooManyConnections,
 )
+from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
 from core.interfaces import CallContext
 from proxy import messages as m
 from proxy import txstate as txs
@@ -41,6 +42,7 @@ from proxy.backend import (
     settings_sql,
 )
 from proxy.localexec import LocalStatements
+from proxy.replicas import LSN_SQL, ClientRoute
 from proxy.session import Leave, Phase, Reply, Route, Session, SyncAnswer, refusal_sql, unpoolable
 from proxy.sink import ClientSink
 from proxy.startup import UNSETTABLE, startup_bytes
@@ -95,6 +97,8 @@ class Frontend(asyncio.Protocol):
         self.unnamed_scan: tuple[txs.Stmt, ...] | None = None
         self.portal_scan: dict[str, tuple[txs.Stmt, ...]] = {}
         self.local = LocalStatements(self)
+        # Replicas, transaction pooling: which server each transaction runs on (proxy.replicas).
+        self.route = ClientRoute(app) if app.upstreams is not None and self.tx else None
 
     # --- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -284,6 +288,8 @@ class Frontend(asyncio.Protocol):
         self.local.note_sql(msg, parse=False)  # statement_timeout may change
         if self.admin:
             return self.local.admin_query(m.Query.parse(msg[5:]).sql)
+        if self.route is not None and self.route.query(self, msg):
+            return None  # SET pgml_proxy.route, answered here
         if _PGML.search(msg, 5) is not None and not self._passes_through(msg):
             return self.local.simple_query(m.Query.parse(msg[5:]).sql)
         if self.tx:
@@ -303,6 +309,8 @@ class Frontend(asyncio.Protocol):
     def _server_now(self) -> ServerConn | None:
         if self.server is not None:
             return self.server
+        if self.route is not None:
+            self.pool = self.route.pool(self)
         assert self.pool is not None
         conn = self.pool.try_acquire()
         if conn is not None:
@@ -343,12 +351,22 @@ class Frontend(asyncio.Protocol):
         conn.unnamed = None
         conn.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL))
 
-    async def acquire(self) -> ServerConn:
-        """A server connection for this client, waiting for the pool when it must."""
+    async def acquire(self, routed: bool = False) -> ServerConn:
+        """A server connection for this client, waiting for the pool when it must (`routed`:
+        `_server_now` has just chosen the pool for this transaction)."""
         if self.server is not None:
             return self.server
+        if self.route is not None and not routed:
+            self.pool = self.route.pool(self)
         assert self.pool is not None
-        conn = await self.pool.acquire()
+        try:
+            conn = await self.pool.acquire()
+        except CannotConnect as exc:  # a replica gone: banned, and the transaction goes elsewhere
+            other = self.route.failed(self, self.pool, exc) if self.route is not None else None
+            if other is None:
+                raise
+            self.pool = other
+            conn = await other.acquire()
         if self.s.phase is Phase.CLOSED:
             self.pool.release(conn)
             raise asyncio.CancelledError()
@@ -367,8 +385,8 @@ class Frontend(asyncio.Protocol):
 
     async def _forward_later(self, t: int, msg: bytes) -> None:
         try:
-            await self.acquire()
-        except TooManyConnections as exc:
+            await self.acquire(routed=True)
+        except (TooManyConnections, CannotConnect) as exc:  # the session stays usable
             self.app.stats.errors += 1
             self.write(m.error_message(exc.fields))
             if t == 0x51:
@@ -383,6 +401,8 @@ class Frontend(asyncio.Protocol):
 
     def _extended(self, t: int, msg: bytes) -> Step:
         local = self.local
+        if self.route is not None:
+            self.route.extended(t, msg)
         if t == 0x45:  # Execute
             self.app.stats.queries += 1
             if local.portals and local.has_portal(msg):
@@ -616,6 +636,11 @@ class Frontend(asyncio.Protocol):
             srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=txs.Capture(self._captured)))
             srv.send(m.Query(txs.CAPTURE_SQL).encode())
             srv.unnamed = None  # a simple Query drops the unnamed statement upstream
+            return
+        if self.route is not None and self.route.lsn_owed:  # read-your-writes: where it committed
+            self.route.lsn_owed = False
+            srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=txs.Capture(self.route.lsn_read)))
+            srv.send(m.Query(LSN_SQL).encode())
             return
         self.server = None
         srv.client = None

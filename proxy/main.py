@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream", metavar="DSN",
                    help="the Postgres to serve, as a libpq URL or key=value string; "
                    "empty: start the embedded Postgres in --data-dir")
+    p.add_argument("--replica", metavar="DSN", action="append",
+                   help="a read replica (repeatable); reads go there, writes to the primary, "
+                   "roles found by pg_is_in_recovery()")
     p.add_argument("--pool-mode", choices=("session", "transaction"),
                    help="session: a server connection per client for its whole session (default); "
                    "transaction: shared between transactions")
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"listen": args.listen, "upstream": args.upstream, "pool_mode": args.pool_mode,
-            "data_dir": args.data_dir, "log_level": args.log_level}
+            "data_dir": args.data_dir, "log_level": args.log_level,
+            "replicas": tuple(args.replica) if args.replica else None}
 
 
 async def _build_handler(config: Config, upstream: str) -> tuple[Runtime, StatementHandler]:
@@ -80,7 +84,10 @@ async def serve(config: Config, config_path: str | None, overrides: dict[str, An
 
         embedded = EmbeddedPostgres(config.data_dir)
         upstream = await asyncio.to_thread(embedded.start)
-    runtime, handler = await _build_handler(config, upstream)
+    from proxy.replicas import runtime_dsn
+
+    # With replicas the runtime's own connections find the primary (registry writes, LISTEN).
+    runtime, handler = await _build_handler(config, runtime_dsn(upstream, config.replicas))
     server = ProxyServer(config, upstream, handler)
     server.load_config = lambda: load(config_path, overrides)
     server.runtime = runtime

@@ -58,6 +58,7 @@ class SnapshotCollector(Collector):
         yield from _pools(snap)
         yield from _states("clients", "Client connections by state", snap.clients)
         yield from _states("servers", "Server connections by state", snap.servers)
+        yield from _upstreams(snap)
         yield from _models(snap)
 
 
@@ -87,6 +88,23 @@ def _states(name: str, doc: str, entries: list[Any]) -> Iterator[Metric]:
     for labels, count in sorted(counts.items()):
         family.add_metric(list(labels), count)
     yield family
+
+
+def _upstreams(snap: Snapshot) -> Iterator[Metric]:
+    """Each upstream server's health (replicas configured): from its health-check row."""
+    checks = [s for s in snap.servers if field_of(s, "state") == "health"]
+    up = GaugeMetricFamily(PREFIX + "upstream_up", "1 while the server answers its health check",
+                           labels=["server", "role"])
+    banned = GaugeMetricFamily(PREFIX + "upstream_banned", "1 while the replica is banned", labels=["server"])
+    lag = GaugeMetricFamily(PREFIX + "upstream_lag_bytes", "Bytes of WAL the replica is behind the primary",
+                            labels=["server"])
+    for s in checks:
+        server, role = str(field_of(s, "server")), str(field_of(s, "role"))
+        up.add_metric([server, role], 0.0 if role in ("down", "unknown") else 1.0)
+        banned.add_metric([server], 1.0 if field_of(s, "banned") else 0.0)
+        if field_of(s, "lag_bytes") is not None:
+            lag.add_metric([server], float(field_of(s, "lag_bytes")))
+    yield from (up, banned, lag)
 
 
 def _models(snap: Snapshot) -> Iterator[Metric]:

@@ -12,10 +12,17 @@ import asyncio
 import secrets
 from typing import TYPE_CHECKING, cast
 
-from core.errors import FeatureNotSupported, InvalidAuthorizationSpecification, PgError, ProtocolViolation
+from core.errors import (
+    FeatureNotSupported,
+    InvalidAuthorizationSpecification,
+    InvalidParameterValue,
+    PgError,
+    ProtocolViolation,
+)
 from proxy import messages as m
 from proxy.auth import ClientAuthenticator
 from proxy.backend import ServerConn, Startup, settings_sql, valid_setting_name
+from proxy.routing import ROUTE_SETTING, ROUTE_VALUES
 from proxy.session import Phase
 
 if TYPE_CHECKING:
@@ -103,7 +110,8 @@ async def _client_login(fe: Frontend, startup: m.StartupMessage) -> None:
     fe.app.check_client_limit()
     # Session mode: the client's startup parameters go into the server's own startup packet,
     # as on a direct connection (so RESET and DISCARD ALL return to them).
-    conn = await _first_server(fe, password, () if fe.tx else tuple(passed.items()))
+    route = _route(fe, settings.get(ROUTE_SETTING, "auto"))
+    conn = await _first_server(fe, password, () if fe.tx else tuple(passed.items()), route)
     conn.client = fe
     conn.internal = True
     if fe.tx:
@@ -126,8 +134,22 @@ async def _client_login(fe: Frontend, startup: m.StartupMessage) -> None:
     fe.ready()
 
 
-async def _first_server(fe: Frontend, password: str | None, startup: Startup) -> ServerConn:
-    fe.pool = pool = fe.app.pool_for(fe.database, fe.user)
+def _route(fe: Frontend, value: str) -> str:
+    """`pgml_proxy.route` given at login (`options=-c pgml_proxy.route=replica`): transaction
+    pooling starts the client's setting with it; session pooling serves the session from a
+    replica when it says `replica` (else from the primary)."""
+    if value not in ROUTE_VALUES:
+        raise InvalidParameterValue(f'invalid value for parameter "{ROUTE_SETTING}": "{value}"',
+                                    hint=f"Available values: {', '.join(ROUTE_VALUES)}.")
+    if fe.route is not None:
+        fe.route.setting = value
+    return value
+
+
+async def _first_server(fe: Frontend, password: str | None, startup: Startup,
+                        route: str = "auto") -> ServerConn:
+    node = fe.app.session_node() if route == "replica" and not fe.tx else None
+    fe.pool = pool = fe.app.pool_for(fe.database, fe.user, node)
     try:
         conn = await pool.acquire(password, startup)
     except BaseException:

@@ -93,7 +93,8 @@ async def test_show_views_over_a_fixed_snapshot() -> None:
     assert pools.columns is not None and [c.type_oid for c in pools.columns][2:4] == [20, 20]
     assert [r["application_name"] for r in _rows(clients)] == ["web", "", ""]
     assert _rows(servers) == [{"id": "7", "user": "alice", "database": "app", "state": "active",
-                               "remote_pid": "4242", "link": "1"}]
+                               "remote_pid": "4242", "link": "1", "server": None, "role": None,
+                               "banned": None, "lag_bytes": None}]
     assert _rows(stats) == [{"database": "*", "total_query_count": "120", "total_pgml_query_count": "7",
                              "total_received": "5000", "total_sent": "90000", "total_errors": "2",
                              "total_wait_time": "250000"}]
