@@ -225,6 +225,6 @@ def test_protocol_statement_runs_by_sql_execute(tx1: ProxyProcess, pg_dsn: str) 
     (Postgres reads its result columns then), not only when it is bound: before, the Describe
     said no columns and asyncpg refused the row."""
     direct = psycopg.conninfo.conninfo_to_dict(pg_dsn)
-    want = _asyncpg_named_then_sql_execute(str(direct.get("host", "127.0.0.1")), int(direct["port"]))
+    want = _asyncpg_named_then_sql_execute(str(direct.get("host", "127.0.0.1")), int(str(direct["port"])))
     assert want == ["foobar", 1, "42P05", 1]
     assert _asyncpg_named_then_sql_execute(tx1.host, tx1.port) == want
