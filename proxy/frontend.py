@@ -641,6 +641,7 @@ class Frontend(asyncio.Protocol):
             self.route.lsn_owed = False
             srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=txs.Capture(self.route.lsn_read)))
             srv.send(m.Query(LSN_SQL).encode())
+            srv.unnamed = None  # a simple Query drops the unnamed statement upstream
             return
         self.server = None
         srv.client = None
