@@ -16,7 +16,7 @@ install: $(BIN)/python
 	bash tools/build_pgvector.sh $(VENV)
 
 run: install
-	$(BIN)/pgml-proxy $(ARGS)
+	$(BIN)/pgml-proxy --http-listen 127.0.0.1:8000 $(ARGS)
 
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
