@@ -121,8 +121,11 @@ class Runtime:
             entry = await self._embed_model(model, {})
 
             def count() -> list[int]:
+                st = entry.obj.st
+                # sentence-transformers 5.x renamed tokenize (now deprecated) to preprocess.
+                prepare = getattr(st, "preprocess", None) or st.tokenize
                 with entry.obj.lock:
-                    mask = entry.obj.st.tokenize(list(items))["attention_mask"]
+                    mask = prepare(list(items))["attention_mask"]
                 return [int(n) for n in np.asarray(mask).sum(axis=1)]
         else:
             spec = tf.parse_task({"task": "text-generation", "model": model}, {}, self.config)

@@ -22,6 +22,7 @@ import numpy as np
 import openai
 import psycopg
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from testing.postgres import free_port
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KEY = "sk-test-key"
-CHAT = [
+CHAT: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Write a long poem about the sea."},
 ]
@@ -71,7 +72,9 @@ def _sql(proxy: ProxyProcess, query: str, *args: Any) -> Any:
 
 def _tokenizers() -> tuple[Any, Any]:
     """MiniLM's and SmolLM2's own tokenizers, from the folders the proxy loads them from."""
-    from transformers import AutoTokenizer
+    import importlib
+
+    auto: Any = importlib.import_module("transformers").AutoTokenizer
 
     from runtime.config import RuntimeConfig
     from runtime.gguf import ensure_transformers_folder
@@ -79,8 +82,8 @@ def _tokenizers() -> tuple[Any, Any]:
 
     config = RuntimeConfig.from_mapping({})
     resolver = Resolver(config)
-    minilm = AutoTokenizer.from_pretrained(str(resolver.resolve(MINILM).path))
-    smol = AutoTokenizer.from_pretrained(str(ensure_transformers_folder(config, resolver.resolve(SMOL))))
+    minilm = auto.from_pretrained(str(resolver.resolve(MINILM).path))
+    smol = auto.from_pretrained(str(ensure_transformers_folder(config, resolver.resolve(SMOL))))
     return minilm, smol
 
 
@@ -129,7 +132,7 @@ def test_chat_equals_pgml_transform(api: tuple[ProxyProcess, str], client: opena
     want = _sql(api[0], "SELECT pgml.transform(task => %s::jsonb, inputs => %s::jsonb[], args => %s::jsonb)",
                 json.dumps({"task": "conversational", "model": SMOL}), [json.dumps(m) for m in CHAT],
                 json.dumps({"max_new_tokens": 8, "do_sample": False}))
-    out = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=8, temperature=0,  # type: ignore[arg-type]
+    out = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=8, temperature=0,
                                          seed=1, user="tester")
     assert [c.message.content for c in out.choices] == want
     assert out.choices[0].finish_reason == "length" and out.choices[0].message.role == "assistant"
@@ -139,7 +142,7 @@ def test_chat_equals_pgml_transform(api: tuple[ProxyProcess, str], client: opena
     assert out.usage.completion_tokens == 8
     assert out.usage.total_tokens == out.usage.prompt_tokens + 8
 
-    stream = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=8, temperature=0,  # type: ignore[arg-type]
+    stream = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=8, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -151,11 +154,11 @@ def test_chat_equals_pgml_transform(api: tuple[ProxyProcess, str], client: opena
 
 
 def test_chat_n_and_stop(client: openai.OpenAI) -> None:
-    full = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=8, temperature=0, n=2)  # type: ignore[arg-type]
+    full = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=8, temperature=0, n=2)
     answers = [c.message.content or "" for c in full.choices]
     assert len(answers) == 2 and answers[0] == answers[1]  # greedy: n equal answers
     words = answers[0].split()
-    cut = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=8, temperature=0,  # type: ignore[arg-type]
+    cut = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=8, temperature=0,
                                          stop=[words[1]])
     assert cut.choices[0].message.content == answers[0][: answers[0].index(words[1])]
     assert cut.choices[0].finish_reason == "stop"
@@ -163,9 +166,10 @@ def test_chat_n_and_stop(client: openai.OpenAI) -> None:
 
 def test_completions_equal_pgml_transform(api: tuple[ProxyProcess, str], client: openai.OpenAI) -> None:
     prompt = "The capital of France is"
-    [[want]] = _sql(api[0], "SELECT pgml.transform(task => %s::jsonb, inputs => ARRAY[%s], args => %s::jsonb)",
-                    json.dumps({"task": "text-generation", "model": SMOL}), prompt,
-                    json.dumps({"max_new_tokens": 8, "do_sample": False, "return_full_text": False}))
+    args = {"max_new_tokens": 8, "do_sample": False, "return_full_text": False}
+    sql = "SELECT pgml.transform(task => %s::jsonb, inputs => ARRAY[%s], args => %s::jsonb)"
+    task = json.dumps({"task": "text-generation", "model": SMOL})
+    [[want]] = _sql(api[0], sql, task, prompt, json.dumps(args))
     out = client.completions.create(model=SMOL, prompt=prompt, max_tokens=8, temperature=0)
     assert out.choices[0].text == want["generated_text"]
     _, smol = _tokenizers()
@@ -232,9 +236,9 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
         client.embeddings.create(model="no-such/model-xyz", input="x")
     assert _error(err.value)["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="no-such/model-xyz", messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+        client.chat.completions.create(model="no-such/model-xyz", messages=CHAT, max_tokens=2)
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="no-such/model-xyz", messages=CHAT, max_tokens=2, stream=True)  # type: ignore[arg-type]
+        client.chat.completions.create(model="no-such/model-xyz", messages=CHAT, max_tokens=2, stream=True)
 
 
 def test_bad_requests_are_400(api: tuple[ProxyProcess, str], client: openai.OpenAI) -> None:
@@ -274,7 +278,8 @@ def test_queue_full_is_429_and_draining_is_503(pg_dsn: str, tmp_path: Path) -> N
             conn.execute("SELECT 1")  # a transaction left open: the drain waits for it
             proxy.send_signal(signal.SIGINT)
             time.sleep(0.5)
-            answer = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": MINILM, "input": "x"})
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings",
+                                json={"model": MINILM, "input": "x"})
             assert answer.status_code == 503 and answer.json()["error"]["code"] == "unavailable"
     finally:
         proxy.stop()
