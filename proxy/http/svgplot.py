@@ -30,13 +30,14 @@ def plot(xs: Sequence[float | str], ys: Sequence[float], *, title: str, x_label:
     else:
         labels = list(dict.fromkeys(str(x) for x in xs))
         numeric = [float(labels.index(str(x))) for x in xs]
+    x_range = "" if labels else f" ({min(numeric):.4g} to {max(numeric):.4g})"
     px = _scale(numeric, PAD, W - PAD / 2)
     py = _scale([float(y) for y in ys], H - PAD, PAD / 2)
     parts = [f'<svg class="{escape(css_class)}" data-title="{escape(title)}" width="{W}" height="{H}" '
              f'viewBox="0 0 {W} {H}" role="img"><title>{escape(title)}</title>',
              f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD / 2}" y2="{H - PAD}" class="axis"/>',
              f'<line x1="{PAD}" y1="{PAD / 2}" x2="{PAD}" y2="{H - PAD}" class="axis"/>',
-             f'<text x="{W / 2}" y="{H - 6}" class="label">{escape(x_label)}</text>',
+             f'<text x="{W / 2}" y="{H - 6}" class="label">{escape(x_label)}{x_range}</text>',
              f'<text x="4" y="12" class="label">{escape(y_label)} ({min(ys):.4g} to {max(ys):.4g})</text>']
     if line and len(px) > 1:
         points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(px, py, strict=True))
