@@ -111,7 +111,7 @@ async def loaded(request: Request) -> Response:
     runtime = state_of(request).server.runtime
     info = runtime.models_info() if runtime is not None else []
     names = ["name", "kind", "engine", "device", "precision", "memory_bytes", "load_seconds", "batches",
-             "items"]
+             "items", "queued"]
     return page("Loaded models", table(names, [[m.get(n) for n in names] for m in info], "loaded"))
 
 
