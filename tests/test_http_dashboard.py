@@ -5,7 +5,8 @@ models over SQL (one with a grid search), then opens the pages as the proxy user
 auth, sent by the browser as a header through the DevTools protocol) and checks them against
 `pgml.models`: project names, metric values, one plot point per searched candidate. It runs a
 notebook cell with `pgml.embed`, uploads a CSV and queries the new table through the proxy.
-Screenshots of each page go to the test's tmp dir.
+A small pgml.tune (MiniLM on two BBC classes) runs while the training page is reloaded: its
+loss curve gains points as pgml.logs grows. Screenshots of each page go to the test's tmp dir.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import httpx
 import psycopg
 import pytest
 
+from testing.bbc import bbc
 from testing.postgres import free_port
 from testing.proxy import TEST_CONFIG, ProxyProcess, start_proxy
 
@@ -30,6 +34,7 @@ pytestmark = [
 ]
 PROJECT = "HTTP Iris"
 SEARCHED = [1, 2, 3]
+LOSS_POINTS = 'svg.curve[data-title="loss"] circle.point'
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +155,51 @@ def test_upload_csv_then_query_it(dash: tuple[ProxyProcess, str], browser: Any, 
         conn.execute("DROP TABLE uploaded_cities")
     assert rows == [("Lyon", 522250, 47.87), ("Nice", None, 71.92), ("Paris", 2102650, 105.4)]
     assert [t for (t,) in types] == ["text", "bigint", "double precision"]
+
+
+def test_training_curve_grows_while_a_tune_runs(dash: tuple[ProxyProcess, str], browser: Any,
+                                                tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE bbc_dash (text text, class text)")
+        with conn.cursor().copy("COPY bbc_dash (text, class) FROM STDIN") as copy:
+            for row in bbc(40, ("business", "sports")):
+                copy.write_row(row)
+    hyper = {"training_args": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "logging_steps": 1,
+                               "per_device_eval_batch_size": 8, "learning_rate": 1e-4},
+             "dataset_args": {"text_column": "text", "class_column": "class"}, "max_seq_length": 32}
+    result: dict[str, Any] = {}
+
+    def tune() -> None:
+        with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+            result["rows"] = conn.execute(
+                "SELECT * FROM pgml.tune('bbc_dash', task => 'text-classification',"
+                " relation_name => 'bbc_dash', model_name => 'sentence-transformers/all-MiniLM-L6-v2',"
+                " hyperparams => %s::jsonb)",
+                (json.dumps(hyper),)).fetchall()
+
+    worker = threading.Thread(target=tune)
+    worker.start()
+    counts: list[int] = []
+    model_id = None
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        while worker.is_alive():
+            if model_id is None:
+                model_id = conn.execute("SELECT max(m.id) FROM pgml.models m JOIN pgml.projects p"
+                                        " ON p.id = m.project_id WHERE p.name = 'bbc_dash'").fetchone()[0]  # type: ignore[index]
+            if model_id is not None:
+                browser.get(f"{dash[1]}/dashboard/models/{model_id}/training")
+                counts.append(len(browser.find_elements(By.CSS_SELECTOR, LOSS_POINTS)))
+            time.sleep(0.5)
+    worker.join()
+    assert result["rows"] and model_id is not None
+    browser.get(f"{dash[1]}/dashboard/models/{model_id}/training")
+    browser.save_screenshot(str(tmp_path / "training.png"))
+    final = len(browser.find_elements(By.CSS_SELECTOR, LOSS_POINTS))
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        logged = conn.execute("SELECT count(*) FROM pgml.logs WHERE model_id = %s AND logs ? 'loss'",
+                              (model_id,)).fetchone()[0]  # type: ignore[index]
+    assert final == logged > 1
+    seen = sorted(set(counts))
+    assert len(seen) >= 2 and seen[0] < final, counts  # the page showed the curve growing
