@@ -2,6 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# make run's HTTP listener (OpenAI API, /metrics); HTTP_LISTEN=host:port in the environment moves it.
+HTTP_LISTEN ?= 127.0.0.1:8000
 
 .PHONY: install run test lint
 
@@ -16,7 +18,7 @@ install: $(BIN)/python
 	bash tools/build_pgvector.sh $(VENV)
 
 run: install
-	$(BIN)/pgml-proxy $(ARGS)
+	$(BIN)/pgml-proxy --http-listen $(HTTP_LISTEN) $(ARGS)
 
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)

@@ -1,7 +1,8 @@
 """The settings tree: every key of config.toml with its default and its validation, here only.
 
 `Config` is the whole tree: the `[proxy]` keys, `[runtime]` (`RuntimeConfig`, with
-`[runtime.tabular]` as `TabularSettings`) and `[planner]` (`PlannerSettings`).
+`[runtime.tabular]` as `TabularSettings`), `[planner]` (`PlannerSettings`) and `[http]`
+(`HttpSettings`).
 `Config.validate` checks every section, so a start, a RELOAD and a SIGHUP (all of which go
 through `proxy.config.load`) refuse a bad tree before anything of it is applied. Errors are
 `core.errors.ConfigError` carrying the key's full dotted name (`runtime.tabular.pool_size`).
@@ -61,6 +62,53 @@ class PlannerSettings:
             else:
                 _count(f"planner.{key}", value, 0 if key == "parse_cache_size" else 1)
         return cls(**d)
+
+
+# --- [http] ----------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """The HTTP listener (OpenAI-compatible API, dashboard, /metrics); off while `listen` is empty."""
+
+    listen: str = ""  # HOST:PORT, e.g. "127.0.0.1:8000"
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # bearer key -> proxy user
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
+    max_tokens: int = 4096  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 256  # when a request gives none
+    max_n: int = 16  # the largest n (choices per request)
+    max_inputs: int = 2048  # texts per embeddings request
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any] | None) -> HttpSettings:
+        d = dict(d or {})
+        _unknown("http", d, {f.name for f in fields(cls)})
+        kw: dict[str, Any] = {}
+        for key, value in d.items():
+            if key == "listen":
+                if not isinstance(value, str) or (value and not _host_port(value)):
+                    raise ConfigError("http.listen", f"expected HOST:PORT or empty (off), got {value!r}")
+                kw[key] = value
+            elif key == "api_keys":
+                if not isinstance(value, Mapping) or not all(
+                    isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()
+                ):
+                    raise ConfigError("http.api_keys", 'expected a table of "key" = "user"')
+                kw[key] = dict(value)
+            else:
+                kw[key] = _count(f"http.{key}", value)
+        return cls(**kw)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+def _host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 <= int(port) < 65536)
 
 
 # --- [runtime.tabular] -----------------------------------------------------------------------------
@@ -276,6 +324,7 @@ class Config:
     # The sections of their owners, kept as given (mappings) and validated by `validate`.
     runtime: Mapping[str, Any] = field(default_factory=dict)
     planner: Mapping[str, Any] = field(default_factory=dict)
+    http: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def listen_host(self) -> str:
@@ -289,8 +338,11 @@ class Config:
         """Return self, or raise ConfigError naming the first bad key of the whole tree."""
         RuntimeConfig.from_mapping(self.runtime)
         PlannerSettings.from_mapping(self.planner)
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        http = HttpSettings.from_mapping(self.http)
+        unknown_users = sorted(set(http.api_keys.values()) - set(self.users)) if self.users else []
+        if unknown_users:
+            raise ConfigError("http.api_keys", f"maps a key to {unknown_users[0]!r}, who is not in users")
+        if not _host_port(self.listen):
             raise ConfigError("listen", f"expected HOST:PORT, got {self.listen!r}")
         if self.pool_mode not in POOL_MODES:
             raise ConfigError("pool_mode", f"expected one of {POOL_MODES}, got {self.pool_mode!r}")

@@ -67,7 +67,7 @@ def load(
     except ConfigError as exc:
         # [proxy]'s keys are flat in the object (they are flags and PGML_PROXY_* variables too);
         # the error names them by their full dotted name, as [runtime] and [planner] name theirs.
-        if exc.key in _FIELDS and exc.key not in ("runtime", "planner"):
+        if exc.key in _FIELDS and exc.key not in ("runtime", "planner", "http"):
             raise ConfigError(f"proxy.{exc.key}", exc.problem) from None
         raise
 
@@ -89,7 +89,7 @@ def _load(
             raise ConfigError("config", f"no such file: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path}: {exc}") from None
-        # [proxy] holds the proxy's own keys; [runtime] and [planner] are sections of their own.
+        # [proxy] holds the proxy's own keys; [runtime], [planner] and [http] are sections of their own.
         flat = dict(data.get("proxy", {}))
         for key, value in data.items():
             if key in ("proxy",):
@@ -101,7 +101,7 @@ def _load(
             values[key] = _coerce(key, value)
     for name in _FIELDS:
         raw = env.get(ENV_PREFIX + name.upper())
-        if raw is not None and name not in ("runtime", "planner", "users"):
+        if raw is not None and name not in ("runtime", "planner", "http", "users"):
             values[name] = _coerce(name, raw)
     for key, value in (overrides or {}).items():
         if value is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -20,6 +21,7 @@ import uvloop
 
 from core.errors import ConfigError
 from core.interfaces import StatementHandler
+from core.settings import HttpSettings
 from proxy.config import Config, load
 
 if TYPE_CHECKING:
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", metavar="PATH",
                    help="data directory of the embedded Postgres (default ./pgml-data)")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--http-listen", metavar="HOST:PORT",
+                   help="serve the OpenAI-compatible API and /metrics over HTTP here "
+                   "(the [http] listen key; default off)")
     return p
 
 
@@ -57,6 +62,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"listen": args.listen, "upstream": args.upstream, "pool_mode": args.pool_mode,
             "data_dir": args.data_dir, "log_level": args.log_level,
             "replicas": tuple(args.replica) if args.replica else None}
+
+
+def _load(path: str | None, overrides: dict[str, Any], http_listen: str | None) -> Config:
+    """`load`, with --http-listen put into the [http] section (a flag for one nested key)."""
+    config = load(path, overrides)
+    if http_listen is None:
+        return config
+    return dataclasses.replace(config, http={**config.http, "listen": http_listen}).validate()
 
 
 async def _build_handler(config: Config, upstream: str) -> tuple[Runtime, StatementHandler]:
@@ -74,7 +87,8 @@ async def _build_handler(config: Config, upstream: str) -> tuple[Runtime, Statem
     return runtime, planner.build_handler(runtime, config.planner)
 
 
-async def serve(config: Config, config_path: str | None, overrides: dict[str, Any]) -> int:
+async def serve(config: Config, config_path: str | None, overrides: dict[str, Any],
+                http_listen: str | None = None) -> int:
     from proxy.app import ProxyServer
 
     embedded = None
@@ -89,13 +103,19 @@ async def serve(config: Config, config_path: str | None, overrides: dict[str, An
     # With replicas the runtime's own connections find the primary (registry writes, LISTEN).
     runtime, handler = await _build_handler(config, runtime_dsn(upstream, config.replicas))
     server = ProxyServer(config, upstream, handler)
-    server.load_config = lambda: load(config_path, overrides)
+    server.load_config = lambda: _load(config_path, overrides, http_listen)
     server.runtime = runtime
     await server.start()
     if config.metrics_port:
         from proxy import metrics
 
         metrics.start(config, server)
+    http = None
+    http_settings = HttpSettings.from_mapping(config.http)
+    if http_settings.listen:
+        from proxy import http as http_listener
+
+        http = await http_listener.start(http_settings, server)
     print(f"pgml-proxy ready on {server.address}", file=sys.stderr, flush=True)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -103,6 +123,8 @@ async def serve(config: Config, config_path: str | None, overrides: dict[str, An
 
     async def drain() -> None:
         log.info("SIGINT: draining (up to %.0f s)", server.config.shutdown_timeout)
+        if http is not None:
+            http.drain()
         await server.drain(server.config.shutdown_timeout)
         done.set()
 
@@ -112,7 +134,7 @@ async def serve(config: Config, config_path: str | None, overrides: dict[str, An
 
     def reload() -> None:
         try:
-            new = server.load_config() if server.load_config else load(config_path, overrides)
+            new = server.load_config() if server.load_config else _load(config_path, overrides, http_listen)
         except ConfigError as exc:
             log.error("reload failed, keeping the old configuration: %s (key %s)", exc, exc.key)
             return
@@ -126,6 +148,8 @@ async def serve(config: Config, config_path: str | None, overrides: dict[str, An
     loop.add_signal_handler(signal.SIGTERM, lambda: later(stop()))
     loop.add_signal_handler(signal.SIGHUP, reload)
     await done.wait()
+    if http is not None:
+        await http.close()
     await runtime.close()
     if embedded is not None:
         await asyncio.to_thread(embedded.stop)
@@ -141,14 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = _overrides(args)
     try:
-        config = load(args.config, overrides)
+        config = _load(args.config, overrides, args.http_listen)
     except ConfigError as exc:
         print(f"pgml-proxy: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(uvloop.run(serve(config, args.config, overrides)))  # uvloop: a dependency
+        # uvloop: a dependency
+        return int(uvloop.run(serve(config, args.config, overrides, args.http_listen)))
     except ConfigError as exc:
         print(f"pgml-proxy: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Prometheus metrics over HTTP on `config.metrics_host:metrics_port`.
+"""Prometheus metrics: `render` for the HTTP listener's /metrics (proxy/http), and the old
+endpoint on `config.metrics_host:metrics_port` (deprecated: it logs so at start).
 
 Nothing is counted per query here: a custom Collector reads `server.snapshot()` (through
 `proxy.admin.take_snapshot`) when Prometheus scrapes. prometheus_client's own WSGI server
@@ -10,18 +11,20 @@ proxy's state while the loop is changing it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy.admin import STAT_COLUMNS, Snapshot, field_of, take_snapshot
 
+log = logging.getLogger("pgml_proxy")
 SCRAPE_TIMEOUT = 5.0  # seconds the scrape waits for the event loop before failing the scrape
 PREFIX = "pgml_proxy_"
 
@@ -53,13 +56,36 @@ class SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         future = asyncio.run_coroutine_threadsafe(take_snapshot(self._server), self._loop)
-        snap: Snapshot = future.result(timeout=SCRAPE_TIMEOUT)
-        yield from _counters(snap)
-        yield from _pools(snap)
-        yield from _states("clients", "Client connections by state", snap.clients)
-        yield from _states("servers", "Server connections by state", snap.servers)
-        yield from _upstreams(snap)
-        yield from _models(snap)
+        yield from families(future.result(timeout=SCRAPE_TIMEOUT))
+
+
+class _Taken(Collector):
+    """One snapshot already taken (on the loop), for a scrape served on the loop."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self._snap = snap
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self._snap)
+
+
+async def render(server: Any) -> bytes:
+    """The exposition text for one scrape, served on the event loop (the HTTP listener)."""
+    snap = await take_snapshot(server)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Taken(snap))
+    ProcessCollector(namespace="pgml_proxy", registry=registry)
+    return bytes(generate_latest(registry))
+
+
+def families(snap: Snapshot) -> Iterator[Metric]:
+    """Every metric family of one snapshot."""
+    yield from _counters(snap)
+    yield from _pools(snap)
+    yield from _states("clients", "Client connections by state", snap.clients)
+    yield from _states("servers", "Server connections by state", snap.servers)
+    yield from _upstreams(snap)
+    yield from _models(snap)
 
 
 def _counters(snap: Snapshot) -> Iterator[Metric]:
@@ -149,6 +175,8 @@ def start(config: Any, server: Any, *, port: int | None = None) -> MetricsHandle
     port = config.metrics_port if port is None else port
     if not port:
         return None
+    log.warning("proxy.metrics_port is deprecated: /metrics is served by the HTTP listener "
+                "([http] listen); metrics_port will be removed in a later release")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(server, asyncio.get_running_loop()))
     ProcessCollector(namespace="pgml_proxy", registry=registry)

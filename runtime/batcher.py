@@ -91,6 +91,11 @@ class Batcher:
         self._sec_per_cost = 0.0  # measured; 0 until the first batch
         self.stats = BatcherStats()
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch (the queue depth the dashboard shows)."""
+        return self._queue.qsize()
+
     def _check_room(self, n: int) -> None:
         if self._queue.qsize() + n > self.policy.queue_size:
             raise InsufficientResources(

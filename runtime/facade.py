@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from core import functions
 from core.errors import (
     FeatureNotSupported,
@@ -106,6 +108,39 @@ class Runtime:
 
     def models_info(self) -> list[dict[str, Any]]:
         return self.models.info()
+
+    async def count_tokens(self, kind: str, model: str, items: Sequence[Any]) -> list[int]:
+        """Tokens of each item by `model`'s own tokenizer, off the event loop (the HTTP API's usage).
+
+        kind "embed": texts as the embedding model reads them (special tokens, its truncation);
+        "chat": conversations through the chat template with the assistant's opening; "prompt":
+        text-generation prompts; "completion": generated text (no special tokens). Counting
+        takes the model's lock: its fast tokenizer is not safe to share with a running batch.
+        """
+        if kind == "embed":
+            entry = await self._embed_model(model, {})
+
+            def count() -> list[int]:
+                st = entry.obj.st
+                # sentence-transformers 5.x renamed tokenize (now deprecated) to preprocess.
+                prepare = getattr(st, "preprocess", None) or st.tokenize
+                with entry.obj.lock:
+                    mask = prepare(list(items))["attention_mask"]
+                return [int(n) for n in np.asarray(mask).sum(axis=1)]
+        else:
+            spec = tf.parse_task({"task": "text-generation", "model": model}, {}, self.config)
+            entry = await self._pipeline(await self._tuned(spec))
+
+            def count() -> list[int]:
+                tok = entry.obj.pipe.tokenizer
+                with entry.obj.lock:
+                    if kind == "chat":
+                        return [len(tok.apply_chat_template(list(m), add_generation_prompt=True,
+                                                            tokenize=True)) for m in items]
+                    return [len(tok(t, add_special_tokens=kind == "prompt")["input_ids"]) for t in items]
+
+        with _in_use(entry):
+            return await asyncio.get_running_loop().run_in_executor(self.executor, count)
 
     async def call_batch(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext

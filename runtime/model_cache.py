@@ -148,6 +148,7 @@ class ModelCache:
                     "load_seconds": round(entry.load_seconds, 3),
                     "batches": entry.batcher.stats.batches,
                     "items": entry.batcher.stats.items,
+                    "queued": entry.batcher.queued,
                 }
             )
         return out

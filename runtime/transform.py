@@ -278,10 +278,12 @@ class PipelineModel:
     def run(self, payloads: list[tuple[Any, str]]) -> list[Any]:
         """Outputs in payload order; a group whose arguments fail gets its error, not the others."""
         out: list[Any] = [None] * len(payloads)
-        groups: dict[str, list[int]] = {}
-        for i, (_, key) in enumerate(payloads):
-            groups.setdefault(key, []).append(i)
-        for key, idx in groups.items():
+        # A chat (a list of messages) and a prompt never share a pipeline call: one loaded
+        # text-generation pipeline serves both `conversational` and `text-generation` calls.
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for i, (x, key) in enumerate(payloads):
+            groups.setdefault((key, isinstance(x, list)), []).append(i)
+        for (key, _), idx in groups.items():
             try:
                 results = self._call([payloads[i][0] for i in idx], json.loads(key))
             except PgError as exc:
@@ -291,7 +293,8 @@ class PipelineModel:
         return out
 
     def _call(self, inputs: list[Any], args: dict[str, Any]) -> list[Any]:
-        chat = self.base == "conversational" or isinstance(inputs[0], list)
+        # Per call, not per model: the model may have been loaded for the other task.
+        chat = isinstance(inputs[0], list)
         if chat:
             args = {**args, "return_full_text": False}
         try:

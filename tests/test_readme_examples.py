@@ -91,6 +91,7 @@ def readme_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Psql]:
     env = dict(os.environ)
     env.update(
         PGML_PROXY_LISTEN=f"127.0.0.1:{port}",
+        HTTP_LISTEN=f"127.0.0.1:{free_port()}",  # make run's HTTP listener, off the fixed 8000
         PGML_PROXY_DATA_DIR=str(data_dir),
         PGML_PROXY_CONFIG=str(config),
         HF_HUB_OFFLINE="1",

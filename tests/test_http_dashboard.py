@@ -1,0 +1,205 @@
+"""The dashboard in a real browser: Debian's headless Chromium driven by Selenium.
+
+A proxy with its HTTP listener runs in front of the test Postgres. The test trains two iris
+models over SQL (one with a grid search), then opens the pages as the proxy user (HTTP basic
+auth, sent by the browser as a header through the DevTools protocol) and checks them against
+`pgml.models`: project names, metric values, one plot point per searched candidate. It runs a
+notebook cell with `pgml.embed`, uploads a CSV and queries the new table through the proxy.
+A small pgml.tune (MiniLM on two BBC classes) runs while the training page is reloaded: its
+loss curve gains points as pgml.logs grows. Screenshots of each page go to the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from testing.bbc import bbc
+from testing.postgres import free_port
+from testing.proxy import TEST_CONFIG, ProxyProcess, start_proxy
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("chromedriver") is None, reason="needs Debian's chromium-driver"),
+]
+PROJECT = "HTTP Iris"
+SEARCHED = [1, 2, 3]
+LOSS_POINTS = 'svg.curve[data-title="loss"] circle.point'
+
+
+@pytest.fixture(scope="module")
+def dash(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyProcess, str]]:
+    port = free_port()
+    config = tmp_path_factory.mktemp("http-dash") / "config.toml"
+    config.write_text(TEST_CONFIG.read_text() + f'\n[http]\nlisten = "127.0.0.1:{port}"\n')
+    proxy = start_proxy(pg_dsn, "session", config=config)
+    yield proxy, f"http://127.0.0.1:{port}"
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(dash: tuple[ProxyProcess, str]) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1600"):
+        options.add_argument(arg)
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    token = base64.b64encode(b"postgres:any").decode()
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def trained(dash: tuple[ProxyProcess, str]) -> list[tuple[int, str, dict[str, Any]]]:
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        conn.execute("SELECT * FROM pgml.load_dataset('iris')").fetchall()
+        conn.execute("SELECT * FROM pgml.train(%s, 'classification', 'pgml.iris', 'target', "
+                     "algorithm => 'xgboost', search => 'grid', search_params => %s::jsonb, "
+                     "search_args => '{\"cv\": 2}', hyperparams => '{\"n_estimators\": 5}')",
+                     (PROJECT, json.dumps({"max_depth": SEARCHED}))).fetchall()
+        conn.execute("SELECT * FROM pgml.train(%s, algorithm => 'linear')", (PROJECT,)).fetchall()
+        return list(conn.execute(
+            "SELECT m.id, m.algorithm, m.metrics FROM pgml.models m JOIN pgml.projects p"
+            " ON p.id = m.project_id WHERE p.name = %s ORDER BY m.id", (PROJECT,)).fetchall())
+
+
+def _open(browser: Any, url: str, shots: Path, name: str) -> None:
+    browser.get(url)
+    browser.save_screenshot(str(shots / f"{name}.png"))
+
+
+def test_login_is_required(dash: tuple[ProxyProcess, str]) -> None:
+    answer = httpx.get(dash[1] + "/dashboard/projects")
+    assert answer.status_code == 401 and answer.headers["www-authenticate"].startswith("Basic")
+
+
+def test_projects_and_model_pages(dash: tuple[ProxyProcess, str], browser: Any, tmp_path: Path,
+                                  trained: list[tuple[int, str, dict[str, Any]]]) -> None:
+    from selenium.webdriver.common.by import By
+
+    _open(browser, dash[1] + "/dashboard/projects", tmp_path, "projects")
+    assert PROJECT in [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".project-name")]
+    section = browser.find_element(By.CSS_SELECTOR, f'section.project[data-name="{PROJECT}"]')
+    listed = [r.find_elements(By.TAG_NAME, "td") for r in section.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    assert [int(cells[0].text) for cells in listed] == [m[0] for m in trained]
+    assert [float(cells[3].text) for cells in listed] == [m[2]["f1"] for m in trained]
+    for model_id, algorithm, metrics in trained:
+        _open(browser, f"{dash[1]}/dashboard/models/{model_id}", tmp_path, f"model-{model_id}")
+        assert algorithm in browser.find_element(By.TAG_NAME, "main").text
+        shown = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
+                 for r in browser.find_elements(By.CSS_SELECTOR, "table.metrics tbody tr")}
+        want = {k: v for k, v in metrics.items() if k != "search_results"}
+        assert shown.keys() == want.keys()
+        assert all(float(shown[k]) == float(v) for k, v in want.items() if isinstance(v, int | float))
+        points = browser.find_elements(By.CSS_SELECTOR, "svg.plot circle.point")
+        if "search_results" in metrics:
+            assert len(points) == len(SEARCHED) == len(metrics["search_results"]["params"])
+            assert sorted(int(p.get_attribute("data-x")) for p in points) == SEARCHED
+        else:
+            assert points == []
+
+
+def test_loaded_models_and_snapshots(dash: tuple[ProxyProcess, str], browser: Any, tmp_path: Path,
+                                     trained: list[tuple[int, str, dict[str, Any]]]) -> None:
+    from selenium.webdriver.common.by import By
+
+    _open(browser, dash[1] + "/dashboard/snapshots", tmp_path, "snapshots")
+    assert "pgml.iris" in browser.find_element(By.CSS_SELECTOR, "table.snapshots").text
+    _open(browser, dash[1] + "/dashboard/loaded", tmp_path, "loaded")
+    assert browser.find_elements(By.CSS_SELECTOR, "table.loaded")
+
+
+def test_notebook_cell_runs_pgml_embed(dash: tuple[ProxyProcess, str], browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(dash[1] + "/dashboard/notebook")
+    area = browser.find_element(By.NAME, "sql")
+    area.send_keys("SELECT array_length(pgml.embed('sentence-transformers/all-MiniLM-L6-v2', 'hello'), 1)"
+                   " AS dims")
+    browser.find_element(By.ID, "run").click()
+    browser.save_screenshot(str(tmp_path / "notebook.png"))
+    cells = browser.find_elements(By.CSS_SELECTOR, "table.result tbody td")
+    assert [c.text for c in cells] == ["384"]
+
+
+def test_upload_csv_then_query_it(dash: tuple[ProxyProcess, str], browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    csv_path = tmp_path / "cities.csv"
+    csv_path.write_text("name,population,area\nParis,2102650,105.4\nLyon,522250,47.87\nNice,,71.92\n")
+    browser.get(dash[1] + "/dashboard/upload")
+    browser.find_element(By.ID, "table").send_keys("uploaded_cities")
+    browser.find_element(By.ID, "file").send_keys(str(csv_path))
+    browser.find_element(By.ID, "upload").click()
+    browser.save_screenshot(str(tmp_path / "upload.png"))
+    assert browser.find_element(By.ID, "uploaded").text.startswith("3 rows")
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        rows = conn.execute("SELECT name, population, area FROM uploaded_cities ORDER BY name").fetchall()
+        types = conn.execute("SELECT atttypid::regtype::text FROM pg_attribute WHERE attrelid ="
+                             " 'uploaded_cities'::regclass AND attnum > 0 ORDER BY attnum").fetchall()
+        conn.execute("DROP TABLE uploaded_cities")
+    assert rows == [("Lyon", 522250, 47.87), ("Nice", None, 71.92), ("Paris", 2102650, 105.4)]
+    assert [t for (t,) in types] == ["text", "bigint", "double precision"]
+
+
+def test_training_curve_grows_while_a_tune_runs(dash: tuple[ProxyProcess, str], browser: Any,
+                                                tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE bbc_dash (text text, class text)")
+        with conn.cursor().copy("COPY bbc_dash (text, class) FROM STDIN") as copy:
+            for row in bbc(40, ("business", "sports")):
+                copy.write_row(row)
+    hyper = {"training_args": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "logging_steps": 1,
+                               "per_device_eval_batch_size": 8, "learning_rate": 1e-4},
+             "dataset_args": {"text_column": "text", "class_column": "class"}, "max_seq_length": 32}
+    result: dict[str, Any] = {}
+
+    def tune() -> None:
+        with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+            result["rows"] = conn.execute(
+                "SELECT * FROM pgml.tune('bbc_dash', task => 'text-classification',"
+                " relation_name => 'bbc_dash', model_name => 'sentence-transformers/all-MiniLM-L6-v2',"
+                " hyperparams => %s::jsonb)",
+                (json.dumps(hyper),)).fetchall()
+
+    worker = threading.Thread(target=tune)
+    worker.start()
+    counts: list[int] = []
+    model_id = None
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        while worker.is_alive():
+            if model_id is None:
+                model_id = conn.execute("SELECT max(m.id) FROM pgml.models m JOIN pgml.projects p"
+                                        " ON p.id = m.project_id WHERE p.name = 'bbc_dash'").fetchone()[0]  # type: ignore[index]
+            if model_id is not None:
+                browser.get(f"{dash[1]}/dashboard/models/{model_id}/training")
+                counts.append(len(browser.find_elements(By.CSS_SELECTOR, LOSS_POINTS)))
+            time.sleep(0.5)
+    worker.join()
+    assert result["rows"] and model_id is not None
+    browser.get(f"{dash[1]}/dashboard/models/{model_id}/training")
+    browser.save_screenshot(str(tmp_path / "training.png"))
+    final = len(browser.find_elements(By.CSS_SELECTOR, LOSS_POINTS))
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        logged = conn.execute("SELECT count(*) FROM pgml.logs WHERE model_id = %s AND logs ? 'loss'",
+                              (model_id,)).fetchone()[0]  # type: ignore[index]
+    assert final == logged > 1
+    seen = sorted(set(counts))
+    assert len(seen) >= 2 and seen[0] < final, counts  # the page showed the curve growing
