@@ -71,6 +71,8 @@ class TabularSettings:
     max_batch_rows: int = 4096
     max_queue: int = 10000
     max_models: int = 32  # loaded tabular models kept in memory
+    # Serve with ONNX Runtime where the conversion is checked equal (runtime/tabular/compiled.py).
+    onnx: bool = True
     # hub dataset name -> offline generator (runtime/tabular/offline_datasets.py checks the name)
     dataset_substitutes: Mapping[str, str] = field(default_factory=dict)
 
@@ -86,6 +88,10 @@ class TabularSettings:
                         "runtime.tabular.dataset_substitutes", "expected a table of name = generator"
                     )
                 kw[key] = {str(k): v for k, v in value.items()}
+            elif key == "onnx":
+                if not isinstance(value, bool):
+                    raise ConfigError("runtime.tabular.onnx", f"expected true or false, got {value!r}")
+                kw[key] = value
             else:
                 kw[key] = _count(f"runtime.tabular.{key}", value)
         return cls(**kw)

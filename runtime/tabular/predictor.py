@@ -8,6 +8,7 @@ project -> deployed id map is the only thing that changes, and a NOTIFY on
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +31,9 @@ from core.errors import (
 from core.stop import Stop
 from runtime.batcher import Batcher, Policy
 
-from . import preprocess, registry, storage
+from . import compiled, preprocess, registry, storage
+
+log = logging.getLogger(__name__)
 
 OPS = functions.served_by("tabular", "predict")
 
@@ -86,7 +89,13 @@ class Served:
 
 class Predictor:
     def __init__(
-        self, pool: registry.Pool, executor: Executor, max_rows: int, max_queue: int, max_models: int = 32
+        self,
+        pool: registry.Pool,
+        executor: Executor,
+        max_rows: int,
+        max_queue: int,
+        max_models: int = 32,
+        onnx: bool = True,
     ) -> None:
         self._pool = pool
         self._executor = executor
@@ -99,6 +108,8 @@ class Predictor:
         self._models: OrderedDict[int, asyncio.Task[Served]] = OrderedDict()
         self._batchers: dict[tuple[int, str], Batcher] = {}
         self._max_models = max_models
+        self._onnx = onnx
+        self._compiling: set[asyncio.Task[None]] = set()
 
     def forget_deployment(self, project: str | None = None) -> None:
         """Drop the cached deployment of `project` (all of them when None)."""
@@ -159,7 +170,8 @@ class Predictor:
         lib = {"model.ubj": "xgboost", "model.txt": "lightgbm", "model.cbm": "catboost"}.get(
             rec["path"], "sklearn"
         )
-        model = await asyncio.get_running_loop().run_in_executor(
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(
             self._executor,
             storage.load,
             model_id,
@@ -171,8 +183,55 @@ class Predictor:
             len(classes),
         )
         names = [c["name"] for c in sorted(columns, key=lambda c: int(c.get("position", 0)))]
-        takes_nan, takes_inf = await asyncio.get_running_loop().run_in_executor(self._executor, _takes, model)
-        return Served(model, registry.feature_specs(columns), classes, names, takes_nan, takes_inf)
+        takes_nan, takes_inf = await loop.run_in_executor(self._executor, compiled.accepts, model)
+        served = Served(model, registry.feature_specs(columns), classes, names, takes_nan, takes_inf)
+        await self._compile(served, rec)
+        return served
+
+    async def _compile(self, served: Served, rec: Mapping[str, Any]) -> None:
+        """Serve with the stored ONNX form when there is one; else convert in the background."""
+        model = served.model
+        what = f"model {model.model_id} ({model.lib} {model.task})"
+        if not self._onnx or not compiled.convertible(model.task, model.lib):
+            log.info("%s is served natively", what)
+            return
+        if rec["onnx"] is None:
+            # A model stored before ONNX serving: native now, ONNX once checked (no call waits).
+            task = asyncio.get_running_loop().create_task(self._compile_later(served, rec))
+            self._compiling.add(task)
+            task.add_done_callback(self._compiling.discard)
+            return
+        try:
+            model.compiled = await asyncio.get_running_loop().run_in_executor(
+                None, compiled.load, rec["onnx"], model
+            )
+            log.info("%s is served by ONNX Runtime (its model.onnx in pgml.files)", what)
+        except Exception as exc:  # a broken file keeps the native model, which is always there
+            log.warning("%s is served natively: its model.onnx does not load (%s)", what, exc)
+
+    async def _compile_later(self, served: Served, rec: Mapping[str, Any]) -> None:
+        model = served.model
+        what = f"model {model.model_id} ({model.lib} {model.task})"
+        try:
+            x = await self._check_rows(served, rec)
+            built, why = await asyncio.get_running_loop().run_in_executor(None, compiled.build, model, x)
+            if built is not None:
+                async with self._pool.connection() as conn:
+                    await registry.add_file(conn, model.model_id, compiled.ONNX_PATH, built.data)
+                model.compiled = built
+            log.info("%s is served by %s", what, why)
+        except Exception as exc:  # the check rows cannot be read (the relation is gone): stay native
+            log.warning("%s is served natively: no ONNX form (%s: %s)", what, type(exc).__name__, exc)
+
+    async def _check_rows(self, served: Served, rec: Mapping[str, Any]) -> np.ndarray:
+        """Feature rows of the model's snapshot relation as it is now, transformed as at predict."""
+        relation = f"pgml.snapshot_{rec['snapshot_id']}" if rec["materialized"] else rec["relation_name"]
+        if relation is None:
+            raise InvalidParameterValue("the model has no snapshot to check a conversion on")
+        kinds = [(s["name"], s["kind"]) for s in served.features]
+        async with self._pool.connection() as conn:
+            data, n = await registry.read_columns(conn, str(relation), kinds)
+        return preprocess.transform(served.features, data, n)
 
     def _batcher(self, served: Served, op: str) -> Batcher:
         key = (served.model.model_id, op)
@@ -286,21 +345,18 @@ class Predictor:
             for (mid, op), b in self._batchers.items()
         }
 
+    def engine(self, model_id: int) -> str | None:
+        """"onnx" or "native" for a loaded model; None when it is not loaded (for tests and SHOW)."""
+        task = self._models.get(model_id)
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        return task.result().model.engine
+
     async def close(self) -> None:
+        for task in list(self._compiling):
+            task.cancel()
         for batcher in self._batchers.values():
             await batcher.close()
-
-
-def _takes(model: storage.LoadedModel) -> tuple[bool, bool]:
-    """Whether the model predicts on a row of NaN, and on a row of Infinity (one call each)."""
-    out = []
-    for value in (np.nan, np.inf):
-        try:
-            model.predict(np.full((1, model.num_features), value, dtype=np.float32))
-            out.append(True)
-        except Exception:  # any refusal means "not accepted": each library raises its own type
-            out.append(False)
-    return out[0], out[1]
 
 
 _REAL_ARRAY = adapt.Transformer().get_loader(1021, pq.Format.TEXT)  # real[]'s text form
