@@ -192,7 +192,8 @@ def build(native: LoadedModel, x: np.ndarray) -> tuple[Compiled | None, str]:
         return None, f"native: ONNX predictions differ ({differs})"
     compiled.data = _with_meta(compiled.data, {_NONFINITE: "1" if compiled.nonfinite else "0"})
     rows = len(x) + (len(odd) if compiled.nonfinite else 0)
-    nan = "" if compiled.nonfinite or not len(odd) else "; rows holding NaN or Infinity are predicted natively"
+    native_odd = not compiled.nonfinite and len(odd)
+    nan = "; rows holding NaN or Infinity are predicted natively" if native_odd else ""
     return compiled, f"ONNX Runtime: checked equal to the native model on {rows} rows{nan}"
 
 

@@ -193,7 +193,7 @@ class Predictor:
         model = served.model
         what = f"model {model.model_id} ({model.lib} {model.task})"
         if not self._onnx or not compiled.convertible(model.task, model.lib):
-            log.info("%s is served natively", what)
+            log.info("%s is served by native (no ONNX conversion here)", what)
             return
         if rec["onnx"] is None:
             # A model stored before ONNX serving: native now, ONNX once checked (no call waits).
@@ -207,7 +207,7 @@ class Predictor:
             )
             log.info("%s is served by ONNX Runtime (its model.onnx in pgml.files)", what)
         except Exception as exc:  # a broken file keeps the native model, which is always there
-            log.warning("%s is served natively: its model.onnx does not load (%s)", what, exc)
+            log.warning("%s is served by native: its model.onnx does not load (%s)", what, exc)
 
     async def _compile_later(self, served: Served, rec: Mapping[str, Any]) -> None:
         model = served.model
@@ -221,7 +221,7 @@ class Predictor:
                 model.compiled = built
             log.info("%s is served by %s", what, why)
         except Exception as exc:  # the check rows cannot be read (the relation is gone): stay native
-            log.warning("%s is served natively: no ONNX form (%s: %s)", what, type(exc).__name__, exc)
+            log.warning("%s is served by native: no ONNX form (%s: %s)", what, type(exc).__name__, exc)
 
     async def _check_rows(self, served: Served, rec: Mapping[str, Any]) -> np.ndarray:
         """Feature rows of the model's snapshot relation as it is now, transformed as at predict."""
