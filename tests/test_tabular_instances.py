@@ -163,7 +163,8 @@ async def test_model_files_are_not_pickles_and_foreign_types_are_refused(
                 " JOIN pgml.projects p ON p.id = m.project_id WHERE p.name = 'files iris' ORDER BY f.id"
             )
         ).fetchall()
-    assert [f[0] for f in files] == ["model.skops", "model.ubj"]
+    # Each native file, with the ONNX form checked equal to it beside it (runtime/tabular/compiled.py).
+    assert [f[0] for f in files] == ["model.skops", "model.onnx", "model.ubj", "model.onnx"]
     assert bytes(files[0][1])[:2] == b"PK"  # a skops zip, not a pickle stream (b"\x80")
     # A skops file holding a type outside scikit-learn/NumPy/SciPy is refused before loading.
     from collections import Counter
