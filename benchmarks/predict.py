@@ -273,7 +273,11 @@ def _start_http(model_path: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], s
         f"wrk.body = '{{\"features\": [{', '.join(map(str, FEATURES))}]}}'\n"
     )
     url = f"http://127.0.0.1:{port}/predict"
-    _wait_http(url, lua, proc)
+    try:
+        _wait_http(url, lua, proc)
+    except BaseException:
+        stop_process(proc)
+        raise
     return proc, url, lua
 
 
@@ -313,11 +317,12 @@ def _one_row(
     native, _, native_error = _start_proxy(dsn, tmp, onnx=False)
     select1 = tmp / "select1.sql"
     select1.write_text("SELECT 1;\n")
-    http, url, lua = _start_http(model_path, tmp)
     pgbench = shutil.which("pgbench") or "pgbench"
     samples: dict[tuple[str, int], list[dict[str, float]]] = {}
-    modes = ("simple", "prepared") if "prepared" in args.modes else ("simple",)
+    modes = tuple(args.modes)
+    http = None
     try:
+        http, url, lua = _start_http(model_path, tmp)
         for _ in range(args.rounds):
             for c in args.clients:
                 for mode in modes:
@@ -338,8 +343,13 @@ def _one_row(
                 samples.setdefault(("FastAPI + uvicorn (2 workers), wrk", c), []).append(
                     _wrk(url, lua, c, args.duration)
                 )
+    except BaseException:
+        if proxy is not None:
+            proxy.stop()
+        raise
     finally:
-        stop_process(http)
+        if http is not None:
+            stop_process(http)
         if native is not None:
             native.stop()
     rows: list[dict[str, Any]] = [{"target": "pgml-proxy", "error": error}] if error else []

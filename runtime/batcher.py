@@ -6,11 +6,13 @@ cost (token or row) budget, a time budget (the batch's cost is capped by what th
 ran per second so far, so a stop lands within about one batch), and either `wait_s` after
 the first item (a quarter of it with no new item) or, with `wait_s` 0, a few turns of the
 event loop while the queue keeps growing (a lone one-row call waits one turn). It sorts
-the batch by cost to cut padding, runs it in a thread pool (never on the event loop) and
-checks outputs one for one against inputs. Items whose caller was cancelled or whose
-statement was stopped (`core.stop.Stop`) are dropped from the queue, and a batch whose
-items are all stopped is abandoned when its thread starts. A full queue answers
-`InsufficientResources` (53000) at once.
+the batch by cost to cut padding, runs it in a thread pool and checks outputs one for one
+against inputs. Only a batch whose measured cost is below `inline_s` (a compiled tabular
+model's few rows: tens of microseconds) runs on the event loop instead: the hop to a thread
+and back costs more than that on a busy machine, and so little blocking holds no one up.
+Items whose caller was cancelled or whose statement was stopped (`core.stop.Stop`) are
+dropped from the queue, and a batch whose items are all stopped is abandoned when its
+thread starts. A full queue answers `InsufficientResources` (53000) at once.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Policy:
     in_flight: int = 2  # batches running or formed at once; 1 runs them in the owner
     time_budget_s: float = 1.0  # 0: no time cap; a stop lands within about this much model time
     wait_turns: int = 4
+    # Run a batch on the event loop when its estimated time (cost x measured seconds per cost)
+    # is at most this; 0: always in the thread pool. Never the first batch (nothing measured).
+    inline_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -267,6 +272,10 @@ class Batcher:
         self._sec_per_cost = rate if old <= 0 else old + _RATE_WEIGHT * (rate - old)
         return outputs
 
+    def _inline(self, live: list[_Item]) -> bool:
+        limit = self.policy.inline_s
+        return limit > 0 and 0 < self._sec_per_cost * sum(it.cost for it in live) <= limit
+
     async def _execute(self, batch: list[_Item]) -> None:
         try:
             live = [it for it in batch if not it.dead()]
@@ -277,7 +286,10 @@ class Batcher:
                 live.sort(key=lambda it: it.cost)
             loop = asyncio.get_running_loop()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run_unless_stopped, live)
+                if self._inline(live):
+                    outputs = self._run_unless_stopped(live)
+                else:
+                    outputs = await loop.run_in_executor(self._executor, self._run_unless_stopped, live)
                 if outputs is None:
                     self.stats.abandoned += 1
                     for it in live:  # stopped by a deadline the loop's timer has not seen yet

@@ -36,6 +36,9 @@ from . import compiled, preprocess, registry, storage
 log = logging.getLogger(__name__)
 
 OPS = functions.served_by("tabular", "predict")
+# A batch measured to take at most this runs on the event loop (runtime/batcher.py): a
+# compiled model's one-row predict costs 10-30 us, less than the hop to a worker thread.
+_INLINE_S = 0.0002
 
 
 @dataclass
@@ -241,7 +244,7 @@ class Predictor:
             # No timer: a few loop turns gather the rows of concurrent callers, one batch at a time.
             policy = Policy(
                 max_batch_size=self._max_queue, max_batch_tokens=self._max_rows, wait_s=0.0,
-                queue_size=self._max_queue, in_flight=1,
+                queue_size=self._max_queue, in_flight=1, inline_s=_INLINE_S,
             )
             batcher = Batcher(f"{served.model.model_id}/{op}", _stacked(fn), self._executor, policy)
             self._batchers[key] = batcher
