@@ -5,7 +5,9 @@ cancelled training, safe model files, and micro-batching of one-row predicts."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import psycopg
@@ -180,7 +182,7 @@ async def test_model_files_are_not_pickles_and_foreign_types_are_refused(
     assert "builtins.eval" in info.value.message
 
 
-def _rows_policy(**kw: int) -> Policy:
+def _rows_policy(**kw: float) -> Policy:
     # The predictor's policy: rows as the cost, no timer, one batch at a time.
     return Policy(**{"max_batch_size": 10000, "wait_s": 0.0, "in_flight": 1, **kw})  # type: ignore[arg-type]
 
@@ -241,3 +243,27 @@ async def test_one_row_predicts_from_many_callers_are_micro_batched(
     assert after["rows"] - before["rows"] == 64
     batches = after["batches"] - before["batches"]
     assert batches <= 8, f"64 rows took {batches} library calls"  # many rows per call
+
+
+async def test_batcher_runs_cheap_batches_on_the_loop_and_dear_ones_in_threads() -> None:
+    """Policy.inline_s: the first batch (nothing measured) and any whose estimate exceeds the
+    limit run in the pool; a batch measured cheaper than it runs on the event loop's thread."""
+    threads: list[int] = []
+
+    def run(blocks: list[np.ndarray]) -> list[np.ndarray]:
+        threads.append(threading.get_ident())
+        if len(blocks[0]) > 1:
+            time.sleep(0.01)  # a "dear" batch: 10 ms for its rows
+        return blocks
+
+    pool = ThreadPoolExecutor(1)
+    batcher = Batcher("inline", run, pool, _rows_policy(max_batch_tokens=100, inline_s=0.001))
+    await batcher.submit_one(np.zeros((1, 1)), 1)  # measured: some microseconds per row
+    await batcher.submit_one(np.zeros((1, 1)), 1)
+    big = await batcher.submit_one(np.zeros((50, 1)), 50)  # under 1 ms by the estimate: measured dear
+    await batcher.submit_one(np.zeros((50, 1)), 50)  # estimated at ~10 ms now: the pool
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread and threads[1] == loop_thread
+    assert threads[3] != loop_thread and len(big) == 50
+    await batcher.close()
+    pool.shutdown()
