@@ -47,13 +47,19 @@ class PlannerSettings:
     parse_cache_size: int = 512  # analysed statements kept by text (0: none)
     # The column type CREATE TABLE AS gives a bare pgml.embed(): pgvector's, or the extension's real[].
     ctas_embedding_type: str = "vector"
+    # Statements whose only work is constant pgml calls: their Describe answered from a cache
+    # by text and parameter types, with no upstream round trip (planner/handler.py).
+    fast_path: bool = True
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> PlannerSettings:
         d = dict(d or {})
         _unknown("planner", d, {f.name for f in fields(cls)})
         for key, value in d.items():
-            if key == "ctas_embedding_type":
+            if key == "fast_path":
+                if not isinstance(value, bool):
+                    raise ConfigError("planner.fast_path", f"expected true or false, got {value!r}")
+            elif key == "ctas_embedding_type":
                 if value not in CTAS_EMBEDDING_TYPES:
                     raise ConfigError(
                         f"planner.{key}", f"expected one of {CTAS_EMBEDDING_TYPES}, got {value!r}"

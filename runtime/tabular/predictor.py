@@ -326,6 +326,10 @@ class Predictor:
         if any("row" in c for c in calls):
             parts = [self._matrix(op, served, [c]) for c in calls]
             return np.vstack([p[0] for p in parts]), [p[1][0] for p in parts]
+        if op == "predict":
+            x = _dense(calls, width)
+            if x is not None:
+                return x, [1] * len(calls)
         # A multi-dimensional array (an image column, smallint[][]) is flattened, as at training.
         feats = [_features(_flat(c["features"]), op) for c in calls]
         for f, c in zip(feats, calls, strict=True):
@@ -449,6 +453,19 @@ def _floats(values: Any) -> np.ndarray:
             else [np.nan if v is None else float(v) for v in values],
             dtype=np.float32,
         )
+
+
+def _dense(calls: Sequence[Mapping[str, Any]], width: int) -> np.ndarray | None:
+    """Every call's features as one matrix in one NumPy conversion (a batch's common case: flat
+    arrays of the right width, no NULL, all finite), else None for the per-call path, which
+    names what is wrong with which call."""
+    try:
+        x = np.asarray([c["features"] for c in calls], dtype=np.float32)
+    except (TypeError, ValueError):  # NULL elements, text, ragged or nested arrays
+        return None
+    if x.ndim != 2 or x.shape[1] != width or not np.isfinite(x).all():
+        return None
+    return x
 
 
 def _flat(values: Any) -> Any:
