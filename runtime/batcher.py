@@ -7,7 +7,7 @@ ran per second so far, so a stop lands within about one batch), and either `wait
 the first item (a quarter of it with no new item) or, with `wait_s` 0, a few turns of the
 event loop while the queue keeps growing (a lone one-row call waits one turn). It sorts
 the batch by cost to cut padding, runs it in a thread pool and checks outputs one for one
-against inputs. Only a batch whose measured cost is below `inline_s` (a compiled tabular
+against inputs. Only a batch its owner's `inline(payloads)` says is cheap (a compiled tabular
 model's few rows: tens of microseconds) runs on the event loop instead: the hop to a thread
 and back costs more than that on a busy machine, and so little blocking holds no one up.
 Items whose caller was cancelled or whose statement was stopped (`core.stop.Stop`) are
@@ -46,9 +46,6 @@ class Policy:
     in_flight: int = 2  # batches running or formed at once; 1 runs them in the owner
     time_budget_s: float = 1.0  # 0: no time cap; a stop lands within about this much model time
     wait_turns: int = 4
-    # Run a batch on the event loop when its estimated time (cost x measured seconds per cost)
-    # is at most this; 0: always in the thread pool. Never the first batch (nothing measured).
-    inline_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -81,12 +78,16 @@ class Batcher:
         run: RunBatch,
         executor: Executor | None,
         policy: Policy | None = None,
+        inline: Callable[[list[Any]], bool] | None = None,
         **settings: Any,
     ) -> None:
-        """`policy`, or a Policy of `settings` (its field names)."""
+        """`policy`, or a Policy of `settings` (its field names). `inline(payloads)`: whether
+        a batch of these runs on the event loop rather than in `executor` (None: never).
+        Measured times cannot decide it: in a thread, the wait for the GIL counts too."""
         self.name = name
         self._run = run
         self._executor = executor
+        self._inline_fn = inline
         self.policy = policy = policy or Policy(**settings)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         # Two batches in flight: the next one tokenises while the current one runs the model.
@@ -273,8 +274,7 @@ class Batcher:
         return outputs
 
     def _inline(self, live: list[_Item]) -> bool:
-        limit = self.policy.inline_s
-        return limit > 0 and 0 < self._sec_per_cost * sum(it.cost for it in live) <= limit
+        return self._inline_fn is not None and self._inline_fn([it.payload for it in live])
 
     async def _execute(self, batch: list[_Item]) -> None:
         try:

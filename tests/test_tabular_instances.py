@@ -245,25 +245,20 @@ async def test_one_row_predicts_from_many_callers_are_micro_batched(
     assert batches <= 8, f"64 rows took {batches} library calls"  # many rows per call
 
 
-async def test_batcher_runs_cheap_batches_on_the_loop_and_dear_ones_in_threads() -> None:
-    """Policy.inline_s: the first batch (nothing measured) and any whose estimate exceeds the
-    limit run in the pool; a batch measured cheaper than it runs on the event loop's thread."""
+async def test_batcher_runs_batches_inline_when_its_owner_says_so() -> None:
+    """`inline(payloads)`: a batch it accepts runs on the event loop's thread, others in the pool."""
     threads: list[int] = []
 
     def run(blocks: list[np.ndarray]) -> list[np.ndarray]:
         threads.append(threading.get_ident())
-        if len(blocks[0]) > 1:
-            time.sleep(0.01)  # a "dear" batch: 10 ms for its rows
         return blocks
 
     pool = ThreadPoolExecutor(1)
-    batcher = Batcher("inline", run, pool, _rows_policy(max_batch_tokens=100, inline_s=0.001))
-    await batcher.submit_one(np.zeros((1, 1)), 1)  # measured: some microseconds per row
-    await batcher.submit_one(np.zeros((1, 1)), 1)
-    big = await batcher.submit_one(np.zeros((50, 1)), 50)  # under 1 ms by the estimate: measured dear
-    await batcher.submit_one(np.zeros((50, 1)), 50)  # estimated at ~10 ms now: the pool
-    loop_thread = threading.get_ident()
-    assert threads[0] != loop_thread and threads[1] == loop_thread
-    assert threads[3] != loop_thread and len(big) == 50
+    policy = _rows_policy(max_batch_tokens=100)
+    batcher = Batcher("inline", run, pool, policy, lambda xs: sum(map(len, xs)) <= 4)
+    small = await batcher.submit_one(np.zeros((2, 1)), 2)
+    big = await batcher.submit_one(np.zeros((50, 1)), 50)
+    assert threads == [threading.get_ident(), threads[1]] and threads[1] != threading.get_ident()
+    assert len(small) == 2 and len(big) == 50
     await batcher.close()
     pool.shutdown()

@@ -36,9 +36,9 @@ from . import compiled, preprocess, registry, storage
 log = logging.getLogger(__name__)
 
 OPS = functions.served_by("tabular", "predict")
-# A batch measured to take at most this runs on the event loop (runtime/batcher.py): a
-# compiled model's one-row predict costs 10-30 us, less than the hop to a worker thread.
-_INLINE_S = 0.0002
+# A compiled (ONNX) model's batch of at most this many rows runs on the event loop
+# (runtime/batcher.py): one row costs 10-30 us there, less than the hop to a worker thread.
+_INLINE_ROWS = 64
 
 
 @dataclass
@@ -244,9 +244,21 @@ class Predictor:
             # No timer: a few loop turns gather the rows of concurrent callers, one batch at a time.
             policy = Policy(
                 max_batch_size=self._max_queue, max_batch_tokens=self._max_rows, wait_s=0.0,
-                queue_size=self._max_queue, in_flight=1, inline_s=_INLINE_S,
+                queue_size=self._max_queue, in_flight=1,
             )
-            batcher = Batcher(f"{served.model.model_id}/{op}", _stacked(fn), self._executor, policy)
+            model = served.model
+
+            def inline(blocks: list[np.ndarray]) -> bool:
+                # Rows holding NaN or Infinity may go to the native library (LoadedModel.predict),
+                # which can take milliseconds: those stay in the pool.
+                compiled = model.compiled
+                return (
+                    compiled is not None
+                    and sum(len(b) for b in blocks) <= _INLINE_ROWS
+                    and (compiled.nonfinite or all(np.isfinite(b).all() for b in blocks))
+                )
+
+            batcher = Batcher(f"{model.model_id}/{op}", _stacked(fn), self._executor, policy, inline)
             self._batchers[key] = batcher
         return batcher
 
