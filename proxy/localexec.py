@@ -43,6 +43,47 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgml_proxy.local")
 
 
+class Cork:
+    """A local statement's replies gathered into few writes: what is written in one turn of the
+    event loop and the next goes out in one send (a one-row predict's RowDescription, DataRow,
+    CommandComplete and ReadyForQuery: one system call instead of four). Streamed output
+    (notices, transform_stream's pieces) waits two loop turns at most; 64 KiB goes at once."""
+
+    _LIMIT = 1 << 16
+
+    def __init__(self, fe: Frontend) -> None:
+        self.fe = fe
+        self.buf = bytearray()
+        self.scheduled = False
+
+    def hold(self, data: bytes | bytearray) -> bool:
+        self.buf += data
+        if len(self.buf) >= self._LIMIT:
+            self.flush()
+        elif not self.scheduled:
+            self.scheduled = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._later)
+        return True
+
+    def _later(self) -> None:
+        self.scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            data, self.buf = bytes(self.buf), bytearray()
+            transport = self.fe.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+
+    def release(self) -> None:
+        """Send what is held and stop holding."""
+        if self.fe.cork is self:
+            self.fe.cork = None
+        self.flush()
+
+
 class LocalStatements:
     def __init__(self, fe: Frontend) -> None:
         self.fe = fe
@@ -185,8 +226,12 @@ class LocalStatements:
             sink = fe.sink()
             await handler.simple_query(sql, self.upstream, sink, self.context(sink))
 
-        await self._guard(work, extended=False)
-        self._finish_simple()
+        cork = fe.cork = Cork(fe)
+        try:
+            await self._guard(work, extended=False)
+            self._finish_simple()
+        finally:
+            cork.release()
 
     async def admin_query(self, sql: str) -> None:
         fe = self.fe
@@ -258,7 +303,11 @@ class LocalStatements:
             if suspended:
                 fe.write(m.PORTAL_SUSPENDED)
 
-        await self._guard(work, extended=True)
+        cork = fe.cork = Cork(fe)
+        try:
+            await self._guard(work, extended=True)
+        finally:
+            cork.release()
 
     async def close(self, kind: bytes, name: str) -> None:
         async def work() -> None:
