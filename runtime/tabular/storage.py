@@ -117,10 +117,21 @@ class LoadedModel:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Regression values (n,) or (n, k) joint; class indices (n,); cluster labels (n,)."""
         compiled = self.compiled
-        if compiled is not None and (compiled.nonfinite or np.isfinite(x).all()):
+        if self._compiled_for(x):
             out: np.ndarray = compiled.predict(x)
             return out
         return self.predict_native(x)
+
+    def _compiled_for(self, x: np.ndarray) -> bool:
+        """Whether the compiled model serves these rows: not when some hold NaN/Infinity it was
+        not checked on, nor for XGBoost's wide batches, where its own all-cores predict ran 2.5x
+        ONNX Runtime's on 100,000 rows (benchmarks/results/predict.md, part b)."""
+        compiled = self.compiled
+        return (
+            compiled is not None
+            and (self.lib != "xgboost" or len(x) < _WIDE_ROWS)
+            and (compiled.nonfinite or bool(np.isfinite(x).all()))
+        )
 
     def predict_native(self, x: np.ndarray) -> np.ndarray:
         """`predict` with the native library, whatever is compiled."""
@@ -141,7 +152,7 @@ class LoadedModel:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (n, classes)."""
         compiled = self.compiled
-        if compiled is not None and compiled.has_proba and (compiled.nonfinite or np.isfinite(x).all()):
+        if compiled is not None and compiled.has_proba and self._compiled_for(x):
             out: np.ndarray = compiled.predict_proba(x)
             return out
         return self.predict_proba_native(x)
