@@ -46,8 +46,10 @@ log = logging.getLogger("pgml_proxy.local")
 class Cork:
     """A local statement's replies gathered into few writes: what is written in one turn of the
     event loop and the next goes out in one send (a one-row predict's RowDescription, DataRow,
-    CommandComplete and ReadyForQuery: one system call instead of four). Streamed output
-    (notices, transform_stream's pieces) waits two loop turns at most; 64 KiB goes at once."""
+    CommandComplete and ReadyForQuery: one system call instead of four; BindComplete, the rows,
+    CommandComplete and ReadyForQuery in the extended protocol). Then it lets go: streamed
+    output (notices, transform_stream's pieces) waits two loop turns at most, 64 KiB goes at
+    once, and every write goes through Frontend.write, so the order never changes."""
 
     _LIMIT = 1 << 16
 
@@ -68,7 +70,14 @@ class Cork:
 
     def _later(self) -> None:
         self.scheduled = False
-        self.flush()
+        self.release()
+
+    @staticmethod
+    def on(fe: Frontend) -> Cork:
+        """The client's cork: the one already holding, or a new one."""
+        if fe.cork is None:
+            fe.cork = Cork(fe)
+        return fe.cork
 
     def flush(self) -> None:
         if self.buf:
@@ -226,7 +235,7 @@ class LocalStatements:
             sink = fe.sink()
             await handler.simple_query(sql, self.upstream, sink, self.context(sink))
 
-        cork = fe.cork = Cork(fe)
+        cork = Cork.on(fe)
         try:
             await self._guard(work, extended=False)
             self._finish_simple()
@@ -274,6 +283,7 @@ class LocalStatements:
             self.portals[b.portal] = await stmt.bind(b.params, b.param_formats, b.result_formats)
             self.fe.write(m.BIND_COMPLETE)
 
+        Cork.on(self.fe)
         await self._guard(work, extended=True)
 
     async def describe_statement(self, name: str) -> None:
@@ -303,11 +313,9 @@ class LocalStatements:
             if suspended:
                 fe.write(m.PORTAL_SUSPENDED)
 
-        cork = fe.cork = Cork(fe)
-        try:
-            await self._guard(work, extended=True)
-        finally:
-            cork.release()
+        # Held until two loop turns after the first write: the Sync's ReadyForQuery joins.
+        Cork.on(fe)
+        await self._guard(work, extended=True)
 
     async def close(self, kind: bytes, name: str) -> None:
         async def work() -> None:
