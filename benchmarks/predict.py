@@ -95,11 +95,21 @@ async def setup(dsn: str, rows: int, model_path: Path) -> dict[str, Any]:
         await rt.close()
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute(
-            "SELECT m.id, m.metrics ->> 'f1', f.data FROM pgml.models m"
-            " JOIN pgml.files f ON f.model_id = m.id ORDER BY m.id DESC LIMIT 1"
+            "SELECT m.id, m.metrics ->> 'f1', string_agg(f.data, ''::bytea ORDER BY f.part)"
+            " FROM pgml.models m"
+            " JOIN pgml.files f ON f.model_id = m.id AND f.path = 'model.ubj'"
+            " GROUP BY m.id ORDER BY m.id DESC LIMIT 1"
         )
         model_id, f1, data = await cur.fetchone()  # type: ignore[misc]
+        cur = await conn.execute(
+            "SELECT string_agg(data, ''::bytea ORDER BY part) FROM pgml.files"
+            " WHERE model_id = %s AND path = 'model.onnx'",
+            (model_id,),
+        )
+        onnx = (await cur.fetchone() or [None])[0]
     model_path.write_bytes(bytes(data))
+    if onnx is not None:
+        model_path.with_suffix(".onnx").write_bytes(bytes(onnx))
     return {"model_id": model_id, "f1": float(f1), "train_seconds": train_s, "x": x}
 
 
@@ -141,12 +151,16 @@ def _pgbench(
     }
 
 
-def _start_proxy(dsn: str, tmp: Path) -> tuple[Any, Path | None, str | None]:
-    """Start the proxy and check that it answers pgml.predict: (proxy, pgbench script, error)."""
-    from testing.proxy import start_proxy
+def _start_proxy(dsn: str, tmp: Path, onnx: bool) -> tuple[Any, Path | None, str | None]:
+    """Start the proxy (ONNX serving on or off) and check that it answers pgml.predict:
+    (proxy, pgbench script, error)."""
+    from testing.proxy import TEST_CONFIG, start_proxy
 
+    config = tmp / f"config-{'onnx' if onnx else 'native'}.toml"
+    tabular = f"[runtime]\n\n[runtime.tabular]\nonnx = {'true' if onnx else 'false'}\n"
+    config.write_text(TEST_CONFIG.read_text().replace("[runtime]\n", tabular).replace('"INFO"', '"WARNING"'))
     try:
-        proxy = start_proxy(dsn, "session", pool_size=40)
+        proxy = start_proxy(dsn, "session", config=config, pool_size=40)
     except Exception as exc:  # the proxy is another team's work in progress: record why
         return None, None, f"proxy did not start: {exc}"[:300]
     array = "ARRAY[" + ", ".join(map(str, FEATURES)) + "]::real[]"
@@ -259,7 +273,11 @@ def _start_http(model_path: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], s
         f"wrk.body = '{{\"features\": [{', '.join(map(str, FEATURES))}]}}'\n"
     )
     url = f"http://127.0.0.1:{port}/predict"
-    _wait_http(url, lua, proc)
+    try:
+        _wait_http(url, lua, proc)
+    except BaseException:
+        stop_process(proc)
+        raise
     return proc, url, lua
 
 
@@ -291,18 +309,33 @@ def _wrk(url: str, lua: Path, clients: int, duration: int) -> dict[str, float]:
 def _one_row(
     dsn: str, model_path: Path, args: argparse.Namespace, tmp: Path
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """Every target at every client count, interleaved round by round; medians over rounds."""
-    proxy, script, error = _start_proxy(dsn, tmp)
-    http, url, lua = _start_http(model_path, tmp)
+    """Every target at every client count, interleaved round by round; medians over rounds.
+
+    Two proxies on the same model: ONNX serving on (the default) and off (the native
+    library); `select 1` through the ONNX one is the wire's own ceiling for a statement."""
+    proxy, script, error = _start_proxy(dsn, tmp, onnx=True)
+    native, _, native_error = _start_proxy(dsn, tmp, onnx=False)
+    select1 = tmp / "select1.sql"
+    select1.write_text("SELECT 1;\n")
     pgbench = shutil.which("pgbench") or "pgbench"
     samples: dict[tuple[str, int], list[dict[str, float]]] = {}
+    modes = tuple(args.modes)
+    http = None
     try:
+        http, url, lua = _start_http(model_path, tmp)
         for _ in range(args.rounds):
             for c in args.clients:
-                if script is not None:
-                    for mode in ("simple", "prepared"):
-                        samples.setdefault((f"pgml-proxy, pgbench -M {mode}", c), []).append(
+                for mode in modes:
+                    if script is not None:
+                        samples.setdefault((f"pgml-proxy (ONNX), pgbench -M {mode}", c), []).append(
                             _pgbench(pgbench, proxy.dsn(), script, mode, c, args.duration, tmp)
+                        )
+                        samples.setdefault((f"pgml-proxy, select 1, pgbench -M {mode}", c), []).append(
+                            _pgbench(pgbench, proxy.dsn(), select1, mode, c, args.duration, tmp)
+                        )
+                    if native is not None and native_error is None and script is not None:
+                        samples.setdefault((f"pgml-proxy (native), pgbench -M {mode}", c), []).append(
+                            _pgbench(pgbench, native.dsn(), script, mode, c, args.duration, tmp)
                         )
                 samples.setdefault(("TabularRuntime.call_batch (in process)", c), []).append(
                     asyncio.run(_runtime_one_row(dsn, c, args.duration))
@@ -310,8 +343,15 @@ def _one_row(
                 samples.setdefault(("FastAPI + uvicorn (2 workers), wrk", c), []).append(
                     _wrk(url, lua, c, args.duration)
                 )
+    except BaseException:
+        if proxy is not None:
+            proxy.stop()
+        raise
     finally:
-        stop_process(http)
+        if http is not None:
+            stop_process(http)
+        if native is not None:
+            native.stop()
     rows: list[dict[str, Any]] = [{"target": "pgml-proxy", "error": error}] if error else []
     for (target, c), runs in samples.items():
         row: dict[str, Any] = {"target": target, "clients": c, "rounds": len(runs)}
@@ -363,6 +403,20 @@ async def _batch(dsn: str, x: np.ndarray, model_path: Path, proxy: Any) -> list[
             "rows_per_s": len(x) / t,
         }
     )
+    onnx_file = model_path.with_suffix(".onnx")
+    if onnx_file.exists():
+        from runtime.tabular.compiled import Compiled
+
+        session = Compiled(onnx_file.read_bytes(), "classification", True)
+        session.predict(x)  # warm
+        t = _best_of(3, lambda: session.predict(x))
+        rows.append(
+            {
+                "target": "ONNX Runtime (the model's model.onnx) on the whole matrix, in process",
+                "seconds": t,
+                "rows_per_s": len(x) / t,
+            }
+        )
     rt = TabularRuntime(dsn, {})
     await rt.start()
     try:
@@ -423,6 +477,16 @@ def _markdown(
     info: dict[str, Any], one_row: list[dict[str, Any]], batch: list[dict[str, Any]], args: argparse.Namespace
 ) -> str:
     http = {r["clients"]: r["tps"] for r in one_row if r["target"].startswith("FastAPI") and "tps" in r}
+    select1 = {
+        (r["target"].rsplit(" -M ", 1)[1], r["clients"]): r["tps"]
+        for r in one_row
+        if r["target"].startswith("pgml-proxy, select 1") and "tps" in r
+    }
+
+    def vs_select1(r: dict[str, Any]) -> Any:
+        key = (r["target"].rsplit(" -M ", 1)[-1], r.get("clients"))
+        return r["tps"] / select1[key] if key in select1 and "tps" in r else ""
+
     table = [
         [
             r["target"],
@@ -431,6 +495,7 @@ def _markdown(
             r.get("p50_ms", float("nan")),
             r.get("p99_ms", float("nan")),
             (r["tps"] / http[r["clients"]]) if r.get("clients") in http and "tps" in r else "",
+            vs_select1(r),
             r.get("error", ""),
         ]
         for r in one_row
@@ -451,9 +516,13 @@ def _markdown(
             f"XGBoost classifier, {N_FEATURES} features, 100 trees of depth 6, trained by TabularRuntime on "
             f"{args.rows} rows (f1 {info['model_f1']:.3f}). One-row runs last {args.duration} s each, "
             f"interleaved; medians of {args.rounds} rounds. "
-            f"Load average at the end: {os.getloadavg()[0]:.1f}.",
+            f"Load average (1 min) at the start {info['load_start']:.1f}, at the end "
+            f"{os.getloadavg()[0]:.1f}: the machine is shared with other sessions running tests and "
+            "builds, so the figures are noisy; ratios are between targets run interleaved in one session.",
             "## (a) one-row predict",
-            markdown_table(["target", "clients", "TPS", "p50 ms", "p99 ms", "x HTTP", "note"], table),
+            markdown_table(
+                ["target", "clients", "TPS", "p50 ms", "p99 ms", "x HTTP", "x select 1", "note"], table
+            ),
             f"## (b) predicting {args.rows} rows",
             markdown_table(["target", "seconds", "rows/s", "share of ceiling", "note"], btable),
         ]
@@ -466,10 +535,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--modes", nargs="+", default=["simple", "prepared"], choices=["simple", "prepared"])
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = Path(tempfile.mkdtemp(prefix="pgml-bench-predict-"))
     tmp.chmod(0o755)
+    load_start = os.getloadavg()[0]
     server = start_postgres(tmp / "pg")
     proxy = None
     try:
@@ -479,6 +550,8 @@ def main() -> None:
         batch = asyncio.run(_batch(server.dsn, facts["x"], model_path, proxy))
         info = machine_info(pgbench=["pgbench", "--version"], wrk=["wrk", "-v"])
         info["model_f1"] = facts["f1"]
+        info["load_start"] = load_start
+        info["load_end"] = os.getloadavg()[0]
         info["train_seconds"] = facts["train_seconds"]
         write_results(
             "predict",

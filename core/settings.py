@@ -48,13 +48,19 @@ class PlannerSettings:
     parse_cache_size: int = 512  # analysed statements kept by text (0: none)
     # The column type CREATE TABLE AS gives a bare pgml.embed(): pgvector's, or the extension's real[].
     ctas_embedding_type: str = "vector"
+    # Statements whose only work is constant pgml calls: their Describe answered from a cache
+    # by text and parameter types, with no upstream round trip (planner/handler.py).
+    fast_path: bool = True
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> PlannerSettings:
         d = dict(d or {})
         _unknown("planner", d, {f.name for f in fields(cls)})
         for key, value in d.items():
-            if key == "ctas_embedding_type":
+            if key == "fast_path":
+                if not isinstance(value, bool):
+                    raise ConfigError("planner.fast_path", f"expected true or false, got {value!r}")
+            elif key == "ctas_embedding_type":
                 if value not in CTAS_EMBEDDING_TYPES:
                     raise ConfigError(
                         f"planner.{key}", f"expected one of {CTAS_EMBEDDING_TYPES}, got {value!r}"
@@ -119,6 +125,8 @@ class TabularSettings:
     max_batch_rows: int = 4096
     max_queue: int = 10000
     max_models: int = 32  # loaded tabular models kept in memory
+    # Serve with ONNX Runtime where the conversion is checked equal (runtime/tabular/compiled.py).
+    onnx: bool = True
     # hub dataset name -> offline generator (runtime/tabular/offline_datasets.py checks the name)
     dataset_substitutes: Mapping[str, str] = field(default_factory=dict)
 
@@ -134,6 +142,10 @@ class TabularSettings:
                         "runtime.tabular.dataset_substitutes", "expected a table of name = generator"
                     )
                 kw[key] = {str(k): v for k, v in value.items()}
+            elif key == "onnx":
+                if not isinstance(value, bool):
+                    raise ConfigError("runtime.tabular.onnx", f"expected true or false, got {value!r}")
+                kw[key] = value
             else:
                 kw[key] = _count(f"runtime.tabular.{key}", value)
         return cls(**kw)

@@ -214,6 +214,8 @@ class _Run:
             )
             cols = res.columns or []
             self.evaluated = [decoder(c.type_oid, 0)(v) for c, v in zip(cols, res.rows[0], strict=True)]
+        if not plan.consts:  # the one-row path's common case: nothing more to evaluate
+            return
         # EXPLAIN evaluates constant calls too (one model call each): with NULL in their place
         # Postgres would fold `embedding <=> NULL` away and show a plan the statement never gets.
         # Identical calls of a deterministic function (`ORDER BY e <=> pgml.embed('m', 'q')` beside

@@ -35,6 +35,7 @@ from planner.plan import StatementPlan
 from planner.values import check_bind
 
 _PORTALS = itertools.count(1)  # names the upstream cursors of row-limited portals
+_FIRST_USER_OID = 16384  # FirstNormalObjectId: below it, OIDs of the built-in catalog
 
 
 def validate(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,6 +55,10 @@ class Handler:
         self.cache_size = cfg["parse_cache_size"]
         self.ctas_embedding = str(cfg["ctas_embedding_type"])
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], list[StatementPlan]] = OrderedDict()
+        # The fast path: Describe results of statements whose only work is constant pgml calls
+        # (kind "local"), by text and parameter OIDs; see Prepared.describe.
+        self.fast_path = bool(cfg["fast_path"])
+        self.descriptions: OrderedDict[tuple[str, tuple[int, ...]], StatementDescription] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -179,6 +184,8 @@ class Prepared:
 
     async def describe(self, upstream: UpstreamSession) -> StatementDescription:
         if self._desc is None:
+            self._desc = self.handler.descriptions.get(self._key()) if self._fast() else None
+        if self._desc is None:
             sql = self.sql if self.plan.kind == "passthrough" else (self.plan.describe_sql or self.plan.sql)
             if self.plan.kind == "explain":
                 self._desc = StatementDescription(self.oids, [Column("QUERY PLAN", 25)])
@@ -189,10 +196,30 @@ class Prepared:
                 n = max(len(self.oids), len(desc.param_oids))
                 oids = list(desc.param_oids) + self.oids[len(desc.param_oids) :]
                 self._desc = StatementDescription(oids[:n], desc.columns)
-            self.oids = [
-                o or d for o, d in itertools.zip_longest(self.oids, self._desc.param_oids, fillvalue=0)
-            ]
+            self._remember(self._desc)
+        self.oids = [
+            o or d for o, d in itertools.zip_longest(self.oids, self._desc.param_oids, fillvalue=0)
+        ]
         return self._desc
+
+    def _fast(self) -> bool:
+        return self.handler.fast_path and self.plan.kind == "local"
+
+    def _key(self) -> tuple[str, tuple[int, ...]]:
+        return (self.sql, tuple(self.declared))
+
+    def _remember(self, desc: StatementDescription) -> None:
+        """Keep a local statement's description when every type in it is built in: a built-in
+        type's OID is the same in every database, so the answer holds for every client. The
+        describe SQL names its types by cast (`CAST(NULL AS real)`), so only a search_path that
+        puts a schema with a type of the same name before pg_catalog could make it differ."""
+        oids = [*desc.param_oids, *(c.type_oid for c in desc.columns or [])]
+        if not self._fast() or any(o >= _FIRST_USER_OID or o == 0 for o in oids):
+            return
+        cache = self.handler.descriptions
+        cache[self._key()] = desc
+        while len(cache) > max(self.handler.cache_size, 1):
+            cache.popitem(last=False)
 
     async def bind(
         self, params: Sequence[WireValue], param_formats: Sequence[int], result_formats: Sequence[int]

@@ -41,7 +41,7 @@ from proxy.backend import (
     ServerConn,
     settings_sql,
 )
-from proxy.localexec import LocalStatements
+from proxy.localexec import Cork, LocalStatements
 from proxy.replicas import LSN_SQL, ClientRoute
 from proxy.session import Leave, Phase, Reply, Route, Session, SyncAnswer, refusal_sql, unpoolable
 from proxy.sink import ClientSink
@@ -75,6 +75,7 @@ class Frontend(asyncio.Protocol):
         self.id = next(_ids)
         self.key = (self.id, secrets.randbits(31))
         self.transport: asyncio.Transport | None = None
+        self.cork: Cork | None = None  # a local statement's replies, sent together (proxy/localexec.py)
         self.addr = ""
         self.framer = m.Framer(app.config.max_message_size)
         self.startup_buf = bytearray()
@@ -177,6 +178,8 @@ class Frontend(asyncio.Protocol):
     def write(self, data: bytes | bytearray) -> None:
         if self.transport is not None and self.s.phase is not Phase.CLOSED:
             self.app.stats.bytes_out += len(data)
+            if self.cork is not None and self.cork.hold(data):
+                return
             self.transport.write(data)
 
     def reply(self, data: bytes) -> None:
@@ -200,6 +203,8 @@ class Frontend(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        if self.cork is not None:
+            self.cork.release()
         if self.transport is not None:
             self.transport.close()
 

@@ -43,6 +43,56 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgml_proxy.local")
 
 
+class Cork:
+    """A local statement's replies gathered into few writes: what is written in one turn of the
+    event loop and the next goes out in one send (a one-row predict's RowDescription, DataRow,
+    CommandComplete and ReadyForQuery: one system call instead of four; BindComplete, the rows,
+    CommandComplete and ReadyForQuery in the extended protocol). Then it lets go: streamed
+    output (notices, transform_stream's pieces) waits two loop turns at most, 64 KiB goes at
+    once, and every write goes through Frontend.write, so the order never changes."""
+
+    _LIMIT = 1 << 16
+
+    def __init__(self, fe: Frontend) -> None:
+        self.fe = fe
+        self.buf = bytearray()
+        self.scheduled = False
+
+    def hold(self, data: bytes | bytearray) -> bool:
+        self.buf += data
+        if len(self.buf) >= self._LIMIT:
+            self.flush()
+        elif not self.scheduled:
+            self.scheduled = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._later)
+        return True
+
+    def _later(self) -> None:
+        self.scheduled = False
+        self.release()
+
+    @staticmethod
+    def on(fe: Frontend) -> Cork:
+        """The client's cork: the one already holding, or a new one."""
+        if fe.cork is None:
+            fe.cork = Cork(fe)
+        return fe.cork
+
+    def flush(self) -> None:
+        if self.buf:
+            data, self.buf = bytes(self.buf), bytearray()
+            transport = self.fe.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+
+    def release(self) -> None:
+        """Send what is held and stop holding."""
+        if self.fe.cork is self:
+            self.fe.cork = None
+        self.flush()
+
+
 class LocalStatements:
     def __init__(self, fe: Frontend) -> None:
         self.fe = fe
@@ -185,8 +235,12 @@ class LocalStatements:
             sink = fe.sink()
             await handler.simple_query(sql, self.upstream, sink, self.context(sink))
 
-        await self._guard(work, extended=False)
-        self._finish_simple()
+        cork = Cork.on(fe)
+        try:
+            await self._guard(work, extended=False)
+            self._finish_simple()
+        finally:
+            cork.release()
 
     async def admin_query(self, sql: str) -> None:
         fe = self.fe
@@ -229,6 +283,7 @@ class LocalStatements:
             self.portals[b.portal] = await stmt.bind(b.params, b.param_formats, b.result_formats)
             self.fe.write(m.BIND_COMPLETE)
 
+        Cork.on(self.fe)
         await self._guard(work, extended=True)
 
     async def describe_statement(self, name: str) -> None:
@@ -258,6 +313,8 @@ class LocalStatements:
             if suspended:
                 fe.write(m.PORTAL_SUSPENDED)
 
+        # Held until two loop turns after the first write: the Sync's ReadyForQuery joins.
+        Cork.on(fe)
         await self._guard(work, extended=True)
 
     async def close(self, kind: bytes, name: str) -> None:

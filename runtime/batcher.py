@@ -6,11 +6,13 @@ cost (token or row) budget, a time budget (the batch's cost is capped by what th
 ran per second so far, so a stop lands within about one batch), and either `wait_s` after
 the first item (a quarter of it with no new item) or, with `wait_s` 0, a few turns of the
 event loop while the queue keeps growing (a lone one-row call waits one turn). It sorts
-the batch by cost to cut padding, runs it in a thread pool (never on the event loop) and
-checks outputs one for one against inputs. Items whose caller was cancelled or whose
-statement was stopped (`core.stop.Stop`) are dropped from the queue, and a batch whose
-items are all stopped is abandoned when its thread starts. A full queue answers
-`InsufficientResources` (53000) at once.
+the batch by cost to cut padding, runs it in a thread pool and checks outputs one for one
+against inputs. Only a batch its owner's `inline(payloads)` says is cheap (a compiled tabular
+model's few rows: tens of microseconds) runs on the event loop instead: the hop to a thread
+and back costs more than that on a busy machine, and so little blocking holds no one up.
+Items whose caller was cancelled or whose statement was stopped (`core.stop.Stop`) are
+dropped from the queue, and a batch whose items are all stopped is abandoned when its
+thread starts. A full queue answers `InsufficientResources` (53000) at once.
 """
 
 from __future__ import annotations
@@ -76,12 +78,16 @@ class Batcher:
         run: RunBatch,
         executor: Executor | None,
         policy: Policy | None = None,
+        inline: Callable[[list[Any]], bool] | None = None,
         **settings: Any,
     ) -> None:
-        """`policy`, or a Policy of `settings` (its field names)."""
+        """`policy`, or a Policy of `settings` (its field names). `inline(payloads)`: whether
+        a batch of these runs on the event loop rather than in `executor` (None: never).
+        Measured times cannot decide it: in a thread, the wait for the GIL counts too."""
         self.name = name
         self._run = run
         self._executor = executor
+        self._inline_fn = inline
         self.policy = policy = policy or Policy(**settings)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         # Two batches in flight: the next one tokenises while the current one runs the model.
@@ -272,6 +278,9 @@ class Batcher:
         self._sec_per_cost = rate if old <= 0 else old + _RATE_WEIGHT * (rate - old)
         return outputs
 
+    def _inline(self, live: list[_Item]) -> bool:
+        return self._inline_fn is not None and self._inline_fn([it.payload for it in live])
+
     async def _execute(self, batch: list[_Item]) -> None:
         try:
             live = [it for it in batch if not it.dead()]
@@ -282,7 +291,10 @@ class Batcher:
                 live.sort(key=lambda it: it.cost)
             loop = asyncio.get_running_loop()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run_unless_stopped, live)
+                if self._inline(live):
+                    outputs = self._run_unless_stopped(live)
+                else:
+                    outputs = await loop.run_in_executor(self._executor, self._run_unless_stopped, live)
                 if outputs is None:
                     self.stats.abandoned += 1
                     for it in live:  # stopped by a deadline the loop's timer has not seen yet

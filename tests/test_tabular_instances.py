@@ -5,7 +5,9 @@ cancelled training, safe model files, and micro-batching of one-row predicts."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import psycopg
@@ -163,7 +165,8 @@ async def test_model_files_are_not_pickles_and_foreign_types_are_refused(
                 " JOIN pgml.projects p ON p.id = m.project_id WHERE p.name = 'files iris' ORDER BY f.id"
             )
         ).fetchall()
-    assert [f[0] for f in files] == ["model.skops", "model.ubj"]
+    # Each native file, with the ONNX form checked equal to it beside it (runtime/tabular/compiled.py).
+    assert [f[0] for f in files] == ["model.skops", "model.onnx", "model.ubj", "model.onnx"]
     assert bytes(files[0][1])[:2] == b"PK"  # a skops zip, not a pickle stream (b"\x80")
     # A skops file holding a type outside scikit-learn/NumPy/SciPy is refused before loading.
     from collections import Counter
@@ -179,7 +182,7 @@ async def test_model_files_are_not_pickles_and_foreign_types_are_refused(
     assert "builtins.eval" in info.value.message
 
 
-def _rows_policy(**kw: int) -> Policy:
+def _rows_policy(**kw: float) -> Policy:
     # The predictor's policy: rows as the cost, no timer, one batch at a time.
     return Policy(**{"max_batch_size": 10000, "wait_s": 0.0, "in_flight": 1, **kw})  # type: ignore[arg-type]
 
@@ -240,3 +243,22 @@ async def test_one_row_predicts_from_many_callers_are_micro_batched(
     assert after["rows"] - before["rows"] == 64
     batches = after["batches"] - before["batches"]
     assert batches <= 8, f"64 rows took {batches} library calls"  # many rows per call
+
+
+async def test_batcher_runs_batches_inline_when_its_owner_says_so() -> None:
+    """`inline(payloads)`: a batch it accepts runs on the event loop's thread, others in the pool."""
+    threads: list[int] = []
+
+    def run(blocks: list[np.ndarray]) -> list[np.ndarray]:
+        threads.append(threading.get_ident())
+        return blocks
+
+    pool = ThreadPoolExecutor(1)
+    policy = _rows_policy(max_batch_tokens=100)
+    batcher = Batcher("inline", run, pool, policy, lambda xs: sum(map(len, xs)) <= 4)
+    small = await batcher.submit_one(np.zeros((2, 1)), 2)
+    big = await batcher.submit_one(np.zeros((50, 1)), 50)
+    assert threads == [threading.get_ident(), threads[1]] and threads[1] != threading.get_ident()
+    assert len(small) == 2 and len(big) == 50
+    await batcher.close()
+    pool.shutdown()

@@ -8,6 +8,7 @@ project -> deployed id map is the only thing that changes, and a NOTIFY on
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -30,9 +31,14 @@ from core.errors import (
 from core.stop import Stop
 from runtime.batcher import Batcher, Policy
 
-from . import preprocess, registry, storage
+from . import compiled, preprocess, registry, storage
+
+log = logging.getLogger(__name__)
 
 OPS = functions.served_by("tabular", "predict")
+# A compiled (ONNX) model's batch of at most this many rows runs on the event loop
+# (runtime/batcher.py): one row costs 10-30 us there, less than the hop to a worker thread.
+_INLINE_ROWS = 64
 
 
 @dataclass
@@ -86,7 +92,13 @@ class Served:
 
 class Predictor:
     def __init__(
-        self, pool: registry.Pool, executor: Executor, max_rows: int, max_queue: int, max_models: int = 32
+        self,
+        pool: registry.Pool,
+        executor: Executor,
+        max_rows: int,
+        max_queue: int,
+        max_models: int = 32,
+        onnx: bool = True,
     ) -> None:
         self._pool = pool
         self._executor = executor
@@ -99,6 +111,8 @@ class Predictor:
         self._models: OrderedDict[int, asyncio.Task[Served]] = OrderedDict()
         self._batchers: dict[tuple[int, str], Batcher] = {}
         self._max_models = max_models
+        self._onnx = onnx
+        self._compiling: set[asyncio.Task[None]] = set()
 
     def forget_deployment(self, project: str | None = None) -> None:
         """Drop the cached deployment of `project` (all of them when None)."""
@@ -159,7 +173,8 @@ class Predictor:
         lib = {"model.ubj": "xgboost", "model.txt": "lightgbm", "model.cbm": "catboost"}.get(
             rec["path"], "sklearn"
         )
-        model = await asyncio.get_running_loop().run_in_executor(
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(
             self._executor,
             storage.load,
             model_id,
@@ -171,8 +186,55 @@ class Predictor:
             len(classes),
         )
         names = [c["name"] for c in sorted(columns, key=lambda c: int(c.get("position", 0)))]
-        takes_nan, takes_inf = await asyncio.get_running_loop().run_in_executor(self._executor, _takes, model)
-        return Served(model, registry.feature_specs(columns), classes, names, takes_nan, takes_inf)
+        takes_nan, takes_inf = await loop.run_in_executor(self._executor, compiled.accepts, model)
+        served = Served(model, registry.feature_specs(columns), classes, names, takes_nan, takes_inf)
+        await self._compile(served, rec)
+        return served
+
+    async def _compile(self, served: Served, rec: Mapping[str, Any]) -> None:
+        """Serve with the stored ONNX form when there is one; else convert in the background."""
+        model = served.model
+        what = f"model {model.model_id} ({model.lib} {model.task})"
+        if not self._onnx or not compiled.convertible(model.task, model.lib):
+            log.info("%s is served by native (no ONNX conversion here)", what)
+            return
+        if rec["onnx"] is None:
+            # A model stored before ONNX serving: native now, ONNX once checked (no call waits).
+            task = asyncio.get_running_loop().create_task(self._compile_later(served, rec))
+            self._compiling.add(task)
+            task.add_done_callback(self._compiling.discard)
+            return
+        try:
+            model.compiled = await asyncio.get_running_loop().run_in_executor(
+                None, compiled.load, rec["onnx"], model
+            )
+            log.info("%s is served by ONNX Runtime (its model.onnx in pgml.files)", what)
+        except Exception as exc:  # a broken file keeps the native model, which is always there
+            log.warning("%s is served by native: its model.onnx does not load (%s)", what, exc)
+
+    async def _compile_later(self, served: Served, rec: Mapping[str, Any]) -> None:
+        model = served.model
+        what = f"model {model.model_id} ({model.lib} {model.task})"
+        try:
+            x = await self._check_rows(served, rec)
+            built, why = await asyncio.get_running_loop().run_in_executor(None, compiled.build, model, x)
+            if built is not None:
+                async with self._pool.connection() as conn:
+                    await registry.add_file(conn, model.model_id, compiled.ONNX_PATH, built.data)
+                model.compiled = built
+            log.info("%s is served by %s", what, why)
+        except Exception as exc:  # the check rows cannot be read (the relation is gone): stay native
+            log.warning("%s is served by native: no ONNX form (%s: %s)", what, type(exc).__name__, exc)
+
+    async def _check_rows(self, served: Served, rec: Mapping[str, Any]) -> np.ndarray:
+        """Feature rows of the model's snapshot relation as it is now, transformed as at predict."""
+        relation = f"pgml.snapshot_{rec['snapshot_id']}" if rec["materialized"] else rec["relation_name"]
+        if relation is None:
+            raise InvalidParameterValue("the model has no snapshot to check a conversion on")
+        kinds = [(s["name"], s["kind"]) for s in served.features]
+        async with self._pool.connection() as conn:
+            data, n = await registry.read_columns(conn, str(relation), kinds)
+        return preprocess.transform(served.features, data, n)
 
     def _batcher(self, served: Served, op: str) -> Batcher:
         key = (served.model.model_id, op)
@@ -184,7 +246,19 @@ class Predictor:
                 max_batch_size=self._max_queue, max_batch_tokens=self._max_rows, wait_s=0.0,
                 queue_size=self._max_queue, in_flight=1,
             )
-            batcher = Batcher(f"{served.model.model_id}/{op}", _stacked(fn), self._executor, policy)
+            model = served.model
+
+            def inline(blocks: list[np.ndarray]) -> bool:
+                # Rows holding NaN or Infinity may go to the native library (LoadedModel.predict),
+                # which can take milliseconds: those stay in the pool.
+                compiled = model.compiled
+                return (
+                    compiled is not None
+                    and sum(len(b) for b in blocks) <= _INLINE_ROWS
+                    and (compiled.nonfinite or all(np.isfinite(b).all() for b in blocks))
+                )
+
+            batcher = Batcher(f"{model.model_id}/{op}", _stacked(fn), self._executor, policy, inline)
             self._batchers[key] = batcher
         return batcher
 
@@ -264,6 +338,10 @@ class Predictor:
         if any("row" in c for c in calls):
             parts = [self._matrix(op, served, [c]) for c in calls]
             return np.vstack([p[0] for p in parts]), [p[1][0] for p in parts]
+        if op == "predict":
+            x = _dense(calls, width)
+            if x is not None:
+                return x, [1] * len(calls)
         # A multi-dimensional array (an image column, smallint[][]) is flattened, as at training.
         feats = [_features(_flat(c["features"]), op) for c in calls]
         for f, c in zip(feats, calls, strict=True):
@@ -286,21 +364,18 @@ class Predictor:
             for (mid, op), b in self._batchers.items()
         }
 
+    def engine(self, model_id: int) -> str | None:
+        """"onnx" or "native" for a loaded model; None when it is not loaded (for tests and SHOW)."""
+        task = self._models.get(model_id)
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        return task.result().model.engine
+
     async def close(self) -> None:
+        for task in list(self._compiling):
+            task.cancel()
         for batcher in self._batchers.values():
             await batcher.close()
-
-
-def _takes(model: storage.LoadedModel) -> tuple[bool, bool]:
-    """Whether the model predicts on a row of NaN, and on a row of Infinity (one call each)."""
-    out = []
-    for value in (np.nan, np.inf):
-        try:
-            model.predict(np.full((1, model.num_features), value, dtype=np.float32))
-            out.append(True)
-        except Exception:  # any refusal means "not accepted": each library raises its own type
-            out.append(False)
-    return out[0], out[1]
 
 
 _REAL_ARRAY = adapt.Transformer().get_loader(1021, pq.Format.TEXT)  # real[]'s text form
@@ -390,6 +465,19 @@ def _floats(values: Any) -> np.ndarray:
             else [np.nan if v is None else float(v) for v in values],
             dtype=np.float32,
         )
+
+
+def _dense(calls: Sequence[Mapping[str, Any]], width: int) -> np.ndarray | None:
+    """Every call's features as one matrix in one NumPy conversion (a batch's common case: flat
+    arrays of the right width, no NULL, all finite), else None for the per-call path, which
+    names what is wrong with which call."""
+    try:
+        x = np.asarray([c["features"] for c in calls], dtype=np.float32)
+    except (TypeError, ValueError):  # NULL elements, text, ragged or nested arrays
+        return None
+    if x.ndim != 2 or x.shape[1] != width or not np.isfinite(x).all():
+        return None
+    return x
 
 
 def _flat(values: Any) -> Any:

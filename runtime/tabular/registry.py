@@ -29,7 +29,8 @@ from core.errors import (
     UndefinedTable,
 )
 
-from . import preprocess
+from . import preprocess, storage
+from .compiled import ONNX_PATH
 
 DEPLOY_CHANNEL = "pgml_deploy"
 Conn = psycopg.AsyncConnection[Any]
@@ -295,7 +296,8 @@ async def model_record(conn: Conn, model_id: int) -> dict[str, Any]:
     """The model row with its project, task and snapshot columns, and its file bytes."""
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
-        "SELECT m.id, m.algorithm, m.num_features, m.status, p.name AS project, p.task, s.columns"
+        "SELECT m.id, m.algorithm, m.num_features, m.status, p.name AS project, p.task, s.columns,"
+        " m.snapshot_id, s.relation_name, s.materialized"
         " FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id"
         " LEFT JOIN pgml.snapshots s ON s.id = m.snapshot_id WHERE m.id = %s",
         (model_id,),
@@ -304,14 +306,38 @@ async def model_record(conn: Conn, model_id: int) -> dict[str, Any]:
     if rec is None:
         raise UndefinedModel(f"model {model_id} does not exist")
     cur2 = await conn.execute(
-        "SELECT path, data FROM pgml.files WHERE model_id = %s ORDER BY part", (model_id,)
+        "SELECT path, data FROM pgml.files WHERE model_id = %s ORDER BY path, part", (model_id,)
     )
-    files = await cur2.fetchall()
+    files: dict[str, list[bytes]] = {}
+    for path, data in await cur2.fetchall():
+        files.setdefault(path, []).append(bytes(data))
+    # The ONNX form (runtime.tabular.compiled) lies beside the native file; it is not the model.
+    onnx = files.pop(ONNX_PATH, None)
     if not files:
         raise UndefinedModel(f"model {model_id} has no file in pgml.files")
-    rec["path"] = files[0][0]
-    rec["data"] = b"".join(bytes(f[1]) for f in files)
+    rec["path"], chunks = next(iter(files.items()))
+    rec["data"] = b"".join(chunks)
+    rec["onnx"] = None if onnx is None else b"".join(onnx)
     return rec
+
+
+async def add_file(conn: Conn, model_id: int, path: str, blob: bytes) -> bool:
+    """Store one more file of a model (in parts); False when another instance stored it first."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('pgml.files'), %s),"
+            " EXISTS (SELECT 1 FROM pgml.files WHERE model_id = %s AND path = %s)",
+            (model_id, model_id, path),
+        )
+        row = await cur.fetchone()
+        if row is None or row[1]:
+            return False
+        for part, data in enumerate(storage.parts(blob)):
+            await conn.execute(
+                "INSERT INTO pgml.files (model_id, path, part, data) VALUES (%s, %s, %s, %s)",
+                (model_id, path, part, data),
+            )
+    return True
 
 
 def feature_specs(columns: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -69,8 +69,9 @@ class TabularRuntime:
         self._pool = registry.new_pool(upstream_dsn, cfg.pool_size)
         self._executor = ThreadPoolExecutor(cfg.predict_threads, thread_name_prefix="pgml-predict")
         self._predictor = Predictor(
-            self._pool, self._executor, cfg.max_batch_rows, cfg.max_queue, cfg.max_models
+            self._pool, self._executor, cfg.max_batch_rows, cfg.max_queue, cfg.max_models, cfg.onnx
         )
+        self._onnx = cfg.onnx
         self._listener: asyncio.Task[None] | None = None
         # Others caching per-project deployments (runtime.tune): told what this listener hears.
         self.deploy_listeners: list[Callable[[str | None], None]] = []
@@ -165,7 +166,9 @@ class TabularRuntime:
         for call in calls:
             # Refused before any training work; checked again where the model is written.
             await self._check_may_write(str(call["project_name"]), ctx.user)
-            row = await trainer.train(self._pool, call, ctx, joint=function == "train_joint")
+            row = await trainer.train(
+                self._pool, call, ctx, joint=function == "train_joint", onnx=self._onnx
+            )
             self._forget(str(call["project_name"]))
             out.append([row])
         return out

@@ -87,6 +87,14 @@ class LoadedModel:
 
     _wide: Any = None
     _narrow: Any = None
+    # The ONNX Runtime form (compiled.Compiled), set once it is checked equal to this model:
+    # predict and predict_proba then use it. Assigned whole, so a batch sees one or the other.
+    compiled: Any = None
+
+    @property
+    def engine(self) -> str:
+        """Which path serves predictions: "onnx" or "native"."""
+        return "native" if self.compiled is None else "onnx"
 
     def __post_init__(self) -> None:
         # XGBoost's booster predicts in place faster than the sklearn wrapper (no checks,
@@ -108,12 +116,31 @@ class LoadedModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Regression values (n,) or (n, k) joint; class indices (n,); cluster labels (n,)."""
+        compiled = self.compiled
+        if self._compiled_for(x):
+            out: np.ndarray = compiled.predict(x)
+            return out
+        return self.predict_native(x)
+
+    def _compiled_for(self, x: np.ndarray) -> bool:
+        """Whether the compiled model serves these rows: not when some hold NaN/Infinity it was
+        not checked on, nor for XGBoost's wide batches, where its own all-cores predict ran 2.5x
+        ONNX Runtime's on 100,000 rows (benchmarks/results/predict.md, part b)."""
+        compiled = self.compiled
+        return (
+            compiled is not None
+            and (self.lib != "xgboost" or len(x) < _WIDE_ROWS)
+            and (compiled.nonfinite or bool(np.isfinite(x).all()))
+        )
+
+    def predict_native(self, x: np.ndarray) -> np.ndarray:
+        """`predict` with the native library, whatever is compiled."""
         if self._booster is not None and self.task != "classification":
             raw = self._inplace(x)
             return raw if raw.ndim > 1 and raw.shape[1] > 1 else raw.ravel()
         if self.task == "classification":
             if self.lib in ("lightgbm", "catboost", "xgboost"):
-                best: np.ndarray = np.argmax(self.predict_proba(x), axis=1).astype(np.float64)
+                best: np.ndarray = np.argmax(self.predict_proba_native(x), axis=1).astype(np.float64)
                 return best
             labels: np.ndarray = np.asarray(self.estimator.predict(x), dtype=np.float64).ravel()
             return labels
@@ -124,6 +151,14 @@ class LoadedModel:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (n, classes)."""
+        compiled = self.compiled
+        if compiled is not None and compiled.has_proba and self._compiled_for(x):
+            out: np.ndarray = compiled.predict_proba(x)
+            return out
+        return self.predict_proba_native(x)
+
+    def predict_proba_native(self, x: np.ndarray) -> np.ndarray:
+        """`predict_proba` with the native library, whatever is compiled."""
         if self.lib == "lightgbm" or self._booster is not None:
             p = (
                 self._inplace(x)

@@ -9,6 +9,7 @@ notices, and writes project, snapshot, model, files and deployment in ONE transa
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,9 @@ import numpy as np
 from core.errors import InvalidParameterValue, NullValueNotAllowed, UndefinedModel
 from core.interfaces import CallContext
 
-from . import algorithms, preprocess, registry, storage, training
+from . import algorithms, compiled, preprocess, registry, storage, training
+
+log = logging.getLogger(__name__)
 
 SAMPLINGS = ("stratified", "random", "last")
 _DEFAULT_STEPS = {"encode": "native", "impute": "error", "scale": "preserve"}
@@ -227,7 +230,7 @@ def _job(
 
 
 async def train(
-    pool: registry.Pool, call: Mapping[str, Any], ctx: CallContext, joint: bool
+    pool: registry.Pool, call: Mapping[str, Any], ctx: CallContext, joint: bool, onnx: bool = True
 ) -> tuple[Any, ...]:
     """One `pgml.train` call; returns (project, task, algorithm, deployed)."""
     name = str(call["project_name"])
@@ -255,15 +258,33 @@ async def train(
     job = _job(prep, task, algorithm, hyperparams, search, call)
     lib = algorithms.library(task, algorithm)
 
-    def work(progress: Callable[[str], None]) -> tuple[training.TrainResult, tuple[str, bytes]]:
+    def work(progress: Callable[[str], None]) -> tuple[training.TrainResult, list[tuple[str, bytes]], str]:
         result = training.fit(job, progress)
-        return result, storage.dump(result.estimator, lib)
+        native = storage.dump(result.estimator, lib)
+        if not onnx:
+            return result, [native], "native: runtime.tabular.onnx is off"
+        built, why = _compile(prep, task, lib, algorithm, native[1])
+        return result, [native] if built is None else [native, (compiled.ONNX_PATH, built.data)], why
 
-    result, (path, blob) = await _run_thread(work, ctx, job.cancelled.set)
+    result, files, serving = await _run_thread(work, ctx, job.cancelled.set)
     metrics = training.jsonable(result.metrics)
     await ctx.notice(f"metrics: { {k: v for k, v in metrics.items() if k != 'search_results'} }")
-    deployed = await _register(pool, call, name, task, algorithm, prep, result, metrics, path, blob, ctx.user)
+    await ctx.notice(f"serving: {serving}")
+    log.info("%s model of project %r is served by %s", algorithm, name, serving)
+    deployed = await _register(pool, call, name, task, algorithm, prep, result, metrics, files, ctx.user)
     return (name, task, algorithm, deployed)
+
+
+def _compile(
+    prep: TrainingData, task: str, lib: str, algorithm: str, blob: bytes
+) -> tuple[compiled.Compiled | None, str]:
+    """The model's ONNX form, checked on the test split (the training rows when it is empty)
+    against the native model exactly as serving loads it from its stored bytes."""
+    labels = registry.label_specs(prep.specs)
+    classes = labels[0]["statistics"].get("classes", []) if labels and task == "classification" else []
+    native = storage.load(0, task, lib, algorithm, blob, int(prep.x.shape[1]), len(classes))
+    rows = prep.test_idx if len(prep.test_idx) else prep.train_idx
+    return compiled.build(native, prep.x[rows])
 
 
 async def _register(
@@ -275,8 +296,7 @@ async def _register(
     prep: TrainingData,
     result: training.TrainResult,
     metrics: dict[str, Any],
-    path: str,
-    blob: bytes,
+    files: list[tuple[str, bytes]],
     user: str,
 ) -> bool:
     """Write everything in one transaction; returns whether the new model was deployed."""
@@ -307,7 +327,7 @@ async def _register(
                 "search_params": call.get("search_params") or {},
                 "search_args": call.get("search_args") or {},
             },
-            [(path, i, part) for i, part in enumerate(storage.parts(blob))],
+            [(path, i, part) for path, blob in files for i, part in enumerate(storage.parts(blob))],
         )
         if call.get("automatic_deploy") is False:
             return False
