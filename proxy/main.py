@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -173,10 +174,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         # uvloop: a dependency
-        return int(uvloop.run(serve(config, args.config, overrides, args.http_listen)))
+        rc = int(uvloop.run(serve(config, args.config, overrides, args.http_listen)))
     except ConfigError as exc:
         print(f"pgml-proxy: {exc}", file=sys.stderr)
         return 2
+    # `serve` has closed what the proxy opened (clients, pools, the runtime and its workers, the
+    # embedded Postgres). What is left is the interpreter's teardown of torch, onnxruntime and
+    # their thread pools: 3-4 s with one model loaded, which every restart would wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
