@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python -m benchmarks.soak [--clients 200] [--duration 600] [--pool-mode
 transaction] [--pool-size 40] [--think 0.1] [--train-every 30]``.
-It starts its own Postgres (benchmarks/pg.py) and the real proxy CLI in front of it, trains
+It starts its own Postgres (testing/postgres.py) and the real proxy CLI in front of it, trains
 a small regression project, then runs `--clients` clients (psycopg, async), each looping
 over a mix of statements with `--think` seconds between them: pass-through SELECTs, a
 one-row `pgml.embed` (all-MiniLM-L6-v2), a one-row `pgml.predict`; and one client trains
@@ -33,7 +33,7 @@ import numpy as np
 import psycopg
 
 from benchmarks.common import machine_info, markdown_table, stop_process, write_results
-from benchmarks.pg import Postgres, free_port
+from testing.postgres import PgServer, free_port, start_postgres
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = {  # kind -> (weight, SQL)
@@ -117,14 +117,14 @@ class Soak:
         if conn is not None:
             await conn.close()
 
-    async def restarter(self, pg: Postgres, at: float) -> None:
+    async def restarter(self, pg: PgServer, at: float) -> None:
         await asyncio.sleep(max(0.0, at - time.monotonic()))
         stopped = time.monotonic()
         self.restart_window = (stopped, float("inf"))
         await asyncio.get_running_loop().run_in_executor(None, pg.restart)
         self.restart_window = (stopped, time.monotonic())
 
-    async def run(self, pg: Postgres, proxy_pid: int) -> dict[str, Any]:
+    async def run(self, pg: PgServer, proxy_pid: int) -> dict[str, Any]:
         start = time.monotonic()
         self.end = start + self.args.duration
         tasks = [asyncio.ensure_future(self.client(i)) for i in range(self.args.clients)]
@@ -228,7 +228,7 @@ def main() -> None:
         workdir = Path(tmp)
         if os.geteuid() == 0:
             os.chmod(workdir, 0o755)
-        pg = Postgres(workdir / "pg", max_connections=max(300, args.pool_size + 50))
+        pg = start_postgres(workdir / "pg", conf={"max_connections": str(max(300, args.pool_size + 50))})
         proxy, dsn = _start_proxy(args, pg.dsn, workdir)
         try:
             _prepare(dsn)

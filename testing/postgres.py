@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import time
@@ -79,6 +80,15 @@ class PgServer:
                 self.proc.kill()
                 self.proc.wait()
 
+    def restart(self) -> None:
+        """Fast shutdown (sessions get 57P01, as a service restart does), then start again on the
+        same port and data dir; returns once it accepts connections."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(timeout=30)
+        self.proc = _launch(self.bin_dir, self.data_dir, self.port)
+        _wait_ready(self)
+
 
 def start_postgres(
     base_dir: Path,
@@ -120,21 +130,36 @@ def start_postgres(
     if hba is not None:
         (data_dir / "pg_hba.conf").write_text(hba)
     port = free_port()
-    log = open(base_dir / "postgres.log", "wb")
-    proc = subprocess.Popen(
+    server = PgServer(bin_dir, data_dir, port, _launch(bin_dir, data_dir, port))
+    try:
+        _wait_ready(server)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def _launch(bin_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    """The postmaster, as the unprivileged user, logging to postgres.log beside the data dir."""
+    user = _ensure_system_user(PG_USER)
+    log = open(data_dir.parent / "postgres.log", "ab")
+    proc: subprocess.Popen[bytes] = subprocess.Popen(
         [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, **ids,  # type: ignore[call-overload]
+        stdout=log, stderr=subprocess.STDOUT, **_as_user(user.pw_uid, user.pw_gid),  # type: ignore[call-overload]
     )
-    server = PgServer(bin_dir, data_dir, port, proc)
-    deadline = time.monotonic() + 60
+    return proc
+
+
+def _wait_ready(server: PgServer, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"postgres exited: {(base_dir / 'postgres.log').read_text()[-2000:]}")
+        if server.proc.poll() is not None:
+            log = (server.data_dir.parent / "postgres.log").read_text()[-2000:]
+            raise RuntimeError(f"postgres exited: {log}")
         ready = subprocess.run(
-            [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-q"], check=False
+            [str(server.bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(server.port), "-q"], check=False
         )
         if ready.returncode == 0:
-            return server
+            return
         time.sleep(0.2)
-    server.stop()
-    raise RuntimeError("postgres did not start within 60 s")
+    raise RuntimeError(f"postgres did not start within {timeout:.0f} s")

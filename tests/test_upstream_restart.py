@@ -7,7 +7,6 @@ Each test has its own Postgres (it is restarted), with the real proxy in front o
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from testing import postgres as pgtesting
 from tests.fix_postgres import PgServer, start_postgres
 from tests.fix_proxy import ProxyProcess
 
@@ -34,30 +32,6 @@ def private_pg() -> Iterator[PgServer]:
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
-
-
-def restart(server: PgServer) -> None:
-    """Stop the server (fast shutdown: sessions get 57P01) and start it again on its port."""
-    server.proc.send_signal(2)  # SIGINT: fast shutdown, as a service restart does
-    server.proc.wait(timeout=30)
-    user = pgtesting._ensure_system_user(pgtesting.PG_USER)
-    ids = pgtesting._as_user(user.pw_uid, user.pw_gid)
-    log = open(server.data_dir.parent / "postgres.log", "ab")
-    server.proc = subprocess.Popen(
-        [str(server.bin_dir / "postgres"), "-D", str(server.data_dir), "-p", str(server.port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        **ids,  # type: ignore[call-overload]
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ok = subprocess.run(
-            [str(server.bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(server.port), "-q"], check=False
-        )
-        if ok.returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError("postgres did not come back within 60 s")
 
 
 def one(px: ProxyProcess, sql: str) -> object:
@@ -88,7 +62,7 @@ def test_predict_after_upstream_restart(
             " hyperparams => '{\"n_estimators\": 1}')"
         )
     linear = one(px, f"SELECT pgml.predict('rs', {SETOSA})")
-    restart(private_pg)
+    private_pg.restart()
     # The first statement after the restart: no 57P01 from a connection lost with the old server.
     assert one(px, f"SELECT pgml.predict('rs', {SETOSA})") == linear
     assert one(px, "SELECT count(*) FROM pgml.models") == 2  # registry reads work too
