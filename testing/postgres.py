@@ -86,8 +86,8 @@ class PgServer:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             self.proc.wait(timeout=30)
-        self.proc = _launch(self.bin_dir, self.data_dir, self.port)
-        _wait_ready(self)
+        self.proc = launch_postmaster(self.bin_dir, self.data_dir, self.port)
+        wait_ready(self)
 
 
 def start_postgres(
@@ -130,16 +130,16 @@ def start_postgres(
     if hba is not None:
         (data_dir / "pg_hba.conf").write_text(hba)
     port = free_port()
-    server = PgServer(bin_dir, data_dir, port, _launch(bin_dir, data_dir, port))
+    server = PgServer(bin_dir, data_dir, port, launch_postmaster(bin_dir, data_dir, port))
     try:
-        _wait_ready(server)
+        wait_ready(server)
     except RuntimeError:
         server.stop()
         raise
     return server
 
 
-def _launch(bin_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def launch_postmaster(bin_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     """The postmaster, as the unprivileged user, logging to postgres.log beside the data dir."""
     user = _ensure_system_user(PG_USER)
     log = open(data_dir.parent / "postgres.log", "ab")
@@ -150,7 +150,7 @@ def _launch(bin_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]
     return proc
 
 
-def _wait_ready(server: PgServer, timeout: float = 60) -> None:
+def wait_ready(server: PgServer, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:

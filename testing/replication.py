@@ -23,8 +23,10 @@ from testing.postgres import (
     _as_user,
     _ensure_system_user,
     free_port,
+    launch_postmaster,
     pgserver_bin,
     start_postgres,
+    wait_ready,
 )
 
 
@@ -68,29 +70,13 @@ def start_standby(primary: PgServer, base_dir: Path, delay: str | None = None) -
         for key, value in settings.items():
             fh.write(f"{key} = {value}\n")
     port = free_port()
-    log = open(base_dir / "postgres.log", "wb")
-    proc = subprocess.Popen(
-        [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, **_ids(),  # type: ignore[call-overload]
-    )
-    server = PgServer(bin_dir, data_dir, port, proc)
-    _wait_accepting(server, base_dir)
+    server = PgServer(bin_dir, data_dir, port, launch_postmaster(bin_dir, data_dir, port))
+    try:
+        wait_ready(server)
+    except RuntimeError:
+        stop_fast(server)
+        raise
     return server
-
-
-def _wait_accepting(server: PgServer, base_dir: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"postgres exited: {(base_dir / 'postgres.log').read_text()[-2000:]}")
-        ready = subprocess.run(
-            [str(server.bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(server.port), "-q"], check=False
-        )
-        if ready.returncode == 0:
-            return
-        time.sleep(0.2)
-    stop_fast(server)
-    raise RuntimeError(f"postgres did not accept connections within {timeout} s")
 
 
 def start_cluster(base_dir: Path, standbys: int = 2, delays: Sequence[str | None] = (),
