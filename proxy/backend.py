@@ -336,6 +336,12 @@ class ServerConn(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
+    def send_query(self, sql: str) -> None:
+        """A simple Query of the proxy's own; it drops the unnamed statement upstream, so the
+        client's is parsed again before its next Bind."""
+        self.send(m.Query(sql).encode())
+        self.unnamed = None
+
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
@@ -351,8 +357,7 @@ class ServerConn(asyncio.Protocol):
 
     async def run_simple(self, sql: str) -> list[QueryResult]:
         """Run a simple Query on this connection (which must be `internal`); raises PgError."""
-        self.send(m.Query(sql).encode())
-        self.unnamed = None  # a simple Query drops the unnamed statement upstream
+        self.send_query(sql)
         return await self.read_results()
 
     async def read_results(self) -> list[QueryResult]:

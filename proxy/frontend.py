@@ -639,14 +639,12 @@ class Frontend(asyncio.Protocol):
         if self.txs.dirty:  # a SET may have changed the session: ask the server what stuck
             self.txs.dirty = False
             srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=txs.Capture(self._captured)))
-            srv.send(m.Query(txs.CAPTURE_SQL).encode())
-            srv.unnamed = None  # a simple Query drops the unnamed statement upstream
+            srv.send_query(txs.CAPTURE_SQL)
             return
         if self.route is not None and self.route.lsn_owed:  # read-your-writes: where it committed
             self.route.lsn_owed = False
             srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=txs.Capture(self.route.lsn_read)))
-            srv.send(m.Query(LSN_SQL).encode())
-            srv.unnamed = None  # a simple Query drops the unnamed statement upstream
+            srv.send_query(LSN_SQL)
             return
         self.server = None
         srv.client = None

@@ -118,7 +118,7 @@ class HeldUpstream:
 
     async def copy_in(self, sql: str, data: bytes | AsyncIterator[bytes]) -> str:
         conn = await self._get()
-        conn.send(m.Query(sql).encode())
+        conn.send_query(sql)
         tag = ""
         wrong_direction = False
         async for t, body in _until_ready(conn):
