@@ -20,7 +20,7 @@ from pglast.parser import ParseError
 from core.errors import FeatureNotSupported, SyntaxError_
 from planner import sqltree as t
 from planner.args import ArgCollector, type_of
-from planner.catalog import TYPE_OIDS, BoundCall, bind, is_runtime_call
+from planner.catalog import TYPE_OIDS, BoundCall, bind, is_runtime_call, row_type
 from planner.plan import ConstCall, LocalTarget, StatementPlan, StreamCallPlan
 from planner.scope import Materialiser
 
@@ -95,19 +95,13 @@ def analyze_statement(
         plan.cursor = inner.portalname
         plan.cursor_hold = bool(inner.options & _CURSOR_OPT_HOLD)
     bound = {id(node): bind(node, param_oids) for node, _ in calls}
-    for node, _ in calls:
-        if any(is_runtime_call(n) for n, _ in t.walk(node.args) if t.is_node(n, ast.FuncCall)):
-            raise FeatureNotSupported(
-                f"pgml.{node.funcname[1].sval}: a pgml call inside another pgml call's arguments is not "
-                "supported",
-                hint="compute the inner call in a subquery or CTE first",
-            )
+    nested = _nested(calls)
     plan.n_params = max([len(param_oids)] + [n.number for n, _ in t.walk(stmt) if t.is_node(n, ast.ParamRef)])
     collector = ArgCollector(param_oids)
-    if explain is None and _try_local(plan, inner, calls, bound, collector):
+    if explain is None and not nested and _try_local(plan, inner, calls, bound, collector):
         plan.describe_sql = _describe_sql(text, param_oids)
         return plan
-    _rewrite(plan, inner, calls, bound, collector)
+    _rewrite(plan, inner, calls, bound, collector, nested)
     plan.describe_sql = _describe_sql(text, param_oids) if explain is None else ""
     if explain is not None:
         explain.query = inner
@@ -290,27 +284,65 @@ def _finish_args(plan: StatementPlan, collector: ArgCollector) -> None:
     plan.param_types = dict(collector.param_types)
 
 
+def _nested(calls: list[tuple[Any, t.Path]]) -> set[int]:
+    """The calls that hold another pgml call in their arguments, or stand in one's arguments
+    (`pgml.predict('p', pgml.embed('m', body))`). Raises for a call in FROM inside another's
+    arguments (`pgml.rank(m, q, ARRAY(SELECT chunk FROM pgml.chunk(...)))`)."""
+    out: set[int] = set()
+    for node, _ in calls:
+        for inner, inner_path in t.walk(node.args):
+            if not (t.is_node(inner, ast.FuncCall) and is_runtime_call(inner)):
+                continue
+            if inner_path and t.is_node(inner_path[-1].parent, ast.RangeFunction):
+                raise FeatureNotSupported(
+                    f"pgml.{inner.funcname[1].sval} in FROM inside pgml.{node.funcname[1].sval}'s arguments"
+                    " is not supported",
+                    hint="compute the inner call in a CTE first",
+                )
+            out |= {id(node), id(inner)}
+    return out
+
+
 def _rewrite(
     plan: StatementPlan,
     stmt: Any,
     calls: list[tuple[Any, t.Path]],
     bound: dict[int, BoundCall],
     collector: ArgCollector,
+    nested: set[int],
 ) -> None:
     plan.kind = "upstream"
     next_param = plan.n_params
     pending: list[tuple[Any, t.Path]] = []
     streamed: list[tuple[Any, t.Path, str]] = []
-    for node, path in calls:
+    # Nested calls run through temporary tables, inner first (a deeper path): the outer call's
+    # arguments then read the inner results, as any row-dependent argument would.
+    for node, path in sorted(calls, key=lambda c: -len(c[1]) if id(c[0]) in nested else 0):
+        if id(node) in nested:
+            pending.append((node, path))
+            continue
         b = bound[id(node)]
         in_from = len(path) >= 2 and t.is_node(path[-1].parent, ast.RangeFunction)
-        if b.sig.setof and not in_from:
+        row_args = any(t.row_dependent(a) for a in b.args.values())
+        if (
+            b.sig.setof
+            and not (in_from or row_args or b.sig.is_table)
+            and f"{b.sig.returns}[]" in TYPE_OIDS
+        ):
+            # A set-returning call with constant arguments in a select list (`DECLARE c CURSOR FOR
+            # SELECT pgml.transform_stream(...)`, as the pgml SDK streams a chat): its rows,
+            # computed once, become `unnest($n)`, which Postgres expands in the same position.
+            next_param += 1
+            plan.consts.append(ConstCall(collector.plan(b), next_param, f"{b.sig.returns}[]"))
+            t.replace(path[-1], t.func("unnest", t.cast(t.param(next_param), f"{b.sig.returns}[]")))
+            continue
+        if b.sig.setof and not in_from and not _in_select_list(path):
             raise FeatureNotSupported(
                 f"set-returning pgml.{b.sig.name} in this position is not supported",
                 hint=f"call it in FROM: SELECT * FROM pgml.{b.sig.name}(...) or a LATERAL join",
             )
-        if in_from or any(t.row_dependent(a) for a in b.args.values()):
-            out = _stream_type(stmt, path, b)
+        if in_from or row_args or b.sig.setof:
+            out = None if b.sig.setof else _stream_type(stmt, path, b)
             if out is not None and not in_from:
                 streamed.append((node, path, out))
             else:
@@ -325,6 +357,15 @@ def _rewrite(
         _rewrite_stream(plan, stmt, streamed, bound, collector)
     plan.sql = t.deparse(stmt)
     _finish_args(plan, collector)
+
+
+_STATEMENT_LEVELS = ast.SelectStmt | ast.UpdateStmt | ast.DeleteStmt | ast.InsertStmt
+
+
+def _in_select_list(path: t.Path) -> bool:
+    """Whether a call stands in a SELECT's target list, where Postgres expands set-returning calls."""
+    levels = [s for s in path if t.is_node(s.parent, _STATEMENT_LEVELS)]
+    return bool(levels) and t.is_node(levels[-1].parent, ast.SelectStmt) and levels[-1].attr == "targetList"
 
 
 def _stream_type(stmt: Any, path: t.Path, b: BoundCall) -> str | None:
@@ -367,7 +408,7 @@ def _rewrite_stream(
             continue
         node, out = by_target[i]
         exprs: list[Any] = []
-        call = collector.plan(bound[id(node)], exprs)
+        call = collector.plan(bound[id(node)], exprs)  # nested calls are never streamed
         plan.stream.append(StreamCallPlan(call, target.name, out, len(exprs)))
         targets += [t.target(e, f"__pgml_{call.id}_{k}") for k, e in enumerate(exprs)]
     stmt.targetList = tuple(targets)
@@ -396,6 +437,11 @@ def _describe_sql(text: str, param_oids: Sequence[int]) -> str:
     return t.deparse(stmt)
 
 
+def _value_type(b: BoundCall) -> str:
+    """The type a call's value has where it stands outside FROM: a table function's row type."""
+    return row_type(b.sig) if b.sig.is_table and b.sig.setof else b.sig.returns
+
+
 def _null_keeping_params(b: BoundCall) -> Any:
     """A NULL of the call's type that still mentions the arguments holding a `$n`, each cast to
     its declared type: Postgres then infers those parameters' types when it describes."""
@@ -407,9 +453,9 @@ def _null_keeping_params(b: BoundCall) -> Any:
         for name, node in b.args.items()
         if t.contains(node, lambda n: t.is_node(n, ast.ParamRef))
     ]
-    null = t.null_of(b.sig.returns)
+    null = t.null_of(_value_type(b))
     if not tests:
         return null
     return ast.CaseExpr(
-        args=(ast.CaseWhen(expr=t.and_(tests), result=null),), defresult=t.null_of(b.sig.returns)
+        args=(ast.CaseWhen(expr=t.and_(tests), result=null),), defresult=t.null_of(_value_type(b))
     )

@@ -22,7 +22,7 @@ from psycopg.pq import Format
 
 from core.errors import InvalidTextRepresentation, NumericValueOutOfRange, StatementTooComplex
 from planner import sqltree as t
-from planner.catalog import ANY, TYPE_OIDS, BoundCall
+from planner.catalog import ANY, OID_TYPES, TYPE_OIDS, BoundCall
 from planner.plan import ArgSource, CallPlan, ClientParam, Evaluated, Literal, RowColumn
 
 NOT_LITERAL = object()
@@ -260,7 +260,13 @@ class ArgCollector:
                 target, read_as = node.arg, cast_type
         if t.is_node(target, ast.ParamRef):
             if read_as == ANY:
-                read_as = ANY_PARAM_TYPES.get(name, "text")
+                # A parameter the client declared as JSON or an array (sqlx binds `inputs` as
+                # jsonb[]) is read as that type; text and undeclared ones as the argument's usual
+                # type, whose text form the runtime parses.
+                n = target.number
+                declared = OID_TYPES.get(self.param_oids[n - 1], "") if n <= len(self.param_oids) else ""
+                structured = declared.endswith("[]") or declared in ("json", "jsonb")
+                read_as = declared if structured else ANY_PARAM_TYPES.get(name, "text")
             self.param_types.setdefault(target.number, read_as)
             return ClientParam(target.number, read_as)
         self.eval_exprs.append(upstream_expr(node, sql_type))

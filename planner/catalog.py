@@ -58,8 +58,16 @@ TYPE_OIDS: Mapping[str, int] = {
     "record": 2249,
     "numeric": 1700,
 }
+# The first name of each OID: the type a client-declared parameter of an `any` argument is read as.
+OID_TYPES: Mapping[int, str] = {oid: name for name, oid in reversed(list(TYPE_OIDS.items()))}
 # The planner sees every declared function (core.functions), shipped or added at run time.
 SIGNATURES: tuple[Signature, ...] = tuple(sig for fn in functions.FUNCTIONS for sig in fn.overloads)
+
+
+def row_type(sig: Signature) -> str:
+    """The composite type of one row of a set-returning function, which migration 0006 makes
+    (`pgml._chunk_row`): the value such a call has outside FROM."""
+    return f"pgml._{sig.name}_row"
 
 
 def overloads(name: str) -> tuple[Signature, ...]:

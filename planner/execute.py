@@ -232,6 +232,9 @@ class _Run:
             first.setdefault(key, const)
         results = await asyncio.gather(*(self.batch(c.call, [None]) for c in first.values()))
         value_of = {key: r[0] for key, r in zip(first, results, strict=True)}
+        for key, const in first.items():
+            if const.call.sig.setof and value_of[key] is not None:  # its rows, as one array
+                value_of[key] = [row[0] if isinstance(row, tuple) else row for row in value_of[key]]
         for key, const in zip(keys, plan.consts, strict=True):
             enc = encoder(const.out_type, 0)
             self.params.append(enc(value_of[key]))

@@ -14,12 +14,12 @@ import hashlib
 from typing import Any
 
 from pglast import ast
-from pglast.enums import SortByDir, SortByNulls
+from pglast.enums import CoercionForm, SortByDir, SortByNulls, SubLinkType
 
 from core.errors import FeatureNotSupported
 from planner import sqltree as t
 from planner.args import ArgCollector
-from planner.catalog import BoundCall, is_runtime_call
+from planner.catalog import BoundCall, bind, is_runtime_call, row_type
 from planner.plan import StatementPlan, TempStep
 
 _LEVELS = (ast.SelectStmt, ast.UpdateStmt, ast.DeleteStmt, ast.InsertStmt)
@@ -39,6 +39,8 @@ class Materialiser:
         cursor = plan.cursor is not None
         digest = hashlib.sha1(plan.text.encode(), usedforsecurity=False).hexdigest()[:10]
         self.suffix = f"_{digest}" if cursor else ""
+        # Set by _insert_scope for the call being planned: (columns, qualifiers, in ON CONFLICT, name).
+        self._inserting: tuple[set[str], set[str], bool, str] | None = None
         self.on_commit = " ON COMMIT DROP" if cursor else ""
 
     def run(self, pending: list[tuple[Any, t.Path]]) -> None:
@@ -54,7 +56,11 @@ class Materialiser:
             remaining = [item for item in remaining if item not in done]
 
     def _try(self, node: Any, path: t.Path) -> bool:
-        b = self.bound[id(node)]
+        self._inserting = None
+        # Bound again: an inner call in the arguments may have been replaced by its lookup.
+        b = self.bound[id(node)] = bind(node, self.collector.param_oids)
+        if any(is_runtime_call(n) for n, _ in t.walk(node.args) if t.is_node(n, ast.FuncCall)):
+            return False  # its inner calls first
         in_from = t.is_node(path[-1].parent, ast.RangeFunction)
         scope = self._scope(node, path, in_from)
         if scope is None:
@@ -62,6 +68,9 @@ class Materialiser:
         from_items, where, group, having, position = scope
         exprs: list[Any] = []
         call = self.collector.plan(b, exprs)
+        # Where the call's arguments read the row being inserted, its keys come from the rows
+        # the INSERT gives, under the names they have there.
+        scoped = [self._remap(e) for e in exprs] if self._inserting is not None else exprs
         n = len(self.plan.steps) + 1
         keys, results = f"pgml_k{n}{self.suffix}", f"pgml_r{n}{self.suffix}"
         step = TempStep(
@@ -72,17 +81,22 @@ class Materialiser:
             results=results,
             create_results="",
             index_sql=[],
-            srf=in_from,
+            srf=in_from or b.sig.setof,
             position=position,
         )
         if exprs:
             if b.sig.strict:
-                where = where + [ast.NullTest(arg=copy.deepcopy(e), nulltesttype=1) for e in exprs]
-            with_clause = self._with_clause(path, from_items)
+                nulls = [ast.NullTest(arg=copy.deepcopy(e), nulltesttype=1) for e in scoped]
+                # An aggregate argument (`pgml.embed(m, array_agg(chunk))`) is known per group.
+                if any(t.contains(e, t.is_aggregate) for e in scoped):
+                    having = having + nulls
+                else:
+                    where = where + nulls
+            with_clause = self._with_clause(path, from_items, exprs)
             if with_clause is False:
                 return False
             scope_sel = t.select(
-                [t.target(e, f"pgml_a{i}") for i, e in enumerate(exprs)],
+                [t.target(copy.deepcopy(e), f"pgml_a{i}") for i, e in enumerate(scoped)],
                 from_items,
                 t.and_(where),
                 distinctClause=(None,),
@@ -130,13 +144,15 @@ class Materialiser:
             ]
         if in_from:
             self._replace_srf(step, b, path, exprs)
+        elif b.sig.setof:
+            self._replace_srf_target(step, b, path, exprs)
         else:
             step.create_results = (
-                f"CREATE TEMPORARY TABLE {results} (pgml_k bigint PRIMARY KEY, "
+                f"CREATE TEMPORARY TABLE {results} (pgml_k bigint{' PRIMARY KEY' if exprs else ''}, "
                 f"pgml_v {_sql_type(b.sig.returns)}){self.on_commit}"
             )
             t.replace(path[-1], self._lookup(step, b.sig.name, exprs))
-        step.post_sql = [f"CREATE INDEX ON pg_temp.{results} (pgml_k)"] if in_from and exprs else []
+        step.post_sql = [f"CREATE INDEX ON pg_temp.{results} (pgml_k)"] if step.srf and exprs else []
         step.post_sql.append(f"ANALYZE pg_temp.{results}")
         self.plan.steps.append(step)
         return True
@@ -147,6 +163,8 @@ class Materialiser:
     ) -> tuple[list[Any], list[Any], list[Any], list[Any], str] | None:
         idx = next(i for i in range(len(path) - 1, -1, -1) if isinstance(path[i].parent, _LEVELS))
         level, clause = path[idx].parent, path[idx].attr
+        if t.is_node(level, ast.InsertStmt) and not in_from:
+            return self._insert_scope(node, level, clause)
         if t.is_node(level, ast.InsertStmt) or clause in (
             "returningList",
             "returningClause",
@@ -156,7 +174,10 @@ class Materialiser:
                 f"pgml.{node.funcname[1].sval} with row-dependent arguments in {clause} is not supported: "
                 "its rows are not known before the statement runs"
             )
-        if t.is_node(level, ast.SelectStmt) and not level.fromClause and not in_from:
+        # A CTE's own FROM-less SELECT (`WITH q AS (SELECT pgml.embed(m, (SELECT ... FROM cfg)))`)
+        # is its own scope: evaluated once.
+        in_cte = idx > 0 and t.is_node(path[idx - 1].parent, ast.CommonTableExpr)
+        if t.is_node(level, ast.SelectStmt) and not level.fromClause and not in_from and not in_cte:
             outer = [
                 i
                 for i in range(idx - 1, -1, -1)
@@ -189,44 +210,95 @@ class Materialiser:
             having = _clean(level.havingClause, node)
         return from_items, where, group, having, position
 
-    def _with_clause(self, path: t.Path, from_items: list[Any]) -> Any | bool | None:
-        """The non-modifying CTEs visible at the call; False when a needed CTE still has pgml calls."""
+    def _insert_scope(
+        self, node: Any, ins: Any, clause: str
+    ) -> tuple[list[Any], list[Any], list[Any], list[Any], str]:
+        """A call in INSERT ... RETURNING or ON CONFLICT DO UPDATE reading the row being inserted
+        (`RETURNING pgml.embed('m', body)`, `SET e = pgml.embed('m', excluded.body)`): the rows
+        the INSERT gives (its VALUES or SELECT, under its column list) are its scope. What a
+        trigger or a default would change is not seen, nor is the existing row of a conflict."""
+        name = node.funcname[1].sval
+        if ins.selectStmt is None or not ins.cols:
+            raise FeatureNotSupported(
+                f"pgml.{name} with row-dependent arguments in {clause} needs INSERT INTO t (columns) VALUES"
+                " or SELECT: the rows are otherwise not known before the statement runs",
+                hint="name the inserted columns",
+            )
+        cols = [c.name for c in ins.cols]
+        own = {ins.relation.relname} | ({ins.relation.alias.aliasname} if ins.relation.alias else set())
+        # In ON CONFLICT, EXCLUDED is the row being inserted; the table's name is the existing row.
+        self._inserting = (set(cols), {"excluded"} if clause == "onConflictClause" else own,
+                           clause == "onConflictClause", name)
+        source = ast.RangeSubselect(
+            lateral=False,
+            subquery=copy.deepcopy(ins.selectStmt),
+            alias=ast.Alias(aliasname="pgml_ins", colnames=tuple(t.s(c) for c in cols)),
+        )
+        return [source], [], [], [], f"InsertStmt.{clause}"
+
+    def _remap(self, expr: Any) -> Any:
+        """A copy of `expr` reading the inserted rows' columns from `pgml_ins`."""
+        assert self._inserting is not None
+        cols, qualifiers, conflict, name = self._inserting
+        expr = copy.deepcopy(expr)
+        for ref, path in list(t.walk(expr)):
+            if not t.is_node(ref, ast.ColumnRef):
+                continue
+            fields = [f.sval if t.is_node(f, ast.String) else "*" for f in ref.fields]
+            bare = len(fields) == 1 and not conflict
+            if (bare or (len(fields) == 2 and fields[0] in qualifiers)) and fields[-1] in cols:
+                new = t.col("pgml_ins", fields[-1])
+                if path:
+                    t.replace(path[-1], new)
+                else:
+                    expr = new
+                continue
+            raise FeatureNotSupported(
+                f"pgml.{name}: {'.'.join(fields)} is not a column the INSERT gives, so its value is not known"
+                " before the statement runs"
+            )
+        return expr
+
+    def _with_clause(self, path: t.Path, from_items: list[Any], exprs: list[Any]) -> Any | bool | None:
+        """The CTEs the call's scope reads (its FROM items and its arguments, and what those CTEs
+        read in turn); False when one of them still has pgml calls."""
         seen: dict[str, Any] = {}
         recursive = False
-        clauses: list[Any] = [getattr(s.parent, "withClause", None) for s in reversed(path)]
+        # Innermost first: an inner CTE hides an outer one of the same name.
+        clauses: list[Any] = [
+            c
+            for c in (getattr(s.parent, "withClause", None) for s in reversed(path))
+            if t.is_node(c, ast.WithClause)
+        ]
         for clause in clauses:
-            if not t.is_node(clause, ast.WithClause):
-                continue
             recursive = recursive or bool(clause.recursive)
             for cte in clause.ctes:
                 seen.setdefault(cte.ctename, cte)
         if not seen:
             return None
-        keep: list[Any] = []
-        referenced = {
-            n.relname
-            for n, _ in t.walk(tuple(from_items))
-            if t.is_node(n, ast.RangeVar) and n.schemaname is None
-        }
-        for clause in reversed([c for c in clauses if t.is_node(c, ast.WithClause)]):
-            for cte in clause.ctes:
-                if id(seen.get(cte.ctename)) != id(cte):
+        referenced = _relnames((*from_items, *exprs))
+        keep: set[int] = set()
+        for clause in clauses:
+            for cte in reversed(clause.ctes):  # a CTE reads only those before it (or outside)
+                if id(seen.get(cte.ctename)) != id(cte) or cte.ctename not in referenced:
                     continue
-                usable = t.is_node(cte.ctequery, ast.SelectStmt) and not _has_calls(cte.ctequery)
-                if usable:
-                    keep.append(copy.deepcopy(cte))
-                    referenced |= {n.relname for n, _ in t.walk(cte.ctequery) if t.is_node(n, ast.RangeVar)}
-                elif cte.ctename in referenced:
-                    if _has_calls(cte.ctequery):
-                        return False
+                if _has_calls(cte.ctequery):
+                    return False
+                if not t.is_node(cte.ctequery, ast.SelectStmt):
                     raise FeatureNotSupported(
                         f'a pgml call reading the data-modifying CTE "{cte.ctename}" is not supported'
                     )
-        return ast.WithClause(ctes=tuple(keep), recursive=recursive) if keep else None
+                keep.add(id(cte))
+                referenced |= _relnames(cte.ctequery)
+        ctes = [copy.deepcopy(cte) for clause in reversed(clauses) for cte in clause.ctes if id(cte) in keep]
+        return ast.WithClause(ctes=tuple(ctes), recursive=recursive) if ctes else None
 
     # --- replacements ---------------------------------------------------------------------------
     def _lookup(self, step: TempStep, name: str, exprs: list[Any]) -> Any:
-        assert step.keys is not None
+        if step.keys is None:  # a nested call with constant arguments: its one result
+            return t.scalar_subquery(
+                t.select([t.target(t.col("pgml_r", "pgml_v"), name)], [t.rangevar(step.results, "pgml_r")])
+            )
         sel = t.select(
             [t.target(t.col("pgml_r", "pgml_v"), name)],
             [
@@ -239,6 +311,54 @@ class Materialiser:
             t.and_([t.eq(t.col("pgml_k", f"pgml_a{i}"), copy.deepcopy(e)) for i, e in enumerate(exprs)]),
         )
         return t.scalar_subquery(sel)
+
+    def _replace_srf_target(self, step: TempStep, b: BoundCall, path: t.Path, exprs: list[Any]) -> None:
+        """A set-returning call outside FROM (`SELECT id, pgml.chunk('character', body) AS c FROM
+        docs`): its rows for the current arguments, as an array of the function's row type
+        (`pgml._chunk_row`, made by migration 0006), become `unnest(ARRAY(...))`, which Postgres
+        expands where the call stood, in step with any other set-returning call of that list.
+        A table function's value is then the composite (`(c).chunk_index` reads it); a scalar
+        one's its only field (an array of real[] would be read as two dimensions)."""
+        cols = list(b.sig.out_columns())
+        step.create_results = (
+            f"CREATE TEMPORARY TABLE {step.results} (pgml_k bigint, pgml_ord bigint, "
+            + ", ".join(f"pgml_c{i} {_sql_type(typ)}" for i, (_, typ) in enumerate(cols))
+            + ")"
+            + self.on_commit
+        )
+        row = ast.RowExpr(
+            args=tuple(t.col("pgml_s", f"pgml_c{i}") for i in range(len(cols))),
+            row_format=CoercionForm.COERCE_EXPLICIT_CALL,
+        )
+        element = t.cast(row, row_type(b.sig))
+        if step.keys is not None:
+            from_: list[Any] = [
+                t.inner_join(
+                    t.rangevar(step.keys, "pgml_k"),
+                    t.rangevar(step.results, "pgml_s"),
+                    t.eq(t.col("pgml_s", "pgml_k"), t.col("pgml_k", "pgml_k")),
+                )
+            ]
+            where = t.and_(
+                [t.eq(t.col("pgml_k", f"pgml_a{i}"), copy.deepcopy(e)) for i, e in enumerate(exprs)]
+            )
+        else:
+            from_, where = [t.rangevar(step.results, "pgml_s")], None
+        order = (
+            ast.SortBy(
+                node=t.col("pgml_s", "pgml_ord"),
+                sortby_dir=SortByDir.SORTBY_DEFAULT,
+                sortby_nulls=SortByNulls.SORTBY_NULLS_DEFAULT,
+            ),
+        )
+        rows = ast.SubLink(
+            subLinkType=SubLinkType.ARRAY_SUBLINK,
+            subselect=t.select([t.target(element)], from_, where, sortClause=order),
+        )
+        expanded: Any = t.func("unnest", rows)
+        if not b.sig.is_table:
+            expanded = ast.A_Indirection(arg=expanded, indirection=(t.s(cols[0][0]),))
+        t.replace(path[-1], expanded)
 
     def _replace_srf(self, step: TempStep, b: BoundCall, path: t.Path, exprs: list[Any]) -> None:
         from planner.analyze import srf_columns
@@ -289,6 +409,11 @@ class Materialiser:
             alias=ast.Alias(aliasname=rf.alias.aliasname if rf.alias else b.sig.name),
         )
         t.replace(path[-3], sub)
+
+
+def _relnames(tree: object) -> set[str]:
+    """The unqualified relation names a tree reads: the CTEs it may refer to."""
+    return {n.relname for n, _ in t.walk(tree) if t.is_node(n, ast.RangeVar) and n.schemaname is None}
 
 
 def _sql_type(name: str) -> str:

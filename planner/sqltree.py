@@ -154,7 +154,7 @@ def type_name(sql_type: str) -> Any:
         "numeric",
         "record",
     }
-    names = (s("pg_catalog"), s(canon)) if builtin else (s(canon),)
+    names = (s("pg_catalog"), s(canon)) if builtin else tuple(s(part) for part in canon.split("."))
     bounds = (ast.Integer(ival=-1),) if array else None
     return ast.TypeName(names=names, arrayBounds=bounds, typemod=-1)
 

@@ -15,6 +15,7 @@ import psycopg
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
 from psycopg.types.composite import TupleDumper
+from psycopg.types.json import Jsonb
 
 from core.errors import CharacterNotInRepertoire, FeatureNotSupported, InvalidParameterValue
 from core.interfaces import WireValue
@@ -114,6 +115,10 @@ def encoder(sql_type: str, fmt: int, vector_oid: int = 0) -> Encoder:
             value = int(value)
         elif sql_type == "text" and not isinstance(value, str):
             value = str(value)
+        elif sql_type in ("jsonb[]", "json[]"):
+            # Each element is one JSON value, even a JSON array (psycopg would read a nested list
+            # as a second array dimension).
+            value = [None if v is None else Jsonb(v) for v in value]
         return bytes(dumper.dump(value) or b"")
 
     return dump

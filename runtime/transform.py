@@ -81,6 +81,13 @@ IGNORED_MODEL_KWARGS: Mapping[str, str] = {
     "use_auth_token": "downloads use the proxy's own HF_TOKEN, not a per-call token",
     "model_type": "the model's config.json decides its architecture",
 }
+# OpenAI's sampling options that Hugging Face's generate() has no equivalent of (korvus's rag
+# sends `presence_penalty: 0` with every chat). Their neutral value 0 is what generation does
+# anyway; any other value is dropped with a WARNING.
+OPENAI_ONLY_ARGS: Mapping[str, str] = {
+    "presence_penalty": "Hugging Face generation has no presence penalty (repetition_penalty is nearest)",
+    "frequency_penalty": "Hugging Face generation has no frequency penalty (repetition_penalty is nearest)",
+}
 _GENERATIVE = frozenset(
     {"text-generation", "conversational", "summarization", "translation", "text2text-generation"}
 )
@@ -96,6 +103,7 @@ class TaskSpec:
     model_kwargs: Mapping[str, Any]
     args: Mapping[str, Any]
     args_key: str  # canonical JSON of args: calls with the same key share a pipeline call
+    dropped: tuple[str, ...] = ()  # OPENAI_ONLY_ARGS given a value generation cannot apply
 
     @property
     def pipeline_task(self) -> str:
@@ -143,7 +151,8 @@ def parse_task(task: Any, args: Any, config: RuntimeConfig) -> TaskSpec:
     if "max_tokens" in call_args:
         call_args.setdefault("max_new_tokens", call_args.pop("max_tokens"))
         call_args.pop("max_tokens", None)
-    return TaskSpec(name, base, model, options, call_args, json.dumps(call_args, sort_keys=True))
+    dropped = tuple(k for k in OPENAI_ONLY_ARGS if call_args.pop(k, 0) not in (0, None))
+    return TaskSpec(name, base, model, options, call_args, json.dumps(call_args, sort_keys=True), dropped)
 
 
 def ignored_options(spec: TaskSpec, cache: bool) -> list[str]:
@@ -153,6 +162,7 @@ def ignored_options(spec: TaskSpec, cache: bool) -> list[str]:
         for k, why in IGNORED_MODEL_KWARGS.items()
         if k in spec.model_kwargs
     ]
+    lines += [f'pgml.transform: "{k}" is ignored: {OPENAI_ONLY_ARGS[k]}' for k in spec.dropped]
     if cache:
         lines.append('pgml.transform: "cache" is ignored: every loaded model stays cached in the proxy '
                      "(runtime.memory_budget_mb decides what is evicted)")

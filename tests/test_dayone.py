@@ -192,3 +192,152 @@ def test_predict_on_a_bare_row_reference(conn: psycopg.Connection[tuple[object, 
     rows = conn.execute("SELECT pgml.predict(%s, image) FROM pgml.digits ORDER BY ctid LIMIT 5", (digits,))
     by_row = conn.execute("SELECT pgml.predict(%s, d) FROM pgml.digits d ORDER BY ctid LIMIT 5", (digits,))
     assert by_row.fetchall() == rows.fetchall()
+
+
+# --- planner positions ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def docs(day_proxy: ProxyProcess) -> str:
+    with psycopg.connect(day_proxy.dsn(), autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS dayone_docs")
+        c.execute("CREATE TABLE dayone_docs (id int, body text)")
+        c.execute("INSERT INTO dayone_docs VALUES (1, 'one two\n\nthree four\n\nfive'), (2, 'alpha beta'),"
+                  " (3, NULL), (4, 'gamma\n\ndelta')")
+    return "dayone_docs"
+
+
+SPLIT = "'character', body, '{\"chunk_size\": 4, \"chunk_overlap\": 0}'"
+
+
+def test_set_returning_call_in_a_select_list(conn: psycopg.Connection[tuple[object, ...]], docs: str) -> None:
+    # Postgres expands a set-returning call in a select list: the same rows as the LATERAL form.
+    lateral = conn.execute(f"SELECT id, c.chunk_index, c.chunk FROM {docs}, LATERAL pgml.chunk({SPLIT}) c"
+                           " ORDER BY 1, 2").fetchall()
+    assert len(lateral) == 6
+    fields = conn.execute(f"SELECT id, (c).chunk_index, (c).chunk FROM (SELECT id, pgml.chunk({SPLIT}) AS c"
+                          f" FROM {docs}) s ORDER BY 1, 2").fetchall()
+    assert fields == lateral
+    bare = conn.execute(f"SELECT id, pgml.chunk({SPLIT}) FROM {docs} ORDER BY 1").fetchall()
+    assert [r[0] for r in bare] == [r[0] for r in lateral]
+    description = conn.execute(f"SELECT id, pgml.chunk({SPLIT}) FROM {docs}").description
+    assert description is not None and description[1].name == "chunk"
+    # As korvus writes it: in a CTE, beside a data-modifying CTE, read back by field.
+    korvus = conn.execute(
+        f"WITH new AS (SELECT id, pgml.chunk({SPLIT}) AS chunk_t FROM {docs} WHERE id = ANY(%s)),"
+        " gone AS (DELETE FROM dayone_docs WHERE false RETURNING id)"
+        " SELECT id, (chunk_t).chunk_index, (chunk_t).chunk FROM new ORDER BY 1, 2", ([1, 4],)
+    ).fetchall()
+    assert korvus == [r for r in lateral if r[0] in (1, 4)]
+    # The temporary tables behind it are gone.
+    temp = "SELECT count(*) FROM pg_class WHERE relname LIKE 'pgml\\_%' AND relpersistence = 't'"
+    assert one(conn, temp) == 0
+
+
+def test_embed_over_an_aggregate_zips_with_unnest(conn: psycopg.Connection[tuple[object, ...]],
+                                                  docs: str) -> None:
+    # korvus embeds a pipeline's chunks with `unnest(array_agg(id)), pgml.embed(inputs => array_agg(...))`.
+    zipped = conn.execute(f"SELECT unnest(array_agg(id ORDER BY id)), pgml.embed(inputs => array_agg(body"
+                          f" ORDER BY id), transformer => '{MINILM}') FROM {docs} WHERE body IS NOT NULL"
+                          ).fetchall()
+    rows = conn.execute(f"SELECT id, pgml.embed('{MINILM}', body) FROM {docs} WHERE body IS NOT NULL"
+                        " ORDER BY id").fetchall()
+    assert [r[0] for r in zipped] == [r[0] for r in rows]
+    for (_, a), (_, b) in zip(zipped, rows, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_stream_through_a_cursor(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    # The pgml SDK streams a chat as `DECLARE c CURSOR FOR SELECT pgml.transform_stream(...)`, then FETCH.
+    task = json.dumps({"task": "conversational", "model": "tiny-chat"})
+    args = json.dumps({"max_new_tokens": 6})
+    sql = "pgml.transform_stream(task => %s::jsonb, inputs => %s::jsonb[], args => %s::jsonb)"
+    params = (task, [json.dumps(m) for m in CHAT], args)
+    direct = [r[0] for r in conn.execute(f"SELECT * FROM {sql}", params).fetchall()]
+    with conn.transaction():
+        conn.execute(f"DECLARE c CURSOR FOR SELECT {sql}", params)
+        fetched = []
+        while row := conn.execute("FETCH 1 FROM c").fetchone():
+            fetched.append(row[0])
+    assert fetched == direct and len(direct) > 1
+
+
+def test_binary_jsonb_array_parameters_are_one_conversation(
+    conn: psycopg.Connection[tuple[object, ...]],
+) -> None:
+    # The SDKs (sqlx) bind the messages as a binary jsonb[] parameter, not text.
+    from psycopg.types.json import Jsonb
+
+    sql = "SELECT pgml.transform(task => %s, inputs => %s, args => %s)"
+    params = (Jsonb({"task": "conversational", "model": "tiny-chat"}), [Jsonb(m) for m in CHAT],
+              Jsonb({"max_tokens": 4, "presence_penalty": 0}))
+    for binary in (False, True):
+        out = conn.cursor(binary=binary).execute(sql, params).fetchone()
+        assert out is not None and isinstance(out[0], list) and len(out[0]) == 1, out
+    warned = warnings_of(conn, "SELECT pgml.transform(task => '{\"task\": \"conversational\", \"model\":"
+                               " \"tiny-chat\"}'::jsonb, inputs => ARRAY['{\"role\": \"user\", \"content\":"
+                               " \"hi\"}'::jsonb], args => '{\"max_tokens\": 2, \"presence_penalty\": 0.5}')")
+    assert len(warned) == 1 and '"presence_penalty" is ignored' in warned[0], warned
+
+
+def test_row_types_of_set_returning_functions(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    # Migration 0006 makes one composite type per set-returning function, as core/functions.py declares.
+    from core import functions
+    from planner.catalog import row_type
+    from planner.sqltree import type_name
+
+    declared = {row_type(s): s.out_columns() for f in functions.FUNCTIONS for s in f.overloads if s.setof}
+    for name, cols in declared.items():
+        got = conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = (SELECT typrelid FROM pg_type WHERE oid = %s::regtype) AND attnum > 0"
+            " ORDER BY attnum", (name,)).fetchall()
+        want = [(c, one(conn, f"SELECT format_type('{'.'.join(n.sval for n in type_name(t).names)}"
+                              f"{'[]' if t.endswith('[]') else ''}'::regtype, NULL)")) for c, t in cols]
+        assert got == want, name
+
+
+def test_a_pgml_call_inside_another(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    # The inner call runs first, batched over the rows, and the outer call reads its results.
+    conn.execute("DROP TABLE IF EXISTS dayone_nest")
+    conn.execute("CREATE TABLE dayone_nest AS SELECT g::float8 AS x, (3 * g)::float8 AS y"
+                 " FROM generate_series(1, 30) g")
+    conn.execute("SELECT * FROM pgml.train('dayone_nest', 'regression', 'dayone_nest', 'y')").fetchall()
+    inner = "round(pgml.predict('dayone_nest', ARRAY[x]))::text"
+    nested = conn.execute(f"SELECT x, pgml.embed('{MINILM}', {inner}) FROM dayone_nest WHERE x <= 5"
+                          " ORDER BY x").fetchall()
+    two_step = conn.execute(
+        f"WITH p AS (SELECT x, {inner} AS v FROM dayone_nest WHERE x <= 5)"
+        f" SELECT x, pgml.embed('{MINILM}', v) FROM p ORDER BY x").fetchall()
+    assert [r[0] for r in nested] == [1, 2, 3, 4, 5]
+    for (_, a), (_, b) in zip(nested, two_step, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    # With constant arguments: one inner call, then one outer call.
+    inner = "round(pgml.predict('dayone_nest', ARRAY[2.0]))::text"
+    value = one(conn, f"SELECT {inner}")
+    constant = one(conn, f"SELECT pgml.embed('{MINILM}', {inner})")
+    assert constant == pytest.approx(one(conn, f"SELECT pgml.embed('{MINILM}', %s)", value), abs=1e-5)
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="in FROM inside"):
+        conn.execute(f"SELECT pgml.rank('{MINILM}', 'q', ARRAY(SELECT chunk FROM pgml.chunk('character',"
+                     " body))) FROM dayone_docs")
+
+
+def test_pgml_calls_in_insert_returning_and_on_conflict(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    def embed(text: str) -> Any:
+        return one(conn, f"SELECT pgml.embed('{MINILM}', %s)", text)
+
+    conn.execute("DROP TABLE IF EXISTS dayone_ins")
+    conn.execute("CREATE TABLE dayone_ins (id int PRIMARY KEY, body text, e real[])")
+    rows = conn.execute(f"INSERT INTO dayone_ins (id, body) VALUES (1, 'a cat'), (2, 'a dog') RETURNING id,"
+                        f" pgml.embed('{MINILM}', body) AS e").fetchall()
+    assert [r[0] for r in rows] == [1, 2]
+    assert rows[0][1] == pytest.approx(embed("a cat"), abs=1e-5)
+    assert rows[1][1] == pytest.approx(embed("a dog"), abs=1e-5)
+    # An upsert that embeds the new text: EXCLUDED is the row being inserted.
+    conn.execute(f"INSERT INTO dayone_ins (id, body) VALUES (1, 'a bird'), (3, 'a fish') ON CONFLICT (id)"
+                 f" DO UPDATE SET body = excluded.body, e = pgml.embed('{MINILM}', excluded.body)")
+    got = conn.execute("SELECT id, e FROM dayone_ins WHERE e IS NOT NULL").fetchall()
+    stored: dict[Any, Any] = {r[0]: r[1] for r in got}
+    assert set(stored) == {1} and stored[1] == pytest.approx(embed("a bird"), abs=1e-5)
+    # The existing row's value is not known before the statement runs: a clear 0A000.
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match=r"dayone_ins\.body is not a column"):
+        conn.execute(f"INSERT INTO dayone_ins (id, body) VALUES (1, 'x') ON CONFLICT (id)"
+                     f" DO UPDATE SET e = pgml.embed('{MINILM}', dayone_ins.body)")

@@ -228,7 +228,7 @@ def test_user_text_never_changes_the_statement() -> None:
         ("CREATE VIEW v AS SELECT pgml.embed('m', body) FROM docs", FeatureNotSupported, "ViewStmt"),
         ("CREATE INDEX ON docs ((pgml.embed('m', body)))", FeatureNotSupported, "IndexStmt"),
         ("COPY docs FROM STDIN WHERE pgml.predict('p', ARRAY[id]) > 0", FeatureNotSupported, "COPY ... FROM"),
-        ("SELECT id, pgml.chunk('x', body) FROM docs", FeatureNotSupported, "set-returning"),
+        ("SELECT id FROM docs WHERE pgml.chunk('x', body) IS NOT NULL", FeatureNotSupported, "set-returning"),
         (
             "SELECT pgml.embed('m', pgml.transform('t', inputs => ARRAY[body])->>0) FROM docs",
             FeatureNotSupported,

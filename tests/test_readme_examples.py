@@ -14,20 +14,15 @@ Postgres or the extension would give.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from testing.tiny_models import build_all
-from tests.fix_postgres import free_port, pgserver_bin
+from tests.fix_makerun import make_run
+from tests.fix_postgres import pgserver_bin
 from tests.readme_blocks import README, Example, examples, reference_readme, shape
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.slow,
     # PostgresML's README is kept beside the repository (../shared/reference), not in it.
@@ -81,44 +76,8 @@ class Psql:
 @pytest.fixture(scope="module")
 def readme_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Psql]:
     """The proxy as the README starts it (`make run`), on the embedded Postgres in a fresh data dir."""
-    data_dir = tmp_path_factory.mktemp("readme-data")
-    data_dir.chmod(0o755)
-    build_all(ROOT / ".cache" / "tiny-models")
-    base = (ROOT / "tests" / "config.test.toml").read_text().replace("[runtime]\n", "", 1)
-    config = data_dir.parent / "readme-config.toml"
-    config.write_text(base + "\n" + (ROOT / "tests" / "models.test.toml").read_text() + DATASETS)
-    port = free_port()
-    env = dict(os.environ)
-    env.update(
-        PGML_PROXY_LISTEN=f"127.0.0.1:{port}",
-        HTTP_LISTEN=f"127.0.0.1:{free_port()}",  # make run's HTTP listener, off the fixed 8000
-        PGML_PROXY_DATA_DIR=str(data_dir),
-        PGML_PROXY_CONFIG=str(config),
-        HF_HUB_OFFLINE="1",
-    )
-    log = open(data_dir.parent / "readme-proxy.log", "wb")
-    proc = subprocess.Popen(["make", "-s", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    psql = Psql(f"postgresql://postgres@127.0.0.1:{port}/postgres")
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            out, state, _ = psql.run("SELECT 1")
-            if state is None and out.strip() == "1":
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"make run did not serve: {(data_dir.parent / 'readme-proxy.log').read_text()[-3000:]}"
-                )
-            time.sleep(1)
-        yield psql
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with make_run(tmp_path_factory, "readme", DATASETS) as dsn:
+        yield Psql(dsn)
 
 
 def _check_documented(example: Example, out: str) -> None:
