@@ -91,6 +91,7 @@ def analyze_statement(
     if not calls:
         return plan
     _check_container(inner, calls)
+    _whole_row_references(calls)
     if t.is_node(inner, ast.DeclareCursorStmt):
         plan.cursor = inner.portalname
         plan.cursor_hold = bool(inner.options & _CURSOR_OPT_HOLD)
@@ -282,6 +283,47 @@ def srf_columns(b: BoundCall, alias: Any | None) -> list[tuple[str, str]]:
 def _finish_args(plan: StatementPlan, collector: ArgCollector) -> None:
     plan.eval_sql = collector.eval_sql()
     plan.param_types = dict(collector.param_types)
+
+
+def _whole_row_references(calls: list[tuple[Any, t.Path]]) -> None:
+    """`pgml.predict('p', d) FROM pgml.digits d`: a bare name that is no column but a FROM item's
+    alias is the whole row, as Postgres reads it; it becomes `d.*`, predict's record form.
+    (Postgres tries a column of that name first: a table with a column named like its own alias
+    would be read differently here.)"""
+    for node, path in calls:
+        names: set[str] = set()
+        for step in path:
+            if t.is_node(step.parent, _STATEMENT_LEVELS):
+                names |= _from_aliases(step.parent)
+        args = list(node.args or ())
+        for i, arg in enumerate(args):
+            holder = arg if t.is_node(arg, ast.NamedArgExpr) else None
+            value = holder.arg if holder is not None else arg
+            if (
+                t.is_node(value, ast.ColumnRef)
+                and len(value.fields) == 1
+                and t.is_node(value.fields[0], ast.String)
+                and value.fields[0].sval in names
+            ):
+                star = ast.ColumnRef(fields=(value.fields[0], ast.A_Star()))
+                if holder is not None:
+                    holder.arg = star
+                else:
+                    args[i] = star
+        node.args = tuple(args) if args else node.args
+
+
+def _from_aliases(level: Any) -> set[str]:
+    items = list(getattr(level, "fromClause", None) or ())
+    if t.is_node(level, ast.UpdateStmt | ast.DeleteStmt):
+        items.append(level.relation)
+    out: set[str] = set()
+    for item, _ in t.walk(tuple(items)):
+        if t.is_node(item, ast.RangeVar):
+            out.add(item.alias.aliasname if item.alias is not None else item.relname)
+        elif t.is_node(item, ast.RangeSubselect | ast.RangeFunction) and item.alias is not None:
+            out.add(item.alias.aliasname)
+    return out
 
 
 def _nested(calls: list[tuple[Any, t.Path]]) -> set[int]:

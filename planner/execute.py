@@ -188,9 +188,41 @@ class _Run:
             values[name] = value
         return values
 
+    def _rows_args(self, call: CallPlan, rows: Sequence[Sequence[Any] | None]) -> list[dict[str, Any] | None]:
+        """call_args for many rows: the row-independent arguments are read once (a chunk of a
+        100,000-row predict is thousands of rows with one project name)."""
+        from_row = [(name, src.index) for name, src in call.sources.items() if isinstance(src, RowColumn)]
+        if not from_row or any(row is None for row in rows) or any(name == "task" for name, _ in from_row):
+            return [self.call_args(call, row) for row in rows]  # per-row JSON tasks: the general path
+        strict = call.sig.strict
+        fixed: dict[str, Any] = {}
+        for name, src in call.sources.items():
+            if not isinstance(src, RowColumn):
+                value = self.constant(src)
+                if value is None and strict:  # a NULL constant of a STRICT call: every result is NULL
+                    return [None] * len(rows)
+                if name == "task" and isinstance(value, str) and value.lstrip().startswith("{"):
+                    value = coerce(value, "jsonb")
+                fixed[name] = value
+        fixed.update(call.defaults)
+        out: list[dict[str, Any] | None] = []
+        for row in rows:
+            assert row is not None
+            values = dict(fixed)
+            for name, index in from_row:
+                value = row[index]
+                if value is None and strict:
+                    break
+                values[name] = value
+            else:
+                out.append(values)
+                continue
+            out.append(None)
+        return out
+
     async def batch(self, call: CallPlan, rows: Sequence[Sequence[Any] | None]) -> list[Any]:
         """Run `call` once per row (STRICT NULLs skipped), results in row order."""
-        args = [self.call_args(call, row) for row in rows]
+        args = self._rows_args(call, rows) if len(rows) > 1 else [self.call_args(call, row) for row in rows]
         todo = [a for a in args if a is not None]
         if call.sig.name == "transform_stream":  # the runtime streams it: collect each call's rows
             out = [await stoppable(self.ctx, self._collect(call.sig.name, a)) for a in todo]

@@ -2,8 +2,9 @@
 
 Owns the layout of the rewritten SELECT's upstream columns (pass-through columns, whose
 bytes go to the client untouched in the format it asked for, and the ``__pgml_<id>_<k>``
-argument columns), one runtime batch per upstream chunk, and the overlap of fetching
-chunk n+1 while the model runs on chunk n. Memory holds at most two chunks.
+argument columns, numeric arrays among them fetched in binary and read as one NumPy matrix
+per chunk), one runtime batch per upstream chunk, and the overlap of fetching chunk n+1
+while the model runs on chunk n. Memory holds at most two chunks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.interfaces import Column, QueryResult, WireValue
 from planner.plan import StreamCallPlan
-from planner.values import TYPE_SIZES, Decoder, Encoder, decoder, encoder, type_oid
+from planner.values import BINARY_ARRAYS, TYPE_SIZES, Encoder, decode_column, encoder, type_oid
 
 if TYPE_CHECKING:
     from planner.execute import Event, _Run
@@ -35,10 +36,10 @@ class Merger:
         self.calls = {c.call.id: c for c in run.plan.stream or []}
 
     async def _upstream_formats(self) -> list[int]:
-        """Per upstream column formats: the client's for pass-through columns, text for arguments."""
+        """Per upstream column formats: the client's for pass-through columns; binary for the
+        argument columns that are numeric arrays (the decoder reads those straight into NumPy),
+        text for the other arguments. A Describe first says which is which."""
         rf = list(self.run.bound.result_formats)
-        if len(rf) <= 1:
-            return rf
         desc = await self.run.up.describe(self.run.plan.sql, self.run.oids)
         from planner.execute import arg_column
 
@@ -46,8 +47,9 @@ class Merger:
         for c in desc.columns or []:
             found = arg_column(c.name)
             if found is None:
-                out.append(rf[i] if i < len(rf) else 0)
-            out += [] if found is None else [0]
+                out.append(rf[0] if len(rf) == 1 else rf[i] if i < len(rf) else 0)
+            else:
+                out.append(1 if c.type_oid in BINARY_ARRAYS else 0)
             i += 1 if found is None or found[1] == 0 else 0
         return out
 
@@ -74,7 +76,7 @@ class Merger:
         vec = await run.ex.vector(run.up) if any(c.out_type == "vector" for c in self.calls.values()) else 0
         formats = await self._upstream_formats()
         slots: list[_Slot] | None = None
-        decs: list[Decoder] = []
+        cols: list[Column] = []
         encs: dict[int, Encoder] = {}
         pending: asyncio.Future[list[list[WireValue]]] | None = None
         tag = ""
@@ -95,7 +97,7 @@ class Merger:
                 async for chunk in chunks:
                     if slots is None and chunk.columns is not None:
                         slots = self._layout(chunk.columns)
-                        decs = [decoder(c.type_oid, c.format) for c in chunk.columns]
+                        cols = list(chunk.columns)
                         out_cols = []
                         for i, slot in enumerate(slots):
                             if slot.call is None:
@@ -113,7 +115,7 @@ class Merger:
                     if chunk.rows and slots is not None:
                         # The new chunk's merge starts before the previous one is awaited, and
                         # is `pending` at once, so the finally cancels it when that await raises.
-                        prev, pending = pending, asyncio.ensure_future(self._merge(chunk, slots, decs, encs))
+                        prev, pending = pending, asyncio.ensure_future(self._merge(chunk, slots, cols, encs))
                         if prev is not None:
                             yield "rows", await prev
                     if chunk.command_tag:
@@ -128,7 +130,7 @@ class Merger:
         yield "tag", f"SELECT {count}" if tag.startswith("SELECT") else tag
 
     async def _merge(
-        self, chunk: QueryResult, slots: list[_Slot], decs: list[Decoder], encs: dict[int, Encoder]
+        self, chunk: QueryResult, slots: list[_Slot], cols: list[Column], encs: dict[int, Encoder]
     ) -> list[list[WireValue]]:
         rows = chunk.rows
         columns: list[list[WireValue]] = []
@@ -138,7 +140,10 @@ class Merger:
                 columns.append([r[slot.upstream] for r in rows])
                 continue
             assert slot.arg_cols is not None
-            args: list[list[Any]] = [[decs[j](r[j]) for j in slot.arg_cols] for r in rows]
+            decoded = [
+                decode_column(cols[j].type_oid, cols[j].format, [r[j] for r in rows]) for j in slot.arg_cols
+            ]
+            args: list[Sequence[Any]] = list(zip(*decoded, strict=True))
             results = await self.run.batch(slot.call.call, args)
             enc = encs[slot.call.call.id]
             columns.append([enc(v) for v in results])

@@ -7,10 +7,12 @@ is ``[1,2,3]`` and binary form is int16 dim, int16 unused, then float4s (pgvecto
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import psycopg
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
@@ -72,13 +74,59 @@ def check_utf8(data: bytes) -> None:
 
 
 def decoder(oid: int, fmt: int) -> Decoder:
-    """A function from a field's bytes (format `fmt`) to its Python value."""
+    """A function from a field's bytes (format `fmt`) to its Python value.
+
+    A binary one-dimensional numeric array without NULLs becomes a NumPy array in one call
+    (the features of `pgml.predict` over a table: no Python float per element); any other
+    array falls back to psycopg's loader, which gives lists with None.
+    """
     loader = _TX.get_loader(oid, Format(fmt))
+    element = BINARY_ARRAYS.get(oid) if fmt == 1 else None
 
     def load(data: WireValue) -> Any:
         return None if data is None else loader.load(data)
 
-    return load
+    if element is None:
+        return load
+    layout = np.dtype([("length", ">i4"), ("value", element)])
+
+    def load_array(data: WireValue) -> Any:
+        # Header: ndim, has-nulls flag, element type, then (size, lower bound) per dimension.
+        if data is None or len(data) < 20 or data[:8] != _ONE_DIM_NO_NULLS:
+            return load(data)
+        return np.frombuffer(data, dtype=layout, offset=20)["value"].astype(element.newbyteorder("="))
+
+    return load_array
+
+
+def decode_column(oid: int, fmt: int, values: Sequence[WireValue]) -> Sequence[Any]:
+    """A column of a chunk's rows as Python values. Binary numeric arrays of one shape without
+    NULLs (the features of predict over a table) are read as one matrix: a row is a view of it."""
+    element = BINARY_ARRAYS.get(oid) if fmt == 1 else None
+    if element is not None and values and all(v is not None for v in values):
+        width = {len(v) for v in values if v is not None}
+        head = values[0]
+        if len(width) == 1 and head is not None and len(head) >= 20 and head[:8] == _ONE_DIM_NO_NULLS:
+            size = width.pop()
+            raw = np.frombuffer(b"".join(v for v in values if v is not None), dtype=np.uint8)
+            raw = raw.reshape(len(values), size)
+            if (raw[:, :20] == raw[0, :20]).all():
+                layout = np.dtype([("length", ">i4"), ("value", element)])
+                matrix = np.ascontiguousarray(raw[:, 20:]).view(layout)["value"]
+                return list(matrix.astype(element.newbyteorder("=")))
+    load = decoder(oid, fmt)
+    return [load(v) for v in values]
+
+
+_ONE_DIM_NO_NULLS = b"\x00\x00\x00\x01\x00\x00\x00\x00"
+# Binary numeric arrays read straight into NumPy: element type by array type OID.
+BINARY_ARRAYS: dict[int, np.dtype[Any]] = {
+    1021: np.dtype(">f4"),  # real[]
+    1022: np.dtype(">f8"),  # float8[]
+    1005: np.dtype(">i2"),  # smallint[]
+    1007: np.dtype(">i4"),  # int[]
+    1016: np.dtype(">i8"),  # bigint[]
+}
 
 
 def _plain(value: Any) -> Any:
@@ -104,6 +152,8 @@ def encoder(sql_type: str, fmt: int, vector_oid: int = 0) -> Encoder:
     dumper = cls(list if sql_type.endswith("[]") else object, _TX)
     as_float = sql_type in ("real", "float8")
     as_int = sql_type in ("bigint", "int", "smallint")
+    if as_float and fmt == 0:
+        return _float_text
 
     def dump(value: Any) -> WireValue:
         if value is None:
@@ -122,6 +172,19 @@ def encoder(sql_type: str, fmt: int, vector_oid: int = 0) -> Encoder:
         return bytes(dumper.dump(value) or b"")
 
     return dump
+
+
+def _float_text(value: Any) -> WireValue:
+    """A real/float8 result as Postgres writes it: shortest round-trip digits, and its own
+    spellings of the special values (psycopg's dumper writes `inf`, which JDBC cannot parse)."""
+    if value is None:
+        return None
+    f = float(value)
+    if f != f:
+        return b"NaN"
+    if f in (math.inf, -math.inf):
+        return b"Infinity" if f > 0 else b"-Infinity"
+    return repr(f).encode()
 
 
 def _vector_text(value: Any) -> WireValue:

@@ -448,8 +448,31 @@ class DataRow:
 
     @classmethod
     def parse(cls, body: bytes | memoryview) -> DataRow:
-        r = Reader(body)
-        return cls(tuple(r.value() for _ in range(r.int16())))
+        return cls(parse_row_values(bytes(body)))
+
+
+def parse_row_values(buf: bytes) -> tuple[WireValue, ...]:
+    """A DataRow body's values: what Reader.value() reads, in one tight loop (the proxy parses
+    every row the planner merges, 100,000 for a batch predict)."""
+    unpack = _I32.unpack_from
+    end = len(buf)
+    try:
+        (count,) = _I16.unpack_from(buf, 0)
+        pos = 2
+        out: list[WireValue] = []
+        for _ in range(count):
+            (size,) = unpack(buf, pos)
+            pos += 4
+            if size == -1:
+                out.append(None)
+                continue
+            if size < 0 or pos + size > end:
+                raise ProtocolViolation("message body is shorter than its fields")
+            out.append(buf[pos : pos + size])
+            pos += size
+    except struct.error:
+        raise ProtocolViolation("message body is shorter than its fields") from None
+    return tuple(out)
 
 
 def encode_data_row(values: Sequence[WireValue]) -> bytes:

@@ -54,6 +54,8 @@ _EMBED_IGNORED = {
     "cache_folder": "models live in the proxy's configured caches (HF_HOME, runtime.cache_dir)",
 }
 _TRAIN_RUNTIME = "pgml.train: runtime {!r} is ignored: the proxy trains with the Python libraries"
+# The functions whose calls may carry an option that is accepted but not applied (see _ignored).
+_WARNED = frozenset({"transform", "transform_stream", "embed", "train"})
 
 
 class Runtime:
@@ -218,7 +220,11 @@ class Runtime:
         """The WARNING lines for a statement's calls, each once however many rows repeat it."""
         lines: dict[str, None] = {}
         seen: set[str] = set()
+        if function not in _WARNED:  # predict over 100k rows: no per-row JSON key for nothing
+            return []
         for call in calls:
+            if function == "embed" and not call.get("kwargs"):
+                continue
             key = json.dumps([call.get("task"), call.get("args"), call.get("cache"), call.get("kwargs"),
                               call.get("runtime")], sort_keys=True, default=str)
             if key in seen:

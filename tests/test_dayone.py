@@ -186,8 +186,6 @@ def test_predict_on_a_multidimensional_array(
     assert [p for _, p in by_star] == [p for _, p in rows]
 
 
-@pytest.mark.xfail(strict=True, reason="a bare table alias as predict's argument is a whole-row reference: "
-                   "the planner (is_row_form) does not see it as a record yet, so it arrives as text")
 def test_predict_on_a_bare_row_reference(conn: psycopg.Connection[tuple[object, ...]], digits: str) -> None:
     rows = conn.execute("SELECT pgml.predict(%s, image) FROM pgml.digits ORDER BY ctid LIMIT 5", (digits,))
     by_row = conn.execute("SELECT pgml.predict(%s, d) FROM pgml.digits d ORDER BY ctid LIMIT 5", (digits,))

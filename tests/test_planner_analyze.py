@@ -230,9 +230,9 @@ def test_user_text_never_changes_the_statement() -> None:
         ("COPY docs FROM STDIN WHERE pgml.predict('p', ARRAY[id]) > 0", FeatureNotSupported, "COPY ... FROM"),
         ("SELECT id FROM docs WHERE pgml.chunk('x', body) IS NOT NULL", FeatureNotSupported, "set-returning"),
         (
-            "SELECT pgml.embed('m', pgml.transform('t', inputs => ARRAY[body])->>0) FROM docs",
+            "SELECT pgml.rank('m', 'q', ARRAY(SELECT chunk FROM pgml.chunk('c', body))) FROM docs",
             FeatureNotSupported,
-            "inside another",
+            "in FROM inside",
         ),
         ("INSERT INTO t SELECT 1 RETURNING pgml.embed('m', body)", FeatureNotSupported, "returningClause"),
         ("SELEC pgml.embed('m', 'x')", SyntaxError_, "syntax"),

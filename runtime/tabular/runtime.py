@@ -223,6 +223,9 @@ def _predict_keys(call: Mapping[str, Any]) -> Mapping[str, Any]:
     `model_id`, a row (`t.*`, ROW(...)) given as `features` is a `row`."""
     if "project_name" not in call and "features" not in call:
         return call
+    project, features = call.get("project_name"), call.get("features")
+    if isinstance(project, str) and not isinstance(features, Mapping):
+        return call  # the common case, as given: no copy per row of a 100,000-row predict
     out = dict(call)
     project = out.get("project_name")
     if isinstance(project, int) and not isinstance(project, bool):
