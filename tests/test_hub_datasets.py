@@ -68,10 +68,10 @@ def load(proxy: ProxyProcess, name: str, args: str = "") -> tuple[list[tuple[Any
     return got, notices
 
 
-def load_error(proxy: ProxyProcess, name: str) -> psycopg.Error:
+def load_error(proxy: ProxyProcess, name: str, kwargs: str = "{}") -> psycopg.Error:
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         with pytest.raises(psycopg.Error) as info:
-            conn.execute("SELECT * FROM pgml.load_dataset(%s)", (name,))
+            conn.execute("SELECT * FROM pgml.load_dataset(%s, kwargs => %s::jsonb)", (name, kwargs))
         assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection stays usable
     return info.value
 
@@ -109,7 +109,8 @@ def test_first_use_downloads_then_serves_from_the_cache(first: ProxyProcess, dat
 
 
 def test_csv_columns_keep_their_types(first: ProxyProcess) -> None:
-    assert load(first, "acme/flowers")[0] == [("pgml.acme/flowers", 30)]
+    split = """, kwargs => '{"split": "train"}'"""  # one split: the library returns a Dataset
+    assert load(first, "acme/flowers", split)[0] == [("pgml.acme/flowers", 30)]
     columns, rows = table(first, "acme/flowers")
     assert columns == [("height", "double precision"), ("petals", "bigint"), ("species", "text")]
     assert sorted(rows)[:2] == [(0.0, 0, "rose"), (0.5, 1, "tulip")]
@@ -140,6 +141,23 @@ def test_downloads_off_serve_the_cache_and_refuse_the_rest(
 def test_unknown_dataset_is_42704(first: ProxyProcess) -> None:
     err = load_error(first, "acme/no-such-dataset")
     assert err.sqlstate == "42704" and "acme/no-such-dataset" in str(err) and "hub" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("csv", '{"data_files": "/etc/hostname"}'),  # a packaged builder over the proxy host's files
+     ("/etc", "{}"), ("tests", "{}"),  # local folders (the proxy runs in the repo root)
+     ("acme/flowers", '{"data_files": "../../../etc/hostname"}'),
+     ("acme/flowers", '{"data_dir": "/etc"}'),
+     ("acme/flowers", '{"cache_dir": "/tmp/elsewhere"}'),
+     ("acme/flowers", '{"token": "hf_stolen"}')],
+)
+def test_the_proxy_hosts_files_are_refused_before_any_request(first: ProxyProcess, dataset_repos: HubServer,
+                                                              name: str, kwargs: str) -> None:
+    before = len(dataset_repos.requests)
+    err = load_error(first, name, kwargs)
+    assert err.sqlstate == "42501" and name in str(err), err
+    assert len(dataset_repos.requests) == before
 
 
 def test_an_unreachable_hub_is_08001(online: Callable[..., ProxyProcess], dataset_repos: HubServer) -> None:

@@ -123,6 +123,7 @@ def _huggingface(name: str, subset: str | None, kwargs: dict[str, Any], off: str
         ) from None
     from huggingface_hub.file_download import repo_folder_name
 
+    _check_hub_source(name, kwargs)
     if off is None and os.environ.get("HF_DATASETS_OFFLINE", "").upper() in hf.config.ENV_VARS_TRUE_VALUES:
         off = "HF_DATASETS_OFFLINE is set"  # the library's own switch, read at its import
     blobs = hub.cache_root() / repo_folder_name(repo_id=name, repo_type="dataset") / "blobs"
@@ -147,6 +148,37 @@ def _huggingface(name: str, subset: str | None, kwargs: dict[str, Any], off: str
 
 
 _LOAD = threading.Lock()
+# Arguments that name the proxy host's folders, credentials or processes: a client's call may not.
+_HOST_KWARGS = ("cache_dir", "storage_options", "token", "download_config", "num_proc", "save_infos")
+
+
+def _check_hub_source(name: str, kwargs: Mapping[str, Any]) -> None:
+    """A client names hub datasets only: not the proxy host's files (a local folder, a packaged
+    builder such as `csv` over local `data_files`), nor its cache, credentials or processes
+    (42501, as a model path outside models_dir is)."""
+    from datasets.load import _PACKAGED_DATASETS_MODULES
+
+    def refuse(what: str) -> InsufficientPrivilege:
+        return InsufficientPrivilege(f"dataset {name!r}: {what} is not allowed",
+                                     hint="name a dataset on the hub (owner/name), or a built-in one")
+
+    if name in _PACKAGED_DATASETS_MODULES or not _inside_repo(name) or name.count("/") > 1 \
+            or os.path.exists(name):
+        raise refuse("a local path or file format as the dataset")
+    for key in _HOST_KWARGS:
+        if key in kwargs:
+            raise refuse(f"kwargs {key!r} (the proxy's own setting)")
+    files = kwargs.get("data_files")
+    patterns = list(files.values()) if isinstance(files, Mapping) else [files]
+    for pattern in [kwargs.get("data_dir"), *patterns]:
+        for one in pattern if isinstance(pattern, list) else [pattern]:
+            if one is not None and not (isinstance(one, str) and _inside_repo(one)):
+                raise refuse(f"data path {one!r} outside the dataset's repo")
+
+
+def _inside_repo(path: str) -> bool:
+    return bool(path) and "://" not in path and not path.startswith(("/", "~", "\\")) \
+        and ".." not in Path(path).parts
 
 
 def _files(folder: Path) -> dict[str, int]:
