@@ -327,7 +327,7 @@ FUNCTIONS: tuple[Function, ...] = (
             ),
         ),
         Served("tabular", "load_dataset"),
-        "create and fill pgml.<name> from a built-in or offline dataset",
+        "create and fill pgml.<name> from a built-in, offline or Hugging Face hub dataset",
         writes=True,
     ),
     Function(

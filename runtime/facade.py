@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -31,7 +32,7 @@ from core.errors import (
 from core.functions import NotSupported
 from core.interfaces import CallContext
 from runtime import chunk as chunking
-from runtime import optional, utility
+from runtime import hub, optional, utility
 from runtime import transform as tf
 from runtime.config import RuntimeConfig
 from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
@@ -79,7 +80,8 @@ class Runtime:
             # psycopg and the tabular libraries. A failure to import is a failure to start.
             from runtime.tabular import TabularRuntime
 
-            self._tabular = TabularRuntime(self.upstream_dsn, self.config.tabular)
+            self._tabular = TabularRuntime(self.upstream_dsn, self.config.tabular,
+                                           functools.partial(hub.downloads_off, self.config))
             await self._tabular.start()
             from runtime.tune import TuneRuntime  # fine-tuning shares the tabular registry
 

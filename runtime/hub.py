@@ -1,9 +1,10 @@
 """Models from the Hugging Face Hub: the standard cache, and downloads into it on first use.
 
-Owns when downloads are allowed (`runtime.downloads`, `HF_HUB_OFFLINE`), the one download
-per model across threads and processes (a file lock beside huggingface_hub's own), the
-marker that keeps a half-downloaded snapshot from being trusted, progress reports, and
-which SQLSTATE each hub failure becomes. The real client (`huggingface_hub`) does the
+Owns when downloads are allowed (`runtime.downloads`, `HF_HUB_OFFLINE`; hub datasets read the
+same switch, runtime/tabular/datasets.py), the one download per model across threads and
+processes (a file lock beside huggingface_hub's own), the marker that keeps a half-downloaded
+snapshot from being trusted, progress reports, and which SQLSTATE each hub failure becomes
+(`hub_errors`, for models and datasets alike). The real client (`huggingface_hub`) does the
 HTTP: `HF_ENDPOINT`, `HF_TOKEN` and `HF_HOME` mean what they mean to it. Blocking: callers
 run it off the event loop (`resolve.Resolver.aresolve`).
 """
@@ -105,7 +106,7 @@ def download(repo_id: str, revision: str | None, progress: Callable[[str], None]
 def _download_locked(repo_id: str, revision: str | None, folder: Path, say: Callable[[str], None]) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 
-    with _hub_errors(repo_id):
+    with hub_errors(repo_id):
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
     files = {_blob_name(s): (s.rfilename, int(s.size or 0)) for s in info.siblings or []}
     total = sum(size for _name, size in files.values())
@@ -114,7 +115,7 @@ def _download_locked(repo_id: str, revision: str | None, folder: Path, say: Call
     (folder / INCOMPLETE).write_text(str(os.getpid()))
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            with _hub_errors(repo_id), _reporting(repo_id, folder / "blobs", files, total, say):
+            with hub_errors(repo_id), _reporting(repo_id, folder / "blobs", files, total, say):
                 snapshot = Path(snapshot_download(repo_id, revision=revision))
             break
         except ConnectionFailure as exc:
@@ -171,40 +172,42 @@ def _reporting(repo_id: str, blobs: Path, files: dict[str, tuple[str, int]], tot
 
 
 @contextlib.contextmanager
-def _hub_errors(repo_id: str) -> Iterator[None]:
-    """huggingface_hub's and requests' exceptions as the SQLSTATE a client can act on."""
+def hub_errors(repo_id: str, what: str = "model",
+               elsewhere: str = "or place the model on disk") -> Iterator[None]:
+    """huggingface_hub's and requests' exceptions as the SQLSTATE a client can act on; `what`
+    names the kind of repo (a model, a dataset) in the messages."""
     import requests
     from huggingface_hub import errors as hf
 
+    unreachable = f'could not reach the hub to download {what} "{repo_id}"'
+    check = f"check HF_ENDPOINT and the network, {elsewhere}"
     try:
         yield
     except PgError:
         raise
     except hf.LocalEntryNotFoundError as exc:  # snapshot_download's word for "hub unreachable"
-        raise SqlclientUnableToEstablishSqlconnection(
-            f'could not reach the hub to download model "{repo_id}"', detail=_first_line(exc),
-            hint="check HF_ENDPOINT and the network, or place the model on disk") from None
+        raise SqlclientUnableToEstablishSqlconnection(unreachable, detail=_first_line(exc),
+                                                      hint=check) from None
     except (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.EntryNotFoundError) as exc:
-        raise UndefinedModel(f'model "{repo_id}" not found on the hub',
+        raise UndefinedModel(f'{what} "{repo_id}" not found on the hub',
                              detail=_first_line(exc)) from None
     except hf.GatedRepoError as exc:
-        raise InsufficientPrivilege(f'model "{repo_id}" is gated on the hub', detail=_first_line(exc),
+        raise InsufficientPrivilege(f'{what} "{repo_id}" is gated on the hub', detail=_first_line(exc),
                                     hint="set HF_TOKEN for the proxy to a token that has access") from None
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
-            raise InsufficientPrivilege(f'the hub refused model "{repo_id}" ({status})',
+            raise InsufficientPrivilege(f'the hub refused {what} "{repo_id}" ({status})',
                                         hint="set HF_TOKEN for the proxy") from None
-        raise ConnectionFailure(f'downloading model "{repo_id}" failed: the hub answered {status}',
+        raise ConnectionFailure(f'downloading {what} "{repo_id}" failed: the hub answered {status}',
                                 detail=_first_line(exc)) from None
     except (requests.ConnectionError, requests.Timeout) as exc:
-        raise SqlclientUnableToEstablishSqlconnection(
-            f'could not reach the hub to download model "{repo_id}"', detail=_first_line(exc),
-            hint="check HF_ENDPOINT and the network, or place the model on disk") from None
+        raise SqlclientUnableToEstablishSqlconnection(unreachable, detail=_first_line(exc),
+                                                      hint=check) from None
     except (OSError, requests.RequestException) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
-            raise IoError(f'downloading model "{repo_id}": {exc.strerror}') from None
-        raise ConnectionFailure(f'downloading model "{repo_id}" was interrupted',
+            raise IoError(f'downloading {what} "{repo_id}": {exc.strerror}') from None
+        raise ConnectionFailure(f'downloading {what} "{repo_id}" was interrupted',
                                 detail=_first_line(exc)) from None
 
 

@@ -1,10 +1,14 @@
-"""A real hub-compatible HTTP server on loopback, serving model repos made from local folders.
+"""A real hub-compatible HTTP server on loopback, serving model and dataset repos made from local folders.
 
 It implements what huggingface_hub (0.36) calls for `snapshot_download` / `hf_hub_download`:
 `GET /api/models/{repo}[/revision/{rev}]` (with `blobs=True`: sizes and LFS sha256s), and
 `HEAD` / `GET /{repo}/resolve/{rev}/{file}` with the headers the client checks (`ETag`,
 `X-Repo-Commit`, `Content-Length`; `Range` answered with 206 and `Content-Range`), and the
-`X-Error-Code` header of an unknown repo. Every request is logged (`HubServer.requests`), so
+`X-Error-Code` header of an unknown repo. For dataset repos (`HubServer.datasets`) it adds what
+`datasets.load_dataset` (5.0) calls through `HfApi` and `HfFileSystem`:
+`GET /api/datasets/{repo}[/revision/{rev}]`, `GET /api/datasets/{repo}/tree/{rev}[/{path}]`
+(`recursive`), `POST /api/datasets/{repo}/paths-info/{rev}`, and `HEAD` / `GET
+/datasets/{repo}/resolve/{rev}/{file}`. Every request is logged (`HubServer.requests`), so
 a test can count downloads or prove that none was made. `drop_once` names files whose first
 GET is cut off halfway (the connection closed mid-body), as a flaky network does.
 Point a proxy at it with `HF_ENDPOINT=hub.url`.
@@ -19,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
@@ -34,6 +38,7 @@ class RepoFile:
 @dataclass
 class HubServer:
     repos: dict[str, list[RepoFile]]
+    datasets: dict[str, list[RepoFile]] = field(default_factory=dict)
     commit: str = "0123456789abcdef0123456789abcdef01234567"
     requests: list[tuple[str, str]] = field(default_factory=list)
     drop_once: set[str] = field(default_factory=set)
@@ -48,9 +53,9 @@ class HubServer:
         with self.lock:
             self.requests.append((method, path))
 
-    def file_gets(self, repo: str) -> list[str]:
-        """The files fetched with GET from `repo`, in order (one entry per request)."""
-        prefix = f"/{repo}/resolve/"
+    def file_gets(self, repo: str, kind: str = "model") -> list[str]:
+        """The files fetched with GET from model (or dataset) `repo`, in order (one entry per request)."""
+        prefix = f"/datasets/{repo}/resolve/" if kind == "dataset" else f"/{repo}/resolve/"
         with self.lock:
             paths = [p for m, p in self.requests if m == "GET" and p.startswith(prefix)]
         return [p[len(prefix):].split("/", 1)[1] for p in paths]
@@ -61,6 +66,49 @@ class HubServer:
                     for f in self.repos[repo]]
         return {"id": repo, "modelId": repo, "sha": self.commit, "private": False, "tags": [],
                 "library_name": "sentence-transformers", "siblings": siblings}
+
+    def dataset_info(self, repo: str) -> dict[str, object]:
+        return {"id": repo, "_id": repo, "sha": self.commit, "private": False, "disabled": False,
+                "gated": False, "tags": [], "siblings": [{"rfilename": f.name} for f in self.datasets[repo]]}
+
+    def tree(self, repo: str, folder: str, recursive: bool) -> list[dict[str, object]] | None:
+        """The hub's tree listing of `folder` in a dataset repo (None: no such folder)."""
+        prefix = f"{folder}/" if folder else ""
+        entries: dict[str, dict[str, object]] = {}
+        for f in self.datasets[repo]:
+            if not f.name.startswith(prefix):
+                continue
+            parts = f.name[len(prefix):].split("/")
+            for depth in range(1, len(parts)):  # the folders on the way
+                if depth > 1 and not recursive:
+                    break
+                path = prefix + "/".join(parts[:depth])
+                entries.setdefault(path, _folder_entry(path))
+            if len(parts) == 1 or recursive:
+                entries[f.name] = _file_entry(f)
+        if folder and not entries:
+            return None
+        return [entries[k] for k in sorted(entries)]
+
+    def paths_info(self, repo: str, paths: list[str]) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for path in paths:
+            path = path.strip("/")
+            found = [f for f in self.datasets[repo] if f.name == path]
+            if found:
+                out.append(_file_entry(found[0]))
+            elif any(f.name.startswith(f"{path}/") for f in self.datasets[repo]):
+                out.append(_folder_entry(path))
+        return out
+
+
+def _folder_entry(path: str) -> dict[str, object]:
+    return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
+
+
+def _file_entry(f: RepoFile) -> dict[str, object]:
+    return {"type": "file", "path": f.name, "size": len(f.data),
+            "oid": hashlib.sha1(f.data).hexdigest()}
 
 
 def repo_from_folder(folder: Path) -> list[RepoFile]:
@@ -82,6 +130,28 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             self.answer(body=True)
 
+        def do_POST(self) -> None:
+            path = unquote(urlsplit(self.path).path)
+            hub.log("POST", path)
+            length = int(self.headers.get("Content-Length") or 0)
+            form = parse_qs(self.rfile.read(length).decode())
+            repo, sep, _rev = path.removeprefix("/api/datasets/").partition("/paths-info/")
+            if not path.startswith("/api/datasets/") or not sep:
+                return self.fail(404, "EntryNotFound")
+            if repo not in hub.datasets:
+                return self.fail(404, "RepoNotFound")
+            self.send_json(hub.paths_info(repo, form.get("paths", [])), body=True)
+            return None
+
+        def send_json(self, value: object, body: bool) -> None:
+            data = json.dumps(value).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
         def fail(self, status: int, code: str) -> None:
             self.send_response(status)
             self.send_header("X-Error-Code", code)
@@ -89,28 +159,44 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
 
         def answer(self, body: bool) -> None:
-            path = unquote(urlsplit(self.path).path)
+            url = urlsplit(self.path)
+            path = unquote(url.path)
             hub.log(self.command, path)
             if path.startswith("/api/models/"):
                 repo = path[len("/api/models/"):].split("/revision/")[0]
                 if repo not in hub.repos:
                     return self.fail(404, "RepoNotFound")
-                data = json.dumps(hub.model_info(repo)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if body:
-                    self.wfile.write(data)
+                self.send_json(hub.model_info(repo), body)
                 return None
+            if path.startswith("/api/datasets/"):
+                return self.dataset_api(path[len("/api/datasets/"):], parse_qs(url.query), body)
+            repos = hub.repos
+            if path.startswith("/datasets/"):
+                repos, path = hub.datasets, path[len("/datasets"):]
             repo, sep, rest = path.lstrip("/").partition("/resolve/")
-            if not sep or repo not in hub.repos:
+            if not sep or repo not in repos:
                 return self.fail(404, "RepoNotFound")
             _rev, _, name = rest.partition("/")
-            found = [f for f in hub.repos[repo] if f.name == name]
+            found = [f for f in repos[repo] if f.name == name]
             if not found:
                 return self.fail(404, "EntryNotFound")
             self.send_file(found[0], body)
+            return None
+
+        def dataset_api(self, rest: str, query: dict[str, list[str]], body: bool) -> None:
+            repo, sep, tail = rest.partition("/tree/")
+            if not sep:
+                repo = rest.split("/revision/")[0]
+            if repo not in hub.datasets:
+                return self.fail(404, "RepoNotFound")
+            if not sep:
+                self.send_json(hub.dataset_info(repo), body)
+                return None
+            _rev, _, folder = tail.partition("/")
+            listing = hub.tree(repo, folder.strip("/"), query.get("recursive") == ["True"])
+            if listing is None:
+                return self.fail(404, "EntryNotFound")
+            self.send_json(listing, body)
             return None
 
         def send_file(self, f: RepoFile, body: bool) -> None:

@@ -21,7 +21,8 @@ from psycopg_pool import PoolTimeout
 from core.errors import ConfigError, InvalidParameterValue, UndefinedFunction, lookup
 from core.functions import Served, declaration, served_by
 from core.interfaces import CallContext
-from core.settings import TabularSettings
+from core.settings import RuntimeConfig, TabularSettings
+from runtime import hub
 
 from . import datasets, deploy, migrations, offline_datasets, registry, trainer
 from .predictor import Predictor
@@ -62,8 +63,11 @@ class TabularRuntime:
 
     functions = served_by("tabular")
 
-    def __init__(self, upstream_dsn: str, settings: TabularSettings | Mapping[str, Any]) -> None:
+    def __init__(self, upstream_dsn: str, settings: TabularSettings | Mapping[str, Any],
+                 downloads_off: Callable[[], str | None] | None = None) -> None:
         self._dsn = upstream_dsn
+        # Whether hub datasets may be downloaded: the runtime's switch for models (`hub.downloads_off`).
+        self._downloads_off = downloads_off or (lambda: hub.downloads_off(RuntimeConfig()))
         cfg = settings if isinstance(settings, TabularSettings) else TabularSettings.from_mapping(settings)
         self._substitutes = _substitutes(cfg)
         self._pool = registry.new_pool(upstream_dsn, cfg.pool_size)
@@ -213,9 +217,26 @@ class TabularRuntime:
             None if limit is None else int(limit),
             dict(call.get("kwargs") or {}),
             None if generator is None else offline_datasets.GENERATORS[generator],
+            self._downloads_off(),
+            _notices(ctx),
         )
         async with self._pool.connection() as conn:
             return await datasets.store(conn, ds, ctx.user)
+
+
+def _notices(ctx: CallContext) -> Callable[[str], None]:
+    """What a dataset load reports, from its thread: to the log, and to the client as INFO notices."""
+    loop = asyncio.get_running_loop()
+
+    async def send(message: str) -> None:
+        with contextlib.suppress(Exception):  # the client may be gone; the load goes on
+            await ctx.notice(message)
+
+    def say(message: str) -> None:
+        log.info("%s", message)
+        asyncio.run_coroutine_threadsafe(send(message), loop)
+
+    return say
 
 
 def _predict_keys(call: Mapping[str, Any]) -> Mapping[str, Any]:
