@@ -2,10 +2,10 @@
 
 Owns the flow of one tuning (check, read, register in progress, train in a worker
 process while relaying its logs as INFO notices and `pgml.logs` rows, store, deploy)
-and the way back from a project name to a local model folder: the deployed tuned
-model's files are read from `pgml.files` once per model id into
-`<cache_dir>/tuned/model-<id>`, which any proxy (or the same one after a restart)
-rebuilds from the database alone.
+and the way back from a project name (or a hub name `[runtime.aliases]` maps to one)
+to a local model folder: the deployed tuned model's files are read from `pgml.files`
+once per model id into `<cache_dir>/tuned/model-<id>`, which any proxy (or the same
+one after a restart) rebuilds from the database alone.
 """
 
 from __future__ import annotations
