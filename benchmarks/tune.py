@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--note", default="", help="what else ran on the machine, for the result file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -135,6 +136,7 @@ def main() -> None:
         + table
         + f"\n\npgml.tune statement: {figures['proxy_statement_s']:.1f} s wall; serving the tuned project"
         f" through pgml.transform: {figures['serving_rows_per_s']:.1f} rows/s (batches of {args.batch})\n"
+        + (f"\nMachine: {args.note}\n" if args.note else "")
     )
     write_results("tune-cpu", {"figures": figures, "args": vars(args), "machine": machine_info()}, md)
 

@@ -3,13 +3,15 @@
 Used by `tests/test_readme_examples.py`. Each SQL block of the reference README is classified:
 a runnable statement list, a psql transcript (`pgml=# SELECT ...` followed by its output, from which
 the statement is taken), a result (a table or JSON that documents the block before it), or a fragment
-(a piece of a larger statement shown for explanation). JSON results are kept to check the *shape* of
-what the proxy returns: the same nesting, keys and value kinds, with numbers and text free to differ
-(the tests run small local models in place of the hub's).
+(a piece of a larger statement shown for explanation). A psql result table printed inside a block
+is kept by row (a one-value table holding JSON is that block's JSON result). JSON results are kept
+to check the *shape* of what the proxy returns: the same nesting, keys and value kinds, with
+numbers and text free to differ (the tests run small local models in place of the hub's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from typing import Any
 
 FENCE = re.compile(r"```(\w*)\n(.*?)```", re.S)
 STATEMENT_START = re.compile(r"^\s*(select|create|with|insert|update|delete|drop)\b", re.I)
+TABLE_RULE = re.compile(r"^-+(\+-+)*\s*$")
+ROW_COUNT = re.compile(r"^\s*\(\d+ rows?\)\s*$")
 README = Path(__file__).resolve().parents[2] / "shared" / "reference" / "postgresml-README.md"
 
 
@@ -28,6 +32,7 @@ class Example:
     sql: str
     documented: Any = None  # the JSON result shown right after it, when there is one
     statements: list[str] = field(default_factory=list)
+    table: list[list[str]] = field(default_factory=list)  # the result psql printed in the block, by row
 
 
 def reference_readme() -> Path | None:
@@ -62,6 +67,20 @@ def _split_statements(sql: str) -> list[str]:
     if _strip_comments(tail).strip():
         out.append(tail)
     return out
+
+
+def _table(body: str) -> list[list[str]]:
+    """The rows of the result table psql printed in a block (header and `---+---` line dropped)."""
+    lines = body.splitlines()
+    for i, line in enumerate(lines):
+        if i and TABLE_RULE.match(line):
+            rows: list[list[str]] = []
+            for row in lines[i + 1 :]:
+                if not row.strip() or ROW_COUNT.match(row):
+                    break
+                rows.append([cell.strip() for cell in row.split("|")])
+            return rows
+    return []
 
 
 def _documented(lang: str, body: str) -> Any:
@@ -100,8 +119,26 @@ def examples(path: Path | None = None) -> list[Example]:
             continue  # a result table or a fragment of a larger statement
         # Some blocks carry psql's answer after the statement: keep only what is SQL.
         statements = [st for st in _split_statements(sql) if STATEMENT_START.match(_strip_comments(st))]
-        found.append(Example(index, heading, sql.strip(), statements=statements))
+        example = Example(index, heading, sql.strip(), statements=statements, table=_table(body))
+        if len(example.table) == 1 and len(example.table[0]) == 1:
+            # A one-value table (`SELECT pgml.transform(...)` and its answer): its JSON is the result.
+            with contextlib.suppress(json.JSONDecodeError):
+                example.documented = json.loads(example.table[0][0])
+        found.append(example)
     return found
+
+
+def cell_kind(cell: str) -> Any:
+    """What one psql cell holds: a number, a JSON value's shape, or text."""
+    try:
+        float(cell)
+        return "number"
+    except ValueError:
+        pass
+    if cell[:1] in ("[", "{"):
+        with contextlib.suppress(json.JSONDecodeError):
+            return shape(json.loads(cell))
+    return "text"
 
 
 def shape(value: Any) -> Any:

