@@ -14,7 +14,7 @@ import hashlib
 from typing import Any
 
 from pglast import ast
-from pglast.enums import CoercionForm, SortByDir, SortByNulls, SubLinkType
+from pglast.enums import CoercionForm, JoinType, SortByDir, SortByNulls, SubLinkType
 
 from core.errors import FeatureNotSupported
 from planner import sqltree as t
@@ -62,6 +62,8 @@ class Materialiser:
         if any(is_runtime_call(n) for n, _ in t.walk(node.args) if t.is_node(n, ast.FuncCall)):
             return False  # its inner calls first
         in_from = t.is_node(path[-1].parent, ast.RangeFunction)
+        if not in_from and not b.sig.setof and self._try_derived(node, path, b):
+            return True
         scope = self._scope(node, path, in_from)
         if scope is None:
             return False
@@ -154,6 +156,100 @@ class Materialiser:
             t.replace(path[-1], self._lookup(step, b.sig.name, exprs))
         step.post_sql = [f"CREATE INDEX ON pg_temp.{results} (pgml_k)"] if step.srf and exprs else []
         step.post_sql.append(f"ANALYZE pg_temp.{results}")
+        self.plan.steps.append(step)
+        return True
+
+    # --- a derived table, evaluated once ------------------------------------------------------------
+    def _try_derived(self, node: Any, path: t.Path, b: BoundCall) -> bool:
+        """A call in the select list of a derived table (`FROM (SELECT ..., pgml.transform(...)
+        AS p FROM v LIMIT 2) s`): the derived table's rows are read once into a temporary table
+        with the call's arguments beside them, the call runs on those rows, and the derived
+        table becomes a read of the two tables. Evaluating it twice (keys, then the statement)
+        would read other rows where its source is volatile (the README's test view is ordered
+        by random()), and a LIMIT would not bound the keys. False where this does not apply."""
+        idx = next(i for i in range(len(path) - 1, -1, -1) if isinstance(path[i].parent, _LEVELS))
+        level, clause = path[idx].parent, path[idx].attr
+        holder: Any = path[idx - 1].parent if idx > 0 else None
+        if (
+            not t.is_node(level, ast.SelectStmt)
+            or clause != "targetList"
+            or not t.is_node(holder, ast.RangeSubselect)
+            or holder.lateral
+            or level.op != 0
+            or level.fromClause is None
+            or level.intoClause is not None
+            or len(path) != idx + 2  # the target is the call itself
+        ):
+            return False
+        calls = [n for n, _ in t.walk(level) if t.is_node(n, ast.FuncCall) and is_runtime_call(n)]
+        names = [_column_name(tg) for tg in level.targetList]
+        if calls != [node] or None in names or len(set(names)) != len(names):
+            return False
+        position = path[idx].index or 0
+        exprs: list[Any] = []
+        call = self.collector.plan(b, exprs)
+        n = len(self.plan.steps) + 1
+        keys, results = f"pgml_k{n}{self.suffix}", f"pgml_r{n}{self.suffix}"
+        inner = copy.copy(level)
+        targets = [t.target(copy.deepcopy(tg.val), f"pgml_c{i}")
+                   for i, tg in enumerate(level.targetList) if i != position]
+        args = [t.target(copy.deepcopy(e), f"pgml_a{i}") for i, e in enumerate(exprs)]
+        inner.targetList = tuple(targets + args)
+        with_clause = self._with_clause(path, list(level.fromClause), exprs)
+        if with_clause is False:
+            return False
+        if with_clause is not None:
+            inner.withClause = with_clause if level.withClause is None else level.withClause
+        numbered = t.select(
+            [
+                t.target(ast.FuncCall(funcname=(t.s("row_number"),), over=ast.WindowDef(frameOptions=1058)),
+                         "pgml_k"),
+                t.target(ast.ColumnRef(fields=(t.s("pgml_d"), ast.A_Star()))),
+            ],
+            [ast.RangeSubselect(lateral=False, subquery=inner, alias=ast.Alias(aliasname="pgml_d"))],
+        )
+        step = TempStep(
+            call=call,
+            keys=keys,
+            create_keys=None,
+            fetch_keys=t.deparse(
+                t.select(
+                    [t.target(t.col("pgml_k"))] + [t.target(t.col(f"pgml_a{i}")) for i in range(len(exprs))],
+                    [t.rangevar(keys)],
+                    t.and_([
+                        ast.A_Expr(kind=0, name=(t.s(">"),), lexpr=t.col("pgml_k"), rexpr=t.param(1)),
+                        ast.A_Expr(kind=0, name=(t.s("<="),), lexpr=t.col("pgml_k"), rexpr=t.param(2)),
+                    ]),
+                )
+            ),
+            results=results,
+            create_results=(
+                f"CREATE TEMPORARY TABLE {results} (pgml_k bigint PRIMARY KEY, "
+                f"pgml_v {_sql_type(b.sig.returns)}){self.on_commit}"
+            ),
+            index_sql=[f"CREATE INDEX ON pg_temp.{keys} (pgml_k)", f"ANALYZE pg_temp.{keys}"],
+            srf=False,
+            position="derived table (read once)",
+        )
+        step.keys_select = t.deparse(numbered)
+        step.create_keys = f"CREATE TEMPORARY TABLE {keys}{self.on_commit} AS {step.keys_select}"
+        step.keys_params = sorted({p.number for p, _ in t.walk(numbered) if t.is_node(p, ast.ParamRef)})
+        step.post_sql = [f"ANALYZE pg_temp.{results}"]
+        out: list[Any] = []
+        for i, name in enumerate(names):
+            column = f"pgml_c{i - 1 if i > position else i}"
+            value = t.col("pgml_r", "pgml_v") if i == position else t.col("pgml_s", column)
+            out.append(t.target(value, name))
+        holder.subquery = t.select(
+            out,
+            [ast.JoinExpr(jointype=JoinType.JOIN_LEFT, larg=t.rangevar(keys, "pgml_s"),
+                          rarg=t.rangevar(results, "pgml_r"),
+                          quals=t.eq(t.col("pgml_r", "pgml_k"), t.col("pgml_s", "pgml_k")))],
+            sortClause=(
+                ast.SortBy(node=t.col("pgml_s", "pgml_k"), sortby_dir=SortByDir.SORTBY_DEFAULT,
+                           sortby_nulls=SortByNulls.SORTBY_NULLS_DEFAULT),
+            ),
+        )
         self.plan.steps.append(step)
         return True
 
@@ -409,6 +505,23 @@ class Materialiser:
             alias=ast.Alias(aliasname=rf.alias.aliasname if rf.alias else b.sig.name),
         )
         t.replace(path[-3], sub)
+
+
+def _column_name(target: Any) -> str | None:
+    """The output name Postgres gives a select-list entry, where it is plain to see (an alias,
+    a column, a function call's name); None otherwise (`*`, an operator expression)."""
+    if not t.is_node(target, ast.ResTarget):
+        return None
+    if target.name:
+        return str(target.name)
+    value = target.val
+    while t.is_node(value, ast.TypeCast) and not t.is_node(value.arg, ast.A_Const):
+        value = value.arg
+    if t.is_node(value, ast.ColumnRef) and t.is_node(value.fields[-1], ast.String):
+        return str(value.fields[-1].sval)
+    if t.is_node(value, ast.FuncCall):
+        return str(value.funcname[-1].sval)
+    return None
 
 
 def _relnames(tree: object) -> set[str]:

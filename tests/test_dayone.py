@@ -339,3 +339,23 @@ def test_pgml_calls_in_insert_returning_and_on_conflict(conn: psycopg.Connection
     with pytest.raises(psycopg.errors.FeatureNotSupported, match=r"dayone_ins\.body is not a column"):
         conn.execute(f"INSERT INTO dayone_ins (id, body) VALUES (1, 'x') ON CONFLICT (id)"
                      f" DO UPDATE SET e = pgml.embed('{MINILM}', dayone_ins.body)")
+
+
+def test_a_call_in_a_derived_table_reads_its_rows_once(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    # The README's batch prediction: a derived table with a LIMIT over a view shuffled by
+    # random(). Its rows are read once, so every row gets its own prediction (no NULL, no other
+    # row's value), and the LIMIT bounds the model work.
+    conn.execute("DROP TABLE IF EXISTS dayone_vol CASCADE")
+    conn.execute("CREATE TABLE dayone_vol AS SELECT g::float8 AS x, (3 * g)::float8 AS y"
+                 " FROM generate_series(1, 60) g")
+    conn.execute("SELECT * FROM pgml.train('dayone_vol', 'regression', 'dayone_vol', 'y')").fetchall()
+    conn.execute("CREATE VIEW dayone_vol_shuffled AS SELECT * FROM dayone_vol ORDER BY random() OFFSET 10")
+    for _ in range(3):
+        rows = conn.execute(
+            "SELECT x, round(p::numeric) AS p FROM (SELECT x, pgml.predict('dayone_vol', ARRAY[x]) AS p"
+            " FROM dayone_vol_shuffled LIMIT 5) AS s").fetchall()
+        assert len(rows) == 5
+        assert all(p is not None and float(str(p)) == 3 * float(str(x)) for x, p in rows), rows
+    names = conn.execute("SELECT * FROM (SELECT x, pgml.predict('dayone_vol', ARRAY[x]) FROM dayone_vol"
+                         " ORDER BY x LIMIT 2) s").description
+    assert names is not None and [d.name for d in names] == ["x", "predict"]
