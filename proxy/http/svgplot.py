@@ -64,7 +64,7 @@ def bars(labels: Sequence[str], values: Sequence[float], *, title: str, y_label:
     parts = [f'<svg class="{escape(css_class)}" data-title="{escape(title)}" width="{W}" height="{H}" '
              f'viewBox="0 0 {W} {H}" role="img"><title>{escape(title)}</title>',
              f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD / 2}" y2="{H - PAD}" class="axis"/>',
-             f'<text x="4" y="12" class="label">{escape(y_label)} (max {top:.4g})</text>']
+             f'<text x="4" y="12" class="label">{escape(title)} · {escape(y_label)} (max {top:.4g})</text>']
     for i, (label, value) in enumerate(zip(labels, values, strict=True)):
         height = max(value, 0.0) / top * (H - PAD * 1.5)
         x = PAD + i * step
