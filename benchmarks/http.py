@@ -14,6 +14,7 @@ the figures are noisy.
 Writes benchmarks/results/http.{json,md}.
 
 Usage: .venv/bin/python -m benchmarks.http [--seconds 5] [--rounds 2] [--clients 1,8,32]
+       [--baseline-threads N]
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def baseline_app() -> Any:
     from runtime.resolve import builtin_aliases
 
     # The same files the proxy serves under this name (an installed package, offline).
+    threads = os.environ.get("PGML_BENCH_TORCH_THREADS")
+    if threads:  # on a small loaded machine torch's default (one per core) contends with itself
+        import torch
+
+        torch.set_num_threads(int(threads))
     model = SentenceTransformer(builtin_aliases().get(MODEL, MODEL), device="cpu")
     app = FastAPI()
 
@@ -73,9 +79,10 @@ def baseline_app() -> Any:
     return app
 
 
-def _start_baseline(port: int) -> subprocess.Popen[bytes]:
+def _start_baseline(port: int, threads: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PGML_BENCH_TORCH_THREADS": str(threads) if threads else ""}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "benchmarks.http:baseline_app",
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"])
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -138,6 +145,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--baseline-threads", type=int, default=0,
+                        help="torch threads of the FastAPI baseline (0: torch's default)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -162,7 +171,7 @@ def main() -> None:
         asyncio.run(_http(url, texts, 1, 1.0))  # load the model and warm both paths
         asyncio.run(_sql(proxy.dsn(), texts, 1, 1.0))
         baseline_port = free_port()
-        baseline = _start_baseline(baseline_port)
+        baseline = _start_baseline(baseline_port, args.baseline_threads)
         baseline_url = f"http://127.0.0.1:{baseline_port}"
         asyncio.run(_http(baseline_url, texts, 1, 3.0))  # its first encodes are slow
         for clients in levels:
@@ -191,8 +200,10 @@ def main() -> None:
           + markdown_table(["clients", "proxy HTTP req/s", "proxy SQL req/s", "FastAPI req/s",
                             "HTTP / SQL", "HTTP / FastAPI"], rows)
           + f"\n\n{args.rounds} rounds of {args.seconds:.0f} s per level (medians); load average "
-          f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (a shared machine: noisy)\n")
+          f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (a shared machine: noisy); the "
+          f"baseline's torch threads: {args.baseline_threads or 'torch default'}\n")
     write_results("http", {"model": MODEL, "seconds": args.seconds, "rounds": args.rounds,
+                           "baseline_torch_threads": args.baseline_threads or None,
                            "load_before": load_before, "load_after": load_after, "figures": figures,
                            "machine": machine_info()}, md)
 
