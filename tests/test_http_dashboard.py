@@ -149,6 +149,35 @@ def test_loaded_models_and_snapshots(dash: tuple[ProxyProcess, str], browser: An
     assert browser.find_elements(By.CSS_SELECTOR, "table.loaded")
 
 
+def test_snapshot_of_text_and_nulls(dash: tuple[ProxyProcess, str], browser: Any, tmp_path: Path,
+                                    pg_dsn: str) -> None:
+    """Text columns get a bar per most frequent value and one for the rest; NULLs a bar of their own."""
+    from selenium.webdriver.common.by import By
+
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE snap_text (name text, kind text, x float8, y int)")
+        with conn.cursor().copy("COPY snap_text FROM STDIN") as copy:
+            for i in range(15):
+                copy.write_row((f"n{i:02d}", "abc"[min(i // 5, 2)], None if i < 2 else i / 2, i))
+        conn.execute("SELECT * FROM pgml.snapshot('snap_text', 'y', preprocess => "
+                     "'{\"x\": {\"impute\": \"mean\"}}')").fetchall()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # straight to Postgres, not the proxy
+        (snapshot_id,) = conn.execute("SELECT max(id) FROM pgml.snapshots WHERE relation_name = 'snap_text'"
+                                      ).fetchone()  # type: ignore[misc]
+        kinds: dict[str, int] = dict(conn.execute("SELECT kind, count(*) FROM snap_text GROUP BY 1"))
+        _open(browser, f"{dash[1]}/dashboard/snapshots/{snapshot_id}", tmp_path, "snapshot-text")
+        conn.execute("DROP TABLE snap_text")
+
+    def histogram(column: str) -> dict[str, float]:
+        bars = browser.find_elements(By.CSS_SELECTOR, f'svg.histogram[data-title="{column}"] rect.bar')
+        return {b.get_attribute("data-label"): float(b.get_attribute("data-value")) for b in bars}
+
+    names, kind, x = histogram("name"), histogram("kind"), histogram("x")
+    assert len(names) == 11 and names["other"] == 5 and sum(names.values()) == 15
+    assert kind == {k: float(n) for k, n in kinds.items()}
+    assert len(x) == 11 and x["NULL"] == 2 and sum(x.values()) == 15
+
+
 def test_notebook_cells_are_saved_and_charted(dash: tuple[ProxyProcess, str], browser: Any,
                                               tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
