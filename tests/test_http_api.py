@@ -176,6 +176,22 @@ def test_stream_disconnect_stops_the_generation(client: openai.OpenAI) -> None:
     assert waited_s < full_s / 2, (waited_s, full_s)
 
 
+def test_seeded_sampling_answers_the_same_twice(client: openai.OpenAI) -> None:
+    def sample(seed: int, stream: bool = False) -> str:
+        args: dict[str, Any] = {"model": SMOL, "messages": CHAT, "max_tokens": 12, "temperature": 1.5,
+                                "seed": seed}
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(**args, stream=True) if c.choices)
+        return client.chat.completions.create(**args).choices[0].message.content or ""
+
+    first = sample(7)
+    assert first and sample(7) == first
+    streamed = sample(7, stream=True)  # its own generate loop: seeded alike, not the batch's draws
+    assert streamed and sample(7, stream=True) == streamed
+    assert len({sample(seed) for seed in (1, 2, 3)} | {first}) > 1  # the seed is what decides
+
+
 def test_chat_n_and_stop(client: openai.OpenAI) -> None:
     full = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=8, temperature=0, n=2)
     answers = [c.message.content or "" for c in full.choices]
