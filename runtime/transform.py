@@ -305,10 +305,13 @@ class PipelineModel:
     def _call(self, inputs: list[Any], args: dict[str, Any]) -> list[Any]:
         # Per call, not per model: the model may have been loaded for the other task.
         chat = isinstance(inputs[0], list)
+        seed = args.get("seed")
+        args = {k: v for k, v in args.items() if k != "seed"}
         if chat:
             args = {**args, "return_full_text": False}
         try:
             with self.lock:
+                _seed(seed)
                 if self.base == "question-answering":
                     # Keyword form: the list-of-dicts form is deprecated in transformers.
                     results = self.pipe(
@@ -330,6 +333,19 @@ class PipelineModel:
                 r[0]["generated_text"] if isinstance(r, list) else r["generated_text"] for r in results
             ]
         return results
+
+
+def _seed(seed: Any) -> None:
+    """A call's `seed` (the OpenAI API's): torch's generator seeded under the model's lock, so a
+    seeded sampling call answers the same each time. Calls with different args never share a
+    batch, so a seeded call's batch holds only calls with its seed."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidParameterValue("pgml.transform: seed must be an integer")
+    import torch
+
+    torch.manual_seed(seed)
 
 
 def _jsonable(value: Any) -> Any:
@@ -376,10 +392,12 @@ async def stream_generation(
 
     gen_args = dict(spec.args)
     gen_args.setdefault("max_new_tokens", 64)
+    seed = gen_args.pop("seed", None)
 
     def generate() -> None:
         try:
             with model.lock:
+                _seed(seed)
                 lm.generate(
                     **enc,
                     streamer=streamer,

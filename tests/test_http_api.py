@@ -153,6 +153,45 @@ def test_chat_equals_pgml_transform(api: tuple[ProxyProcess, str], client: opena
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
 
 
+def test_stream_disconnect_stops_the_generation(client: openai.OpenAI) -> None:
+    """A client that closes a streamed chat completion stops its generation: the model (whose
+    lock streams and batches share) answers the next request at once instead of after the rest
+    of the stream. The yardstick is the same stream read to its end, in this session."""
+    args: dict[str, Any] = {"model": SMOL, "messages": CHAT, "max_tokens": 64, "temperature": 0}
+    client.chat.completions.create(**{**args, "max_tokens": 1})  # loaded before anything is timed
+    start = time.perf_counter()
+    whole = list(client.chat.completions.create(**args, stream=True))
+    full_s = time.perf_counter() - start
+    assert [c.choices[0].finish_reason for c in whole if c.choices][-1] == "length"  # it runs 64 tokens
+
+    stream = client.chat.completions.create(**args, stream=True)
+    for seen, _ in enumerate(stream):
+        if seen == 2:  # the role chunk and two pieces of text
+            break
+    stream.close()  # the connection goes away with most of the 64 tokens still to generate
+    start = time.perf_counter()
+    after = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=1, temperature=0)
+    waited_s = time.perf_counter() - start
+    assert after.choices[0].finish_reason == "length"
+    assert waited_s < full_s / 2, (waited_s, full_s)
+
+
+def test_seeded_sampling_answers_the_same_twice(client: openai.OpenAI) -> None:
+    def sample(seed: int, stream: bool = False) -> str:
+        args: dict[str, Any] = {"model": SMOL, "messages": CHAT, "max_tokens": 12, "temperature": 1.5,
+                                "seed": seed}
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(**args, stream=True) if c.choices)
+        return client.chat.completions.create(**args).choices[0].message.content or ""
+
+    first = sample(7)
+    assert first and sample(7) == first
+    streamed = sample(7, stream=True)  # its own generate loop: seeded alike, not the batch's draws
+    assert streamed and sample(7, stream=True) == streamed
+    assert len({sample(seed) for seed in (1, 2, 3)} | {first}) > 1  # the seed is what decides
+
+
 def test_chat_n_and_stop(client: openai.OpenAI) -> None:
     full = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=8, temperature=0, n=2)
     answers = [c.message.content or "" for c in full.choices]

@@ -3,8 +3,11 @@
 A proxy with its HTTP listener runs in front of the test Postgres. The test trains two iris
 models over SQL (one with a grid search), then opens the pages as the proxy user (HTTP basic
 auth, sent by the browser as a header through the DevTools protocol) and checks them against
-`pgml.models`: project names, metric values, one plot point per searched candidate. It runs a
-notebook cell with `pgml.embed`, uploads a CSV and queries the new table through the proxy.
+`pgml.models`: project names, metric values, one plot point per searched candidate, a bar per
+feature importance; a snapshot's per-column statistics and histograms (their bars add up to
+the row count Postgres gives). It creates a notebook, runs a cell with `pgml.embed` and a
+numeric one (charted), reloads and finds both saved in pgml.notebook_cells; it uploads a CSV
+and queries the new table through the proxy.
 A small pgml.tune (MiniLM on two BBC classes) runs while the training page is reloaded: its
 loss curve gains points as pgml.logs grows. Screenshots of each page go to the test's tmp dir.
 """
@@ -34,6 +37,7 @@ pytestmark = [
 ]
 PROJECT = "HTTP Iris"
 SEARCHED = [1, 2, 3]
+IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 LOSS_POINTS = 'svg.curve[data-title="loss"] circle.point'
 
 
@@ -103,9 +107,14 @@ def test_projects_and_model_pages(dash: tuple[ProxyProcess, str], browser: Any, 
         assert algorithm in browser.find_element(By.TAG_NAME, "main").text
         shown = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
                  for r in browser.find_elements(By.CSS_SELECTOR, "table.metrics tbody tr")}
-        want = {k: v for k, v in metrics.items() if k != "search_results"}
+        want = {k: v for k, v in metrics.items() if k not in ("search_results", "feature_importances")}
         assert shown.keys() == want.keys()
         assert all(float(shown[k]) == float(v) for k, v in want.items() if isinstance(v, int | float))
+        # Both libraries give importances (xgboost's feature_importances_, the linear |coef_|).
+        bars = browser.find_elements(By.CSS_SELECTOR, "svg.importances rect.bar")
+        importances = {b.get_attribute("data-label"): float(b.get_attribute("data-value")) for b in bars}
+        assert len(bars) == 4 and importances == metrics["feature_importances"]
+        assert sorted(importances) == sorted(IRIS_FEATURES)
         points = browser.find_elements(By.CSS_SELECTOR, "svg.plot circle.point")
         if "search_results" in metrics:
             assert len(points) == len(SEARCHED) == len(metrics["search_results"]["params"])
@@ -115,26 +124,86 @@ def test_projects_and_model_pages(dash: tuple[ProxyProcess, str], browser: Any, 
 
 
 def test_loaded_models_and_snapshots(dash: tuple[ProxyProcess, str], browser: Any, tmp_path: Path,
-                                     trained: list[tuple[int, str, dict[str, Any]]]) -> None:
+                                     pg_dsn: str, trained: list[tuple[int, str, dict[str, Any]]]) -> None:
     from selenium.webdriver.common.by import By
 
     _open(browser, dash[1] + "/dashboard/snapshots", tmp_path, "snapshots")
     assert "pgml.iris" in browser.find_element(By.CSS_SELECTOR, "table.snapshots").text
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # straight to Postgres, not the proxy
+        (snapshot_id,) = conn.execute("SELECT snapshot_id FROM pgml.models WHERE id = %s",
+                                      (trained[0][0],)).fetchone()  # type: ignore[misc]
+        (count,) = conn.execute("SELECT count(*) FROM pgml.iris").fetchone()  # type: ignore[misc]
+        (mean,) = conn.execute("SELECT avg(sepal_length)::float8 FROM pgml.iris").fetchone()  # type: ignore[misc]
+    _open(browser, f"{dash[1]}/dashboard/snapshots/{snapshot_id}", tmp_path, "snapshot")
+    assert int(browser.find_element(By.ID, "row-count").text) == count == 150
+    stats = {r.find_elements(By.TAG_NAME, "td")[0].text: [c.text for c in r.find_elements(By.TAG_NAME, "td")]
+             for r in browser.find_elements(By.CSS_SELECTOR, "table.column-stats tbody tr")}
+    assert list(stats) == [*IRIS_FEATURES, "target"]
+    assert float(stats["sepal_length"][7]) == mean and stats["sepal_length"][3] == "0"
+    for column in stats:
+        bars = browser.find_elements(By.CSS_SELECTOR, f'svg.histogram[data-title="{column}"] rect.bar')
+        counts = [float(b.get_attribute("data-value")) for b in bars]
+        assert sum(counts) == count, column
+        assert len(bars) == 10, column  # every iris column is numeric: 10 equal widths
     _open(browser, dash[1] + "/dashboard/loaded", tmp_path, "loaded")
     assert browser.find_elements(By.CSS_SELECTOR, "table.loaded")
 
 
-def test_notebook_cell_runs_pgml_embed(dash: tuple[ProxyProcess, str], browser: Any, tmp_path: Path) -> None:
+def test_snapshot_of_text_and_nulls(dash: tuple[ProxyProcess, str], browser: Any, tmp_path: Path,
+                                    pg_dsn: str) -> None:
+    """Text columns get a bar per most frequent value and one for the rest; NULLs a bar of their own."""
+    from selenium.webdriver.common.by import By
+
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE snap_text (name text, kind text, x float8, y int)")
+        with conn.cursor().copy("COPY snap_text FROM STDIN") as copy:
+            for i in range(15):
+                copy.write_row((f"n{i:02d}", "abc"[min(i // 5, 2)], None if i < 2 else i / 2, i))
+        conn.execute("SELECT * FROM pgml.snapshot('snap_text', 'y', preprocess => "
+                     "'{\"x\": {\"impute\": \"mean\"}}')").fetchall()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # straight to Postgres, not the proxy
+        (snapshot_id,) = conn.execute("SELECT max(id) FROM pgml.snapshots WHERE relation_name = 'snap_text'"
+                                      ).fetchone()  # type: ignore[misc]
+        kinds: dict[str, int] = dict(conn.execute("SELECT kind, count(*) FROM snap_text GROUP BY 1"))
+        _open(browser, f"{dash[1]}/dashboard/snapshots/{snapshot_id}", tmp_path, "snapshot-text")
+        conn.execute("DROP TABLE snap_text")
+
+    def histogram(column: str) -> dict[str, float]:
+        bars = browser.find_elements(By.CSS_SELECTOR, f'svg.histogram[data-title="{column}"] rect.bar')
+        return {b.get_attribute("data-label"): float(b.get_attribute("data-value")) for b in bars}
+
+    names, kind, x = histogram("name"), histogram("kind"), histogram("x")
+    assert len(names) == 11 and names["other"] == 5 and sum(names.values()) == 15
+    assert kind == {k: float(n) for k, n in kinds.items()}
+    assert len(x) == 11 and x["NULL"] == 2 and sum(x.values()) == 15
+
+
+def test_notebook_cells_are_saved_and_charted(dash: tuple[ProxyProcess, str], browser: Any,
+                                              tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
     browser.get(dash[1] + "/dashboard/notebook")
-    area = browser.find_element(By.NAME, "sql")
-    area.send_keys("SELECT array_length(pgml.embed('sentence-transformers/all-MiniLM-L6-v2', 'hello'), 1)"
-                   " AS dims")
-    browser.find_element(By.ID, "run").click()
+    browser.find_element(By.ID, "notebook-name").send_keys("dash test")
+    browser.find_element(By.ID, "create").click()
+    page_url = browser.current_url
+    assert "/dashboard/notebooks/" in page_url
+    cells = ["SELECT array_length(pgml.embed('sentence-transformers/all-MiniLM-L6-v2', 'hello'), 1) AS dims",
+             "SELECT g AS x, g * g AS square FROM generate_series(1, 5) g"]
+    for text in cells:
+        browser.find_element(By.NAME, "sql").send_keys(text)
+        browser.find_element(By.ID, "run").click()
+    browser.get(page_url)  # a reload: the cells come back from pgml.notebook_cells
     browser.save_screenshot(str(tmp_path / "notebook.png"))
-    cells = browser.find_elements(By.CSS_SELECTOR, "table.result tbody td")
-    assert [c.text for c in cells] == ["384"]
+    shown = browser.find_elements(By.CSS_SELECTOR, "section.cell")
+    assert [s.find_element(By.CSS_SELECTOR, "pre.sql").text for s in shown] == cells
+    assert [c.text for c in shown[0].find_elements(By.CSS_SELECTOR, "table.result tbody td")] == ["384"]
+    points = shown[1].find_elements(By.CSS_SELECTOR, 'svg.chart[data-title="square"] circle.point')
+    assert [(int(p.get_attribute("data-x")), float(p.get_attribute("data-y"))) for p in points] == \
+        [(g, g * g) for g in range(1, 6)]
+    with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
+        saved = conn.execute("SELECT c.contents, c.cell_type FROM pgml.notebook_cells c JOIN pgml.notebooks n"
+                             " ON n.id = c.notebook_id WHERE n.name = 'dash test' ORDER BY c.cell_number")
+        assert saved.fetchall() == [(text, 3) for text in cells]
 
 
 def test_upload_csv_then_query_it(dash: tuple[ProxyProcess, str], browser: Any, tmp_path: Path) -> None:

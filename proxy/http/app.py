@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 from proxy import metrics
 from proxy.http import embeddings as emb
 from proxy.http import generation as gen
-from proxy.http import pages
+from proxy.http import notebook, pages, snapshot
 from proxy.http.common import HttpState, state_of
 from proxy.http.dashboard import guarded as dashboard_page
 
@@ -42,7 +42,10 @@ def build(state: HttpState) -> Starlette:
         Route("/dashboard/models/{model_id:int}/training", dashboard_page(pages.training)),
         Route("/dashboard/loaded", dashboard_page(pages.loaded)),
         Route("/dashboard/snapshots", dashboard_page(pages.snapshots)),
-        Route("/dashboard/notebook", dashboard_page(pages.notebook), methods=["GET", "POST"]),
+        Route("/dashboard/snapshots/{snapshot_id:int}", dashboard_page(snapshot.snapshot)),
+        Route("/dashboard/notebook", dashboard_page(notebook.notebooks), methods=["GET", "POST"]),
+        Route("/dashboard/notebooks/{notebook_id:int}", dashboard_page(notebook.notebook),
+              methods=["GET", "POST"]),
         Route("/dashboard/upload", dashboard_page(pages.upload), methods=["GET", "POST"]),
     ]
     app = Starlette(routes=routes)

@@ -18,6 +18,7 @@ from html import escape
 from typing import Any
 
 import psycopg
+import psycopg.sql
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
@@ -64,10 +65,10 @@ async def connect(request: Request) -> AsyncIterator[psycopg.AsyncConnection[Any
         await conn.close()
 
 
-async def rows(conn: psycopg.AsyncConnection[Any], sql: str,
+async def rows(conn: psycopg.AsyncConnection[Any], query: str | psycopg.sql.Composable,
                params: Sequence[Any] = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
     async with conn.cursor() as cur:
-        await cur.execute(sql, params)  # type: ignore[arg-type]
+        await cur.execute(query, params)  # type: ignore[arg-type]
         names = [d.name for d in cur.description or []]
         return names, list(await cur.fetchall()) if cur.description else []
 

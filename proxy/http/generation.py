@@ -8,7 +8,8 @@ Sampling follows OpenAI: `temperature` 0 is greedy decoding, anything else sampl
 1). `stop` strings cut the answer where they first appear. Token counts come from the model's
 own tokenizer (`Runtime.count_tokens`): the prompt as templated, and the answer's text
 tokenised again; an answer of `max_tokens` tokens ends with finish_reason "length".
-`seed` is accepted but not applied: a shared batch has no per-request random state.
+`seed` seeds the sampling (torch's generator, under the model's lock; requests with different
+arguments never share a batch), so a seeded sampling request answers the same twice.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def parse_generation(body: dict[str, Any], state: HttpState) -> Generation:
         args.update(do_sample=True, temperature=1.0 if temperature is None else temperature)
         if top_p is not None:
             args["top_p"] = top_p
+        if seed is not None:  # greedy decoding needs none
+            args["seed"] = seed
     return Generation(model, n, max_tokens, stops, stream, bool(options.get("include_usage")), args)
 
 

@@ -1,5 +1,6 @@
-"""The dashboard's pages: projects, a model, its training curves, loaded models, snapshots,
-the SQL notebook and the CSV upload. Each runs its queries through the proxy as the logged-in
+"""The dashboard's pages: projects, a model, its training curves, loaded models, the snapshots
+list and the CSV upload (a snapshot's page is `proxy.http.snapshot`, the notebook
+`proxy.http.notebook`). Each runs its queries through the proxy as the logged-in
 user (`proxy.http.dashboard.connect`); the loaded models come from the runtime itself.
 """
 
@@ -18,7 +19,7 @@ from starlette.responses import Response
 
 from proxy.http.common import state_of
 from proxy.http.dashboard import connect, link, page, rows, table
-from proxy.http.svgplot import plot
+from proxy.http.svgplot import bars, plot
 
 _DONE = ("successful", "failed", "cancelled", "deployed")
 # Which metric stands for a model in the projects list, by task.
@@ -67,6 +68,7 @@ async def model(request: Request) -> Response:
     project, task, algorithm, status, hyper, metrics, search, search_params, snapshot, created = found[0]
     metrics = dict(metrics or {})
     results = metrics.pop("search_results", None)
+    importances = metrics.pop("feature_importances", None)
     body = [f"<p>project {link('/dashboard/projects', project)} · task {escape(task)} · "
             f"algorithm <b>{escape(algorithm)}</b> · status {escape(status)} · snapshot {snapshot} · "
             f"created {escape(str(created))} · "
@@ -75,6 +77,11 @@ async def model(request: Request) -> Response:
             "<h2>Hyperparameters</h2>",
             table(["hyperparameter", "value"], sorted((k, json.dumps(v)) for k, v in (hyper or {}).items()),
                   "hyperparams")]
+    if importances:  # largest first: jsonb keeps no key order
+        ranked = sorted(importances.items(), key=lambda kv: -kv[1])
+        body += ["<h2>Feature importances</h2>",
+                 bars(*zip(*ranked, strict=True), title="feature importances",
+                      y_label="importance", css_class="importances")]
     if results:
         body.append(f"<h2>Search ({escape(str(search))})</h2>")
         scores = results["mean_test_score"]
@@ -119,27 +126,9 @@ async def snapshots(request: Request) -> Response:
     async with connect(request) as conn:
         names, data = await rows(conn, """
             SELECT id, relation_name, y_column_name, test_size, test_sampling, status, materialized,
-                   analysis::text, columns::text, created_at FROM pgml.snapshots ORDER BY id""")
-    return page("Snapshots", table(names, data, "snapshots"))
-
-
-_NOTEBOOK = ('<form method="post"><textarea name="sql" rows="6">{sql}</textarea>'
-             '<p><button type="submit" id="run">Run</button></p></form>')
-
-
-async def notebook(request: Request) -> Response:
-    """One cell: the SQL runs through the proxy (pgml.* works) and its rows come back as a table."""
-    text = ""
-    result = ""
-    if request.method == "POST":
-        text = str((await request.form()).get("sql") or "")
-        async with connect(request) as conn:
-            try:
-                names, data = await rows(conn, text)
-                result = table(names, data, "result") if names else "<p>OK</p>"
-            except Exception as exc:  # the statement's error is the cell's output
-                result = f'<p class="error">{escape(str(exc))}</p>'
-    return page("SQL notebook", _NOTEBOOK.format(sql=escape(text)) + result)
+                   analysis::text, created_at FROM pgml.snapshots ORDER BY id""")
+    listed = [(link(f"/dashboard/snapshots/{row[0]}", row[0]), *row[1:]) for row in data]
+    return page("Snapshots", table(names, listed, "snapshots"))
 
 
 _UPLOAD = ('<form method="post" enctype="multipart/form-data"><p>table <input name="table" id="table"></p>'

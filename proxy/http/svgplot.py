@@ -1,8 +1,9 @@
-"""A tiny inline SVG plot (scatter or line), so the dashboard ships its charts with no library.
+"""Tiny inline SVG plots (scatter, line, bars), so the dashboard ships its charts with no library.
 
 No JavaScript chart library is shipped: PyPI and npm give none that installs offline as package
 data here, and a few dozen points need no more than `<circle>`s and a `<polyline>`. Every
-point is a `<circle class="point">` carrying its values, which the browser tests count.
+point is a `<circle class="point">` and every bar a `<rect class="bar">` carrying its values,
+which the browser tests count.
 """
 
 from __future__ import annotations
@@ -49,5 +50,29 @@ def plot(xs: Sequence[float | str], ys: Sequence[float], *, title: str, x_label:
         for i, label in enumerate(labels):
             x = _scale([float(v) for v in range(len(labels))] or [0.0], PAD, W - PAD / 2)[i]
             parts.append(f'<text x="{x:.1f}" y="{H - PAD + 14}" class="tick">{escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def bars(labels: Sequence[str], values: Sequence[float], *, title: str, y_label: str,
+         css_class: str = "bars") -> str:
+    """An `<svg>` bar chart, one `<rect class="bar">` per label (histograms, importances)."""
+    if not values:
+        return f'<p class="empty">{escape(title)}: nothing to plot</p>'
+    top = max(max(values), 0.0) or 1.0
+    step = (W - PAD * 1.5) / len(values)
+    parts = [f'<svg class="{escape(css_class)}" data-title="{escape(title)}" width="{W}" height="{H}" '
+             f'viewBox="0 0 {W} {H}" role="img"><title>{escape(title)}</title>',
+             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD / 2}" y2="{H - PAD}" class="axis"/>',
+             f'<text x="4" y="12" class="label">{escape(title)} · {escape(y_label)} (max {top:.4g})</text>']
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        height = max(value, 0.0) / top * (H - PAD * 1.5)
+        x = PAD + i * step
+        parts.append(f'<rect class="bar" x="{x + step * 0.1:.1f}" y="{H - PAD - height:.1f}" '
+                     f'width="{step * 0.8:.1f}" height="{height:.1f}" data-label="{escape(label)}" '
+                     f'data-value="{value!r}"><title>{escape(label)}: {value:.6g}</title></rect>')
+        if len(values) <= 12:
+            parts.append(f'<text x="{x + step * 0.1:.1f}" y="{H - PAD + 14}" class="tick">'
+                         f'{escape(label[:14])}</text>')
     parts.append("</svg>")
     return "".join(parts)

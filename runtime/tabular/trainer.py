@@ -269,10 +269,20 @@ async def train(
     result, files, serving = await _run_thread(work, ctx, job.cancelled.set)
     metrics = training.jsonable(result.metrics)
     await ctx.notice(f"metrics: { {k: v for k, v in metrics.items() if k != 'search_results'} }")
+    found = training.importances(result.estimator, int(prep.x.shape[1]))
+    if found is not None:  # shown by the dashboard's model page
+        metrics["feature_importances"] = dict(zip(_feature_names(prep), found, strict=True))
     await ctx.notice(f"serving: {serving}")
     log.info("%s model of project %r is served by %s", algorithm, name, serving)
     deployed = await _register(pool, call, name, task, algorithm, prep, result, metrics, files, ctx.user)
     return (name, task, algorithm, deployed)
+
+
+def _feature_names(prep: TrainingData) -> list[str]:
+    """A name per column of `prep.x`: the column's, with `[i]` for each element of an array."""
+    names = [str(spec["name"]) if int(spec.get("size", 1)) == 1 else f"{spec['name']}[{i}]"
+             for spec in registry.feature_specs(prep.specs) for i in range(int(spec.get("size", 1)))]
+    return names if len(names) == prep.x.shape[1] else [f"feature {i}" for i in range(prep.x.shape[1])]
 
 
 def _compile(

@@ -178,6 +178,22 @@ def fit(job: TrainJob, progress: Callable[[str], None]) -> TrainResult:
     return TrainResult(estimator, metrics, hyperparams)
 
 
+def importances(estimator: Any, n_features: int) -> list[float] | None:
+    """The fitted model's feature importances where the library gives them: tree models'
+    `feature_importances_`, linear models' `abs(coef_)` (averaged over classes); else None."""
+    try:
+        values = getattr(estimator, "feature_importances_", None)
+        if values is None and getattr(estimator, "coef_", None) is not None:
+            coef = np.abs(np.asarray(estimator.coef_, dtype=float))
+            values = coef.mean(axis=0) if coef.ndim == 2 else coef
+    except (AttributeError, ValueError, TypeError):  # e.g. xgboost's gblinear has no importances
+        return None
+    if values is None:
+        return None
+    flat = np.asarray(values, dtype=float).ravel()
+    return [float(v) for v in flat] if len(flat) == n_features else None
+
+
 def score(job: TrainJob, estimator: Any) -> dict[str, Any]:
     """The reference's metrics for the task, on the test rows (train rows when none)."""
     x, y = (job.x_test, job.y_test) if len(job.x_test) else (job.x_train, job.y_train)
