@@ -139,6 +139,9 @@ class Executor:
         return self.vector_oid
 
 
+_LARGE_PARAM = 1 << 16  # bytes: a client parameter at least this large is decoded in a thread
+_MISSING = object()
+
 class _Run:
     """One execution of one plan."""
 
@@ -154,9 +157,29 @@ class _Run:
             if n <= len(oids) and not oids[n - 1] and sql_type in TYPE_OIDS:
                 oids[n - 1] = TYPE_OIDS[sql_type]
         self.oids = oids
+        self._decoded: dict[tuple[int, str], Any] = {}  # large client parameters, decoded off the loop
 
     # --- arguments ----------------------------------------------------------------------------
+    async def _decode_large_params(self) -> None:
+        """Decode the client's large parameters (a 10^6-element features array is 0.3 s of
+        parsing) in a thread, so the event loop keeps serving everyone else meanwhile."""
+        plan = self.plan
+        calls = [t.call for t in plan.local or ()] + [c.call for c in plan.consts]
+        calls += [s.call for s in plan.steps] + [c.call for c in plan.stream or ()]
+        loop = asyncio.get_running_loop()
+        for call in calls:
+            for src in call.sources.values():
+                if not isinstance(src, ClientParam) or src.number > len(self.params):
+                    continue
+                data, key = self.params[src.number - 1], (src.number - 1, src.sql_type)
+                if data is not None and len(data) >= _LARGE_PARAM and key not in self._decoded:
+                    self._decoded[key] = await loop.run_in_executor(None, self._decode, src)
+
     def _client_param(self, src: ClientParam) -> Any:
+        cached = self._decoded.get((src.number - 1, src.sql_type), _MISSING)
+        return self._decode(src) if cached is _MISSING else cached
+
+    def _decode(self, src: ClientParam) -> Any:
         i = src.number - 1
         given = self.bound.oids[i] if i < len(self.bound.oids) else 0
         oid = given or TYPE_OIDS.get(src.sql_type, 25)
@@ -277,6 +300,7 @@ class _Run:
     async def events(self) -> AsyncIterator[Event]:
         plan = self.plan
         await arm_timeout(self.up, self.ctx)
+        await self._decode_large_params()
         if plan.kind in ("local", "local_table"):
             async for event in self._local():
                 yield event

@@ -359,3 +359,16 @@ def test_a_call_in_a_derived_table_reads_its_rows_once(conn: psycopg.Connection[
     names = conn.execute("SELECT * FROM (SELECT x, pgml.predict('dayone_vol', ARRAY[x]) FROM dayone_vol"
                          " ORDER BY x LIMIT 2) s").description
     assert names is not None and [d.name for d in names] == ["x", "predict"]
+
+
+def test_large_parameters_are_decoded_off_the_loop(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    # A parameter of 64 KiB or more is decoded in a thread; its value is the same as a small one's.
+    long_text = "The quick brown fox jumps over the lazy dog. " * 2000  # 90 KB
+    by_param = one(conn, f"SELECT pgml.embed('{MINILM}', %s::text)", long_text)
+    by_row = one(conn, f"SELECT pgml.embed('{MINILM}', t) FROM (SELECT repeat(%s, 2000) AS t) s",
+                 "The quick brown fox jumps over the lazy dog. ")
+    assert by_param == pytest.approx(by_row, abs=1e-5)
+    features = [float(i % 7) for i in range(20_000)]  # 20,000 floats as text: over 64 KiB
+    with pytest.raises(psycopg.errors.UndefinedObject, match="dayone_no_such_project"):
+        conn.execute("SELECT pgml.predict('dayone_no_such_project', %s::float8[])", (features,))
+    assert one(conn, "SELECT 1") == 1
