@@ -57,14 +57,19 @@ def _ceiling(rows: list[tuple[str, str]], epochs: int, max_len: int, out: Path) 
     return float(result["train"]["train_samples_per_second"])
 
 
+def load_bbc(conn: psycopg.Connection[Any], rows: list[tuple[str, str]]) -> None:
+    """The rows as table `bench_bbc (text, class)`, which the tune benchmarks train on."""
+    conn.execute("CREATE TABLE bench_bbc (text text, class text)")
+    with conn.cursor().copy("COPY bench_bbc (text, class) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
 def _through_proxy(dsn: str, rows: list[tuple[str, str]], epochs: int, max_len: int) -> dict[str, float]:
     notes: list[str] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
-        conn.execute("CREATE TABLE bench_bbc (text text, class text)")
-        with conn.cursor().copy("COPY bench_bbc (text, class) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+        load_bbc(conn, rows)
         hyper = {
             "training_args": {**ARGS, "num_train_epochs": epochs, "logging_steps": 1000},
             "max_seq_length": max_len,

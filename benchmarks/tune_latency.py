@@ -28,8 +28,8 @@ import numpy as np
 import psycopg
 
 from benchmarks.common import machine_info, markdown_table, write_results
+from benchmarks.tune import CLASSES, load_bbc
 
-CLASSES = ("business", "entertainment", "politics", "sports", "tech")
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 PAUSE_S = 0.002  # between probes: the probing client must not itself load the machine
 
@@ -135,10 +135,7 @@ def main() -> None:
     try:
         proxy = start_proxy(pg.dsn, "session")
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE bench_bbc (text text, class text)")
-            with conn.cursor().copy("COPY bench_bbc (text, class) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+            load_bbc(conn, rows)
         hyper = {
             "training_args": {
                 "num_train_epochs": args.epochs,

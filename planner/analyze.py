@@ -293,7 +293,7 @@ def _whole_row_references(calls: list[tuple[Any, t.Path]]) -> None:
     for node, path in calls:
         names: set[str] = set()
         for step in path:
-            if t.is_node(step.parent, _STATEMENT_LEVELS):
+            if t.is_node(step.parent, t.STATEMENT_LEVELS):
                 names |= _from_aliases(step.parent)
         args = list(node.args or ())
         for i, arg in enumerate(args):
@@ -401,12 +401,9 @@ def _rewrite(
     _finish_args(plan, collector)
 
 
-_STATEMENT_LEVELS = ast.SelectStmt | ast.UpdateStmt | ast.DeleteStmt | ast.InsertStmt
-
-
 def _in_select_list(path: t.Path) -> bool:
     """Whether a call stands in a SELECT's target list, where Postgres expands set-returning calls."""
-    levels = [s for s in path if t.is_node(s.parent, _STATEMENT_LEVELS)]
+    levels = [s for s in path if t.is_node(s.parent, t.STATEMENT_LEVELS)]
     return bool(levels) and t.is_node(levels[-1].parent, ast.SelectStmt) and levels[-1].attr == "targetList"
 
 

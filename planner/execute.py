@@ -139,6 +139,13 @@ class Executor:
         return self.vector_oid
 
 
+def _task_json(name: str, value: Any) -> Any:
+    """A `task` given as JSON text is the JSON object (`task => '{"task": ...}'` is text)."""
+    if name == "task" and isinstance(value, str) and value.lstrip().startswith("{"):
+        return coerce(value, "jsonb")
+    return value
+
+
 _LARGE_PARAM = 1 << 16  # bytes: a client parameter at least this large is decoded in a thread
 _MISSING = object()
 
@@ -163,11 +170,8 @@ class _Run:
     async def _decode_large_params(self) -> None:
         """Decode the client's large parameters (a 10^6-element features array is 0.3 s of
         parsing) in a thread, so the event loop keeps serving everyone else meanwhile."""
-        plan = self.plan
-        calls = [t.call for t in plan.local or ()] + [c.call for c in plan.consts]
-        calls += [s.call for s in plan.steps] + [c.call for c in plan.stream or ()]
         loop = asyncio.get_running_loop()
-        for call in calls:
+        for call in self.plan.calls:
             for src in call.sources.values():
                 if not isinstance(src, ClientParam) or src.number > len(self.params):
                     continue
@@ -195,57 +199,39 @@ class _Run:
 
     def call_args(self, call: CallPlan, row: Sequence[Any] | None = None) -> dict[str, Any] | None:
         """The runtime's mapping for one call, or None when a NULL argument makes a STRICT call NULL."""
-        values: dict[str, Any] = {}
-        for name, src in call.sources.items():
-            value = (
-                row[src.index]
-                if isinstance(src, RowColumn) and row is not None
-                else (self.constant(src) if not isinstance(src, RowColumn) else None)
-            )
-            if value is None and call.sig.strict:
-                return None
-            if name == "task" and isinstance(value, str) and value.lstrip().startswith("{"):
-                value = coerce(value, "jsonb")
-            values[name] = value
-        for name, value in call.defaults.items():
-            values[name] = value
-        return values
+        return self._rows_args(call, [row])[0]
 
     def _rows_args(self, call: CallPlan, rows: Sequence[Sequence[Any] | None]) -> list[dict[str, Any] | None]:
-        """call_args for many rows: the row-independent arguments are read once (a chunk of a
+        """call_args for each row; the row-independent arguments are read once (a chunk of a
         100,000-row predict is thousands of rows with one project name)."""
-        from_row = [(name, src.index) for name, src in call.sources.items() if isinstance(src, RowColumn)]
-        if not from_row or any(row is None for row in rows) or any(name == "task" for name, _ in from_row):
-            return [self.call_args(call, row) for row in rows]  # per-row JSON tasks: the general path
         strict = call.sig.strict
         fixed: dict[str, Any] = {}
+        from_row: list[tuple[str, int]] = []
         for name, src in call.sources.items():
-            if not isinstance(src, RowColumn):
-                value = self.constant(src)
-                if value is None and strict:  # a NULL constant of a STRICT call: every result is NULL
-                    return [None] * len(rows)
-                if name == "task" and isinstance(value, str) and value.lstrip().startswith("{"):
-                    value = coerce(value, "jsonb")
-                fixed[name] = value
+            if isinstance(src, RowColumn):
+                from_row.append((name, src.index))
+                continue
+            value = _task_json(name, self.constant(src))
+            if value is None and strict:  # a NULL constant of a STRICT call: every result is NULL
+                return [None] * len(rows)
+            fixed[name] = value
         fixed.update(call.defaults)
         out: list[dict[str, Any] | None] = []
         for row in rows:
-            assert row is not None
             values = dict(fixed)
             for name, index in from_row:
-                value = row[index]
+                value = _task_json(name, None if row is None else row[index])
                 if value is None and strict:
+                    out.append(None)
                     break
                 values[name] = value
             else:
                 out.append(values)
-                continue
-            out.append(None)
         return out
 
     async def batch(self, call: CallPlan, rows: Sequence[Sequence[Any] | None]) -> list[Any]:
         """Run `call` once per row (STRICT NULLs skipped), results in row order."""
-        args = self._rows_args(call, rows) if len(rows) > 1 else [self.call_args(call, row) for row in rows]
+        args = self._rows_args(call, rows)
         todo = [a for a in args if a is not None]
         if call.sig.name == "transform_stream":  # the runtime streams it: collect each call's rows
             out = [await stoppable(self.ctx, self._collect(call.sig.name, a)) for a in todo]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from core.interfaces import Column, QueryResult, WireValue
-from planner.plan import StreamCallPlan
+from planner.catalog import ANY, TYPE_OIDS
+from planner.plan import RowColumn, StreamCallPlan
 from planner.values import BINARY_ARRAYS, TYPE_SIZES, Encoder, decode_column, encoder, type_oid
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class Merger:
         argument columns that are numeric arrays (the decoder reads those straight into NumPy),
         text for the other arguments. A Describe first says which is which."""
         rf = list(self.run.bound.result_formats)
+        if len(rf) <= 1 and not self._may_read_arrays():
+            return rf  # one format for every column, and no argument to read in binary
         desc = await self.run.up.describe(self.run.plan.sql, self.run.oids)
         from planner.execute import arg_column
 
@@ -52,6 +55,17 @@ class Merger:
                 out.append(1 if c.type_oid in BINARY_ARRAYS else 0)
             i += 1 if found is None or found[1] == 0 else 0
         return out
+
+    def _may_read_arrays(self) -> bool:
+        """Whether an argument column may be a numeric array: one declared as such, or `any`
+        (predict's features), whose type only the Describe tells."""
+        for c in self.calls.values():
+            declared = {a.name: a.type for a in c.call.sig.args}
+            for name, src in c.call.sources.items():
+                kind = declared[name]
+                if isinstance(src, RowColumn) and (kind == ANY or TYPE_OIDS.get(kind) in BINARY_ARRAYS):
+                    return True
+        return False
 
     def _layout(self, columns: Sequence[Column]) -> list[_Slot]:
         from planner.execute import arg_column

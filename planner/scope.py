@@ -10,7 +10,9 @@ scope still holds an unresolved pgml call waits until that call is replaced.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from pglast import ast
@@ -22,7 +24,6 @@ from planner.args import ArgCollector
 from planner.catalog import BoundCall, bind, is_runtime_call, row_type
 from planner.plan import StatementPlan, TempStep
 
-_LEVELS = (ast.SelectStmt, ast.UpdateStmt, ast.DeleteStmt, ast.InsertStmt)
 _GROUPED = ("targetList", "sortClause", "havingClause", "distinctClause")
 
 
@@ -39,8 +40,6 @@ class Materialiser:
         cursor = plan.cursor is not None
         digest = hashlib.sha1(plan.text.encode(), usedforsecurity=False).hexdigest()[:10]
         self.suffix = f"_{digest}" if cursor else ""
-        # Set by _insert_scope for the call being planned: (columns, qualifiers, in ON CONFLICT, name).
-        self._inserting: tuple[set[str], set[str], bool, str] | None = None
         self.on_commit = " ON COMMIT DROP" if cursor else ""
 
     def run(self, pending: list[tuple[Any, t.Path]]) -> None:
@@ -56,7 +55,6 @@ class Materialiser:
             remaining = [item for item in remaining if item not in done]
 
     def _try(self, node: Any, path: t.Path) -> bool:
-        self._inserting = None
         # Bound again: an inner call in the arguments may have been replaced by its lookup.
         b = self.bound[id(node)] = bind(node, self.collector.param_oids)
         if any(is_runtime_call(n) for n, _ in t.walk(node.args) if t.is_node(n, ast.FuncCall)):
@@ -67,12 +65,12 @@ class Materialiser:
         scope = self._scope(node, path, in_from)
         if scope is None:
             return False
-        from_items, where, group, having, position = scope
+        from_items, where, group, having, position, remap = scope
         exprs: list[Any] = []
         call = self.collector.plan(b, exprs)
         # Where the call's arguments read the row being inserted, its keys come from the rows
         # the INSERT gives, under the names they have there.
-        scoped = [self._remap(e) for e in exprs] if self._inserting is not None else exprs
+        scoped = [remap(e) for e in exprs] if remap is not None else exprs
         n = len(self.plan.steps) + 1
         keys, results = f"pgml_k{n}{self.suffix}", f"pgml_r{n}{self.suffix}"
         step = TempStep(
@@ -94,9 +92,6 @@ class Materialiser:
                     having = having + nulls
                 else:
                     where = where + nulls
-            with_clause = self._with_clause(path, from_items, exprs)
-            if with_clause is False:
-                return False
             scope_sel = t.select(
                 [t.target(copy.deepcopy(e), f"pgml_a{i}") for i, e in enumerate(scoped)],
                 from_items,
@@ -104,41 +99,9 @@ class Materialiser:
                 distinctClause=(None,),
                 groupClause=group or None,
                 havingClause=t.and_(having),
-                withClause=with_clause or None,
             )
-            step.keys = keys
-            step.keys_select = t.deparse(
-                t.select(
-                    [
-                        t.target(
-                            ast.FuncCall(
-                                funcname=(t.s("row_number"),), over=ast.WindowDef(frameOptions=1058)
-                            ),
-                            "pgml_k",
-                        ),
-                        t.target(ast.ColumnRef(fields=(t.s("pgml_d"), ast.A_Star()))),
-                    ],
-                    [
-                        ast.RangeSubselect(
-                            lateral=False, subquery=scope_sel, alias=ast.Alias(aliasname="pgml_d")
-                        )
-                    ],
-                )
-            )
-            step.create_keys = f"CREATE TEMPORARY TABLE {keys}{self.on_commit} AS {step.keys_select}"
-            step.keys_params = sorted({n.number for n, _ in t.walk(scope_sel) if t.is_node(n, ast.ParamRef)})
-            step.fetch_keys = t.deparse(
-                t.select(
-                    [t.target(t.col("pgml_k"))] + [t.target(t.col(f"pgml_a{i}")) for i in range(len(exprs))],
-                    [t.rangevar(keys)],
-                    t.and_(
-                        [
-                            ast.A_Expr(kind=0, name=(t.s(">"),), lexpr=t.col("pgml_k"), rexpr=t.param(1)),
-                            ast.A_Expr(kind=0, name=(t.s("<="),), lexpr=t.col("pgml_k"), rexpr=t.param(2)),
-                        ]
-                    ),
-                )
-            )
+            if not self._set_keys(step, keys, path, scope_sel, len(exprs)):
+                return False
             step.index_sql = [
                 f"CREATE INDEX ON pg_temp.{keys} (pgml_k)",
                 f"CREATE INDEX ON pg_temp.{keys} USING hash (pgml_a0)",
@@ -167,7 +130,7 @@ class Materialiser:
         table becomes a read of the two tables. Evaluating it twice (keys, then the statement)
         would read other rows where its source is volatile (the README's test view is ordered
         by random()), and a LIMIT would not bound the keys. False where this does not apply."""
-        idx = next(i for i in range(len(path) - 1, -1, -1) if isinstance(path[i].parent, _LEVELS))
+        idx = t.level_index(path)
         level, clause = path[idx].parent, path[idx].attr
         holder: Any = path[idx - 1].parent if idx > 0 else None
         if (
@@ -190,38 +153,17 @@ class Materialiser:
         call = self.collector.plan(b, exprs)
         n = len(self.plan.steps) + 1
         keys, results = f"pgml_k{n}{self.suffix}", f"pgml_r{n}{self.suffix}"
-        inner = copy.copy(level)
+        inner = copy.copy(level)  # the derived table, its call replaced by the call's arguments
         targets = [t.target(copy.deepcopy(tg.val), f"pgml_c{i}")
                    for i, tg in enumerate(level.targetList) if i != position]
         args = [t.target(copy.deepcopy(e), f"pgml_a{i}") for i, e in enumerate(exprs)]
         inner.targetList = tuple(targets + args)
-        with_clause = self._with_clause(path, list(level.fromClause), exprs)
-        if with_clause is False:
-            return False
-        if with_clause is not None:
-            inner.withClause = with_clause if level.withClause is None else level.withClause
-        numbered = t.select(
-            [
-                t.target(ast.FuncCall(funcname=(t.s("row_number"),), over=ast.WindowDef(frameOptions=1058)),
-                         "pgml_k"),
-                t.target(ast.ColumnRef(fields=(t.s("pgml_d"), ast.A_Star()))),
-            ],
-            [ast.RangeSubselect(lateral=False, subquery=inner, alias=ast.Alias(aliasname="pgml_d"))],
-        )
+        inner.withClause = None  # _set_keys gives it the CTEs it reads, its own among them
         step = TempStep(
             call=call,
-            keys=keys,
+            keys=None,
             create_keys=None,
-            fetch_keys=t.deparse(
-                t.select(
-                    [t.target(t.col("pgml_k"))] + [t.target(t.col(f"pgml_a{i}")) for i in range(len(exprs))],
-                    [t.rangevar(keys)],
-                    t.and_([
-                        ast.A_Expr(kind=0, name=(t.s(">"),), lexpr=t.col("pgml_k"), rexpr=t.param(1)),
-                        ast.A_Expr(kind=0, name=(t.s("<="),), lexpr=t.col("pgml_k"), rexpr=t.param(2)),
-                    ]),
-                )
-            ),
+            fetch_keys=None,
             results=results,
             create_results=(
                 f"CREATE TEMPORARY TABLE {results} (pgml_k bigint PRIMARY KEY, "
@@ -231,9 +173,8 @@ class Materialiser:
             srf=False,
             position="derived table (read once)",
         )
-        step.keys_select = t.deparse(numbered)
-        step.create_keys = f"CREATE TEMPORARY TABLE {keys}{self.on_commit} AS {step.keys_select}"
-        step.keys_params = sorted({p.number for p, _ in t.walk(numbered) if t.is_node(p, ast.ParamRef)})
+        if not self._set_keys(step, keys, path, inner, len(exprs)):
+            return False
         step.post_sql = [f"ANALYZE pg_temp.{results}"]
         out: list[Any] = []
         for i, name in enumerate(names):
@@ -245,19 +186,48 @@ class Materialiser:
             [ast.JoinExpr(jointype=JoinType.JOIN_LEFT, larg=t.rangevar(keys, "pgml_s"),
                           rarg=t.rangevar(results, "pgml_r"),
                           quals=t.eq(t.col("pgml_r", "pgml_k"), t.col("pgml_s", "pgml_k")))],
-            sortClause=(
-                ast.SortBy(node=t.col("pgml_s", "pgml_k"), sortby_dir=SortByDir.SORTBY_DEFAULT,
-                           sortby_nulls=SortByNulls.SORTBY_NULLS_DEFAULT),
-            ),
+            sortClause=_ascending(t.col("pgml_s", "pgml_k")),
         )
         self.plan.steps.append(step)
+        return True
+
+    def _set_keys(self, step: TempStep, keys: str, path: t.Path, scope: Any, n_args: int) -> bool:
+        """Make `keys` the numbered rows of `scope` (a SELECT whose first columns after its
+        own are the arguments `pgml_a0..`), read back in slices; False when a CTE it reads
+        still has pgml calls."""
+        with_clause = self._with_clause(path, scope)
+        if with_clause is False:
+            return False
+        scope.withClause = with_clause
+        numbered = t.select(
+            [
+                t.target(ast.FuncCall(funcname=(t.s("row_number"),), over=ast.WindowDef(frameOptions=1058)),
+                         "pgml_k"),
+                t.target(ast.ColumnRef(fields=(t.s("pgml_d"), ast.A_Star()))),
+            ],
+            [ast.RangeSubselect(lateral=False, subquery=scope, alias=ast.Alias(aliasname="pgml_d"))],
+        )
+        step.keys = keys
+        step.keys_select = t.deparse(numbered)
+        step.create_keys = f"CREATE TEMPORARY TABLE {keys}{self.on_commit} AS {step.keys_select}"
+        step.keys_params = sorted({n.number for n, _ in t.walk(numbered) if t.is_node(n, ast.ParamRef)})
+        step.fetch_keys = t.deparse(
+            t.select(
+                [t.target(t.col("pgml_k"))] + [t.target(t.col(f"pgml_a{i}")) for i in range(n_args)],
+                [t.rangevar(keys)],
+                t.and_([
+                    ast.A_Expr(kind=0, name=(t.s(">"),), lexpr=t.col("pgml_k"), rexpr=t.param(1)),
+                    ast.A_Expr(kind=0, name=(t.s("<="),), lexpr=t.col("pgml_k"), rexpr=t.param(2)),
+                ]),
+            )
+        )
         return True
 
     # --- scope ----------------------------------------------------------------------------------
     def _scope(
         self, node: Any, path: t.Path, in_from: bool
-    ) -> tuple[list[Any], list[Any], list[Any], list[Any], str] | None:
-        idx = next(i for i in range(len(path) - 1, -1, -1) if isinstance(path[i].parent, _LEVELS))
+    ) -> tuple[list[Any], list[Any], list[Any], list[Any], str, Callable[[Any], Any] | None] | None:
+        idx = t.level_index(path)
         level, clause = path[idx].parent, path[idx].attr
         if t.is_node(level, ast.InsertStmt) and not in_from:
             return self._insert_scope(node, level, clause)
@@ -286,7 +256,7 @@ class Materialiser:
         if in_from:
             rf = path[-1].parent
             from_items = _left_of(level.fromClause, rf)
-            return (from_items, [], [], [], "FROM") if not _has_calls(from_items) else None
+            return (from_items, [], [], [], "FROM", None) if not _has_calls(from_items) else None
         if t.is_node(level, ast.UpdateStmt):
             from_items = [level.relation, *(level.fromClause or ())]
         elif t.is_node(level, ast.DeleteStmt):
@@ -304,11 +274,11 @@ class Materialiser:
                 return None
             group = copy.deepcopy(list(level.groupClause))
             having = _clean(level.havingClause, node)
-        return from_items, where, group, having, position
+        return from_items, where, group, having, position, None
 
     def _insert_scope(
         self, node: Any, ins: Any, clause: str
-    ) -> tuple[list[Any], list[Any], list[Any], list[Any], str]:
+    ) -> tuple[list[Any], list[Any], list[Any], list[Any], str, Callable[[Any], Any]]:
         """A call in INSERT ... RETURNING or ON CONFLICT DO UPDATE reading the row being inserted
         (`RETURNING pgml.embed('m', body)`, `SET e = pgml.embed('m', excluded.body)`): the rows
         the INSERT gives (its VALUES or SELECT, under its column list) are its scope. What a
@@ -323,41 +293,21 @@ class Materialiser:
         cols = [c.name for c in ins.cols]
         own = {ins.relation.relname} | ({ins.relation.alias.aliasname} if ins.relation.alias else set())
         # In ON CONFLICT, EXCLUDED is the row being inserted; the table's name is the existing row.
-        self._inserting = (set(cols), {"excluded"} if clause == "onConflictClause" else own,
-                           clause == "onConflictClause", name)
+        conflict = clause == "onConflictClause"
+        remap = functools.partial(
+            _remap_inserted, cols=set(cols), qualifiers={"excluded"} if conflict else own,
+            conflict=conflict, name=name,
+        )
         source = ast.RangeSubselect(
             lateral=False,
             subquery=copy.deepcopy(ins.selectStmt),
             alias=ast.Alias(aliasname="pgml_ins", colnames=tuple(t.s(c) for c in cols)),
         )
-        return [source], [], [], [], f"InsertStmt.{clause}"
+        return [source], [], [], [], f"InsertStmt.{clause}", remap
 
-    def _remap(self, expr: Any) -> Any:
-        """A copy of `expr` reading the inserted rows' columns from `pgml_ins`."""
-        assert self._inserting is not None
-        cols, qualifiers, conflict, name = self._inserting
-        expr = copy.deepcopy(expr)
-        for ref, path in list(t.walk(expr)):
-            if not t.is_node(ref, ast.ColumnRef):
-                continue
-            fields = [f.sval if t.is_node(f, ast.String) else "*" for f in ref.fields]
-            bare = len(fields) == 1 and not conflict
-            if (bare or (len(fields) == 2 and fields[0] in qualifiers)) and fields[-1] in cols:
-                new = t.col("pgml_ins", fields[-1])
-                if path:
-                    t.replace(path[-1], new)
-                else:
-                    expr = new
-                continue
-            raise FeatureNotSupported(
-                f"pgml.{name}: {'.'.join(fields)} is not a column the INSERT gives, so its value is not known"
-                " before the statement runs"
-            )
-        return expr
-
-    def _with_clause(self, path: t.Path, from_items: list[Any], exprs: list[Any]) -> Any | bool | None:
-        """The CTEs the call's scope reads (its FROM items and its arguments, and what those CTEs
-        read in turn); False when one of them still has pgml calls."""
+    def _with_clause(self, path: t.Path, scope: Any) -> Any | bool | None:
+        """The CTEs visible at the call that `scope` reads (in FROM, its arguments, WHERE, ...,
+        and what those CTEs read in turn); False when one of them still has pgml calls."""
         seen: dict[str, Any] = {}
         recursive = False
         # Innermost first: an inner CTE hides an outer one of the same name.
@@ -372,7 +322,7 @@ class Materialiser:
                 seen.setdefault(cte.ctename, cte)
         if not seen:
             return None
-        referenced = _relnames((*from_items, *exprs))
+        referenced = _relnames(scope)
         keep: set[int] = set()
         for clause in clauses:
             for cte in reversed(clause.ctes):  # a CTE reads only those before it (or outside)
@@ -416,45 +366,32 @@ class Materialiser:
         A table function's value is then the composite (`(c).chunk_index` reads it); a scalar
         one's its only field (an array of real[] would be read as two dimensions)."""
         cols = list(b.sig.out_columns())
-        step.create_results = (
-            f"CREATE TEMPORARY TABLE {step.results} (pgml_k bigint, pgml_ord bigint, "
-            + ", ".join(f"pgml_c{i} {_sql_type(typ)}" for i, (_, typ) in enumerate(cols))
-            + ")"
-            + self.on_commit
-        )
+        step.create_results = self._srf_results(step, cols)
         row = ast.RowExpr(
             args=tuple(t.col("pgml_s", f"pgml_c{i}") for i in range(len(cols))),
             row_format=CoercionForm.COERCE_EXPLICIT_CALL,
         )
         element = t.cast(row, row_type(b.sig))
-        if step.keys is not None:
-            from_: list[Any] = [
-                t.inner_join(
-                    t.rangevar(step.keys, "pgml_k"),
-                    t.rangevar(step.results, "pgml_s"),
-                    t.eq(t.col("pgml_s", "pgml_k"), t.col("pgml_k", "pgml_k")),
-                )
-            ]
-            where = t.and_(
-                [t.eq(t.col("pgml_k", f"pgml_a{i}"), copy.deepcopy(e)) for i, e in enumerate(exprs)]
-            )
-        else:
-            from_, where = [t.rangevar(step.results, "pgml_s")], None
-        order = (
-            ast.SortBy(
-                node=t.col("pgml_s", "pgml_ord"),
-                sortby_dir=SortByDir.SORTBY_DEFAULT,
-                sortby_nulls=SortByNulls.SORTBY_NULLS_DEFAULT,
-            ),
-        )
+        from_, where = _srf_rows(step, exprs)
         rows = ast.SubLink(
             subLinkType=SubLinkType.ARRAY_SUBLINK,
-            subselect=t.select([t.target(element)], from_, where, sortClause=order),
+            subselect=t.select(
+                [t.target(element)], from_, where, sortClause=_ascending(t.col("pgml_s", "pgml_ord"))
+            ),
         )
         expanded: Any = t.func("unnest", rows)
         if not b.sig.is_table:
             expanded = ast.A_Indirection(arg=expanded, indirection=(t.s(cols[0][0]),))
         t.replace(path[-1], expanded)
+
+    def _srf_results(self, step: TempStep, cols: list[tuple[str, str]]) -> str:
+        """The results table of a set-returning call: rows of (key, ordinal, its columns)."""
+        return (
+            f"CREATE TEMPORARY TABLE {step.results} (pgml_k bigint, pgml_ord bigint, "
+            + ", ".join(f"pgml_c{i} {_sql_type(typ)}" for i, (_, typ) in enumerate(cols))
+            + ")"
+            + self.on_commit
+        )
 
     def _replace_srf(self, step: TempStep, b: BoundCall, path: t.Path, exprs: list[Any]) -> None:
         from planner.analyze import srf_columns
@@ -470,41 +407,40 @@ class Materialiser:
             extra = alias.colnames[-1].sval
             alias = ast.Alias(aliasname=alias.aliasname, colnames=alias.colnames[:-1])
         cols = srf_columns(b, alias)
-        step.create_results = (
-            f"CREATE TEMPORARY TABLE {step.results} (pgml_k bigint, pgml_ord bigint, "
-            + ", ".join(f"pgml_c{i} {_sql_type(typ)}" for i, (_, typ) in enumerate(cols))
-            + ")"
-            + self.on_commit
-        )
+        step.create_results = self._srf_results(step, cols)
         targets = [t.target(t.col("pgml_s", f"pgml_c{i}"), name) for i, (name, _) in enumerate(cols)]
         if rf.ordinality:
             targets.append(t.target(t.col("pgml_s", "pgml_ord"), extra or "ordinality"))
-        order = (
-            ast.SortBy(
-                node=t.col("pgml_s", "pgml_ord"),
-                sortby_dir=SortByDir.SORTBY_DEFAULT,
-                sortby_nulls=SortByNulls.SORTBY_NULLS_DEFAULT,
-            ),
-        )
-        if step.keys is not None:
-            from_: list[Any] = [
-                t.inner_join(
-                    t.rangevar(step.keys, "pgml_k"),
-                    t.rangevar(step.results, "pgml_s"),
-                    t.eq(t.col("pgml_s", "pgml_k"), t.col("pgml_k", "pgml_k")),
-                )
-            ]
-            where = t.and_(
-                [t.eq(t.col("pgml_k", f"pgml_a{i}"), copy.deepcopy(e)) for i, e in enumerate(exprs)]
-            )
-        else:
-            from_, where = [t.rangevar(step.results, "pgml_s")], None
+        from_, where = _srf_rows(step, exprs)
         sub = ast.RangeSubselect(
             lateral=step.keys is not None,
-            subquery=t.select(targets, from_, where, sortClause=order),
+            subquery=t.select(targets, from_, where, sortClause=_ascending(t.col("pgml_s", "pgml_ord"))),
             alias=ast.Alias(aliasname=rf.alias.aliasname if rf.alias else b.sig.name),
         )
         t.replace(path[-3], sub)
+
+
+def _srf_rows(step: TempStep, exprs: list[Any]) -> tuple[list[Any], Any | None]:
+    """FROM and WHERE of the read of a set-returning call's rows for the arguments at hand."""
+    if step.keys is None:
+        return [t.rangevar(step.results, "pgml_s")], None
+    from_ = [
+        t.inner_join(
+            t.rangevar(step.keys, "pgml_k"),
+            t.rangevar(step.results, "pgml_s"),
+            t.eq(t.col("pgml_s", "pgml_k"), t.col("pgml_k", "pgml_k")),
+        )
+    ]
+    where = t.and_([t.eq(t.col("pgml_k", f"pgml_a{i}"), copy.deepcopy(e)) for i, e in enumerate(exprs)])
+    return from_, where
+
+
+def _ascending(column: Any) -> tuple[Any, ...]:
+    return (
+        ast.SortBy(
+            node=column, sortby_dir=SortByDir.SORTBY_DEFAULT, sortby_nulls=SortByNulls.SORTBY_NULLS_DEFAULT
+        ),
+    )
 
 
 def _column_name(target: Any) -> str | None:
@@ -522,6 +458,30 @@ def _column_name(target: Any) -> str | None:
     if t.is_node(value, ast.FuncCall):
         return str(value.funcname[-1].sval)
     return None
+
+
+def _remap_inserted(
+    expr: Any, *, cols: set[str], qualifiers: set[str], conflict: bool, name: str
+) -> Any:
+    """A copy of `expr` reading the inserted rows' columns from `pgml_ins` (see _insert_scope)."""
+    expr = copy.deepcopy(expr)
+    for ref, path in list(t.walk(expr)):
+        if not t.is_node(ref, ast.ColumnRef):
+            continue
+        fields = [f.sval if t.is_node(f, ast.String) else "*" for f in ref.fields]
+        bare = len(fields) == 1 and not conflict
+        if (bare or (len(fields) == 2 and fields[0] in qualifiers)) and fields[-1] in cols:
+            new = t.col("pgml_ins", fields[-1])
+            if path:
+                t.replace(path[-1], new)
+            else:
+                expr = new
+            continue
+        raise FeatureNotSupported(
+            f"pgml.{name}: {'.'.join(fields)} is not a column the INSERT gives, so its value is not known"
+            " before the statement runs"
+        )
+    return expr
 
 
 def _relnames(tree: object) -> set[str]:

@@ -62,6 +62,15 @@ class Step:
 Path = tuple[Step, ...]
 
 
+# The statements whose clauses scope a pgml call (its rows come from their FROM).
+STATEMENT_LEVELS = (ast.SelectStmt, ast.UpdateStmt, ast.DeleteStmt, ast.InsertStmt)
+
+
+def level_index(path: Path) -> int:
+    """The index in `path` of the innermost statement level holding the node."""
+    return next(i for i in range(len(path) - 1, -1, -1) if isinstance(path[i].parent, STATEMENT_LEVELS))
+
+
 def is_node(obj: object, cls: Any) -> bool:
     """isinstance without narrowing: pglast types every attribute Optional, and the planner
     reads nodes whose shape the parser guarantees, so node variables stay `Any`."""

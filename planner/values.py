@@ -88,13 +88,11 @@ def decoder(oid: int, fmt: int) -> Decoder:
 
     if element is None:
         return load
-    layout = np.dtype([("length", ">i4"), ("value", element)])
 
     def load_array(data: WireValue) -> Any:
-        # Header: ndim, has-nulls flag, element type, then (size, lower bound) per dimension.
-        if data is None or len(data) < 20 or data[:8] != _ONE_DIM_NO_NULLS:
+        if data is None or not _one_dim_no_nulls(data):
             return load(data)
-        return np.frombuffer(data, dtype=layout, offset=20)["value"].astype(element.newbyteorder("="))
+        return _elements(np.frombuffer(data, dtype=np.uint8, offset=_HEADER), element)
 
     return load_array
 
@@ -103,21 +101,30 @@ def decode_column(oid: int, fmt: int, values: Sequence[WireValue]) -> Sequence[A
     """A column of a chunk's rows as Python values. Binary numeric arrays of one shape without
     NULLs (the features of predict over a table) are read as one matrix: a row is a view of it."""
     element = BINARY_ARRAYS.get(oid) if fmt == 1 else None
-    if element is not None and values and all(v is not None for v in values):
-        width = {len(v) for v in values if v is not None}
-        head = values[0]
-        if len(width) == 1 and head is not None and len(head) >= 20 and head[:8] == _ONE_DIM_NO_NULLS:
-            size = width.pop()
-            raw = np.frombuffer(b"".join(v for v in values if v is not None), dtype=np.uint8)
-            raw = raw.reshape(len(values), size)
-            if (raw[:, :20] == raw[0, :20]).all():
-                layout = np.dtype([("length", ">i4"), ("value", element)])
-                matrix = np.ascontiguousarray(raw[:, 20:]).view(layout)["value"]
-                return list(matrix.astype(element.newbyteorder("=")))
+    present = [v for v in values if v is not None]
+    if element is not None and present and len(present) == len(values) and _one_dim_no_nulls(present[0]):
+        sizes = {len(v) for v in present}
+        if len(sizes) == 1:
+            raw = np.frombuffer(b"".join(present), dtype=np.uint8).reshape(len(present), sizes.pop())
+            if (raw[:, :_HEADER] == raw[0, :_HEADER]).all():  # one shape: every header alike
+                return list(_elements(np.ascontiguousarray(raw[:, _HEADER:]), element))
     load = decoder(oid, fmt)
     return [load(v) for v in values]
 
 
+def _one_dim_no_nulls(data: bytes) -> bool:
+    return len(data) >= _HEADER and data[:8] == _ONE_DIM_NO_NULLS
+
+
+def _elements(raw: np.ndarray[Any, Any], element: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """An array's (length, value) element pairs after its header, as native-order values."""
+    pairs = raw.view(np.dtype([("length", ">i4"), ("value", element)]))
+    return pairs["value"].astype(element.newbyteorder("="))
+
+
+# A binary array's header: ndim, has-nulls flag, element type, then (size, lower bound) per
+# dimension; one dimension without NULLs is the form read straight into NumPy.
+_HEADER = 20
 _ONE_DIM_NO_NULLS = b"\x00\x00\x00\x01\x00\x00\x00\x00"
 # Binary numeric arrays read straight into NumPy: element type by array type OID.
 BINARY_ARRAYS: dict[int, np.dtype[Any]] = {

@@ -55,8 +55,6 @@ _EMBED_IGNORED = {
     "cache_folder": "models live in the proxy's configured caches (HF_HOME, runtime.cache_dir)",
 }
 _TRAIN_RUNTIME = "pgml.train: runtime {!r} is ignored: the proxy trains with the Python libraries"
-# The functions whose calls may carry an option that is accepted but not applied (see _ignored).
-_WARNED = frozenset({"transform", "transform_stream", "embed", "train"})
 
 
 class Runtime:
@@ -70,6 +68,14 @@ class Runtime:
         self.models = ModelCache(self.config, self.executor)
         self._tabular: TabularRuntime | None = None
         self._tune: TuneRuntime | None = None
+        # Per function: the call arguments that can carry an option accepted but not applied,
+        # and the WARNING lines for a call (see _ignored).
+        self._warnings: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Any]], list[str]]]] = {
+            "transform": (("task", "args", "cache"), self._transform_warnings),
+            "transform_stream": (("task", "args", "cache"), self._transform_warnings),
+            "embed": (("kwargs",), self._embed_warnings),
+            "train": (("runtime",), self._train_warnings),
+        }
 
     async def start(self) -> None:
         """Start the tabular side (its migrations) and warm the preload list."""
@@ -219,31 +225,44 @@ class Runtime:
                 yield piece
 
     def _ignored(self, function: str, calls: Sequence[Mapping[str, Any]]) -> list[str]:
-        """The WARNING lines for a statement's calls, each once however many rows repeat it."""
+        """The WARNING lines for a statement's calls, each once however many rows repeat it.
+        Only the arguments that can carry such an option are read (a 100,000-row predict reads
+        none)."""
+        found = self._warnings.get(function)
+        if found is None:
+            return []
+        fields, warn = found
         lines: dict[str, None] = {}
         seen: set[str] = set()
-        if function not in _WARNED:  # predict over 100k rows: no per-row JSON key for nothing
-            return []
         for call in calls:
-            if function == "embed" and not call.get("kwargs"):
+            given = [call.get(f) for f in fields]
+            if not any(given):
                 continue
-            key = json.dumps([call.get("task"), call.get("args"), call.get("cache"), call.get("kwargs"),
-                              call.get("runtime")], sort_keys=True, default=str)
-            if key in seen:
-                continue
-            seen.add(key)
-            if function in ("transform", "transform_stream"):
-                try:
-                    spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
-                except PgError:
-                    continue  # the call itself reports it
-                lines.update(dict.fromkeys(tf.ignored_options(spec, call.get("cache") is True)))
-            elif function == "embed" and isinstance(call.get("kwargs"), Mapping):
-                lines.update(dict.fromkeys(f'pgml.embed: kwarg "{k}" is ignored: {why}'
-                                           for k, why in _EMBED_IGNORED.items() if k in call["kwargs"]))
-            elif function == "train" and call.get("runtime") is not None:
-                lines[_TRAIN_RUNTIME.format(call["runtime"])] = None
+            key = json.dumps(given, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                lines.update(dict.fromkeys(warn(call)))
         return list(lines)
+
+    def _transform_warnings(self, call: Mapping[str, Any]) -> list[str]:
+        try:
+            spec = tf.parse_task(call.get("task"), call.get("args") or {}, self.config)
+        except PgError:
+            return []  # the call itself reports it
+        return tf.ignored_options(spec, call.get("cache") is True)
+
+    @staticmethod
+    def _embed_warnings(call: Mapping[str, Any]) -> list[str]:
+        kwargs = call.get("kwargs")
+        if not isinstance(kwargs, Mapping):
+            return []
+        return [
+            f'pgml.embed: kwarg "{k}" is ignored: {why}' for k, why in _EMBED_IGNORED.items() if k in kwargs
+        ]
+
+    @staticmethod
+    def _train_warnings(call: Mapping[str, Any]) -> list[str]:
+        return [_TRAIN_RUNTIME.format(call["runtime"])]
 
     async def _collect_stream(self, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[Any]]:
         return [(piece,) async for piece in self.stream("transform_stream", call, ctx)]
