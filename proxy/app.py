@@ -268,7 +268,7 @@ class ProxyServer:
         while self.clients and time.monotonic() < deadline:
             for fe in list(self.clients.values()):
                 srv = fe.server
-                if fe.task is None and (srv is None or (not srv.entries and srv.tx_status == "I")):
+                if fe.task is None and (srv is None or (not srv.replies and srv.tx_status == "I")):
                     fe.write(_shutdown_error())
                     fe.close()
             await asyncio.sleep(0.05)

@@ -1,10 +1,10 @@
 """Server connections: the proxy playing the client to the upstream Postgres.
 
 Owns `ServerConn` (an asyncio Protocol: login, then either relaying the upstream's
-responses to the attached client or handing them to the proxy's own requests),
-the queue of responses each forwarded message still owes (`Expect`: how
-transaction pooling injects and swallows messages yet keeps the client's stream in
-order), `connect` (TCP or unix socket, TLS, md5/SCRAM via `proxy.auth`) and
+responses to the attached client or handing them to the proxy's own requests). What
+each forwarded message still owes, the transaction status and what reaches the client
+are `proxy.session.Replies`' (sans-IO); this adapter reads, writes and calls back the
+client. Also `connect` (TCP or unix socket, TLS, md5/SCRAM via `proxy.auth`) and
 the proxy's own request/response reads (`run_simple`), the settings SQL.
 """
 
@@ -26,8 +26,8 @@ from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
 from core.interfaces import QueryResult
 from proxy import messages as m
 from proxy.auth import UpstreamAuthenticator
-from proxy.session import Reply, Swallow
-from proxy.txstate import ServerTx, Tracker
+from proxy.session import Expect, Replies
+from proxy.txstate import ServerTx
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -38,8 +38,6 @@ _ids = itertools.count(1)
 # Startup parameters beyond user and database, in the client's order: (name, value) pairs.
 Startup = tuple[tuple[str, str], ...]
 
-# Synthetic-response entries carry the bytes to send when they reach the head of the queue.
-SWALLOW_NONE, SWALLOW_OK, SWALLOW_ALL = Swallow.NONE, Swallow.OK, Swallow.ALL
 
 
 class Client(Protocol):
@@ -52,32 +50,6 @@ class Client(Protocol):
     def server_lost(self, conn: ServerConn) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
-
-
-def _severity(buf: bytes | bytearray, s: int, e: int) -> str:
-    """The severity of the ErrorResponse at buf[s:e] (errors are rare: parsing them is cheap)."""
-    return m.ErrorResponse.parse(bytes(buf[s + 5 : e])).fields.get("S", "")
-
-
-class Expect:
-    """One response owed by the upstream: the message types that end it, and what to do with it."""
-
-    __slots__ = ("batch", "swallow", "synthetic", "terminals", "track")
-
-    def __init__(
-        self, terminals: Reply, batch: int, swallow: Swallow = SWALLOW_NONE,
-        synthetic: bytes | None = None, track: Tracker | None = None,
-    ) -> None:
-        self.terminals = terminals
-        self.batch = batch
-        self.swallow = swallow
-        self.synthetic = synthetic
-        self.track = track  # transaction pooling's bookkeeping to settle (proxy.txstate)
-
-    def settle(self, t: int) -> None:
-        """The response ended with message type `t` (0: skipped after an error)."""
-        if self.track is not None:
-            self.track.close(t)
 
 
 @dataclass(frozen=True)
@@ -125,10 +97,9 @@ class ServerConn(asyncio.Protocol):
         self.extra: dict[str, str] = {}  # settings we applied that the server does not report
         self.pid = 0
         self.secret = 0
-        self.tx_status = "I"
         self.client: Client | None = None
         self.last_client: object | None = None
-        self.entries: deque[Expect] = deque()
+        self.replies = Replies()  # what is owed, the transaction status (proxy.session)
         self.internal = True  # until login completes, responses go to `inbox`
         self.inbox: deque[tuple[int, bytes]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
@@ -136,11 +107,23 @@ class ServerConn(asyncio.Protocol):
         self.txs = ServerTx()  # transaction mode: the named statements and settings it holds
         self.unnamed: object = None
         self.closed = False
-        self.said_fatal = False  # the upstream sent a FATAL (relayed): the client needs no other
         self.created_at = self.used_at = time.monotonic()
         self.host = ""
         self.target: Target | None = None  # where it is connected (cancel requests go there)
         self._ssl_answer: asyncio.Future[bytes] | None = None
+
+    @property
+    def tx_status(self) -> str:
+        return self.replies.tx_status
+
+    @tx_status.setter
+    def tx_status(self, status: str) -> None:
+        self.replies.tx_status = status
+
+    @property
+    def said_fatal(self) -> bool:
+        """The upstream sent a FATAL (relayed): the client needs no other reason for the close."""
+        return self.replies.said_fatal
 
     # --- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -220,104 +203,36 @@ class ServerConn(asyncio.Protocol):
 
     # --- relaying ------------------------------------------------------------------------
     def _relay(self, buf: bytes | bytearray, msgs: list[tuple[int, int, int]], used: int) -> None:
-        """Relay upstream responses as they are, settling the queue of owed responses."""
+        """Relay upstream responses as `Replies` decides, and tell the client what happened."""
         client = self.client
         assert client is not None
-        entries = self.entries
-        out: list[bytes | bytearray] = []
-        span = 0
-        ready = False
-        for t, s, e in msgs:
-            if t == 0x44:  # DataRow: nothing to look at
-                if entries and entries[0].swallow:
-                    if entries[0].track is not None:
-                        entries[0].track.row(bytes(buf[s + 5 : e]))
-                    out.append(buf[span:s])
-                    span = e
-                continue
-            relay = True
-            if t == 0x45 and _severity(buf, s, e) in ("FATAL", "PANIC"):  # e.g. 57P01: its close follows
-                self.said_fatal = True
-            if entries:
-                head = entries[0]
-                if t == 0x43 and head.track is not None:
-                    head.track.complete()
-                if head.swallow:
-                    relay = t == 0x45 and head.swallow == SWALLOW_OK
-                if t == 0x45:
-                    if head.terminals is not Reply.READY:
-                        self._skip_to_sync()
-                    elif not head.swallow:
-                        client.server_error(-1)  # counted; a simple Query needs no skipping
-                elif t in head.terminals:
-                    entries.popleft().settle(t)
-                    if t == 0x5A:
-                        self.tx_status = chr(buf[s + 5])
-                        ready = True
-                    out_synth = self._synthetics()
-                    if out_synth:
-                        if relay:
-                            out.append(buf[span:e])
-                        else:
-                            out.append(buf[span:s])
-                        out.extend(out_synth)
-                        span = e
-                        continue
-            if t == 0x53:
-                p = m.ParameterStatus.parse(bytes(buf[s + 5 : e]))
-                self.params[p.name] = p.value
-                client.server_param(p.name, p.value)
-            if not relay:
-                out.append(buf[span:s])
-                span = e
-        if not out:  # nothing held back: the bytes go on as they came
-            data = buf[:used] if used < len(buf) or isinstance(buf, bytearray) else buf
-        else:
-            out.append(buf[span:used])
-            data = b"".join(out)
-        if data:
-            client.write(data)
-        if not entries:
+        fed = self.replies.feed(buf, msgs, used)
+        if fed.params is not None:
+            for name, value in fed.params:
+                self.params[name] = value
+                client.server_param(name, value)
+        if fed.failed is not None:
+            for batch in fed.failed:
+                client.server_error(batch)
+        if fed.data:
+            client.write(fed.data)
+        if not self.replies.queue:
             if self._idle_event is not None:
                 self._idle_event.set()
-            if ready:
+            if fed.ready:
                 client.server_ready()
-
-    def _skip_to_sync(self) -> None:
-        """After an error in an extended batch the upstream skips to Sync: so do the owed entries."""
-        entries = self.entries
-        batch = entries[0].batch
-        skipped = []
-        while entries and entries[0].terminals is not Reply.READY:
-            skipped.append(entries.popleft())
-        for entry in reversed(skipped):  # what failed or never ran is undone, latest first
-            entry.settle(0)
-        if self.client is not None:
-            self.client.server_error(batch)
-
-    def _synthetics(self) -> list[bytes]:
-        out = []
-        entries = self.entries
-        while entries and entries[0].synthetic is not None:
-            entry = entries.popleft()
-            synthetic = entry.synthetic or b""
-            entry.settle(synthetic[0] if synthetic else 0)  # sent: as if the server had said it
-            out.append(synthetic)
-        return out
 
     def expect(self, entry: Expect) -> None:
         """Queue an owed response; a synthetic one with nothing ahead goes to the client at once."""
-        if entry.synthetic is not None and not self.entries:
+        now = self.replies.expect(entry)
+        if now is not None:
             assert self.client is not None
-            self.client.write(entry.synthetic)
-            entry.settle(entry.synthetic[0] if entry.synthetic else 0)
-            return
-        self.entries.append(entry)
+            self.client.write(now)
 
     async def idle(self) -> None:
         """Wait until every owed response has been relayed (asking the upstream to flush)."""
-        while self.entries and not self.closed:
-            if any(e.terminals is not Reply.READY and e.synthetic is None for e in self.entries):
+        while self.replies.queue and not self.closed:
+            if self.replies.owes_flush():
                 self.send(m.FLUSH)
             self._idle_event = asyncio.Event()
             await self._idle_event.wait()

@@ -34,16 +34,23 @@ from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
 from core.interfaces import CallContext
 from proxy import messages as m
 from proxy import txstate as txs
-from proxy.backend import (
-    SWALLOW_ALL,
-    SWALLOW_OK,
-    Expect,
-    ServerConn,
-    settings_sql,
-)
+from proxy.backend import ServerConn, settings_sql
 from proxy.localexec import Cork, LocalStatements
 from proxy.replicas import LSN_SQL, ClientRoute
-from proxy.session import Leave, Phase, Reply, Route, Session, SyncAnswer, refusal_sql, unpoolable
+from proxy.session import (
+    TEMP_WORDS,
+    Expect,
+    Leave,
+    Phase,
+    Reply,
+    Route,
+    Session,
+    Swallow,
+    SyncAnswer,
+    plain,
+    refusal_sql,
+    unpoolable,
+)
 from proxy.sink import ClientSink
 from proxy.startup import UNSETTABLE, startup_bytes
 
@@ -118,7 +125,7 @@ class Frontend(asyncio.Protocol):
         if srv is None or self.pool is None:
             return
         srv.client = None
-        leave = self.s.leave(len(srv.entries), srv.tx_status, srv.internal, self.txs.dirty)
+        leave = self.s.leave(len(srv.replies), srv.tx_status, srv.internal, self.txs.dirty)
         if leave is Leave.CANCEL_AND_CLOSE:
             self.app.spawn(self.app.cancel_backend(srv))
             self.pool.discard(srv)
@@ -185,7 +192,7 @@ class Frontend(asyncio.Protocol):
     def reply(self, data: bytes) -> None:
         """Send a response of our own, after whatever the upstream still owes the client."""
         srv = self.server
-        if srv is not None and srv.entries:
+        if srv is not None and srv.replies:
             srv.expect(Expect(Reply.NOTHING, self.s.batch, synthetic=data))
         else:
             self.write(data)
@@ -290,6 +297,16 @@ class Frontend(asyncio.Protocol):
     def _simple(self, t: int, msg: bytes) -> Step:
         """A Query: the admin console's, the planner's (it calls pgml), or relayed as bytes."""
         self.app.stats.queries += 1
+        if self.route is None and not self.admin and plain(msg):  # the common case, relayed
+            if not self.tx:
+                return self._forward(t, msg, Reply.READY)
+            srv = self._server_now()
+            if srv is None:
+                return self._forward_later(t, msg)
+            self.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
+            self.up.append(msg)
+            srv.expect(Expect(Reply.READY, self.s.batch))
+            return None
         self.local.note_sql(msg, parse=False)  # statement_timeout may change
         if self.admin:
             return self.local.admin_query(m.Query.parse(msg[5:]).sql)
@@ -354,7 +371,7 @@ class Frontend(asyncio.Protocol):
             return
         self.up.append(m.Query(settings_sql(changes)).encode())
         conn.unnamed = None
-        conn.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL))
+        conn.expect(Expect(Reply.READY, self.s.batch, Swallow.ALL))
 
     async def acquire(self, routed: bool = False) -> ServerConn:
         """A server connection for this client, waiting for the pool when it must (`routed`:
@@ -422,10 +439,12 @@ class Frontend(asyncio.Protocol):
                 self.up.append(msg)  # its error comes unasked, after what is owed before it
                 self.s.forwarded(Reply.NOTHING)
                 return None
-            if self.server is not None and self.server.entries:
+            if self.server is not None and self.server.replies:
                 self.up.append(msg)
             return None
         if t == 0x50:  # Parse
+            if msg[5] == 0 and not local.stmts and plain(msg):  # the unnamed statement, relayed
+                return self._parse_unnamed(msg)
             self.local.note_sql(msg, parse=True)
             if _PGML.search(msg, 5) is not None:
                 return local.parse(m.Parse.parse(msg[5:]))
@@ -434,7 +453,35 @@ class Frontend(asyncio.Protocol):
             return self._parse(msg)
         if not self.tx and not local.stmts and not local.portals:
             return self._forward(t, msg, Reply.to(t))
+        if (t == 0x42 and msg[5] == 0 and msg[6] == 0 and self.unnamed_scan is None and not local.stmts
+                and not local.portals):  # Bind of the unnamed statement to the unnamed portal
+            return self._bind_unnamed(msg)
         return self._named(t, msg)
+
+    def _parse_unnamed(self, msg: bytes) -> Step:
+        """`_parse` of the unnamed statement whose text `plain` clears: no name, nothing to scan."""
+        if not self.tx:
+            return self._forward(0x50, msg, Reply.PARSE)
+        srv = self._server_now()
+        if srv is None:
+            return self._forward_later(0x50, msg)
+        self.unnamed, self.unnamed_scan = msg, None
+        srv.unnamed = msg
+        return self._forward(0x50, msg, Reply.PARSE)
+
+    def _bind_unnamed(self, msg: bytes) -> Step:
+        """`_named` for a Bind of the unnamed statement to the unnamed portal, in transaction
+        mode: the server gets the client's unnamed statement first if it holds another."""
+        srv = self._server_now()
+        if srv is None:
+            return self._forward_later(0x42, msg)
+        if self.unnamed is not None and srv.unnamed != self.unnamed:
+            self.up.append(self.unnamed)
+            srv.expect(Expect(Reply.PARSE, self.s.batch, Swallow.OK))
+            srv.unnamed = self.unnamed
+        if self.portal_scan:
+            self.portal_scan.pop("", None)
+        return self._forward(0x42, msg, Reply.BIND)
 
     def _bad_message(self, t: int) -> Step:
         """Postgres's answer to a message whose body it cannot read (no server to ask)."""
@@ -453,6 +500,8 @@ class Frontend(asyncio.Protocol):
         if what is not None:
             p = m.Parse(p.name, refusal_sql(what), p.param_oids)
             msg = p.encode()
+        elif TEMP_WORDS.search(msg, 5) is not None:
+            self.s.temp_objects = True
         scan = txs.scan(p.sql) if txs.hint(msg) else None
         if scan is not None:
             # Postgres looks up EXECUTE's statement when it parses (its result columns): the
@@ -481,7 +530,7 @@ class Frontend(asyncio.Protocol):
     def _prepare(self, srv: ServerConn, prep: txs.Prepared) -> None:
         """Prepare a statement of this client's again, on a server connection that lacks it."""
         self.up.append(prep.parse)
-        srv.expect(Expect(Reply.PARSE, self.s.batch, SWALLOW_OK, track=txs.parse(None, srv.txs, "", prep)))
+        srv.expect(Expect(Reply.PARSE, self.s.batch, Swallow.OK, track=txs.parse(None, srv.txs, "", prep)))
 
     def _batch_error(self, exc: PgError) -> None:
         """An error of the proxy's own in an extended batch: sent in order, then skip to Sync."""
@@ -498,6 +547,8 @@ class Frontend(asyncio.Protocol):
         what = unpoolable(memoryview(msg)[5:], srv.tx_status)
         if what is not None:
             msg = m.Query(refusal_sql(what)).encode()
+        elif TEMP_WORDS.search(msg, 5) is not None:
+            self.s.temp_objects = True
         scan = txs.scan(m.Query.parse(msg[5:]).sql) if txs.hint(msg) else None
         track = None
         if scan is not None:
@@ -505,7 +556,7 @@ class Frontend(asyncio.Protocol):
             tracks, track = txs.begin_query(self.txs, srv.txs, syncs, scan)
             for s, tr in zip(syncs, tracks, strict=True):
                 # The proxy's own statements: if one fails the client's own says why.
-                srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=tr))
+                srv.expect(Expect(Reply.READY, self.s.batch, Swallow.ALL, track=tr))
                 self.up.append(m.Query(s.text).encode())
         self.up.append(msg)
         srv.expect(Expect(Reply.READY, self.s.batch, track=track))
@@ -515,14 +566,14 @@ class Frontend(asyncio.Protocol):
         """Before a Bind or Describe: `_query`'s sync as extended messages, on the unnamed statement."""
         for s in txs.sync(self.txs, srv.txs, scan):
             track = txs.begin(self.txs, srv.txs, [s], sync_only=True)
-            # An error here aborts the client's batch upstream: it is relayed (SWALLOW_OK).
+            # An error here aborts the client's batch upstream: it is relayed (Swallow.OK).
             for msg, ends, tr in (
                 (m.Parse("", s.text).encode(), Reply.PARSE, None),
                 (m.Bind("", "").encode(), Reply.BIND, None),
                 (m.Execute("").encode(), Reply.EXECUTE, track),
             ):
                 self.up.append(msg)
-                srv.expect(Expect(ends, self.s.batch, SWALLOW_OK, track=tr))
+                srv.expect(Expect(ends, self.s.batch, Swallow.OK, track=tr))
             srv.unnamed = None
             self.s.forwarded(Reply.EXECUTE)
 
@@ -565,7 +616,7 @@ class Frontend(asyncio.Protocol):
         if stmt == "":
             if self.unnamed is not None and srv.unnamed != self.unnamed:
                 self.up.append(self.unnamed)
-                srv.expect(Expect(Reply.PARSE, self.s.batch, SWALLOW_OK))
+                srv.expect(Expect(Reply.PARSE, self.s.batch, Swallow.OK))
                 srv.unnamed = self.unnamed
         elif prep is not None:
             if prep.srvname not in srv.txs.prepared:
@@ -600,7 +651,7 @@ class Frontend(asyncio.Protocol):
             srv.expect(Expect(Reply.READY, batch))
         else:
             self.reply(m.ReadyForQuery(srv.tx_status if srv is not None else "I").encode())
-        if srv is not None and not srv.entries:
+        if srv is not None and not srv.replies:
             self.maybe_release()
         return None
 
@@ -633,17 +684,22 @@ class Frontend(asyncio.Protocol):
     def maybe_release(self) -> None:
         """Transaction mode: the server connection goes back once the client is between transactions."""
         srv = self.server
-        if srv is None or self.pool is None or not self.s.may_release(len(srv.entries), srv.tx_status,
+        if srv is None or self.pool is None or not self.s.may_release(len(srv.replies), srv.tx_status,
                                                                       srv.internal):
+            return
+        if self.s.temp_objects:  # temporary tables end with their transaction: no one else sees them
+            self.s.temp_objects = False
+            srv.expect(Expect(Reply.READY, self.s.batch, Swallow.ALL))
+            srv.send_query("DISCARD TEMP")
             return
         if self.txs.dirty:  # a SET may have changed the session: ask the server what stuck
             self.txs.dirty = False
-            srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=txs.Capture(self._captured)))
+            srv.expect(Expect(Reply.READY, self.s.batch, Swallow.ALL, track=txs.Capture(self._captured)))
             srv.send_query(txs.CAPTURE_SQL)
             return
         if self.route is not None and self.route.lsn_owed:  # read-your-writes: where it committed
             self.route.lsn_owed = False
-            srv.expect(Expect(Reply.READY, self.s.batch, SWALLOW_ALL, track=txs.Capture(self.route.lsn_read)))
+            srv.expect(Expect(Reply.READY, self.s.batch, Swallow.ALL, track=txs.Capture(self.route.lsn_read)))
             srv.send_query(LSN_SQL)
             return
         self.server = None
@@ -689,6 +745,6 @@ class Frontend(asyncio.Protocol):
     def cancel(self) -> None:
         """A CancelRequest for this client: stop its upstream query and its planner work."""
         srv = self.server
-        if srv is not None and (srv.entries or (self.s.holding and srv.internal)):
+        if srv is not None and (srv.replies or (self.s.holding and srv.internal)):
             self.app.spawn(self.app.cancel_backend(srv))
         self.local.cancel()  # stops its model work; cancels the task only when not holding

@@ -139,22 +139,26 @@ class Framer:
                 del buf[:pos]
 
 
+_HEAD = struct.Struct("!BI").unpack_from  # a message's type and length, read in place
+
+
 def scan(buf: bytes | bytearray, max_size: int) -> tuple[list[tuple[int, int, int]], int]:
     """The complete messages at the start of `buf` as (type, start, end), and the bytes they span."""
     n = len(buf)
     pos = 0
-    out = []
+    out: list[tuple[int, int, int]] = []
+    append = out.append
     while n - pos >= 5:
-        length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+        t, length = _HEAD(buf, pos)
         if length < 4 or length > max_size:
             raise ProtocolViolation(
-                f"message of type {chr(buf[pos])!r} declares length {length}; "
+                f"message of type {chr(t)!r} declares length {length}; "
                 f"the limit is {max_size} bytes"
             )
         end = pos + 1 + length
         if end > n:
             break
-        out.append((buf[pos], pos, end))
+        append((t, pos, end))
         pos = end
     return out, pos
 

@@ -135,7 +135,7 @@ class Pool:
         """Take back a connection that is idle and clean (or closed: its slot frees up)."""
         self.busy.discard(conn)
         conn.client = None
-        if conn.closed or conn.tx_status != "I" or conn.entries:
+        if conn.closed or conn.tx_status != "I" or conn.replies:
             conn.close()
             self._wake_one(None)
             return
@@ -152,7 +152,7 @@ class Pool:
         """
         conn.client = None
         conn.internal = True
-        conn.entries.clear()
+        conn.replies.clear()
         conn.inbox.clear()
         try:
             async with asyncio.timeout(FINISH_TIMEOUT):

@@ -1,21 +1,31 @@
 """The client session's protocol state, sans-IO: what phase it is in and what follows from it.
 
-Owns the phase of one client session (startup, auth, ready, closing, closed), its
-extended-query batch (the batch number, whether a Sync is owed upstream, whether the
-batch failed so messages are skipped to Sync), whether the planner holds the server
-connection, the kinds of reply the upstream can owe (`Reply`), and the decisions that
-depend on all of these: how a Sync is answered, whether the server connection may go
-back to the pool, what becomes of it when the client vanishes, and what a transaction-pooled
-session cannot keep (`unpoolable`). No sockets, no
-asyncio: `proxy.frontend.Frontend` feeds it events and carries out what it answers;
-tests/test_session_machine.py drives it with byte fixtures.
+Two objects, no sockets and no asyncio, driven by tests/test_session_machine.py with byte
+fixtures and carried out by thin adapters (`proxy.frontend.Frontend` for the client,
+`proxy.backend.ServerConn` for a server connection):
+
+- `Session`, one per client: its phase (startup, auth, ready, closing, closed), its
+  extended-query batch (the batch number, whether a Sync is owed upstream, whether the batch
+  failed so messages are skipped to Sync), whether the planner holds the server connection,
+  and the decisions that depend on these: where a client message goes (`route`), how a Sync
+  is answered, whether the server connection may go back to the pool, what becomes of it when
+  the client vanishes, and what a transaction-pooled session cannot keep (`unpoolable`).
+- `Replies`, one per server connection: the responses its forwarded messages still owe
+  (`Expect`, in order, each ended by the message types of its `Reply`), the transaction status
+  and COPY state the server last reported, and the decision, message by message, of what
+  reaches the client: relayed as sent, swallowed (the proxy's own requests), or followed by a
+  synthetic answer of the proxy's own in its turn (never before what the upstream still owes).
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from proxy import messages as m
 
 
 class Phase(enum.Enum):
@@ -103,6 +113,9 @@ class Session:
     failed_batch: int = -1  # the batch whose error makes the rest of it skip to Sync
     sync_owed: bool = False  # part of the current batch went upstream: its Sync must too
     holding: bool = False  # the planner runs its own requests on the server connection
+    # Transaction pooling: the transaction may have made temporary objects, which are dropped
+    # (DISCARD TEMP) before its server connection serves anyone else.
+    temp_objects: bool = False
 
     @property
     def skipping(self) -> bool:
@@ -153,6 +166,22 @@ class Session:
         return Leave.RELEASE
 
 
+# The words `plain` looks for, lowered; a regex over lowered bytes costs a fifth of the same
+# search with IGNORECASE, and of as many substring tests.
+_SPECIAL = re.compile(rb"pgml|set|all|timeout|prepare|execute|deallocate|discard|listen|hold|advisory|temp")
+
+
+def plain(msg: bytes) -> bool:
+    """Whether a Query's or Parse's bytes hold none of the words that any part of the session
+    looks for: pgml calls, statement_timeout, SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE
+    (proxy.txstate), LISTEN, WITH HOLD, advisory locks and temporary tables (`unpoolable`).
+
+    Such a message is relayed with no further test. A word inside another ("offset", "call")
+    only costs the full tests, never a wrong answer.
+    """
+    return _SPECIAL.search(msg.lower()) is None
+
+
 # What outlives a transaction on its server connection, so transaction pooling cannot keep it
 # for the client: a LISTEN committed on its own, WITH HOLD cursors, session advisory locks.
 _UNPOOLABLE = re.compile(
@@ -160,6 +189,15 @@ _UNPOOLABLE = re.compile(
     rb"|\b(?P<lock>pg_(?:try_)?advisory_lock(?:_shared)?)\s*\("
 )
 _WHAT = {"listen": "LISTEN", "hold": "a WITH HOLD cursor", "lock": "a session advisory lock"}
+# A temporary table, sequence or view made on its own, outside a transaction block; what
+# follows it in the same Query (it runs in the same implicit transaction) may use it.
+_TEMP_ALONE = re.compile(
+    rb"(?is)\A\s*create\s+(?:(?:global|local)\s+)?temp(?:orary)?\s+(?:unlogged\s+)?"
+    rb"(?:table|sequence|view|recursive\s+view)\b(?P<rest>[^;]*)(?:;[\s\x00]*)?[\x00]?\Z"
+)
+_ON_COMMIT_DROP = re.compile(rb"(?i)\bon\s+commit\s+drop\b")
+# Text that may make temporary objects (a false yes costs one DISCARD TEMP).
+TEMP_WORDS = re.compile(rb"(?i)\btemp(?:orary)?\b|\bpg_temp")
 
 
 def unpoolable(sql: bytes | memoryview, tx_status: str) -> str | None:
@@ -167,11 +205,19 @@ def unpoolable(sql: bytes | memoryview, tx_status: str) -> str | None:
 
     A LISTEN inside a transaction block is let through (it takes effect at COMMIT, and a
     rolled-back one leaves nothing); on its own it would stay on a connection others use.
+    A temporary table lives until its transaction ends (the session drops the temporary
+    objects before the server connection goes back to the pool), so one made on its own,
+    outside a transaction block, could never be used: it is refused, unless ON COMMIT DROP
+    already says so.
     """
     for match in _UNPOOLABLE.finditer(sql):
         kind = match.lastgroup or ""
         if kind != "listen" or tx_status == "I":
             return _WHAT[kind]
+    if tx_status == "I":
+        temp = _TEMP_ALONE.match(sql)
+        if temp is not None and _ON_COMMIT_DROP.search(temp["rest"]) is None:
+            return "a temporary table outside a transaction block"
     return None
 
 
@@ -179,6 +225,230 @@ def refusal_sql(what: str) -> str:
     """A statement that fails as the refusal of `what`: sent in place of the client's, so the
     error comes in order and aborts an open transaction block as any failed statement does."""
     message = f"{what} cannot be kept under pool_mode=transaction"
-    hint = "it would stay on a server connection that other clients use; use pool_mode=session"
+    if what.startswith("a temporary table"):
+        hint = ("it would be dropped when its transaction ends; create it inside BEGIN ... COMMIT, "
+                "or use pool_mode=session")
+    else:
+        hint = "it would stay on a server connection that other clients use; use pool_mode=session"
     return ("DO $pgmlproxy$BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', "
             f"MESSAGE = '{message}', HINT = '{hint}'; END$pgmlproxy$")
+
+
+# --- what a server connection owes -------------------------------------------------------
+
+
+class Tracker(Protocol):
+    """Transaction pooling's bookkeeping for one forwarded message (proxy.txstate), settled as
+    its response arrives: rows of a swallowed query, its CommandComplete, how it ended."""
+
+    def row(self, body: bytes) -> None: ...
+    def complete(self) -> None: ...
+    def close(self, t: int) -> None: ...
+
+
+class Expect:
+    """One response owed by the upstream: the message types that end it, and what to do with it."""
+
+    __slots__ = ("batch", "swallow", "synthetic", "terminals", "track")
+
+    def __init__(
+        self, terminals: Reply, batch: int, swallow: Swallow = Swallow.NONE,
+        synthetic: bytes | None = None, track: Tracker | None = None,
+    ) -> None:
+        self.terminals = terminals
+        self.batch = batch  # the client's extended batch it belongs to (Session.batch)
+        self.swallow = swallow
+        self.synthetic = synthetic  # the proxy's own answer, sent when it reaches the head
+        self.track = track
+
+    def settle(self, t: int) -> None:
+        """The response ended with message type `t` (0: skipped after an error)."""
+        if self.track is not None:
+            self.track.close(t)
+
+
+class Copy(enum.Enum):
+    """The COPY sub-protocol the server is in (CopyInResponse, CopyOutResponse, CopyBothResponse)."""
+
+    NONE = "none"
+    IN = "in"  # the client sends CopyData, then CopyDone or CopyFail
+    OUT = "out"
+    BOTH = "both"
+
+
+_COPY_STARTS = {0x47: Copy.IN, 0x48: Copy.OUT, 0x57: Copy.BOTH}
+# Messages that need no decision in a response of the client's own that nothing is tracked
+# for (errors, ParameterStatus and the start of a COPY do): RowDescription, DataRow,
+# CommandComplete, ParameterDescription, NoData, PortalSuspended, EmptyQueryResponse,
+# NoticeResponse, NotificationResponse, CopyData, CopyDone.
+_PLAIN = frozenset(b"TDCtnsINAdc")
+# ... and the ends of owed responses: ParseComplete, BindComplete, CloseComplete, ReadyForQuery.
+_RELAYED = _PLAIN | frozenset(b"123Z")
+
+
+@dataclass(slots=True)
+class Fed:
+    """What one read of server messages comes to: the bytes for the client (in order, the
+    proxy's synthetic answers in their turn), and the events for the session."""
+
+    data: bytes | bytearray
+    ready: bool = False  # a ReadyForQuery ended an owed response
+    failed: list[int] | None = None  # client batches that got an error (-1: a simple Query's)
+    params: list[tuple[str, str]] | None = None  # ParameterStatus, to remember for the client
+
+
+@dataclass(slots=True)
+class Replies:
+    """What one server connection owes its client, and the state its replies put it in.
+
+    `expect` queues an owed response as a message goes upstream (a synthetic one with nothing
+    ahead of it comes back at once); `feed` takes the upstream's messages as read and says
+    what the client gets. After an error in an extended batch the upstream ignores messages up
+    to the Sync, so the owed responses before that Sync are dropped (and their bookkeeping
+    undone, latest first) as Postgres drops them.
+    """
+
+    queue: deque[Expect] = field(default_factory=deque)
+    tx_status: str = "I"  # from the last ReadyForQuery: I, T or E
+    copy: Copy = Copy.NONE
+    said_fatal: bool = False  # a FATAL or PANIC came: the close follows, the client has the reason
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def expect(self, entry: Expect) -> bytes | None:
+        """Queue `entry`; a synthetic answer with nothing owed before it is the client's now."""
+        if entry.synthetic is not None and not self.queue:
+            entry.settle(entry.synthetic[0] if entry.synthetic else 0)
+            return entry.synthetic
+        self.queue.append(entry)
+        return None
+
+    def owes_flush(self) -> bool:
+        """Whether the upstream holds back a reply until a Flush or Sync (extended messages)."""
+        return any(e.terminals is not Reply.READY and e.synthetic is None for e in self.queue)
+
+    def clear(self) -> None:
+        self.queue.clear()
+
+    def feed(self, buf: bytes | bytearray, msgs: list[tuple[int, int, int]], used: int) -> Fed:
+        """The upstream's messages `msgs` (type, start, end in `buf`, spanning `used` bytes)."""
+        q = self.queue
+        # The common case: responses of the client's own that nothing is tracked for, and no
+        # message that needs a decision. They go on as they came; the owed entries they end
+        # leave the queue.
+        for t, _, _ in msgs:
+            if t not in _RELAYED:
+                return self._feed(buf, msgs, used)
+        for entry in q:
+            if entry.swallow or entry.track is not None or entry.synthetic is not None:
+                return self._feed(buf, msgs, used)
+        ready = False
+        for t, s, _ in msgs:
+            if t == 0x44:
+                continue
+            if t == 0x43 or t == 0x5A:
+                self.copy = Copy.NONE  # a COPY ends with its CommandComplete
+            if q and t in q[0].terminals:
+                q.popleft()
+                if t == 0x5A:
+                    self.tx_status = chr(buf[s + 5])
+                    ready = True
+        return Fed(buf if used == len(buf) and isinstance(buf, bytes) else buf[:used], ready)
+
+    def _feed(self, buf: bytes | bytearray, msgs: list[tuple[int, int, int]], used: int) -> Fed:
+        q = self.queue
+        out: list[bytes | bytearray] = []
+        fed = Fed(b"")
+        span = 0
+        for t, s, e in msgs:
+            if t == 0x44:  # DataRow: nothing to look at unless the proxy's own rows
+                if q and q[0].swallow:
+                    if q[0].track is not None:
+                        q[0].track.row(bytes(buf[s + 5 : e]))
+                    out.append(buf[span:s])
+                    span = e
+                continue
+            relay = True
+            if t == 0x45 and _severity(buf, s, e) in ("FATAL", "PANIC"):  # e.g. 57P01: its close follows
+                self.said_fatal = True
+            elif t in _COPY_STARTS:
+                self.copy = _COPY_STARTS[t]
+            if q:
+                head = q[0]
+                if t == 0x43:
+                    self.copy = Copy.NONE
+                    if head.track is not None:
+                        head.track.complete()
+                if head.swallow:
+                    relay = t == 0x45 and head.swallow is Swallow.OK
+                if t == 0x45:
+                    self.copy = Copy.NONE
+                    if head.terminals is not Reply.READY:
+                        (fed.failed or _new(fed)).append(self._skip_to_sync())
+                    elif not head.swallow:
+                        (fed.failed or _new(fed)).append(-1)  # a simple Query needs no skipping
+                elif t in head.terminals:
+                    q.popleft().settle(t)
+                    if t == 0x5A:
+                        self.tx_status = chr(buf[s + 5])
+                        self.copy = Copy.NONE
+                        fed.ready = True
+                    synthetic = self._synthetics()
+                    if synthetic:
+                        out.append(buf[span:e] if relay else buf[span:s])
+                        out.extend(synthetic)
+                        span = e
+                        continue
+            if t == 0x53:
+                p = _param(bytes(buf[s + 5 : e]))
+                if fed.params is None:
+                    fed.params = []
+                fed.params.append(p)
+            if not relay:
+                out.append(buf[span:s])
+                span = e
+        if not out:  # nothing held back: the bytes go on as they came
+            fed.data = buf if used == len(buf) and isinstance(buf, bytes) else buf[:used]
+        else:
+            out.append(buf[span:used])
+            fed.data = b"".join(out)
+        return fed
+
+    def _skip_to_sync(self) -> int:
+        """After an error in an extended batch the upstream skips to Sync: so do the owed entries."""
+        q = self.queue
+        batch = q[0].batch
+        skipped = []
+        while q and q[0].terminals is not Reply.READY:
+            skipped.append(q.popleft())
+        for entry in reversed(skipped):  # what failed or never ran is undone, latest first
+            entry.settle(0)
+        return batch
+
+    def _synthetics(self) -> list[bytes]:
+        out = []
+        q = self.queue
+        while q and q[0].synthetic is not None:
+            entry = q.popleft()
+            synthetic = entry.synthetic or b""
+            entry.settle(synthetic[0] if synthetic else 0)  # sent: as if the server had said it
+            out.append(synthetic)
+        return out
+
+
+def _new(fed: Fed) -> list[int]:
+    fed.failed = []
+    return fed.failed
+
+
+def _param(body: bytes) -> tuple[str, str]:
+    p = m.ParameterStatus.parse(body)
+    return p.name, p.value
+
+
+def _severity(buf: bytes | bytearray, s: int, e: int) -> str:
+    """The severity of the ErrorResponse at buf[s:e] (errors are rare: parsing them is cheap);
+    the untranslated one (V) where the server sends it, so lc_messages cannot hide a FATAL."""
+    fields = m.ErrorResponse.parse(bytes(buf[s + 5 : e])).fields
+    return fields.get("V") or fields.get("S", "")

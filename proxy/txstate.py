@@ -30,7 +30,6 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import pglast
 from pglast import ast, enums
@@ -185,14 +184,6 @@ def sync(client: ClientTx, server: ServerTx, stmts: Iterable[Stmt]) -> list[Stmt
 
 Undo = Callable[[], None]
 PARSE_COMPLETE, CLOSE_COMPLETE = 0x31, 0x33
-
-
-class Tracker(Protocol):
-    """What a server connection settles as the response to one forwarded message arrives."""
-
-    def row(self, body: bytes) -> None: ...
-    def complete(self) -> None: ...
-    def close(self, t: int) -> None: ...
 
 
 class Pending:

@@ -65,7 +65,7 @@ def test_deallocate_all_after_ddl(tx1: ProxyProcess) -> None:
     with psycopg.connect(tx1.dsn(), autocommit=True, prepare_threshold=0) as conn:
         for i in range(3):
             assert conn.execute("SELECT %s::int", [i]).fetchone() == (i,)
-            conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS ddl_{i} (a int)")  # DDL: cache reset
+            conn.execute(f"CREATE TABLE IF NOT EXISTS pooling_ddl_{i} (a int)")  # DDL: cache reset
             assert conn.execute("SELECT %s::int", [i]).fetchone() == (i,)
         conn.execute("DEALLOCATE ALL")
         assert conn.execute("SELECT %s::int + 1", [1]).fetchone() == (2,)

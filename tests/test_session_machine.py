@@ -1,4 +1,5 @@
-"""proxy/session.py without sockets: frontend byte streams in, routes and decisions out.
+"""proxy/session.py without sockets: frontend byte streams in, routes and decisions out; the
+upstream's byte streams into `Replies`, what reaches the client out.
 
 Each fixture is the bytes a client writes (built with proxy/messages.py and framed as on
 the wire); `Drive` feeds them to a `Session` the way `Frontend` does (a forwarded message
@@ -12,8 +13,21 @@ import struct
 
 import pytest
 
+from core.interfaces import Column
 from proxy import messages as m
-from proxy.session import Leave, Phase, Reply, Route, Session, SyncAnswer
+from proxy.session import (
+    Copy,
+    Expect,
+    Fed,
+    Leave,
+    Phase,
+    Replies,
+    Reply,
+    Route,
+    Session,
+    Swallow,
+    SyncAnswer,
+)
 
 BAD_OID_PARSE = m.Parse("", "select $1", (999999,)).encode() + m.FLUSH
 BAD_FLUSH = b"H" + struct.pack("!i", 5) + b"x"
@@ -134,7 +148,7 @@ def test_replies_end_where_postgres_ends_them() -> None:
 
 
 def test_unpoolable_statements() -> None:
-    from proxy.session import Swallow, refusal_sql, unpoolable
+    from proxy.session import refusal_sql, unpoolable
 
     assert unpoolable(b"  LISTEN chan", "I") == "LISTEN"
     assert unpoolable(b"listen chan", "T") is None  # takes effect at COMMIT; a rollback leaves nothing
@@ -143,3 +157,125 @@ def test_unpoolable_statements() -> None:
     assert unpoolable(b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", "T") == "a WITH HOLD cursor"
     assert unpoolable(b"select 1 /* listen */", "I") is None
     assert "feature_not_supported" in refusal_sql("LISTEN") and not Swallow.NONE and Swallow.ALL > Swallow.OK
+
+
+# --- Replies: what a server connection owes, fed the upstream's bytes ----------------------
+
+def _select_reply(value: bytes, status: str = "I") -> bytes:
+    """What Postgres answers to `select <value>` as a simple Query."""
+    return (m.RowDescription((Column("v", 23),)).encode() + m.DataRow((value,)).encode()
+            + m.CommandComplete("SELECT 1").encode() + m.ReadyForQuery(status).encode())
+
+
+def _feed(r: Replies, data: bytes) -> Fed:
+    msgs, used = m.scan(data, 1 << 20)
+    return r.feed(data, msgs, used)
+
+
+class _Track:
+    """A Tracker that records what the replies settle."""
+
+    def __init__(self) -> None:
+        self.rows: list[bytes] = []
+        self.completed = 0
+        self.closed: list[int] = []
+
+    def row(self, body: bytes) -> None:
+        self.rows.append(body)
+
+    def complete(self) -> None:
+        self.completed += 1
+
+    def close(self, t: int) -> None:
+        self.closed.append(t)
+
+
+def test_a_query_reply_goes_on_as_it_came() -> None:
+    r = Replies()
+    r.expect(Expect(Reply.READY, 0))
+    reply = _select_reply(b"1", "T")
+    fed = _feed(r, reply)
+    assert fed.data == reply and fed.ready and fed.failed is None and not r.queue
+    assert r.tx_status == "T"
+
+
+def test_a_pipeline_reply_ends_every_owed_entry() -> None:
+    r = Replies()
+    for reply in (Reply.PARSE, Reply.BIND, Reply.DESCRIBE, Reply.EXECUTE, Reply.READY):
+        r.expect(Expect(reply, 0))
+    data = m.PARSE_COMPLETE + m.BIND_COMPLETE + _select_reply(b"7")
+    half = len(m.PARSE_COMPLETE + m.BIND_COMPLETE) + 3  # a read may end inside a message
+    msgs, used = m.scan(data[:half], 1 << 20)
+    first = r.feed(data[:half], msgs, used)
+    assert first.data == data[:used] and not first.ready and len(r) == 3
+    rest = data[used:]
+    fed = _feed(r, rest)
+    assert fed.data == rest and fed.ready and not r.queue
+
+
+def test_the_proxys_own_replies_are_swallowed_and_tracked() -> None:
+    r = Replies()
+    track = _Track()
+    r.expect(Expect(Reply.READY, 0, Swallow.ALL, track=track))  # e.g. the settings capture
+    r.expect(Expect(Reply.READY, 0))
+    own, client = _select_reply(b"42"), _select_reply(b"1")
+    fed = _feed(r, own + client)
+    assert fed.data == client and fed.ready and not r.queue
+    assert track.rows == [m.DataRow((b"42",)).encode()[5:]] and track.completed == 1
+    assert track.closed == [ord("Z")]
+
+
+def test_a_failed_replay_is_relayed_and_the_batch_skips_to_sync() -> None:
+    r = Replies()
+    replay, parse, bind = _Track(), _Track(), _Track()
+    r.expect(Expect(Reply.PARSE, 3, Swallow.OK, track=replay))  # the proxy prepares again
+    r.expect(Expect(Reply.PARSE, 3, track=parse))
+    r.expect(Expect(Reply.BIND, 3, track=bind))
+    r.expect(Expect(Reply.READY, 3))
+    error = m.error_message({"S": "ERROR", "V": "ERROR", "C": "42P01", "M": "no such table"})
+    fed = _feed(r, error)
+    assert fed.data == error and fed.failed == [3]
+    assert [len(t.closed) for t in (replay, parse, bind)] == [1, 1, 1]  # undone, latest first
+    assert [e.terminals for e in r.queue] == [Reply.READY]
+    fed = _feed(r, m.ReadyForQuery("I").encode())
+    assert fed.ready and not r.queue
+
+
+def test_a_synthetic_answer_waits_for_what_is_owed_before_it() -> None:
+    r = Replies()
+    r.expect(Expect(Reply.PARSE, 0))
+    assert r.expect(Expect(Reply.NOTHING, 0, synthetic=m.CLOSE_COMPLETE)) is None  # behind the Parse
+    fed = _feed(r, m.PARSE_COMPLETE)
+    assert fed.data == m.PARSE_COMPLETE + m.CLOSE_COMPLETE and not r.queue
+    assert r.expect(Expect(Reply.NOTHING, 0, synthetic=m.CLOSE_COMPLETE)) == m.CLOSE_COMPLETE  # at once
+
+
+def test_an_unasked_error_between_replies_keeps_postgres_order() -> None:
+    """Query, a Flush with a body, Sync, Query: Postgres's own order, byte for byte."""
+    r = Replies()
+    for _ in range(3):
+        r.expect(Expect(Reply.READY, 0))
+    error = m.error_message({"S": "ERROR", "V": "ERROR", "C": "08P01", "M": "invalid message format"})
+    data = _select_reply(b"1") + error + m.ReadyForQuery("I").encode() + _select_reply(b"2")
+    fed = _feed(r, data)
+    assert fed.data == data and fed.failed == [-1] and not r.queue
+
+
+def test_copy_state_status_and_parameters() -> None:
+    r = Replies()
+    r.expect(Expect(Reply.READY, 0))
+    _feed(r, m.frame(b"G", b"\0\0\0"))
+    states = [r.copy]
+    fed = _feed(r, m.ParameterStatus("TimeZone", "UTC").encode() + m.CommandComplete("COPY 2").encode())
+    states.append(r.copy)
+    assert states == [Copy.IN, Copy.NONE] and fed.params == [("TimeZone", "UTC")] and not fed.ready
+    fed = _feed(r, m.ReadyForQuery("E").encode())
+    assert fed.ready and r.tx_status == "E"
+
+
+def test_a_fatal_error_is_remembered_by_its_untranslated_severity() -> None:
+    r = Replies()
+    r.expect(Expect(Reply.READY, 0))
+    fatal = m.error_message({"S": "FATAL-IN-ANOTHER-LANGUAGE", "V": "FATAL", "C": "57P01", "M": "bye"})
+    fed = _feed(r, fatal)
+    assert fed.data == fatal and r.said_fatal

@@ -54,8 +54,8 @@ def test_psycopg_reexecution_prepares_once(tx3: ProxyProcess) -> None:
                 assert c.execute(BYTEA_SQL, [b"x", 120]).fetchone() == (True,)
                 assert c.execute(BYTEA_SQL, [b"y", 120]).fetchone() == (False,)
                 if round_ % 7 == i:
-                    c.execute("create temp table if not exists t_ddl (a int)")
-                    c.execute("drop table if exists t_ddl")  # psycopg: DEALLOCATE ALL
+                    c.execute("create table if not exists txpool_ddl (a int)")
+                    c.execute("drop table if exists txpool_ddl")  # psycopg: DEALLOCATE ALL
     finally:
         for c in conns:
             c.close()
@@ -228,3 +228,47 @@ def test_protocol_statement_runs_by_sql_execute(tx1: ProxyProcess, pg_dsn: str) 
     want = _asyncpg_named_then_sql_execute(str(direct.get("host", "127.0.0.1")), int(str(direct["port"])))
     assert want == ["foobar", 1, "42P05", 1]
     assert _asyncpg_named_then_sql_execute(tx1.host, tx1.port) == want
+
+
+def test_temporary_tables_end_with_their_transaction(tx1: ProxyProcess) -> None:
+    """A temporary table lives until its transaction ends: then the proxy drops it, so the next
+    client on that server connection (pool_size 1: the same backend) cannot read it. Before, it
+    stayed, and another client could `SELECT * FROM pg_temp.secret`."""
+    with psycopg.connect(tx1.dsn()) as a, psycopg.connect(tx1.dsn(), autocommit=True) as b:
+        a.execute("create temp table secret (v text)")  # psycopg opens a transaction block
+        a.execute("insert into secret values ('only mine')")
+        assert a.execute("select v from secret").fetchone() == ("only mine",)
+        pid = a.execute("select pg_backend_pid()").fetchone()
+        a.commit()
+        assert b.execute("select pg_backend_pid()").fetchone() == pid  # the same server connection
+        assert b.execute("select to_regclass('pg_temp.secret')").fetchone() == (None,)
+        assert b.execute("select count(*) from pg_class where relpersistence = 't'"
+                         " and relnamespace = pg_my_temp_schema()").fetchone() == (0,)
+        with pytest.raises(pe.UndefinedTable):  # and its own client, in its next transaction
+            a.execute("select v from secret")
+
+
+@pytest.mark.parametrize("sql", ["create temp table alone (a int)",
+                                 "CREATE TEMPORARY TABLE IF NOT EXISTS alone (a int);",
+                                 "create temp view alone_v as select 1"])
+def test_a_temporary_table_outside_a_block_is_refused(tx1: ProxyProcess, sql: str) -> None:
+    """On its own (autocommit) it would be gone before the next statement: 0A000 naming the
+    pool mode, in both protocols, and the connection goes on."""
+    with psycopg.connect(tx1.dsn(), autocommit=True) as c:
+        for prepare in (False, True):
+            with pytest.raises(pe.FeatureNotSupported) as err:
+                c.execute(sql, prepare=prepare)
+            assert "pool_mode=transaction" in str(err.value)
+            assert "pool_mode=session" in (err.value.diag.message_hint or "")
+        assert c.execute("select 1").fetchone() == (1,)
+        assert c.execute("select to_regclass('pg_temp.alone')").fetchone() == (None,)
+
+
+def test_temporary_tables_that_end_in_their_statement_run(tx1: ProxyProcess) -> None:
+    """What uses its temporary table within the same transaction is let through."""
+    with psycopg.connect(tx1.dsn(), autocommit=True) as c:
+        c.execute("create temp table gone (a int) on commit drop")
+        cur = c.execute("create temp table imp (a int); insert into imp values (4), (5);"
+                        " select sum(a) from imp")
+        assert cur.nextset() and cur.nextset() and cur.fetchone() == (9,)
+        assert c.execute("select to_regclass('pg_temp.imp')").fetchone() == (None,)
