@@ -199,6 +199,13 @@ class Runtime(Protocol):
         """Yield the rows of a streaming function (``transform_stream``) as they are made."""
         ...
 
+    def call_now(self, function: str, calls: Sequence[Mapping[str, Any]]) -> list[Any] | None:
+        """`call_batch`'s results when they can be had at once, on the caller's thread, without
+        waiting for anything (a loaded compiled model's few rows, measured cheap): the same
+        values, and the same errors raised. None when the calls must go through `call_batch`.
+        The planner's fast path (a statement answered with no task and no await) asks this."""
+        ...
+
 
 class PreparedStatement(Protocol):
     """A statement that mentions pgml, parsed by the planner at Parse time."""
@@ -211,6 +218,15 @@ class PreparedStatement(Protocol):
         param_formats: Sequence[int],
         result_formats: Sequence[int],
     ) -> Portal: ...
+
+    def bind_now(
+        self,
+        params: Sequence[WireValue],
+        param_formats: Sequence[int],
+        result_formats: Sequence[int],
+    ) -> Portal | None:
+        """`bind` when it needs no waiting (None: use `bind`); raises as `bind` would."""
+        ...
 
 
 class Portal(Protocol):
@@ -225,6 +241,17 @@ class Portal(Protocol):
         PortalSuspended and a later Execute continues), False when it completed.
         Does not send RowDescription (the extended protocol sends it on Describe).
         """
+        ...
+
+    def describe_now(self) -> list[Column] | None:
+        """`describe` when the answer is known without asking the upstream; None otherwise."""
+        ...
+
+    def execute_now(self) -> tuple[list[WireValue], str] | None:
+        """The fast path of an unlimited Execute: the one row and the command tag when the
+        portal's statement is answered at once, with no await (see `StatementHandler.answer_now`);
+        None when `execute` must run it. Never raises for a statement's own errors: `execute`
+        reports those."""
         ...
 
     @property
@@ -254,5 +281,12 @@ class StatementHandler(Protocol):
 
     async def parse(self, sql: str, param_oids: Sequence[int]) -> PreparedStatement:
         """Analyse a Parse message's text; raises PgError for SQL it cannot accept."""
+        ...
+
+    def answer_now(self, sql: str) -> tuple[list[Column], list[WireValue]] | None:
+        """The fast path of a simple Query: its RowDescription and one row, when the statement
+        can be answered at once, with no task, no await and no upstream round trip (constant
+        pgml calls the runtime answers at once: `Runtime.call_now`). None when `simple_query`
+        must run it; never raises for a statement's own errors (`simple_query` reports them)."""
         ...
 

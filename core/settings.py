@@ -127,6 +127,10 @@ class TabularSettings:
     max_models: int = 32  # loaded tabular models kept in memory
     # Serve with ONNX Runtime where the conversion is checked equal (runtime/tabular/compiled.py).
     onnx: bool = True
+    # A compiled model's small batch runs on the event loop, not in a predict thread, while its
+    # measured time there for that many rows stays under this (runtime/batcher.py). A one-row
+    # ONNX predict takes ~20 us; the hop to a thread and back costs more. 0: never on the loop.
+    inline_budget_us: int = 250
     # hub dataset name -> offline generator (runtime/tabular/offline_datasets.py checks the name)
     dataset_substitutes: Mapping[str, str] = field(default_factory=dict)
 
@@ -147,7 +151,8 @@ class TabularSettings:
                     raise ConfigError("runtime.tabular.onnx", f"expected true or false, got {value!r}")
                 kw[key] = value
             else:
-                kw[key] = _count(f"runtime.tabular.{key}", value)
+                low = 0 if key == "inline_budget_us" else 1
+                kw[key] = _count(f"runtime.tabular.{key}", value, low)
         return cls(**kw)
 
 

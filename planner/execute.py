@@ -149,6 +149,73 @@ def _task_json(name: str, value: Any) -> Any:
 _LARGE_PARAM = 1 << 16  # bytes: a client parameter at least this large is decoded in a thread
 _MISSING = object()
 
+
+def decode_param(bound: Bound, params: Sequence[WireValue], formats: Sequence[int], src: ClientParam) -> Any:
+    """A client parameter as the Python value of the pgml argument's SQL type."""
+    i = src.number - 1
+    given = bound.oids[i] if i < len(bound.oids) else 0
+    oid = given or TYPE_OIDS.get(src.sql_type, 25)
+    value = decoder(oid, formats[i])(params[i])
+    return value if given == TYPE_OIDS.get(src.sql_type) else coerce(value, src.sql_type)
+
+
+def answerable_now(plan: StatementPlan) -> bool:
+    """Whether `answer_now` may answer this plan: a local SELECT of scalar pgml calls whose
+    arguments are literals or client parameters (no evaluation query, no nested calls)."""
+    return (
+        plan.kind == "local"
+        and bool(plan.local)
+        and plan.eval_sql is None
+        and not plan.consts
+        and all(
+            not tg.call.sig.setof
+            and tg.out_type != "vector"  # its OID is the database's: read upstream
+            and all(isinstance(src, Literal | ClientParam) for src in tg.call.sources.values())
+            for tg in plan.local or []
+        )
+    )
+
+
+def answer_now(runtime: Runtime, plan: StatementPlan, bound: Bound) -> list[WireValue] | None:
+    """The one row of an `answerable_now` plan when `Runtime.call_now` answers every call at once
+    (the fast path: no task, no await, no upstream); None when the planned path must run it.
+    The values, NULLs and encodings are those `_Run._local` gives; errors are raised as there."""
+    params = list(bound.params) + [None] * (plan.n_params - len(bound.params))
+    if any(p is not None and len(p) >= _LARGE_PARAM for p in params):
+        return None  # decoded in a thread on the planned path
+    formats = [bound.fmt(i) for i in range(len(params))]
+    row: list[WireValue] = []
+    for i, tg in enumerate(plan.local or []):
+        call = tg.call
+        args: dict[str, Any] = {}
+        for name, src in call.sources.items():
+            if isinstance(src, Literal):
+                value = _task_json(name, src.value)
+            else:
+                assert isinstance(src, ClientParam)
+                value = _task_json(name, decode_param(bound, params, formats, src))
+            if value is None and call.sig.strict:
+                break  # a NULL argument of a STRICT call: NULL, with no model work
+            args[name] = value
+        else:
+            args.update(call.defaults)
+            out = runtime.call_now(call.sig.name, [args])
+            if out is None:
+                return None
+            row.append(encoder(tg.out_type, bound.result_fmt(i))(out[0]))
+            continue
+        row.append(None)
+    return row
+
+
+def now_columns(plan: StatementPlan, bound: Bound) -> list[Column]:
+    """The RowDescription of an `answerable_now` plan, as `_Run._local` gives it."""
+    out = []
+    for i, tg in enumerate(plan.local or []):
+        oid = type_oid(tg.out_type, 0)
+        out.append(Column(tg.name, oid, type_size=TYPE_SIZES.get(oid, -1), format=bound.result_fmt(i)))
+    return out
+
 class _Run:
     """One execution of one plan."""
 
@@ -184,11 +251,7 @@ class _Run:
         return self._decode(src) if cached is _MISSING else cached
 
     def _decode(self, src: ClientParam) -> Any:
-        i = src.number - 1
-        given = self.bound.oids[i] if i < len(self.bound.oids) else 0
-        oid = given or TYPE_OIDS.get(src.sql_type, 25)
-        value = decoder(oid, self.formats[i])(self.params[i])
-        return value if given == TYPE_OIDS.get(src.sql_type) else coerce(value, src.sql_type)
+        return decode_param(self.bound, self.params, self.formats, src)
 
     def constant(self, src: Literal | ClientParam | Evaluated) -> Any:
         if isinstance(src, Literal):

@@ -30,7 +30,7 @@ from core.interfaces import (
 from core.settings import PlannerSettings
 from planner.analyze import analyze
 from planner.args import fold_array_literals
-from planner.execute import Bound, Event, Executor, cursor_open
+from planner.execute import Bound, Event, Executor, answer_now, answerable_now, cursor_open, now_columns
 from planner.plan import StatementPlan
 from planner.values import check_bind
 
@@ -44,6 +44,7 @@ def validate(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _LARGE_SQL = 1 << 16  # statements longer than this are analysed off the event loop
+_TEXT = Bound()  # a simple Query's: no parameters, every result in text
 
 
 class Handler:
@@ -59,6 +60,9 @@ class Handler:
         # (kind "local"), by text and parameter OIDs; see Prepared.describe.
         self.fast_path = bool(cfg["fast_path"])
         self.descriptions: OrderedDict[tuple[str, tuple[int, ...]], StatementDescription] = OrderedDict()
+        # Whether a plan may be answered at once (answer_now), by the plan's id; the plan is
+        # kept beside its verdict so a reused id is recognised.
+        self._now: OrderedDict[int, tuple[StatementPlan, bool]] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -134,6 +138,31 @@ class Handler:
             if wrap:
                 with contextlib.suppress(PgError):
                     await asyncio.shield(upstream.simple("COMMIT" if ok else "ROLLBACK"))
+
+    def answer_now(self, sql: str) -> tuple[list[Column], list[WireValue]] | None:
+        """The fast path of a simple Query: the RowDescription and the one row of a statement
+        analysed before whose only work is pgml calls on literals, when the runtime answers
+        them at once (`Runtime.call_now`). None when `simple_query` must run it, errors
+        included: that path reports them, with what a failure does to a transaction block."""
+        if not self.fast_path:
+            return None
+        plans = self._cached(sql, ())
+        if plans is None or len(plans) != 1 or not self._answerable(plans[0]):
+            return None
+        try:
+            row = answer_now(self.executor.runtime, plans[0], _TEXT)
+        except PgError:
+            return None
+        return None if row is None else (now_columns(plans[0], _TEXT), row)
+
+    def _answerable(self, plan: StatementPlan) -> bool:
+        found = self._now.get(id(plan))
+        if found is None or found[0] is not plan:  # an id reused after an eviction
+            found = (plan, answerable_now(plan))
+            self._now[id(plan)] = found
+            while len(self._now) > max(self.cache_size, 1):
+                self._now.popitem(last=False)
+        return found[1]
 
     async def parse(self, sql: str, param_oids: Sequence[int]) -> Prepared:
         plans = await self.plans_off_loop(sql, param_oids)
@@ -227,6 +256,26 @@ class Prepared:
         check_bind(params, param_formats, result_formats, self.oids)
         return PlannerPortal(self, Bound(params, param_formats, self.oids, result_formats))
 
+    def bind_now(
+        self, params: Sequence[WireValue], param_formats: Sequence[int], result_formats: Sequence[int]
+    ) -> PlannerPortal | None:
+        """`bind` on the fast path: it never waits (the parameters are checked here and read at
+        Execute), so the proxy need not start a task for it."""
+        if not self.handler.fast_path:
+            return None
+        check_bind(params, param_formats, result_formats, self.oids)
+        return PlannerPortal(self, Bound(params, param_formats, self.oids, result_formats))
+
+    def answerable(self) -> bool:
+        """Whether a portal of this statement may be answered at once (`PlannerPortal.execute_now`):
+        the fast path is on, the plan qualifies, and the parameter types are known without asking
+        the upstream."""
+        return (
+            self.handler.fast_path
+            and self.handler._answerable(self.plan)
+            and (self._desc is not None or 0 not in self.oids)
+        )
+
 
 class PlannerPortal:
     """Implements `Portal`: runs the plan on first Execute, keeps the rest for later ones."""
@@ -245,6 +294,31 @@ class PlannerPortal:
         if desc.columns is None:
             return None
         return [dataclasses.replace(c, format=self.bound.result_fmt(i)) for i, c in enumerate(desc.columns)]
+
+    def describe_now(self) -> list[Column] | None:
+        """`describe` when the statement's description is already known; None otherwise."""
+        desc = self.prepared._desc
+        if not self.prepared.handler.fast_path or desc is None or desc.columns is None:
+            return None
+        return [dataclasses.replace(c, format=self.bound.result_fmt(i)) for i, c in enumerate(desc.columns)]
+
+    def execute_now(self) -> tuple[list[WireValue], str] | None:
+        """The fast path of Execute: the one row and the tag of a portal whose statement is
+        `answerable`, when the runtime answers at once and the portal has not started; None
+        when `execute` must run it (errors included: that path reports them)."""
+        prepared = self.prepared
+        if self._events is not None or self._cursor is not None or not prepared.answerable():
+            return None
+        if 0 in self.bound.oids:  # the types the statement's Describe learnt (answerable says known)
+            self.bound = dataclasses.replace(self.bound, oids=prepared.oids)
+        try:
+            row = answer_now(prepared.handler.executor.runtime, prepared.plan, self.bound)
+        except PgError:
+            return None
+        if row is None:
+            return None
+        self._events = _done()  # run: a later Execute finds it completed, as after `execute`
+        return row, "SELECT 1"
 
     def _start(self, upstream: UpstreamSession, ctx: CallContext) -> AsyncIterator[Event]:
         plan = self.prepared.plan
@@ -387,3 +461,9 @@ async def _passthrough(
             yield "rows", chunk.rows
         if chunk.command_tag:
             yield "tag", chunk.command_tag
+
+
+async def _done() -> AsyncIterator[Event]:
+    """The events of a portal the fast path answered: none left."""
+    return
+    yield  # an async generator

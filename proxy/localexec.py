@@ -225,10 +225,96 @@ class LocalStatements:
         fe.write(m.ReadyForQuery(self._status()).encode())
         fe.maybe_release()
 
+    # --- the fast path ---------------------------------------------------------------------
+    def _may_answer_now(self, extended: bool) -> bool:
+        """Whether a local answer may be written at once, in the caller's turn, with no task and
+        no stop scope (the work then takes tens of microseconds: nothing could stop it sooner):
+        nothing is owed to the client before it, no error is being skipped, no local work runs
+        or waits to release the upstream, the block has not failed, and the client's
+        statement_timeout is known (the planned path reads it upstream first otherwise)."""
+        fe = self.fe
+        srv = fe.server
+        return (
+            (srv is None or (not srv.entries and not srv.closed))
+            and not (extended and fe.s.skipping)
+            and self.current is None
+            and not self.stale
+            and self.timeout is not None
+            and not self.timeout_always_read
+            and self._status() != "E"
+        )
+
+    def _answered_now(self, sql: str) -> bool:
+        """A simple Query answered by the planner's fast path (StatementHandler.answer_now)."""
+        handler = self.fe.app.handler
+        if handler is None or not self._may_answer_now(False):
+            return False
+        try:
+            found = handler.answer_now(sql)
+        except Exception:  # a bug: the planned path runs it again and reports it
+            log.exception("the fast path failed for client %d", self.fe.id)
+            return False
+        if found is None:
+            return False
+        columns, row = found
+        fe = self.fe
+        fe.write(
+            m.RowDescription(tuple(columns)).encode()
+            + m.encode_data_row(row)
+            + m.CommandComplete("SELECT 1").encode()
+            + m.ReadyForQuery(self._status()).encode()
+        )
+        fe.maybe_release()
+        return True
+
+    def _bound_now(self, b: m.Bind) -> bool:
+        stmt = self.stmts.get(b.statement)
+        old = self.portals.get(b.portal)
+        if stmt is None or (old is not None and old.holds_upstream) or not self._may_answer_now(True):
+            return False
+        try:
+            portal = stmt.bind_now(b.params, b.param_formats, b.result_formats)
+        except Exception:  # its error, reported by the planned path
+            return False
+        if portal is None:
+            return False
+        self.portals[b.portal] = portal
+        Cork.on(self.fe)
+        self.fe.write(m.BIND_COMPLETE)
+        return True
+
+    def _described_now(self, name: str) -> bool:
+        portal = self.portals.get(name)
+        if portal is None or not self._may_answer_now(True):
+            return False
+        columns = portal.describe_now()
+        if columns is None:
+            return False
+        self.fe.write(m.RowDescription(tuple(columns)).encode())
+        return True
+
+    def _executed_now(self, ex: m.Execute) -> bool:
+        portal = self.portals.get(ex.portal)
+        if portal is None or ex.max_rows or not self._may_answer_now(True):
+            return False
+        try:
+            found = portal.execute_now()
+        except Exception:  # a bug: the planned path runs it again and reports it
+            log.exception("the fast path failed for client %d", self.fe.id)
+            return False
+        if found is None:
+            return False
+        row, tag = found
+        Cork.on(self.fe)
+        self.fe.write(m.encode_data_row(row) + m.CommandComplete(tag).encode())
+        return True
+
     # --- simple protocol -----------------------------------------------------------------
     async def simple_query(self, sql: str) -> None:
         fe = self.fe
         fe.app.stats.pgml_queries += 1
+        if self._answered_now(sql):
+            return
 
         async def work() -> None:
             handler = self._handler()
@@ -276,6 +362,9 @@ class LocalStatements:
         await self._guard(work, extended=True)
 
     async def bind(self, b: m.Bind) -> None:
+        if self._bound_now(b):
+            return
+
         async def work() -> None:
             stmt = self.stmts[b.statement]
             self.forget_portal(b.portal)
@@ -296,6 +385,9 @@ class LocalStatements:
         await self._guard(work, extended=True)
 
     async def describe_portal(self, name: str) -> None:
+        if self._described_now(name):
+            return
+
         async def work() -> None:
             cols = await self.portals[name].describe(self.upstream)
             self.fe.write(m.NO_DATA if cols is None else m.RowDescription(tuple(cols)).encode())
@@ -305,6 +397,8 @@ class LocalStatements:
     async def execute(self, msg: bytes) -> None:
         ex = m.Execute.parse(msg[5:])
         fe = self.fe
+        if self._executed_now(ex):
+            return
 
         async def work() -> None:
             sink = fe.sink()

@@ -10,6 +10,14 @@ the batch by cost to cut padding, runs it in a thread pool and checks outputs on
 against inputs. Only a batch its owner's `inline(payloads)` says is cheap (a compiled tabular
 model's few rows: tens of microseconds) runs on the event loop instead: the hop to a thread
 and back costs more than that on a busy machine, and so little blocking holds no one up.
+"Cheap" is also measured: a batch runs inline only while the model's measured CPU time on
+the loop, per unit of cost, puts that batch under `Policy.inline_budget_s`, so a model that
+turns out slow never stalls the loop twice. `run_now` runs one payload at once, in the
+caller, when the queue is empty and it may run inline (`can_run_now`): no queue, future or
+owner turn, which for a compiled model's row cost several times the model's own ~20 us.
+It is for callers that gain by not waiting at all (the planner's fast path answers a whole
+statement in one turn of the loop); `submit_one` still queues, so concurrent callers that
+await anyway share one library call.
 Items whose caller was cancelled or whose statement was stopped (`core.stop.Stop`) are
 dropped from the queue, and a batch whose items are all stopped is abandoned when its
 thread starts. A full queue answers `InsufficientResources` (53000) at once.
@@ -46,6 +54,9 @@ class Policy:
     in_flight: int = 2  # batches running or formed at once; 1 runs them in the owner
     time_budget_s: float = 1.0  # 0: no time cap; a stop lands within about this much model time
     wait_turns: int = 4
+    # The longest a batch may be expected to take (at the rate measured on the loop) and still
+    # run on the event loop when `inline` allows it; 0: no measured bound.
+    inline_budget_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -95,6 +106,7 @@ class Batcher:
         self._owner: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._sec_per_cost = 0.0  # measured; 0 until the first batch
+        self._inline_sec_per_cost = 0.0  # measured on the loop (no GIL wait in it); 0 until then
         self.stats = BatcherStats()
 
     @property
@@ -265,21 +277,72 @@ class Batcher:
         self._queue._queue.appendleft(item)  # type: ignore[attr-defined]
         self._queue._unfinished_tasks += 1  # type: ignore[attr-defined]
 
+    def can_run_now(self, payload: Any, cost: int) -> bool:
+        """Whether `run_now` may run this payload: nothing queued ahead of it, and it may run
+        inline (the owner's test and the measured budget)."""
+        return self._queue.empty() and self._inline([payload], cost)
+
+    def run_now(self, payload: Any, cost: int) -> Any:
+        """One payload run now, on the loop, in the caller (after `can_run_now`): the same
+        output, errors and stats as a batch of one from the queue."""
+        try:
+            outputs = self._timed([payload], cost, True)
+            if len(outputs) != 1:
+                raise InternalError(f'model "{self.name}" returned {len(outputs)} outputs for 1 input')
+        except PgError:
+            raise
+        except Exception as exc:
+            raise InternalError(f'model "{self.name}" failed: {type(exc).__name__}: {exc}') from exc
+        self._count(1, cost)
+        out = outputs[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def _timed(self, payloads: list[Any], cost: int, inline: bool) -> Sequence[Any]:
+        """`run(payloads)`, its time per unit of cost folded into the estimates."""
+        started, cpu = time.perf_counter(), time.thread_time()
+        outputs = self._run(payloads)
+        rate = (time.perf_counter() - started) / (cost or 1)
+        old = self._sec_per_cost
+        self._sec_per_cost = rate if old <= 0 else old + _RATE_WEIGHT * (rate - old)
+        # The inline estimate learns from runs on the loop, in CPU time: on a loaded machine the
+        # loop's thread is often preempted mid-run, and that time is not the model's (by wall
+        # time a 20 us predict measured 2 ms now and then). A thread's wall time (GIL waits
+        # included) is an upper bound, so it may only lower the estimate.
+        old = self._inline_sec_per_cost
+        if inline:
+            rate = (time.thread_time() - cpu) / (cost or 1)
+        if inline or (old > 0 and rate < old):
+            self._inline_sec_per_cost = rate if old <= 0 else old + _RATE_WEIGHT * (rate - old)
+        return outputs
+
     def _run_unless_stopped(self, live: list[_Item]) -> Sequence[Any] | None:
         """In the worker thread: the batch's outputs, or None when every item was stopped
         while the batch waited for its thread (a boundary where a stop lands)."""
         if all(it.stop is not None and it.stop.stopped for it in live):
             return None
-        started = time.perf_counter()
-        outputs = self._run([it.payload for it in live])
-        cost = sum(it.cost for it in live) or 1
-        rate = (time.perf_counter() - started) / cost
-        old = self._sec_per_cost
-        self._sec_per_cost = rate if old <= 0 else old + _RATE_WEIGHT * (rate - old)
-        return outputs
+        return self._timed([it.payload for it in live], sum(it.cost for it in live), False)
 
-    def _inline(self, live: list[_Item]) -> bool:
-        return self._inline_fn is not None and self._inline_fn([it.payload for it in live])
+    def _run_inline(self, live: list[_Item]) -> Sequence[Any] | None:
+        if all(it.stop is not None and it.stop.stopped for it in live):
+            return None
+        return self._timed([it.payload for it in live], sum(it.cost for it in live), True)
+
+    def _inline(self, payloads: list[Any], cost: int) -> bool:
+        """Whether these payloads run on the loop: the owner says they may, and the measured
+        rate on the loop (once there is one) puts them within the inline budget."""
+        if self._inline_fn is None or not self._inline_fn(payloads):
+            return False
+        budget, rate = self.policy.inline_budget_s, self._inline_sec_per_cost
+        return budget <= 0 or rate * (cost or 1) <= budget
+
+    def _count(self, items: int, cost: int) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.items += items
+        stats.cost += cost
+        stats.last_batch_sizes = [*stats.last_batch_sizes[-15:], items]
 
     async def _execute(self, batch: list[_Item]) -> None:
         try:
@@ -291,8 +354,8 @@ class Batcher:
                 live.sort(key=lambda it: it.cost)
             loop = asyncio.get_running_loop()
             try:
-                if self._inline(live):
-                    outputs = self._run_unless_stopped(live)
+                if self._inline([it.payload for it in live], sum(it.cost for it in live)):
+                    outputs = self._run_inline(live)
                 else:
                     outputs = await loop.run_in_executor(self._executor, self._run_unless_stopped, live)
                 if outputs is None:
@@ -311,11 +374,7 @@ class Batcher:
             except Exception as exc:
                 _fail(live, InternalError(f'model "{self.name}" failed: {type(exc).__name__}: {exc}'))
                 return
-            stats = self.stats
-            stats.batches += 1
-            stats.items += len(live)
-            stats.cost += sum(it.cost for it in live)
-            stats.last_batch_sizes = [*stats.last_batch_sizes[-15:], len(live)]
+            self._count(len(live), sum(it.cost for it in live))
             for it, out in zip(live, outputs, strict=True):
                 if it.future.done():
                     continue

@@ -29,7 +29,7 @@ from core.errors import (
     PgError,
     UndefinedFunction,
 )
-from core.functions import NotSupported
+from core.functions import NotSupported, Served
 from core.interfaces import CallContext
 from runtime import chunk as chunking
 from runtime import hub, optional, utility
@@ -175,6 +175,19 @@ class Runtime:
             return list(await self._tune.call_batch(function, calls, ctx))
         serve: Callable[..., Awaitable[list[Any]]] = getattr(self, f"serve_{fn.serve.method}")
         return await serve(function, calls, ctx)
+
+    def call_now(self, function: str, calls: Sequence[Mapping[str, Any]]) -> list[Any] | None:
+        """See core.interfaces.Runtime.call_now: a tabular predict on a loaded compiled model."""
+        fn = functions.declaration(function)
+        if (
+            self._tabular is None
+            or fn is None
+            or not isinstance(fn.serve, Served)
+            or fn.serve.runtime != "tabular"
+            or self._ignored(function, calls)
+        ):
+            return None
+        return self._tabular.call_now(function, calls)
 
     async def serve_transform_stream(
         self, function: str, calls: Sequence[Mapping[str, Any]], ctx: CallContext

@@ -1,9 +1,14 @@
 """The fast path for statements whose only work is constant pgml calls (planner/handler.py).
 
+Two parts: Describe answered from a cache, and the statement answered at once (a simple
+Query, or Bind/Describe/Execute) with no task, await or upstream round trip when the runtime
+can (`Runtime.call_now`: a loaded ONNX model's row, run on the event loop).
 Differential: the same statements, simple and extended protocol (psycopg text and binary,
-prepared and not; asyncpg, which describes every statement), through a proxy with
+prepared and not; libpq's prepared Bind/Describe portal/Execute as pgbench -M prepared sends
+them; asyncpg, which describes every statement), through a proxy with
 `planner.fast_path = true` (the default) and one with it off, on the same model: the same
-rows, column names, column types and SQLSTATEs, on the first execution and on repeats.
+rows, column names, column types and SQLSTATEs, on the first execution and on repeats, and
+inside transaction blocks with a failing statement.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from psycopg import pq
 
 from tests.fix_postgres import PgServer
 from tests.fix_proxy import TEST_CONFIG, ProxyProcess
@@ -28,6 +34,8 @@ SIMPLE = [
     f"SELECT pgml.predict('{P}', {SETOSA}) AS a, pgml.predict_proba('{P}', ARRAY[6.7, 3.0, 5.2, 2.3]) AS b",
     f"SELECT pgml.predict('{P}', {SETOSA}::real[]) + 1 AS shifted",
     f"SELECT pgml.predict('{P}', NULL::real[])",
+    f"SELECT pgml.predict('{P}', {SETOSA}) AS a, pgml.predict('{P}', NULL::real[]) AS b",
+    f"SELECT pgml.predict_proba('{P}', ARRAY[6.7, 3.0, 5.2, 2.3]::float8[])",
     f"SELECT pgml.predict('no such project', {SETOSA})",
     f"SELECT pgml.predict('{P}', ARRAY[1.0, 2.0])",
     f"SELECT pgml.predict('{P}', 'not an array')",
@@ -39,6 +47,8 @@ PARAMS: list[tuple[str, tuple[Any, ...]]] = [
     ("SELECT pgml.predict_proba(%s, %s)", (P, [6.7, 3.0, 5.2, 2.3])),
     ("SELECT pgml.predict(%s, %s)", (P, [1.0])),
     ("SELECT pgml.predict(%s, %s)", ("missing", [1.0, 2.0, 3.0, 4.0])),
+    ("SELECT pgml.predict(%s, %s::real[])", (P, None)),
+    ("SELECT pgml.predict(%s, %s::real[]) AS p, %s::int AS n", (P, [5.1, 3.5, 1.4, 0.2], 7)),
 ]
 ASYNCPG: list[tuple[str, tuple[Any, ...]]] = [
     ("SELECT pgml.predict($1, $2::real[])", (P, [5.1, 3.5, 1.4, 0.2])),
@@ -144,3 +154,60 @@ async def test_asyncpg_same_with_and_without_fast_path(
     got = await _asyncpg(fast, db, sql, args)
     assert got == await _asyncpg(slow, db, sql, args)
     assert ("error", "XX000") not in got
+
+
+def _block(proxy: ProxyProcess, db: str) -> list[Any]:
+    """A transaction block: predicts before and after a failing one (25P02 until ROLLBACK)."""
+    out: list[Any] = []
+    with psycopg.connect(proxy.dsn(database=db)) as conn:
+        for sql in (
+            f"SELECT pgml.predict('{P}', {SETOSA})",
+            f"SELECT pgml.predict('{P}', ARRAY[1.0])",
+            f"SELECT pgml.predict('{P}', {SETOSA})",
+        ):
+            for prepare in (False, True):
+                try:
+                    out.append(conn.execute(sql, prepare=prepare).fetchall())
+                except psycopg.Error as exc:
+                    out.append(("error", exc.sqlstate))
+                out.append(conn.info.transaction_status.name)
+        conn.rollback()
+        out.append(conn.execute(f"SELECT pgml.predict('{P}', {SETOSA})").fetchall())
+    return out
+
+
+def test_transaction_block_same_with_and_without_fast_path(
+    proxies: tuple[str, ProxyProcess, ProxyProcess],
+) -> None:
+    db, fast, slow = proxies
+    got = _block(fast, db)
+    assert got == _block(slow, db)
+    assert ("error", "22023") in got and ("error", "25P02") in got
+
+
+def _libpq_prepared(proxy: ProxyProcess, db: str) -> list[Any]:
+    """pgbench -M prepared's messages: Parse once, then Bind, Describe portal, Execute, Sync."""
+    out: list[Any] = []
+    with psycopg.connect(proxy.dsn(database=db), autocommit=True) as conn:
+        pgconn = conn.pgconn
+        for name, sql in ((b"a", f"SELECT pgml.predict('{P}', {SETOSA})".encode()),
+                          (b"b", f"SELECT pgml.predict('{P}', ARRAY[1.0, 2.0])".encode())):
+            res = pgconn.prepare(name, sql)
+            out.append(res.status)
+            for _ in range(4):
+                res = pgconn.exec_prepared(name, [])
+                out.append((res.status, res.error_field(pq.DiagnosticField.SQLSTATE),
+                            [res.fname(i) for i in range(res.nfields)],
+                            [res.ftype(i) for i in range(res.nfields)],
+                            [res.get_value(r, 0) for r in range(res.ntuples)]))
+        out.append(conn.execute("SELECT 4").fetchall())
+    return out
+
+
+def test_libpq_prepared_same_with_and_without_fast_path(
+    proxies: tuple[str, ProxyProcess, ProxyProcess],
+) -> None:
+    db, fast, slow = proxies
+    got = _libpq_prepared(fast, db)
+    assert got == _libpq_prepared(slow, db)
+    assert any(r[1] == b"22023" for r in got if isinstance(r, tuple))

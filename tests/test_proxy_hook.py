@@ -59,6 +59,12 @@ class EchoPortal:
 
     holds_upstream = False  # nothing upstream to close
 
+    def describe_now(self) -> list[Column] | None:
+        return None  # every message through the proxy's task path
+
+    def execute_now(self) -> tuple[list[WireValue], str] | None:
+        return None
+
     async def close(self, upstream: UpstreamSession) -> None:
         return None
 
@@ -106,6 +112,10 @@ class EchoStatement:
             value = (raw or b"").decode()
         return EchoPortal(self.kind, value, result_formats)
 
+    def bind_now(self, params: Sequence[WireValue], param_formats: Sequence[int],
+                 result_formats: Sequence[int]) -> Portal | None:
+        return None  # every message through the proxy's task path
+
 
 class EchoHandler:
     """A deterministic StatementHandler standing in for the planner."""
@@ -135,6 +145,9 @@ class EchoHandler:
     async def parse(self, sql: str, param_oids: Sequence[int]) -> PreparedStatement:
         self.calls.append(sql)
         return EchoStatement(sql, param_oids)
+
+    def answer_now(self, sql: str) -> tuple[list[Column], list[WireValue]] | None:
+        return None
 
 
 @pytest.fixture(scope="module", params=["session", "transaction"])

@@ -36,8 +36,9 @@ from . import compiled, preprocess, registry, storage
 log = logging.getLogger(__name__)
 
 OPS = functions.served_by("tabular", "predict")
-# A compiled (ONNX) model's batch of at most this many rows runs on the event loop
-# (runtime/batcher.py): one row costs 10-30 us there, less than the hop to a worker thread.
+# A compiled (ONNX) model's batch of at most this many rows may run on the event loop
+# (runtime/batcher.py), within the measured budget: one row costs 10-30 us there, less than
+# the hop to a worker thread.
 _INLINE_ROWS = 64
 
 
@@ -99,6 +100,7 @@ class Predictor:
         max_queue: int,
         max_models: int = 32,
         onnx: bool = True,
+        inline_budget_s: float = 0.0,
     ) -> None:
         self._pool = pool
         self._executor = executor
@@ -112,6 +114,7 @@ class Predictor:
         self._batchers: dict[tuple[int, str], Batcher] = {}
         self._max_models = max_models
         self._onnx = onnx
+        self._inline_budget_s = inline_budget_s
         self._compiling: set[asyncio.Task[None]] = set()
 
     def forget_deployment(self, project: str | None = None) -> None:
@@ -244,7 +247,7 @@ class Predictor:
             # No timer: a few loop turns gather the rows of concurrent callers, one batch at a time.
             policy = Policy(
                 max_batch_size=self._max_queue, max_batch_tokens=self._max_rows, wait_s=0.0,
-                queue_size=self._max_queue, in_flight=1,
+                queue_size=self._max_queue, in_flight=1, inline_budget_s=self._inline_budget_s,
             )
             model = served.model
 
@@ -253,7 +256,8 @@ class Predictor:
                 # which can take milliseconds: those stay in the pool.
                 compiled = model.compiled
                 return (
-                    compiled is not None
+                    self._inline_budget_s > 0
+                    and compiled is not None
                     and sum(len(b) for b in blocks) <= _INLINE_ROWS
                     and (compiled.nonfinite or all(np.isfinite(b).all() for b in blocks))
                 )
@@ -312,16 +316,35 @@ class Predictor:
         x, counts = self._matrix(op, served, calls)
         # No rows at all (predict_batch of an empty array): nothing to ask the library.
         out = await self._batcher(served, op).submit_one(x, len(x), stop) if len(x) else np.empty((0,))
-        if op == "predict" and out.ndim == 1 and len(out) == len(calls):
-            # The common case, one value per call: converted for all rows at once.
-            values = served.labels(out) if served.model.task == "classification" else out.tolist()
-            for pos, value in zip(where, values, strict=True):
-                results[pos] = value
-            return
-        start = 0
-        for pos, count in zip(where, counts, strict=True):
-            results[pos] = _shape(op, served, out[start : start + count])
-            start += count
+        _place(op, served, out, counts, where, results)
+
+    def run_now(self, op: str, calls: Sequence[Mapping[str, Any]]) -> list[Any] | None:
+        """`run`'s results when they can be had without waiting: one project or model id whose
+        deployment and model are already loaded, rows that may run on the loop now
+        (Batcher.can_run_now). None otherwise, and `run` is the way. The same checks raise the
+        same errors."""
+        if not calls:
+            return None
+        keys = {
+            int(c["model_id"]) if c.get("model_id") is not None else str(c["project_name"]) for c in calls
+        }
+        if len(keys) != 1:
+            return None
+        (key,) = keys
+        model_id = key if isinstance(key, int) else self._deployed.get(key)
+        task = self._models.get(model_id) if model_id is not None else None
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        served = task.result()
+        _check_op(op, served.model.task)
+        x, counts = self._matrix(op, served, list(calls))
+        batcher = self._batcher(served, op)
+        if not len(x) or not batcher.can_run_now(x, len(x)):
+            return None
+        self._models.move_to_end(served.model.model_id)
+        results: list[Any] = [None] * len(calls)
+        _place(op, served, batcher.run_now(x, len(x)), counts, list(range(len(calls))), results)
+        return results
 
     def _matrix(
         self, op: str, served: Served, calls: list[Mapping[str, Any]]
@@ -437,6 +460,23 @@ def _check_finite(served: Served, x: np.ndarray, op: str, given: Any) -> None:
         )
     value = "NaN" if nan else "Infinity (or a value beyond real's range)"
     raise InvalidParameterValue(f"pgml.{op}: the features hold {value}, which {what} cannot take")
+
+
+def _place(
+    op: str, served: Served, out: np.ndarray, counts: list[int], where: list[int], results: list[Any]
+) -> None:
+    """Each call's result from the library's output rows (`counts` rows per call) into
+    `results` at the call's position in `where`."""
+    if op == "predict" and out.ndim == 1 and len(out) == len(where):
+        # The common case, one value per call: converted for all rows at once.
+        values = served.labels(out) if served.model.task == "classification" else out.tolist()
+        for pos, value in zip(where, values, strict=True):
+            results[pos] = value
+        return
+    start = 0
+    for pos, count in zip(where, counts, strict=True):
+        results[pos] = _shape(op, served, out[start : start + count])
+        start += count
 
 
 def _stacked(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:

@@ -73,7 +73,8 @@ class TabularRuntime:
         self._pool = registry.new_pool(upstream_dsn, cfg.pool_size)
         self._executor = ThreadPoolExecutor(cfg.predict_threads, thread_name_prefix="pgml-predict")
         self._predictor = Predictor(
-            self._pool, self._executor, cfg.max_batch_rows, cfg.max_queue, cfg.max_models, cfg.onnx
+            self._pool, self._executor, cfg.max_batch_rows, cfg.max_queue, cfg.max_models, cfg.onnx,
+            cfg.inline_budget_us / 1e6,
         )
         self._onnx = cfg.onnx
         self._listener: asyncio.Task[None] | None = None
@@ -163,6 +164,14 @@ class TabularRuntime:
 
     async def serve_predict(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:
         return await self._predictor.run(function, [_predict_keys(c) for c in calls], ctx.stop)
+
+    def call_now(self, function: str, calls: _Calls) -> list[Any] | None:
+        """`call_batch`'s results when a predict can be answered without waiting
+        (Predictor.run_now); None when it must go through `call_batch`."""
+        fn = declaration(function)
+        if fn is None or not isinstance(fn.serve, Served) or fn.serve.method != "predict":
+            return None
+        return self._predictor.run_now(function, [_predict_keys(c) for c in calls])
 
     # Training and registry changes run one call at a time, in order.
     async def serve_train(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:
