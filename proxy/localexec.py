@@ -235,7 +235,7 @@ class LocalStatements:
         fe = self.fe
         srv = fe.server
         return (
-            (srv is None or (not srv.entries and not srv.closed))
+            (srv is None or (not srv.replies and not srv.closed))
             and not (extended and fe.s.skipping)
             and self.current is None
             and not self.stale
