@@ -350,15 +350,15 @@ class _Run:
         plan = self.plan
         await arm_timeout(self.up, self.ctx)
         await self._decode_large_params()
+        status = self.up.transaction_status
+        if status == "E":  # as Postgres: nothing runs in a failed block, a local call neither
+            raise InFailedSqlTransaction(
+                "current transaction is aborted, commands ignored until end of transaction block"
+            )
         if plan.kind in ("local", "local_table"):
             async for event in self._local():
                 yield event
             return
-        status = self.up.transaction_status
-        if status == "E":
-            raise InFailedSqlTransaction(
-                "current transaction is aborted, commands ignored until end of transaction block"
-            )
         opened = False
         ok = False
         if plan.cursor is not None:

@@ -53,3 +53,20 @@ def test_failure_outside_a_block_leaves_the_connection_idle(
         assert err.value.sqlstate == "42704"
         assert conn.info.transaction_status == TransactionStatus.IDLE
         assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("prepare", [False, True])
+def test_a_local_call_in_a_failed_block_is_25p02(
+    proxy: ProxyProcess, proxy_tx: ProxyProcess, mode: str, prepare: bool
+) -> None:
+    """As Postgres: after an error, nothing runs until ROLLBACK, a call the proxy answers itself
+    neither. Before, a constant call sent as a simple Query ran (or gave its own error)."""
+    target = proxy if mode == "session" else proxy_tx
+    with psycopg.connect(target.dsn()) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT pgml.embed('no-such-model', 'x')", prepare=prepare)
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
