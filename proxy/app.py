@@ -118,6 +118,7 @@ class ProxyServer:
                 primary_reads=c.primary_reads, ssl_context=self._upstream_ssl)
         self.clients: dict[int, Frontend] = {}
         self.cancel_keys: dict[tuple[int, int], Frontend] = {}
+        self._settings_keys: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
         self.stats = Stats()
         self.started_at = time.time()
         self.client_tls: ssl.SSLContext | None = None
@@ -181,6 +182,14 @@ class ProxyServer:
         self.clients.pop(fe.id, None)
         if self.cancel_keys.get(fe.key) is fe:
             del self.cancel_keys[fe.key]
+
+    def settings_key(self, want: dict[str, str]) -> tuple[tuple[str, str], ...]:
+        """One shared tuple per distinct set of client settings (see Frontend.want_key)."""
+        key = tuple(sorted(want.items()))
+        shared = self._settings_keys.setdefault(key, key)
+        if len(self._settings_keys) > 4096:  # distinct application_names and the like: bounded
+            self._settings_keys.clear()
+        return shared
 
     def register_key(self, fe: Frontend) -> None:
         """The BackendKeyData `fe` was given: a CancelRequest with it reaches `fe`."""

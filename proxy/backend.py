@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 from core.errors import ConnectionFailure, PgError, ProtocolViolation
 from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
@@ -28,9 +27,6 @@ from proxy import messages as m
 from proxy.auth import UpstreamAuthenticator
 from proxy.session import Expect, Replies
 from proxy.txstate import ServerTx
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
 
 log = logging.getLogger("pgml_proxy.backend")
 _ids = itertools.count(1)
@@ -98,7 +94,8 @@ class ServerConn(asyncio.Protocol):
         self.pid = 0
         self.secret = 0
         self.client: Client | None = None
-        self.last_client: object | None = None
+        # The client settings (Frontend.want_key) it is known to carry; None after any change.
+        self.applied: tuple[tuple[str, str], ...] | None = None
         self.replies = Replies()  # what is owed, the transaction status (proxy.session)
         self.internal = True  # until login completes, responses go to `inbox`
         self.inbox: deque[tuple[int, bytes]] = deque()
@@ -208,6 +205,7 @@ class ServerConn(asyncio.Protocol):
         assert client is not None
         fed = self.replies.feed(buf, msgs, used)
         if fed.params is not None:
+            self.applied = None
             for name, value in fed.params:
                 self.params[name] = value
                 client.server_param(name, value)
@@ -242,6 +240,7 @@ class ServerConn(asyncio.Protocol):
 
     def _param(self, body: bytes) -> None:
         p = m.ParameterStatus.parse(body)
+        self.applied = None
         self.params[p.name] = p.value
         if self.client is not None and not self.internal:
             self.client.server_param(p.name, p.value)
@@ -412,27 +411,3 @@ async def send_cancel(target: Target, pid: int, secret: int) -> None:
             writer.close()
     except (OSError, TimeoutError) as exc:
         log.warning("cancel request to backend %d failed: %s", pid, exc)
-
-
-_GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
-
-
-def valid_setting_name(name: str) -> bool:
-    return bool(_GUC_NAME.match(name))
-
-
-def settings_sql(changes: Mapping[str, str | None]) -> str:
-    """Statements that apply `changes` (None: RESET to the default); names must be valid."""
-    sets = [f"pg_catalog.set_config({quote(k)}, {quote(v)}, false)"
-            for k, v in changes.items() if v is not None]
-    parts = ["SELECT " + ", ".join(sets)] if sets else []
-    parts += [f"RESET {k}" for k, v in changes.items() if v is None and valid_setting_name(k)]
-    return "; ".join(parts)
-
-
-def quote(text: str) -> str:
-    """A SQL string literal for `text` (E'' form when it holds a backslash)."""
-    body = text.replace("'", "''")
-    if "\\" in body:
-        return "E'" + body.replace("\\", "\\\\") + "'"
-    return "'" + body + "'"

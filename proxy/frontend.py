@@ -1,13 +1,14 @@
 """One client session: the proxy playing the server to a driver, as an asyncio adapter.
 
-The session's protocol state and the decisions that follow from it (phase, extended
-batch and skip-to-Sync, routing by message type, how a Sync is answered, when the server
-connection goes back to the pool, what a vanished client's server connection gets) are
-`proxy.session.Session`'s; this module moves bytes and carries them out. It also owns
-which server connection serves the client, the replay of session settings and named
-prepared statements onto whichever server connection runs them (with proxy.txstate), and
-the hook that hands statements calling pgml to the planner. Messages that need no
-rewriting are relayed as the client sent them.
+The session's protocol state and the decisions that follow from it are sans-IO objects
+that this module feeds and carries out: `proxy.session.Session` (phase, extended batch and
+skip-to-Sync, routing by message type, how a Sync is answered, when the server connection
+goes back to the pool, what a vanished client's server connection gets), each server
+connection's `proxy.session.Replies` (what it owes, what reaches the client) and, in
+transaction pooling, `proxy.txrelay.TxRelay` (what goes upstream before and with each
+message: settings, statements, renames, refusals). This module frames, routes, moves bytes,
+chooses which server connection serves the client, and hands statements calling pgml to
+the planner. Messages that need no rewriting are relayed as the client sent them.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import itertools
 import logging
 import re
 import secrets
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from core.errors import (
-    DuplicatePreparedStatement,
     FeatureNotSupported,
     InternalError,
     PgError,
@@ -34,11 +35,10 @@ from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
 from core.interfaces import CallContext
 from proxy import messages as m
 from proxy import txstate as txs
-from proxy.backend import ServerConn, settings_sql
+from proxy.backend import ServerConn
 from proxy.localexec import Cork, LocalStatements
 from proxy.replicas import LSN_SQL, ClientRoute
 from proxy.session import (
-    TEMP_WORDS,
     Expect,
     Leave,
     Phase,
@@ -48,11 +48,10 @@ from proxy.session import (
     Swallow,
     SyncAnswer,
     plain,
-    refusal_sql,
-    unpoolable,
 )
 from proxy.sink import ClientSink
 from proxy.startup import UNSETTABLE, startup_bytes
+from proxy.txrelay import Out, TxRelay
 
 if TYPE_CHECKING:
     from proxy.app import ProxyServer
@@ -61,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgml_proxy.frontend")
 _ids = itertools.count(1)
 _PGML = re.compile(rb"[pP][gG][mM][lL]")
+_HEAD = struct.Struct("!xI").unpack_from  # a message's length, after its type byte
 Step = Coroutine[Any, Any, None] | None
 
 
@@ -92,18 +92,16 @@ class Frontend(asyncio.Protocol):
         self.pool: Pool | None = None
         self.server: ServerConn | None = None
         self.admin = False
-        self.want: dict[str, str] = {}
+        self.want: dict[str, str] = {}  # the reported settings a server connection must carry
+        self._want_key: tuple[tuple[str, str], ...] | None = None
         self.pending: deque[tuple[int, bytes]] = deque()
         self.auth_queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         self.up: list[bytes] = []
         self.s = Session(app.config.pool_mode == "transaction")  # phase, batch, release decisions
-        # Transaction mode: the client's named statements and settings (proxy.txstate); the
-        # unnamed statement's Parse and what its SQL does, and that of portals bound from one.
-        self.txs = txs.ClientTx()
-        self.unnamed: bytes | None = None
-        self.unnamed_scan: tuple[txs.Stmt, ...] | None = None
-        self.portal_scan: dict[str, tuple[txs.Stmt, ...]] = {}
+        # Transaction mode: the client's named statements, settings and unnamed statement, and
+        # what goes upstream with each of its messages (proxy.txrelay, sans-IO).
+        self.relay = TxRelay()
         self.local = LocalStatements(self)
         # Replicas, transaction pooling: which server each transaction runs on (proxy.replicas).
         self.route = ClientRoute(app) if app.upstreams is not None and self.tx else None
@@ -125,7 +123,7 @@ class Frontend(asyncio.Protocol):
         if srv is None or self.pool is None:
             return
         srv.client = None
-        leave = self.s.leave(len(srv.replies), srv.tx_status, srv.internal, self.txs.dirty)
+        leave = self.s.leave(len(srv.replies), srv.tx_status, srv.internal, self.relay.txs.dirty)
         if leave is Leave.CANCEL_AND_CLOSE:
             self.app.spawn(self.app.cancel_backend(srv))
             self.pool.discard(srv)
@@ -153,6 +151,8 @@ class Frontend(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.app.stats.bytes_in += len(data)
         try:
+            if data[:1] == b"Q" and self.task is None and self._relay_query(data):
+                return
             if self.s.phase is Phase.STARTUP:
                 startup_bytes(self, data)
                 return
@@ -180,6 +180,28 @@ class Frontend(asyncio.Protocol):
             log.exception("client %d: unexpected failure", self.id)
             self.fatal(InternalError(f"pgml-proxy internal error: {exc}"))
         self.flush_up()
+
+    def _relay_query(self, data: bytes) -> bool:
+        """The common case in one step (`_simple`'s relay, without framing and routing): `data`
+        is one whole simple Query that `plain` clears, for the server connection this client
+        holds or one free now. False: nothing was done, the general path takes it."""
+        if (self.s.phase is not Phase.READY or self.framer.buf or self.admin or self.route is not None
+                or _HEAD(data)[0] + 1 != len(data) or not plain(data)):
+            return False
+        srv = self.server
+        if srv is None:
+            if not self.tx:
+                return False
+            srv = self._server_now()
+            if srv is None:
+                return False
+        self.app.stats.queries += 1
+        if self.tx:
+            self.relay.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
+        srv.replies.queue.append(Expect(Reply.READY, self.s.batch))
+        self.up.append(data)
+        self.flush_up()
+        return True
 
     # --- writing -------------------------------------------------------------------------
     def write(self, data: bytes | bytearray) -> None:
@@ -303,7 +325,7 @@ class Frontend(asyncio.Protocol):
             srv = self._server_now()
             if srv is None:
                 return self._forward_later(t, msg)
-            self.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
+            self.relay.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
             self.up.append(msg)
             srv.expect(Expect(Reply.READY, self.s.batch))
             return None
@@ -343,35 +365,28 @@ class Frontend(asyncio.Protocol):
         conn.client = self
         conn.internal = False
         self.server = conn
-        if conn.last_client is not self or conn.txs.settings != self.txs.settings:
-            self._replay_settings(conn)  # (the client may have SET something elsewhere since)
-            conn.last_client = self
+        # The client's settings, before anything of the client runs on it (it may have SET
+        # something elsewhere since, or another client used this connection).
+        self._send(conn, self.relay.settings(conn, self.want, self.want_key(), self.s.batch))
 
-    def _replay_settings(self, conn: ServerConn) -> None:
-        """Make `conn` carry this client's settings, before anything of the client runs on it."""
-        changes: dict[str, str | None] = {}
-        for k, v in self.want.items():
-            if conn.params.get(k, conn.extra.get(k)) != v:
-                changes[k] = v
-        for k in list(conn.extra):
-            if k not in self.want:
-                changes[k] = None
-                del conn.extra[k]
-        for k, val in changes.items():
-            if k not in conn.params and val is not None:
-                conn.extra[k] = val
-        # What SET and friends left (the server's account, read before the client last let go);
-        # kept apart from `extra`, which a new client's login resets.
-        wanted = {k.lower() for k in self.want}
-        for k, val in txs.settings_changes(self.txs.settings, conn.txs.settings).items():
-            if val is not None or k not in wanted:
-                changes[k] = val
-        conn.txs.settings = dict(self.txs.settings)
-        if not changes:
-            return
-        self.up.append(m.Query(settings_sql(changes)).encode())
-        conn.unnamed = None
-        conn.expect(Expect(Reply.READY, self.s.batch, Swallow.ALL))
+    def _send(self, srv: ServerConn, out: Out) -> None:
+        """Carry out a TxRelay decision: each message upstream, in order, owing its reply."""
+        for data, expect in out:
+            if data is not None:
+                self.up.append(data)
+                self.s.forwarded(expect.terminals)
+            srv.expect(expect)
+
+    def want_key(self) -> tuple[tuple[str, str], ...]:
+        """`want` as one shared object for every client that wants the same: a server connection
+        that carries it (`ServerConn.applied`) needs no comparison, whoever used it last."""
+        if self._want_key is None:
+            self._want_key = self.app.settings_key(self.want)
+        return self._want_key
+
+    def set_want(self, want: dict[str, str]) -> None:
+        self.want = want
+        self._want_key = None
 
     async def acquire(self, routed: bool = False) -> ServerConn:
         """A server connection for this client, waiting for the pool when it must (`routed`:
@@ -429,7 +444,7 @@ class Frontend(asyncio.Protocol):
             self.app.stats.queries += 1
             if local.portals and local.has_portal(msg):
                 return local.execute(msg)
-            if self.portal_scan:
+            if self.relay.portal_scan:
                 return self._execute(msg)
             return self._forward(t, msg, Reply.EXECUTE)
         if t == 0x48:  # Flush
@@ -453,7 +468,7 @@ class Frontend(asyncio.Protocol):
             return self._parse(msg)
         if not self.tx and not local.stmts and not local.portals:
             return self._forward(t, msg, Reply.to(t))
-        if (t == 0x42 and msg[5] == 0 and msg[6] == 0 and self.unnamed_scan is None and not local.stmts
+        if (t == 0x42 and msg[5] == 0 and msg[6] == 0 and self.relay.unnamed_scan is None and not local.stmts
                 and not local.portals):  # Bind of the unnamed statement to the unnamed portal
             return self._bind_unnamed(msg)
         return self._named(t, msg)
@@ -465,23 +480,16 @@ class Frontend(asyncio.Protocol):
         srv = self._server_now()
         if srv is None:
             return self._forward_later(0x50, msg)
-        self.unnamed, self.unnamed_scan = msg, None
-        srv.unnamed = msg
-        return self._forward(0x50, msg, Reply.PARSE)
+        self._send(srv, self.relay.parse_unnamed(msg, srv, self.s.batch))
+        return None
 
     def _bind_unnamed(self, msg: bytes) -> Step:
-        """`_named` for a Bind of the unnamed statement to the unnamed portal, in transaction
-        mode: the server gets the client's unnamed statement first if it holds another."""
+        """`_named` for a Bind of the unnamed statement to the unnamed portal, in transaction mode."""
         srv = self._server_now()
         if srv is None:
             return self._forward_later(0x42, msg)
-        if self.unnamed is not None and srv.unnamed != self.unnamed:
-            self.up.append(self.unnamed)
-            srv.expect(Expect(Reply.PARSE, self.s.batch, Swallow.OK))
-            srv.unnamed = self.unnamed
-        if self.portal_scan:
-            self.portal_scan.pop("", None)
-        return self._forward(0x42, msg, Reply.BIND)
+        self._send(srv, self.relay.bind_unnamed(msg, srv, self.s.batch))
+        return None
 
     def _bad_message(self, t: int) -> Step:
         """Postgres's answer to a message whose body it cannot read (no server to ask)."""
@@ -496,41 +504,12 @@ class Frontend(asyncio.Protocol):
         srv = self._server_now()
         if srv is None:
             return self._forward_later(0x50, msg)
-        what = unpoolable(p.sql.encode(), srv.tx_status)
-        if what is not None:
-            p = m.Parse(p.name, refusal_sql(what), p.param_oids)
-            msg = p.encode()
-        elif TEMP_WORDS.search(msg, 5) is not None:
-            self.s.temp_objects = True
-        scan = txs.scan(p.sql) if txs.hint(msg) else None
-        if scan is not None:
-            # Postgres looks up EXECUTE's statement when it parses (its result columns): the
-            # server must hold the client's version of each name the statement uses by then.
-            self._sync_extended(srv, scan)
-        if p.name == "":
-            self.unnamed, self.unnamed_scan = msg, scan
-            srv.unnamed = msg
-            return self._forward(0x50, msg, Reply.PARSE)
-        if p.name in self.txs.stmts or p.name in self.txs.sql:  # one namespace, as upstream
-            self._batch_error(DuplicatePreparedStatement(f'prepared statement "{p.name}" already exists'))
-            return None
-        path = self.want.get("search_path") or self.txs.settings.get("search_path", "")
-        srvname = txs.server_name(p.sql, p.param_oids, path)
-        prep = txs.Prepared(srvname, m.Parse(srvname, p.sql, p.param_oids).encode(), scan,
-                            txs.as_sql(p.name, p.sql, p.param_oids))
-        if srvname in srv.txs.prepared:
-            srv.expect(Expect(Reply.NOTHING, self.s.batch, synthetic=m.PARSE_COMPLETE,
-                              track=txs.parse(self.txs, None, p.name, prep)))
-            return None
-        self.up.append(prep.parse)
-        srv.expect(Expect(Reply.PARSE, self.s.batch, track=txs.parse(self.txs, srv.txs, p.name, prep)))
-        self.s.forwarded(Reply.PARSE)
+        path = self.want.get("search_path") or self.relay.txs.settings.get("search_path", "")
+        out, error = self.relay.parse(msg, p, srv, self.s.batch, path)
+        self._send(srv, out)
+        if error is not None:
+            self._batch_error(error)
         return None
-
-    def _prepare(self, srv: ServerConn, prep: txs.Prepared) -> None:
-        """Prepare a statement of this client's again, on a server connection that lacks it."""
-        self.up.append(prep.parse)
-        srv.expect(Expect(Reply.PARSE, self.s.batch, Swallow.OK, track=txs.parse(None, srv.txs, "", prep)))
 
     def _batch_error(self, exc: PgError) -> None:
         """An error of the proxy's own in an extended batch: sent in order, then skip to Sync."""
@@ -543,39 +522,8 @@ class Frontend(asyncio.Protocol):
         srv = self._server_now()
         if srv is None:
             return self._forward_later(0x51, msg)
-        self.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
-        what = unpoolable(memoryview(msg)[5:], srv.tx_status)
-        if what is not None:
-            msg = m.Query(refusal_sql(what)).encode()
-        elif TEMP_WORDS.search(msg, 5) is not None:
-            self.s.temp_objects = True
-        scan = txs.scan(m.Query.parse(msg[5:]).sql) if txs.hint(msg) else None
-        track = None
-        if scan is not None:
-            syncs = txs.sync(self.txs, srv.txs, scan)
-            tracks, track = txs.begin_query(self.txs, srv.txs, syncs, scan)
-            for s, tr in zip(syncs, tracks, strict=True):
-                # The proxy's own statements: if one fails the client's own says why.
-                srv.expect(Expect(Reply.READY, self.s.batch, Swallow.ALL, track=tr))
-                self.up.append(m.Query(s.text).encode())
-        self.up.append(msg)
-        srv.expect(Expect(Reply.READY, self.s.batch, track=track))
+        self._send(srv, self.relay.query(msg, srv, self.s.batch))
         return None
-
-    def _sync_extended(self, srv: ServerConn, scan: tuple[txs.Stmt, ...]) -> None:
-        """Before a Bind or Describe: `_query`'s sync as extended messages, on the unnamed statement."""
-        for s in txs.sync(self.txs, srv.txs, scan):
-            track = txs.begin(self.txs, srv.txs, [s], sync_only=True)
-            # An error here aborts the client's batch upstream: it is relayed (Swallow.OK).
-            for msg, ends, tr in (
-                (m.Parse("", s.text).encode(), Reply.PARSE, None),
-                (m.Bind("", "").encode(), Reply.BIND, None),
-                (m.Execute("").encode(), Reply.EXECUTE, track),
-            ):
-                self.up.append(msg)
-                srv.expect(Expect(ends, self.s.batch, Swallow.OK, track=tr))
-            srv.unnamed = None
-            self.s.forwarded(Reply.EXECUTE)
 
     def _named(self, t: int, msg: bytes) -> Step:
         """Bind, Describe and Close: answer local objects here, rename prepared statements upstream."""
@@ -600,46 +548,14 @@ class Frontend(asyncio.Protocol):
         srv = self._server_now()
         if srv is None:
             return self._forward_later(t, msg)
-        if t == 0x43:  # Close: answered here; what is prepared upstream stays for the next user
-            # In its turn, and undone if the batch fails before it is due.
-            srv.expect(Expect(Reply.NOTHING, self.s.batch, synthetic=m.CLOSE_COMPLETE,
-                              track=txs.close(self.txs, stmt)))
-            return None
-        prep = self.txs.stmts.get(stmt) if stmt else None
-        scan = self.unnamed_scan if stmt == "" else prep.stmts if prep is not None else None
-        # First what the server must hold for the names the statement uses (this borrows the
-        # unnamed statement upstream: it is parsed again below when the client's is needed).
-        if prep is None and stmt:  # a PREPAREd name, or none: this client's version, or none
-            self._sync_extended(srv, (txs.Stmt("execute", stmt),))
-        if scan is not None:  # a Describe too: Postgres looks up EXECUTE's statement for it
-            self._sync_extended(srv, scan)
-        if stmt == "":
-            if self.unnamed is not None and srv.unnamed != self.unnamed:
-                self.up.append(self.unnamed)
-                srv.expect(Expect(Reply.PARSE, self.s.batch, Swallow.OK))
-                srv.unnamed = self.unnamed
-        elif prep is not None:
-            if prep.srvname not in srv.txs.prepared:
-                self._prepare(srv, prep)
-            rest = msg[5 + r.pos :]
-            head = (m.cstr(portal) if t == 0x42 else b"S") + m.cstr(prep.srvname)
-            msg = m.frame(bytes([t]), head + rest)
-        if t == 0x42:
-            if scan is not None:
-                self.portal_scan[portal] = scan
-            else:
-                self.portal_scan.pop(portal, None)
-        return self._forward(t, msg, Reply.to(t))
+        self._send(srv, self.relay.named(t, msg, portal, stmt, msg[5 + r.pos :], srv, self.s.batch))
+        return None
 
     def _execute(self, msg: bytes) -> Step:
         srv = self._server_now()
         if srv is None:
             return self._forward_later(0x45, msg)
-        scan = self.portal_scan.pop(m.Execute.parse(msg[5:]).portal, None)
-        track = None if scan is None else txs.begin(self.txs, srv.txs, scan)
-        self.up.append(msg)
-        srv.expect(Expect(Reply.EXECUTE, self.s.batch, track=track))
-        self.s.forwarded(Reply.EXECUTE)
+        self._send(srv, self.relay.execute(msg, srv, self.s.batch))
         return None
 
     def _sync(self) -> Step:
@@ -666,8 +582,9 @@ class Frontend(asyncio.Protocol):
         self.maybe_release()
 
     def server_param(self, name: str, value: str) -> None:
-        if name not in UNSETTABLE:
+        if name not in UNSETTABLE and self.want.get(name) != value:
             self.want[name] = value
+            self._want_key = None
         if name == "application_name":
             self.application_name = value
 
@@ -684,18 +601,13 @@ class Frontend(asyncio.Protocol):
     def maybe_release(self) -> None:
         """Transaction mode: the server connection goes back once the client is between transactions."""
         srv = self.server
-        if srv is None or self.pool is None or not self.s.may_release(len(srv.replies), srv.tx_status,
-                                                                      srv.internal):
+        if not self.tx or srv is None or self.pool is None or not self.s.may_release(
+                len(srv.replies), srv.replies.tx_status, srv.internal):
             return
-        if self.s.temp_objects:  # temporary tables end with their transaction: no one else sees them
-            self.s.temp_objects = False
-            srv.expect(Expect(Reply.READY, self.s.batch, Swallow.ALL))
-            srv.send_query("DISCARD TEMP")
-            return
-        if self.txs.dirty:  # a SET may have changed the session: ask the server what stuck
-            self.txs.dirty = False
-            srv.expect(Expect(Reply.READY, self.s.batch, Swallow.ALL, track=txs.Capture(self._captured)))
-            srv.send_query(txs.CAPTURE_SQL)
+        for data, expect in self.relay.before_release(self.s.batch, self._captured):
+            srv.expect(expect)
+            srv.send(data or b"")
+            srv.unnamed = None  # a simple Query drops the unnamed statement upstream
             return
         if self.route is not None and self.route.lsn_owed:  # read-your-writes: where it committed
             self.route.lsn_owed = False
@@ -710,7 +622,7 @@ class Frontend(asyncio.Protocol):
         srv = self.server
         values = [m.DataRow.parse(body).values for body in rows]
         got = txs.captured(((_text(v[0]), _text(v[1])) for v in values), srv.params if srv else ())
-        self.txs.settings = got
+        self.relay.txs.settings = got
         if srv is not None:
             srv.txs.settings = dict(got)
 

@@ -353,7 +353,7 @@ class LocalStatements:
     async def parse(self, p: m.Parse) -> None:
         fe = self.fe
         fe.app.stats.pgml_queries += 1
-        fe.txs.stmts.pop(p.name, None)
+        fe.relay.txs.stmts.pop(p.name, None)
 
         async def work() -> None:
             self.stmts[p.name] = await self._handler().parse(p.sql, p.param_oids)

@@ -173,7 +173,7 @@ class Pool:
             conn.txs.reset()
             conn.extra.clear()
             conn.unnamed = None
-            conn.last_client = None
+            conn.applied = None
 
     def discard(self, conn: ServerConn) -> None:
         conn.close()

@@ -113,9 +113,6 @@ class Session:
     failed_batch: int = -1  # the batch whose error makes the rest of it skip to Sync
     sync_owed: bool = False  # part of the current batch went upstream: its Sync must too
     holding: bool = False  # the planner runs its own requests on the server connection
-    # Transaction pooling: the transaction may have made temporary objects, which are dropped
-    # (DISCARD TEMP) before its server connection serves anyone else.
-    temp_objects: bool = False
 
     @property
     def skipping(self) -> bool:

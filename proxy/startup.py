@@ -21,9 +21,10 @@ from core.errors import (
 )
 from proxy import messages as m
 from proxy.auth import ClientAuthenticator
-from proxy.backend import ServerConn, Startup, settings_sql, valid_setting_name
+from proxy.backend import ServerConn, Startup
 from proxy.routing import ROUTE_SETTING, ROUTE_VALUES
 from proxy.session import Phase
+from proxy.txstate import settings_sql, valid_setting_name
 
 if TYPE_CHECKING:
     from proxy.frontend import Frontend
@@ -118,8 +119,8 @@ async def _client_login(fe: Frontend, startup: m.StartupMessage) -> None:
         await _apply_settings(fe, conn, settings)
         fe.key = (fe.id, secrets.randbits(31))
     else:
-        fe.want = {k: v for k, v in conn.params.items() if k not in UNSETTABLE}
-        conn.last_client = fe
+        fe.set_want({k: v for k, v in conn.params.items() if k not in UNSETTABLE})
+        conn.applied = fe.want_key()
         fe.key = (conn.pid, secrets.randbits(31))  # the server's own pid, our secret
     fe.app.register_key(fe)
     fe.write(b"".join(m.ParameterStatus(k, v).encode() for k, v in conn.params.items()))
@@ -184,9 +185,8 @@ async def _apply_settings(fe: Frontend, conn: ServerConn, settings: dict[str, st
         pool.discard(conn)  # the client left mid-login: the reply may be half read
         raise
     conn.extra = {k: v for k, v in settings.items() if k not in conn.params}
-    fe.want = {k: v for k, v in conn.params.items() if k not in UNSETTABLE}
-    fe.want.update(conn.extra)
-    conn.last_client = fe
+    fe.set_want({k: v for k, v in conn.params.items() if k not in UNSETTABLE} | conn.extra)
+    conn.applied = fe.want_key()
 
 
 async def _authenticate(fe: Frontend, user: str) -> str | None:

@@ -390,3 +390,27 @@ def settings_changes(want: Mapping[str, str], have: Mapping[str, str]) -> dict[s
     changes: dict[str, str | None] = {k: None for k in have if k not in want}
     changes.update({k: v for k, v in want.items() if have.get(k) != v})
     return changes
+
+
+_GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
+
+
+def valid_setting_name(name: str) -> bool:
+    return bool(_GUC_NAME.match(name))
+
+
+def settings_sql(changes: Mapping[str, str | None]) -> str:
+    """Statements that apply `changes` (None: RESET to the default); names must be valid."""
+    sets = [f"pg_catalog.set_config({quote(k)}, {quote(v)}, false)"
+            for k, v in changes.items() if v is not None]
+    parts = ["SELECT " + ", ".join(sets)] if sets else []
+    parts += [f"RESET {k}" for k, v in changes.items() if v is None and valid_setting_name(k)]
+    return "; ".join(parts)
+
+
+def quote(text: str) -> str:
+    """A SQL string literal for `text` (E'' form when it holds a backslash)."""
+    body = text.replace("'", "''")
+    if "\\" in body:
+        return "E'" + body.replace("\\", "\\\\") + "'"
+    return "'" + body + "'"
