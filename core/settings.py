@@ -125,6 +125,9 @@ class TabularSettings:
     max_batch_rows: int = 4096
     max_queue: int = 10000
     max_models: int = 32  # loaded tabular models kept in memory
+    # Fit processes kept warm for the next pgml.train (runtime/tabular/fitproc.py): a cold one
+    # costs 1-2 s to import scikit-learn, a warm one holds ~200 MB. 0: a new process per fit.
+    idle_fit_processes: int = 1
     # Serve with ONNX Runtime where the conversion is checked equal (runtime/tabular/compiled.py).
     onnx: bool = True
     # hub dataset name -> offline generator (runtime/tabular/offline_datasets.py checks the name)
@@ -147,7 +150,7 @@ class TabularSettings:
                     raise ConfigError("runtime.tabular.onnx", f"expected true or false, got {value!r}")
                 kw[key] = value
             else:
-                kw[key] = _count(f"runtime.tabular.{key}", value)
+                kw[key] = _count(f"runtime.tabular.{key}", value, 0 if key == "idle_fit_processes" else 1)
         return cls(**kw)
 
 
