@@ -126,7 +126,8 @@ class TabularSettings:
     max_queue: int = 10000
     max_models: int = 32  # loaded tabular models kept in memory
     # Fit processes kept warm for the next pgml.train (runtime/tabular/fitproc.py): a cold one
-    # costs 1-2 s to import scikit-learn, a warm one holds ~200 MB. 0: a new process per fit.
+    # costs 1-3 s of imports, a warm one holds 0.3-0.5 GB (scikit-learn, XGBoost, the ONNX
+    # converters once used). 0: a new process per fit.
     idle_fit_processes: int = 1
     # Serve with ONNX Runtime where the conversion is checked equal (runtime/tabular/compiled.py).
     onnx: bool = True

@@ -8,7 +8,7 @@ process and its group are killed at once (runtime.processes), before anything is
 registered. One path for all fits also means a fit that exhausts memory kills its worker,
 not the proxy and every client's session with it: the client gets 53200.
 
-A process starts cold in about 1-2 s (Python, NumPy, scikit-learn), so finished workers
+A process starts cold in 1-3 s here (Python, NumPy, scikit-learn), so finished workers
 are kept warm for the next fit, up to `runtime.tabular.idle_fit_processes`, unless their
 memory grew past `_KEEP_RSS` (a big fit's heap is not given back to the system). Data goes
 to the worker as `.npy` files in a job folder and the model comes back as the bytes that
@@ -72,8 +72,10 @@ class FitWorkers:
         folder = Path(tempfile.mkdtemp(prefix="pgml-fit-"))
         proc: asyncio.subprocess.Process | None = None
         ended = False
+        # Shielded: a stop while the arrays are written must not remove the folder under the thread.
+        writing = asyncio.ensure_future(asyncio.to_thread(_write_job, folder, job, onnx, n_classes))
         try:
-            await asyncio.to_thread(_write_job, folder, job, onnx, n_classes)
+            await asyncio.shield(writing)
             proc = await self._take()
             assert proc.stdin is not None
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # dead: _outcome says how
@@ -90,7 +92,10 @@ class FitWorkers:
                     self._idle.append(proc)
                 else:  # stopped mid-fit (or dead): the fit ends now, not when the library is done
                     await processes.kill(proc)
-            shutil.rmtree(folder, ignore_errors=True)
+            if writing.done():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                writing.add_done_callback(lambda _: _remove(folder, writing))
 
     async def _take(self) -> asyncio.subprocess.Process:
         while self._idle:
@@ -136,6 +141,13 @@ async def _outcome(
     raise SystemError_(
         f"pgml.train: the training process ended with {how}", hint="the proxy's log has its output"
     )
+
+
+def _remove(folder: Path, writing: asyncio.Future[None]) -> None:
+    """The folder of a fit stopped while its arrays were written, once the writing thread is done."""
+    if not writing.cancelled():
+        writing.exception()  # retrieved: a failed write of a stopped fit is nobody's error
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_job(folder: Path, job: training.TrainJob, onnx: bool, n_classes: int) -> None:
