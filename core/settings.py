@@ -125,6 +125,10 @@ class TabularSettings:
     max_batch_rows: int = 4096
     max_queue: int = 10000
     max_models: int = 32  # loaded tabular models kept in memory
+    # Fit processes kept warm for the next pgml.train (runtime/tabular/fitproc.py): a cold one
+    # costs 1-3 s of imports, a warm one holds 0.3-0.5 GB (scikit-learn, XGBoost, the ONNX
+    # converters once used). 0: a new process per fit.
+    idle_fit_processes: int = 1
     # Serve with ONNX Runtime where the conversion is checked equal (runtime/tabular/compiled.py).
     onnx: bool = True
     # A compiled model's small batch runs on the event loop, not in a predict thread, while its
@@ -151,7 +155,7 @@ class TabularSettings:
                     raise ConfigError("runtime.tabular.onnx", f"expected true or false, got {value!r}")
                 kw[key] = value
             else:
-                low = 0 if key == "inline_budget_us" else 1
+                low = 0 if key in ("inline_budget_us", "idle_fit_processes") else 1
                 kw[key] = _count(f"runtime.tabular.{key}", value, low)
         return cls(**kw)
 

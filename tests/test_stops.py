@@ -2,16 +2,21 @@
 
 The proxy runs as a subprocess (tests/fix_proxy.py) in front of the test Postgres, with the
 model aliases of tests/models.test.toml. The workload is an embed of many rows with the real
-all-MiniLM-L6-v2 (tens of seconds uncancelled on this machine) and a boosting train with an
-absurd number of rounds. After each stop the client must get 57014 worded as Postgres words
-it, the proxy's CPU must fall to idle (read from /proc/<pid>/stat), the connection must stay
-usable, and a stopped train must leave the registry as it was.
+all-MiniLM-L6-v2 (tens of seconds uncancelled on this machine), a boosting train with an
+absurd number of rounds, and scikit-learn fits that have no hook to stop them (a forest of
+absurdly many trees, a grid search over such forests). After each stop the client must get
+57014 worded as Postgres words it, the CPU of the proxy and of every process it started (the
+fit processes) must fall to idle (read from /proc/<pid>/stat), the connection must stay
+usable, and a stopped train must leave the registry as it was. A fit process killed from
+outside (as the out-of-memory killer does) gives its client 53200, and a proxy killed
+outright takes its fit processes with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -44,6 +49,21 @@ BIG_TRAIN = (
     "SELECT * FROM pgml.train('stops_project', 'regression', 'stops_data', 'y',"
     " algorithm => 'xgboost', hyperparams => '{\"n_estimators\": 100000000}')"
 )
+# No hook between a forest's trees: only killing the fit process stops it (minutes uncancelled).
+BIG_FOREST = (
+    "SELECT * FROM pgml.train('stops_forest', 'regression', 'stops_data', 'y',"
+    " algorithm => 'random_forest', hyperparams => '{\"n_estimators\": 20000}')"
+)
+BIG_SEARCH = (
+    "SELECT * FROM pgml.train('stops_search', 'regression', 'stops_data', 'y',"
+    " algorithm => 'random_forest', search => 'grid',"
+    " search_params => '{\"n_estimators\": [20000, 30000], \"max_depth\": [4, 8]}')"
+)
+FIT_WORKER = "runtime.tabular.fit_worker"
+DATA = (
+    "CREATE TABLE IF NOT EXISTS stops_data AS SELECT i::float8 AS x1, (i % 7)::float8 AS x2,"
+    " (i * 2 + i % 3)::float8 AS y FROM generate_series(1, 2000) i"
+)
 
 
 def _config(tmp: Path) -> Path:
@@ -62,17 +82,47 @@ def stop_proxy(
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:  # load the model before any timing
         conn.execute("SELECT pgml.embed('all-MiniLM-L6-v2', 'warm up')")
         conn.execute("DROP TABLE IF EXISTS stops_data")
-        conn.execute(
-            "CREATE TABLE stops_data AS SELECT i::float8 AS x1, (i % 7)::float8 AS x2,"
-            " (i * 2 + i % 3)::float8 AS y FROM generate_series(1, 2000) i"
-        )
+        conn.execute(DATA)
     yield proxy
     proxy.stop()
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command: [0] state, [1] ppid, [11:15] CPU ticks."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and every live process it started, at any depth."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                children.setdefault(int(_stat(int(entry))[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo.extend(children.get(out[-1], []))
+    return out
+
+
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    """CPU of the proxy and its descendants: live ones' utime + stime, reaped ones' cutime + cstime."""
+    total = 0
+    for each in _tree(pid):
+        with contextlib.suppress(OSError):
+            total += sum(int(v) for v in _stat(each)[11:15])
+    return total / TICKS
+
+
+def _fit_workers(pid: int) -> list[int]:
+    """The live fit processes the proxy started."""
+    found = []
+    for each in _tree(pid)[1:]:
+        with contextlib.suppress(OSError):
+            if FIT_WORKER in Path(f"/proc/{each}/cmdline").read_text() and _stat(each)[0] != "Z":
+                found.append(each)
+    return found
 
 
 def _cpu_falls(pid: int, within: float = 3.0, window: float = 0.5) -> float:
@@ -231,6 +281,89 @@ def test_train_stopped_writes_nothing(stop_proxy: ProxyProcess, how: str) -> Non
     _cpu_falls(stop_proxy.pid)
     with psycopg.connect(stop_proxy.dsn(), autocommit=True) as conn:
         assert _registry(conn) == before
+
+
+@pytest.mark.parametrize("sql", [BIG_FOREST, BIG_SEARCH], ids=["forest", "grid_search"])
+@pytest.mark.parametrize("how", ["cancel", "timeout", "disconnect"])
+def test_fit_without_hooks_stopped(stop_proxy: ProxyProcess, how: str, sql: str) -> None:
+    """Stopped mid-fit, its process is killed: the CPU falls at once and nothing is registered."""
+    with psycopg.connect(stop_proxy.dsn(), autocommit=True) as conn:
+        before = _registry(conn)
+    if how == "disconnect":
+        conn = psycopg.connect(stop_proxy.dsn(), autocommit=True)
+        running = Running(conn, sql)
+        _fitting(stop_proxy.pid)
+        assert running.thread.is_alive() and _cpu_busy(stop_proxy.pid)
+        _vanish(conn)
+        running.wait(10)
+        conn.close()
+    else:
+
+        def setup(conn: psycopg.Connection[Any]) -> None:
+            if how == "timeout":
+                conn.execute("SET statement_timeout = '6s'")
+
+        stop = (lambda c: c.cancel()) if how == "cancel" else (lambda c: None)
+        message = USER_REQUEST if how == "cancel" else TIMEOUT
+        # Stopped once the fit runs (a cold fit process first imports scikit-learn for 1-3 s).
+        _stop_and_check(stop_proxy, sql, stop, message, setup, after=4.5)
+    _cpu_falls(stop_proxy.pid)
+    with psycopg.connect(stop_proxy.dsn(), autocommit=True) as other:
+        assert _registry(other) == before
+
+
+def _fitting(pid: int, within: float = 15.0) -> list[int]:
+    """The proxy's fit processes once one has started and worked a while (past its imports)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        workers = _fit_workers(pid)
+        if workers and sum(_cpu_seconds(w) for w in workers) > 3.0:
+            return workers
+        time.sleep(0.2)
+    pytest.fail(f"no fit process worked {within} s after the train started")
+
+
+def test_fit_process_killed_is_an_error_not_a_hang(stop_proxy: ProxyProcess) -> None:
+    """The out-of-memory killer's way (SIGKILL from outside): 53200, and the next fit works."""
+    with psycopg.connect(stop_proxy.dsn(), autocommit=True) as conn:
+        before = _registry(conn)
+        running = Running(conn, BIG_FOREST)
+        try:
+            for worker in _fitting(stop_proxy.pid):
+                os.kill(worker, signal.SIGKILL)
+            error = running.wait(10)
+        except BaseException:
+            _vanish(conn)
+            raise
+        assert isinstance(error, psycopg.errors.OutOfMemory), repr(error)
+        assert error.diag.sqlstate == "53200" and "killed" in (error.diag.message_primary or "")
+        assert _registry(conn) == before
+        conn.execute("SELECT * FROM pgml.train('stops_after_kill', 'regression', 'stops_data', 'y')")
+        assert _registry(conn)[0] == before[0] + 1
+
+
+def test_proxy_killed_takes_its_fit_processes(pg_dsn: str) -> None:
+    """No orphans: a proxy killed outright (SIGKILL) leaves no fit process burning the machine."""
+    proxy = start_proxy(pg_dsn, "session")
+    try:
+        conn = psycopg.connect(proxy.dsn(), autocommit=True)
+        conn.execute(DATA)
+        Running(conn, BIG_FOREST)
+        workers = _fitting(proxy.pid)
+        proxy.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "a fit process outlived its proxy"
+    finally:
+        proxy.stop(signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] != "Z"  # a zombie has stopped; init reaps it when it will
+    except OSError:
+        return False
 
 
 # --- the stop scope itself -------------------------------------------------------------------------

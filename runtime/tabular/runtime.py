@@ -1,8 +1,8 @@
 """`TabularRuntime`: the tabular pgml functions behind `runtime.Runtime`'s dispatch.
 
 Owns the lifecycle (migrations at start, the LISTEN task for deploys from other
-instances, the worker threads), and routes each function name to the trainer, the
-predictor, deploy or load_dataset. Its own upstream connections only: training reads
+instances, the worker threads, the fit processes), and routes each function name to the
+trainer, the predictor, deploy or load_dataset. Its own upstream connections only: training reads
 committed data, never the client's open transaction.
 """
 
@@ -24,7 +24,7 @@ from core.interfaces import CallContext
 from core.settings import RuntimeConfig, TabularSettings
 from runtime import hub
 
-from . import datasets, deploy, migrations, offline_datasets, registry, trainer
+from . import datasets, deploy, fitproc, migrations, offline_datasets, registry, trainer
 from .predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class TabularRuntime:
             cfg.inline_budget_us / 1e6,
         )
         self._onnx = cfg.onnx
+        self._fits = fitproc.FitWorkers(cfg.idle_fit_processes)
         self._listener: asyncio.Task[None] | None = None
         # Others caching per-project deployments (runtime.tune): told what this listener hears.
         self.deploy_listeners: list[Callable[[str | None], None]] = []
@@ -140,6 +141,7 @@ class TabularRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
         await self._predictor.close()
+        await self._fits.close()
         await self._pool.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -180,7 +182,7 @@ class TabularRuntime:
             # Refused before any training work; checked again where the model is written.
             await self._check_may_write(str(call["project_name"]), ctx.user)
             row = await trainer.train(
-                self._pool, call, ctx, joint=function == "train_joint", onnx=self._onnx
+                self._pool, self._fits, call, ctx, joint=function == "train_joint", onnx=self._onnx
             )
             self._forget(str(call["project_name"]))
             out.append([row])

@@ -2,15 +2,15 @@
 
 Validates everything that can be validated before any work (project, task, algorithm,
 relation, columns, labels), reads the relation on the runtime's own connection (so it
-sees committed data only), fits in a worker thread while relaying progress as INFO
-notices, and writes project, snapshot, model, files and deployment in ONE transaction.
+sees committed data only), fits in a worker process (runtime.tabular.fitproc: a stopped
+statement kills it) while relaying progress as INFO notices, and writes project, snapshot,
+model, files and deployment in ONE transaction, only once the fit has come back.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 from core.errors import InvalidParameterValue, NullValueNotAllowed, UndefinedModel
 from core.interfaces import CallContext
 
-from . import algorithms, compiled, preprocess, registry, storage, training
+from . import algorithms, fitproc, preprocess, registry, storage, training
 
 log = logging.getLogger(__name__)
 
@@ -139,33 +139,6 @@ async def prepare(
     return TrainingData(relation, y_names, specs, x, y, train_idx, test_idx, test_size, sampling)
 
 
-async def _run_thread(
-    fn: Callable[[Callable[[str], None]], Any], ctx: CallContext, on_cancel: Callable[[], None]
-) -> Any:
-    """Run `fn(progress)` in a thread; relay its progress lines as notices; cancellable."""
-    loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[str] = asyncio.Queue()
-
-    def progress(line: str) -> None:
-        loop.call_soon_threadsafe(lines.put_nowait, line)
-
-    fut = loop.run_in_executor(None, fn, progress)
-    try:
-        while not fut.done():
-            getter = asyncio.ensure_future(lines.get())
-            await asyncio.wait({fut, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                await ctx.notice(getter.result())
-            else:
-                getter.cancel()
-        while not lines.empty():
-            await ctx.notice(lines.get_nowait())
-        return fut.result()
-    except asyncio.CancelledError:
-        on_cancel()  # the thread stops at its next check; nothing has been written
-        raise
-
-
 def _arguments(call: Mapping[str, Any], task: str) -> tuple[str, dict[str, Any], str | None]:
     algorithm = call.get("algorithm") or "linear"
     if algorithm == "linear" and task in ("clustering", "decomposition"):
@@ -230,7 +203,12 @@ def _job(
 
 
 async def train(
-    pool: registry.Pool, call: Mapping[str, Any], ctx: CallContext, joint: bool, onnx: bool = True
+    pool: registry.Pool,
+    fits: fitproc.FitWorkers,
+    call: Mapping[str, Any],
+    ctx: CallContext,
+    joint: bool,
+    onnx: bool = True,
 ) -> tuple[Any, ...]:
     """One `pgml.train` call; returns (project, task, algorithm, deployed)."""
     name = str(call["project_name"])
@@ -256,25 +234,16 @@ async def train(
         f"{len(prep.test_idx)}, {prep.x.shape[1]} features"
     )
     job = _job(prep, task, algorithm, hyperparams, search, call)
-    lib = algorithms.library(task, algorithm)
-
-    def work(progress: Callable[[str], None]) -> tuple[training.TrainResult, list[tuple[str, bytes]], str]:
-        result = training.fit(job, progress)
-        native = storage.dump(result.estimator, lib)
-        if not onnx:
-            return result, [native], "native: runtime.tabular.onnx is off"
-        built, why = _compile(prep, task, lib, algorithm, native[1])
-        return result, [native] if built is None else [native, (compiled.ONNX_PATH, built.data)], why
-
-    result, files, serving = await _run_thread(work, ctx, job.cancelled.set)
-    metrics = training.jsonable(result.metrics)
+    labels = registry.label_specs(prep.specs)
+    classes = labels[0]["statistics"].get("classes", []) if labels and task == "classification" else []
+    fitted = await fits.fit(job, onnx, len(classes), ctx.notice)
+    metrics = dict(fitted.metrics)
     await ctx.notice(f"metrics: { {k: v for k, v in metrics.items() if k != 'search_results'} }")
-    found = training.importances(result.estimator, int(prep.x.shape[1]))
-    if found is not None:  # shown by the dashboard's model page
-        metrics["feature_importances"] = dict(zip(_feature_names(prep), found, strict=True))
-    await ctx.notice(f"serving: {serving}")
-    log.info("%s model of project %r is served by %s", algorithm, name, serving)
-    deployed = await _register(pool, call, name, task, algorithm, prep, result, metrics, files, ctx.user)
+    if fitted.importances is not None:  # shown by the dashboard's model page
+        metrics["feature_importances"] = dict(zip(_feature_names(prep), fitted.importances, strict=True))
+    await ctx.notice(f"serving: {fitted.serving}")
+    log.info("%s model of project %r is served by %s", algorithm, name, fitted.serving)
+    deployed = await _register(pool, call, name, task, algorithm, prep, fitted, metrics, ctx.user)
     return (name, task, algorithm, deployed)
 
 
@@ -285,18 +254,6 @@ def _feature_names(prep: TrainingData) -> list[str]:
     return names if len(names) == prep.x.shape[1] else [f"feature {i}" for i in range(prep.x.shape[1])]
 
 
-def _compile(
-    prep: TrainingData, task: str, lib: str, algorithm: str, blob: bytes
-) -> tuple[compiled.Compiled | None, str]:
-    """The model's ONNX form, checked on the test split (the training rows when it is empty)
-    against the native model exactly as serving loads it from its stored bytes."""
-    labels = registry.label_specs(prep.specs)
-    classes = labels[0]["statistics"].get("classes", []) if labels and task == "classification" else []
-    native = storage.load(0, task, lib, algorithm, blob, int(prep.x.shape[1]), len(classes))
-    rows = prep.test_idx if len(prep.test_idx) else prep.train_idx
-    return compiled.build(native, prep.x[rows])
-
-
 async def _register(
     pool: registry.Pool,
     call: Mapping[str, Any],
@@ -304,9 +261,8 @@ async def _register(
     task: str,
     algorithm: str,
     prep: TrainingData,
-    result: training.TrainResult,
+    fitted: fitproc.Fitted,
     metrics: dict[str, Any],
-    files: list[tuple[str, bytes]],
     user: str,
 ) -> bool:
     """Write everything in one transaction; returns whether the new model was deployed."""
@@ -331,13 +287,13 @@ async def _register(
                 "snapshot_id": snapshot_id,
                 "num_features": int(prep.x.shape[1]),
                 "algorithm": algorithm,
-                "hyperparams": training.jsonable(result.hyperparams),
+                "hyperparams": fitted.hyperparams,
                 "metrics": metrics,
                 "search": call.get("search"),
                 "search_params": call.get("search_params") or {},
                 "search_args": call.get("search_args") or {},
             },
-            [(path, i, part) for path, blob in files for i, part in enumerate(storage.parts(blob))],
+            [(path, i, part) for path, blob in fitted.files for i, part in enumerate(storage.parts(blob))],
         )
         if call.get("automatic_deploy") is False:
             return False

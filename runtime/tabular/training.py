@@ -1,22 +1,21 @@
 """Fitting and scoring one model: the split, hyperparameter search and the metrics per task.
 
-Pure computation on NumPy arrays, run in a worker thread by the runtime; no database and
-no event loop here. `progress` lines become INFO notices; `cancelled` is checked between
-stages and, for the boosting libraries, after every round (also inside a search's candidates);
-a fit without such a hook finishes in its thread and its result is thrown away.
+Pure computation on NumPy arrays, run in a fit process (runtime.tabular.fit_worker); no
+database and no event loop here. `progress` lines become INFO notices. Nothing here checks
+for a stop: most libraries offer no hook to check it (scikit-learn's forests, SVMs and
+searches), so a stopped statement kills the whole process instead (runtime.tabular.fitproc).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from core.errors import InvalidParameterValue, QueryCanceled
+from core.errors import InvalidParameterValue
 from runtime import optional
 
 from . import algorithms
@@ -34,7 +33,6 @@ class TrainJob:
     y_train: np.ndarray | None
     x_test: np.ndarray
     y_test: np.ndarray | None
-    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -65,45 +63,6 @@ def split(
     return np.sort(perm[: n - n_test]), np.sort(perm[n - n_test :])
 
 
-class _Stop(Exception):
-    """Raised inside a library's training loop when the statement was cancelled."""
-
-
-def _cancel_hooks(job: TrainJob, estimator: Any) -> dict[str, Any]:
-    """Per-iteration checks of `job.cancelled` for the libraries that offer a hook.
-
-    A cancelled statement then frees its CPU within one boosting round instead of
-    running to the end in an orphaned thread.
-    """
-    cancelled = job.cancelled
-    lib = algorithms.library(job.task, job.algorithm)
-    if job.algorithm == "gradient_boosting_trees":
-        return {"monitor": lambda *_: cancelled.is_set()}
-    if lib == "lightgbm":
-
-        def check(_env: Any) -> None:
-            if cancelled.is_set():
-                raise _Stop()
-
-        return {"callbacks": [check]}
-    if lib == "catboost":
-
-        class CatBoostStop:
-            def after_iteration(self, _info: Any) -> bool:
-                return not cancelled.is_set()
-
-        return {"callbacks": [CatBoostStop()]}
-    if lib == "xgboost" and job.algorithm != "xgboost_random_forest":  # XGBRF refuses callbacks
-        import xgboost as xgb
-
-        class XGBStop(xgb.callback.TrainingCallback):
-            def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
-                return cancelled.is_set()
-
-        estimator.set_params(callbacks=[XGBStop()])
-    return {}
-
-
 def _search(
     job: TrainJob, make: Callable[..., Any], progress: Callable[[str], None]
 ) -> tuple[Any, dict[str, Any]]:
@@ -126,9 +85,7 @@ def _search(
             random_state=0,
         )
     progress(f"{job.search} search over {grid} with {cv}-fold cross-validation")
-    # Every candidate's fit gets the per-round checks: once cancelled, each stops at its first
-    # round (the search records it as failed) and the refit raises, so no candidate runs long.
-    searcher.fit(job.x_train, job.y_train, **_cancel_hooks(job, base))
+    searcher.fit(job.x_train, job.y_train)
     res = searcher.cv_results_
     results = {
         "params": [dict(p) for p in res["params"]],
@@ -144,8 +101,7 @@ def _search(
 def fit(job: TrainJob, progress: Callable[[str], None]) -> TrainResult:
     """Fit, score on the test rows and return the estimator with its metrics.
 
-    Raises InvalidParameterValue for hyperparameters the estimator refuses and
-    QueryCanceled when `job.cancelled` is set.
+    Raises InvalidParameterValue for hyperparameters the estimator refuses.
     """
     make = algorithms.estimator_factory(job.task, job.algorithm)
     start = time.perf_counter()
@@ -157,18 +113,15 @@ def fit(job: TrainJob, progress: Callable[[str], None]) -> TrainResult:
             hyperparams.update(search_results["best_params"])
         else:
             estimator = make(**hyperparams)
-            hooks = _cancel_hooks(job, estimator)
             if job.task == "decomposition" or job.task == "clustering":
                 estimator.fit(job.x_train)
             else:
-                estimator.fit(job.x_train, job.y_train, **hooks)
+                estimator.fit(job.x_train, job.y_train)
     except (TypeError, ValueError) as exc:
         raise InvalidParameterValue(
             f"{job.algorithm} ({job.task}) refused the hyperparameters {job.hyperparams}: {exc}"
         ) from exc
     fit_time = time.perf_counter() - start
-    if job.cancelled.is_set():
-        raise QueryCanceled("canceling statement due to user request (training)")
     start = time.perf_counter()
     metrics = score(job, estimator)
     metrics["fit_time"] = fit_time

@@ -11,12 +11,10 @@ one after a restart) rebuilds from the database alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 from core.errors import InvalidParameterValue, UndefinedFunction, lookup
 from core.functions import Served, declaration, served_by
 from core.interfaces import CallContext
+from runtime import processes
 from runtime.config import RuntimeConfig
 from runtime.resolve import Resolver
 from runtime.tabular import registry
@@ -33,7 +32,6 @@ from . import args as tune_args
 from . import data, store
 
 log = logging.getLogger(__name__)
-_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `runtime` package
 
 
 class TuneRuntime:
@@ -232,33 +230,20 @@ class TuneRuntime:
             "hub_private_repo": args.hub_private_repo,
         }
         (folder / "job.json").write_text(json.dumps(job))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")])}
-        if args.token:
-            env["PGML_TUNE_HUB_TOKEN"] = args.token  # the secret reaches the process, never a table
+        # The secret reaches the process, never a table.
+        env = {"PGML_TUNE_HUB_TOKEN": args.token} if args.token else {}
         await ctx.notice(
             f"tuning {args.model_name} ({args.task}) on {len(next(iter(split.train.values())))} rows, "
             f"evaluating on {len(next(iter(split.test.values())))}; model id {model_id}"
         )
         with open(folder / "stderr.log", "wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "runtime.tune.worker",
-                str(folder),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=err,
-                env=env,
-                cwd=str(_ROOT),
-            )
+            proc = await processes.start("runtime.tune.worker", str(folder), stderr=err, env=env)
         try:
             outcome = await _relay(
                 proc, ctx, lambda entry: store.log(self._pool, project_id, model_id, entry)
             )
         finally:
-            if proc.returncode is None:
-                proc.kill()  # a cancel stops the training now, not at the end of an epoch
-                with contextlib.suppress(ProcessLookupError):
-                    await asyncio.shield(proc.wait())
+            await processes.kill(proc)  # a cancel stops the training now, not at the end of an epoch
         if "error" in outcome:
             tail = (folder / "stderr.log").read_text(errors="replace")[-2000:]
             log.warning("tuning model %s failed: %s\n%s", model_id, outcome["error"], tail)

@@ -194,19 +194,10 @@ def main(folder: Path) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """Linux: a proxy killed outright takes its trainings with it (PR_SET_PDEATHSIG)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: a cancel still kills this process; a killed proxy leaves it to finish
-
-
 if __name__ == "__main__":
-    _die_with_parent()
+    from runtime import processes
+
+    processes.as_worker()
     # The protocol goes on the real stdout; whatever the libraries print goes to stderr.
     _OUT = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
