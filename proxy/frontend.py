@@ -61,6 +61,8 @@ log = logging.getLogger("pgml_proxy.frontend")
 _ids = itertools.count(1)
 _PGML = re.compile(rb"[pP][gG][mM][lL]")
 _HEAD = struct.Struct("!xI").unpack_from  # a message's length, after its type byte
+# What each message of an extended batch of the unnamed statement owes (Frontend._relay_batch).
+_BATCH_REPLIES = {0x50: Reply.PARSE, 0x42: Reply.BIND, 0x44: Reply.DESCRIBE, 0x45: Reply.EXECUTE}
 Step = Coroutine[Any, Any, None] | None
 
 
@@ -151,8 +153,12 @@ class Frontend(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.app.stats.bytes_in += len(data)
         try:
-            if data[:1] == b"Q" and self.task is None and self._relay_query(data):
-                return
+            if self.task is None:
+                head = data[:1]
+                if head == b"Q" and self._relay_query(data):
+                    return
+                if (head == b"P" or head == b"B") and self._relay_batch(data):
+                    return
             if self.s.phase is Phase.STARTUP:
                 startup_bytes(self, data)
                 return
@@ -199,6 +205,62 @@ class Frontend(asyncio.Protocol):
         if self.tx:
             self.relay.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
         srv.replies.queue.append(Expect(Reply.READY, self.s.batch))
+        self.up.append(data)
+        self.flush_up()
+        return True
+
+    def _relay_batch(self, data: bytes) -> bool:
+        """`_extended`'s relay in one step for the common extended batch: whole in `data`, on
+        the unnamed statement and portal (a Parse that `plain` clears, Bind, Describe of the
+        portal, Execute; any names under session pooling), ending in its Sync, for the server
+        connection this client holds or one free now. False: nothing of it was done, the
+        general path takes it."""
+        s = self.s
+        if (s.phase is not Phase.READY or self.framer.buf or self.admin or self.route is not None
+                or s.skipping or self.local.stmts or self.local.portals or data[-5:] != m.SYNC
+                or self.relay.unnamed_scan is not None or self.relay.portal_scan):
+            return False
+        msgs, used = m.scan(data, self.framer.max_size)
+        if used != len(data) or msgs[-1][0] != 0x53:
+            return False
+        parse = None
+        # Session pooling relays names as they are; transaction pooling renames named
+        # statements (TxRelay), so only the unnamed ones take this path there.
+        named = not self.tx
+        for t, start, end in msgs[:-1]:
+            name = data[start + 5]
+            if t == 0x50:  # Parse of the unnamed statement
+                if (name != 0 and not named) or not plain(data[start:end]):
+                    return False
+                parse = data[start:end]
+            elif t == 0x42:  # Bind of the unnamed statement to the unnamed portal
+                if (name != 0 or data[start + 6] != 0) and not named:
+                    return False
+            elif t == 0x44:  # Describe of the unnamed portal
+                if (name != 0x50 or data[start + 6] != 0) and not named:
+                    return False
+            elif t != 0x45 or (name != 0 and not named):  # Execute of it; nothing else
+                return False
+        srv = self.server
+        if srv is None:
+            if not self.tx:
+                return False
+            srv = self._server_now()
+            if srv is None:
+                return False
+        if not named:
+            if parse is not None:
+                self.relay.unnamed = srv.unnamed = parse
+            elif self.relay.unnamed is not None and srv.unnamed != self.relay.unnamed:
+                return False  # it must be parsed again there first: the general path does
+        batch = s.batch
+        queue = srv.replies.queue
+        for t, _, _ in msgs[:-1]:
+            queue.append(Expect(_BATCH_REPLIES[t], batch))
+            if t == 0x45:
+                self.app.stats.queries += 1
+        queue.append(Expect(Reply.READY, batch))
+        s.relayed_batch()
         self.up.append(data)
         self.flush_up()
         return True

@@ -144,6 +144,12 @@ class Session:
         self.sync_owed = False
         return answer
 
+    def relayed_batch(self) -> None:
+        """A whole extended batch and its Sync went upstream as one (Frontend._relay_batch):
+        the upstream answers the Sync, and the next batch begins."""
+        self.batch += 1
+        self.sync_owed = False
+
     def may_release(self, owed: int, status: str, internal: bool) -> bool:
         """Transaction pooling: the server goes back once the client is between transactions."""
         return (self.transaction_pooling and not self.holding and not owed and status == "I"
