@@ -33,7 +33,7 @@ from core.errors import (
 from core.functions import NotSupported
 from core.interfaces import CallContext
 from runtime import chunk as chunking
-from runtime import hub, optional, utility
+from runtime import export_worker, hub, optional, utility
 from runtime import transform as tf
 from runtime.config import RuntimeConfig
 from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
@@ -41,7 +41,6 @@ from runtime.engines import (
     Placement,
     choose,
     export_ready,
-    export_sentence_transformer,
     pipeline_suffix,
     sentence_transformer_suffix,
 )
@@ -63,7 +62,7 @@ class _Export:
     """How a model kind's ONNX export is checked and made apart from loading it."""
 
     ready: Callable[[ResolvedModel], bool]  # on disk: serving it is a load away
-    run: Callable[[ResolvedModel, bool], bool]  # export (blocking); False: this model stays on torch
+    kind: str  # what runtime.export_worker exports: "embed", "rank" or a transform task family
     # Whether later calls move to ONNX Runtime once the export is done. Not for generation: a
     # greedy answer can differ by a token between the engines, and one prompt should get one
     # answer for the life of a process (docs/DESIGN.md).
@@ -105,9 +104,11 @@ class Runtime:
         self.resolver = Resolver(self.config)
         self.executor = ThreadPoolExecutor(self.config.thread_count, thread_name_prefix="pgml-model")
         self.models = ModelCache(self.config, self.executor)
-        # Background ONNX exports get their own thread: an export that takes minutes must not
-        # hold one of the model pool's threads, which serve every batch.
+        # Background ONNX exports run in child processes (runtime/export_worker.py says why),
+        # each waited for by a thread of its own: an export that takes minutes must not hold
+        # one of the model pool's threads, which serve every batch.
         self._export_executor = ThreadPoolExecutor(1, thread_name_prefix="pgml-export")
+        self._children = export_worker.ChildExports()
         self._exports: dict[str, _ExportJob] = {}  # by the ONNX model's cache key
         self._tabular: TabularRuntime | None = None
         self._tune: TuneRuntime | None = None
@@ -162,8 +163,9 @@ class Runtime:
                 job.task.cancel()
         await self.models.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        # A running export finishes in its thread (it cannot be interrupted); its folder is
-        # renamed into place only when complete, so a stop never leaves half an export.
+        # A running export's process is killed; its folder is renamed into place only when
+        # complete, so a stop never leaves half an export where it is read.
+        self._children.kill()
         self._export_executor.shutdown(wait=False, cancel_futures=True)
 
     def models_info(self) -> list[dict[str, Any]]:
@@ -353,12 +355,20 @@ class Runtime:
                 return await self.models.get(key, name, load)
             torch_key = f"{kind}:{resolved.key}:torch:{placement.device}"
             job = self._exports[key] = _ExportJob(torch_key)
-            job.task = asyncio.create_task(self._export(job, key, name, resolved, trust, load, export))
             log.info("%s: serving on torch while its ONNX export runs in the background", name)
         if job.state == "switched":  # evicted since, or not yet listed: the export is on disk
             return await self.models.get(key, name, load)
         on_torch = Placement("torch", placement.device)
-        entry = await self.models.get(job.torch_key, name, lambda: build(resolved, on_torch, trust))
+        try:
+            entry = await self.models.get(job.torch_key, name, lambda: build(resolved, on_torch, trust))
+        except BaseException:
+            if job.task is None:  # the next call tries again from the start
+                self._exports.pop(key, None)
+            raise
+        if job.task is None:
+            # Started once the torch model is loaded: the first call has the CPU to itself, and
+            # a GGUF model's converted folder, which both need, is made once (by the load).
+            job.task = asyncio.create_task(self._export(job, key, name, resolved, trust, load, export))
         entry.status = entry.status or _EXPORT_STATUS["running"]
         job.torch_calls += 1
         return entry
@@ -377,7 +387,9 @@ class Runtime:
         there too, list it, and unload the torch one once no call is running on it."""
         loop = asyncio.get_running_loop()
         try:
-            exported = await loop.run_in_executor(self._export_executor, export.run, resolved, trust)
+            exported = await loop.run_in_executor(
+                self._export_executor, self._children.run, self.config, resolved, export.kind, trust
+            )
             if exported and export.switch:
                 await self.models.get(key, name, load, executor=self._export_executor)
         except Exception as exc:  # any failure leaves the model on torch, still served
@@ -409,7 +421,7 @@ class Runtime:
         cfg = self.config
         export = _Export(
             ready=lambda r: export_ready(cfg, r, sentence_transformer_suffix(False)),
-            run=lambda r, trust: bool(export_sentence_transformer(cfg, r, trust)),
+            kind="embed",
             switch=True,
         )
         return await self._model(
@@ -467,7 +479,7 @@ class Runtime:
         cfg = self.config
         export = _Export(
             ready=lambda r: export_ready(cfg, r, sentence_transformer_suffix(True)),
-            run=lambda r, trust: bool(export_sentence_transformer(cfg, r, trust, cross_encoder=True)),
+            kind="rank",
             switch=True,
         )
         return await self._model(
@@ -500,7 +512,7 @@ class Runtime:
         cfg = self.config
         export = _Export(
             ready=lambda r: export_ready(cfg, r, pipeline_suffix(spec.base)),
-            run=lambda r, trust: tf.export_ahead(cfg, r, spec, trust),
+            kind=spec.base,
             switch=spec.base not in tf.GENERATIVE,
         )
         return await self._model(

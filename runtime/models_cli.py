@@ -122,17 +122,17 @@ def _export_kind(model: ResolvedModel) -> str | None:
 
 
 def _export(config: RuntimeConfig, model: ResolvedModel, kind: str) -> str | None:
-    """Make the export; its folder, or None where the model stays on torch under engine "auto"."""
-    from runtime import engines
+    """Make the export (in this process); its folder, or None where the model stays on torch."""
+    from runtime import engines, export_worker
     from runtime import transform as tf
 
-    trust = config.trust_remote_code
-    if kind in ("embed", "rank"):
-        return str(engines.export_sentence_transformer(config, model, trust, cross_encoder=kind == "rank"))
-    spec = tf.parse_task({"task": kind, "model": model.name}, {}, config)
-    if not tf.export_ahead(config, model, spec, trust):
+    if kind not in ("embed", "rank"):
+        kind = tf.parse_task({"task": kind, "model": model.name}, {}, config).base
+    if not export_worker.export(config, model, kind, config.trust_remote_code):
         return None
-    return str(engines.export_dir(config, model, engines.pipeline_suffix(spec.base)))
+    suffix = engines.sentence_transformer_suffix(kind == "rank") if kind in ("embed", "rank") else (
+        engines.pipeline_suffix(kind))
+    return str(engines.export_dir(config, model, suffix))
 
 
 def list_models() -> int:

@@ -246,10 +246,13 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         build(tmp)
-        if target.exists():
-            shutil.rmtree(tmp)
-        else:
+        try:
             tmp.rename(target)
+        except OSError:
+            # Another process (a background export's) renamed its own build into place first.
+            if not target.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

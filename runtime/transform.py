@@ -242,7 +242,7 @@ def shape_outputs(spec: TaskSpec, outputs: list[Any]) -> Any:
     return outputs
 
 
-def export_ahead(config: RuntimeConfig, model: ResolvedModel, spec: TaskSpec, trust: bool) -> bool:
+def export_ahead(config: RuntimeConfig, model: ResolvedModel, base: str, trust: bool) -> bool:
     """The ONNX export a PipelineModel on ONNX Runtime would load, made now (in the background
     or by `models pull`); False where the model would run on torch anyway under engine = "auto"
     (over runtime.onnx_max_model_mb, or an architecture without an export)."""
@@ -250,7 +250,7 @@ def export_ahead(config: RuntimeConfig, model: ResolvedModel, spec: TaskSpec, tr
     if config.engine == "auto" and weight_mb(folder) > config.onnx_max_model_mb:
         return False
     try:
-        export_pipeline(config, model, folder, spec.base, trust)
+        export_pipeline(config, model, folder, base, trust)
     except FeatureNotSupported:
         if config.engine == "onnx":
             raise
