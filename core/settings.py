@@ -203,7 +203,7 @@ class RuntimeConfig:
     # traces the model in memory (several times its size) and a large decoder gains little.
     onnx_max_model_mb: int = 2048
     # A model on ONNX Runtime whose export is not on disk yet is served on torch while the export
-    # runs in a background thread, so no statement waits for it (an export takes seconds for
+    # runs in a background process, so no statement waits for it (an export takes seconds for
     # MiniLM, minutes for a small decoder). Embedding, rank and classification-type models then
     # switch to ONNX; generation stays on torch for the process (docs/DESIGN.md says why).
     # false: the first call exports and waits, as `preload` and `models pull` always do.

@@ -383,7 +383,7 @@ class Runtime:
         load: Callable[[], Any],
         export: _Export,
     ) -> None:
-        """Export in the background thread, then (where the kind switches) load the ONNX model
+        """Export in a child process, then (where the kind switches) load the ONNX model
         there too, list it, and unload the torch one once no call is running on it."""
         loop = asyncio.get_running_loop()
         try:
