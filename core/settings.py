@@ -211,6 +211,12 @@ class RuntimeConfig:
     # engine = "auto": a transform model with more weight than this stays on torch. Exporting
     # traces the model in memory (several times its size) and a large decoder gains little.
     onnx_max_model_mb: int = 2048
+    # A model on ONNX Runtime whose export is not on disk yet is served on torch while the export
+    # runs in a background process, so no statement waits for it (an export takes seconds for
+    # MiniLM, minutes for a small decoder). Embedding, rank and classification-type models then
+    # switch to ONNX; generation stays on torch for the process (docs/DESIGN.md says why).
+    # false: the first call exports and waits, as `preload` and `models pull` always do.
+    export_in_background: bool = True
     preload: tuple[str, ...] = ()
     threads: int = 0  # 0: one per core
     tabular: TabularSettings = field(default_factory=TabularSettings)
@@ -258,7 +264,7 @@ def _check(name: str, value: Any) -> Any:
         if value not in _CHOICES[name]:
             raise ConfigError(key, f"{value!r} is not one of {', '.join(_CHOICES[name])}")
         return value
-    if name in ("quantize", "trust_remote_code", "allow_paths", "downloads"):
+    if name in ("quantize", "trust_remote_code", "allow_paths", "downloads", "export_in_background"):
         return _typed(key, value, bool)
     if name in ("aliases", "default_models", "tabular"):
         if not isinstance(value, Mapping):

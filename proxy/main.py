@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -88,10 +89,37 @@ async def _build_handler(config: Config, upstream: str) -> tuple[Runtime, Statem
     return runtime, planner.build_handler(runtime, config.planner)
 
 
+def raise_open_files_limit(config: Config) -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit and log it; returns the limit.
+
+    Every client is a socket and so is every server connection: a soft limit of 1024 (a common
+    default) would refuse clients long before max_client_connections. A limit still too low
+    for max_client_connections plus the pools is logged as a warning, not refused: the limit
+    may be raised outside, and the proxy answers the clients it can."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit cannot be the soft one on Linux (fs.nr_open bounds it).
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d to %d: %s", soft, target, exc)
+            target = soft
+    # A client, its server connection, the runtime's pool, models and the listener.
+    needed = 2 * config.max_client_connections + 256
+    log.info("open files limit %d (soft was %d, hard %d); max_client_connections %d",
+             target, soft, hard, config.max_client_connections)
+    if target < needed:
+        log.warning("the open files limit %d is below what max_client_connections %d may need (%d): "
+                    "raise `ulimit -n`", target, config.max_client_connections, needed)
+    return target
+
+
 async def serve(config: Config, config_path: str | None, overrides: dict[str, Any],
                 http_listen: str | None = None) -> int:
     from proxy.app import ProxyServer
 
+    raise_open_files_limit(config)
     embedded = None
     upstream = config.upstream
     if not upstream:

@@ -97,21 +97,47 @@ def onnx_sentence_transformer(
 
     int8 is considered for embedding models only: its gate measures embedding cosine.
     """
-    from sentence_transformers import CrossEncoder, SentenceTransformer
-
-    cls: Any = CrossEncoder if cross_encoder else SentenceTransformer
-    folder = export_dir(config, model, "-ce" if cross_encoder else "")
-
-    def load(path: Path) -> Any:
-        return cls(
-            str(path), backend="onnx", device="cpu", trust_remote_code=trust, model_kwargs=_ort_kwargs(config)
-        )
-
-    _export_once(folder, lambda tmp: load(model.path).save_pretrained(str(tmp)))
-    st = load(folder)
+    folder = export_sentence_transformer(config, model, trust, cross_encoder)
+    st = _load_sentence_transformer(config, folder, trust, cross_encoder)
     if not config.quantize or cross_encoder:
         return st, "fp32"
     return _maybe_quantized(config, folder, st, trust)
+
+
+def sentence_transformer_suffix(cross_encoder: bool) -> str:
+    return "-ce" if cross_encoder else ""
+
+
+def export_ready(config: RuntimeConfig, model: ResolvedModel, suffix: str) -> bool:
+    """Whether the ONNX export with this folder suffix is on disk (a load, not an export, away)."""
+    return export_dir(config, model, suffix).is_dir()
+
+
+def export_sentence_transformer(
+    config: RuntimeConfig, model: ResolvedModel, trust: bool, cross_encoder: bool = False
+) -> Path:
+    """Export a SentenceTransformer (or CrossEncoder) to ONNX once; returns the export's folder.
+
+    Separate from loading so that the export can run in the background, or ahead of time
+    (`pgml-proxy models pull`), while the model is served on torch."""
+    folder = export_dir(config, model, sentence_transformer_suffix(cross_encoder))
+    _export_once(
+        folder,
+        lambda tmp: _load_sentence_transformer(config, model.path, trust, cross_encoder).save_pretrained(
+            str(tmp)
+        ),
+    )
+    return folder
+
+
+def _load_sentence_transformer(config: RuntimeConfig, path: Path, trust: bool, cross_encoder: bool) -> Any:
+    """On ONNX Runtime; from a model folder this exports in memory, from an export it loads."""
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    cls: Any = CrossEncoder if cross_encoder else SentenceTransformer
+    return cls(
+        str(path), backend="onnx", device="cpu", trust_remote_code=trust, model_kwargs=_ort_kwargs(config)
+    )
 
 
 # transformers pipeline task -> the optimum-onnx class that exports and runs it.
@@ -145,7 +171,30 @@ def onnx_pipeline(
     # Any: transformers' from_pretrained is untyped.
     auto_tokenizer: Any = importlib.import_module("transformers").AutoTokenizer
     cls = getattr(ort, _ORT_CLASSES[base])
-    target = export_dir(config, model, f"-{cls.__name__}")
+    target = export_pipeline(config, model, folder, base, trust)
+    ort_model = cls.from_pretrained(
+        str(target), provider="CPUExecutionProvider", session_options=_session_options(config)
+    )
+    tok = auto_tokenizer.from_pretrained(str(target), trust_remote_code=trust)
+    return pipeline(task, model=ort_model, tokenizer=tok, accelerator="ort", device="cpu"), target
+
+
+def pipeline_suffix(base: str) -> str:
+    """The export folder's suffix for a task family: its ORT class, shared by the tasks that use it."""
+    return f"-{_ORT_CLASSES[base]}"
+
+
+def export_pipeline(
+    config: RuntimeConfig, model: ResolvedModel, folder: Path, base: str, trust: bool
+) -> Path:
+    """Export `folder` with the task family's optimum-onnx class once; returns the export's folder.
+
+    Raises FeatureNotSupported when the architecture has no ONNX export."""
+    import optimum.onnxruntime as ort
+
+    auto_tokenizer: Any = importlib.import_module("transformers").AutoTokenizer
+    cls = getattr(ort, _ORT_CLASSES[base])
+    target = export_dir(config, model, pipeline_suffix(base))
 
     def export(tmp: Path) -> None:
         try:
@@ -159,11 +208,7 @@ def onnx_pipeline(
         auto_tokenizer.from_pretrained(str(folder), trust_remote_code=trust).save_pretrained(str(tmp))
 
     _export_once(target, export)
-    ort_model = cls.from_pretrained(
-        str(target), provider="CPUExecutionProvider", session_options=_session_options(config)
-    )
-    tok = auto_tokenizer.from_pretrained(str(target), trust_remote_code=trust)
-    return pipeline(task, model=ort_model, tokenizer=tok, accelerator="ort", device="cpu"), target
+    return target
 
 
 def onnx_files_bytes(path: Path) -> int:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -32,11 +33,17 @@ from core.errors import (
 from core.functions import NotSupported, Served
 from core.interfaces import CallContext
 from runtime import chunk as chunking
-from runtime import hub, optional, utility
+from runtime import export_worker, hub, optional, utility
 from runtime import transform as tf
 from runtime.config import RuntimeConfig
 from runtime.embed import MODEL_KWARGS, EmbedModel, RankModel, approx_tokens, embed_options, rank_rows
-from runtime.engines import Placement, choose
+from runtime.engines import (
+    Placement,
+    choose,
+    export_ready,
+    pipeline_suffix,
+    sentence_transformer_suffix,
+)
 from runtime.model_cache import Loaded, ModelCache
 from runtime.resolve import Progress, ResolvedModel, Resolver
 
@@ -48,11 +55,42 @@ log = logging.getLogger(__name__)
 
 # Builds a model object from (resolved model, placement, trust_remote_code).
 _Build = Callable[[ResolvedModel, Placement, bool], Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Export:
+    """How a model kind's ONNX export is checked and made apart from loading it."""
+
+    ready: Callable[[ResolvedModel], bool]  # on disk: serving it is a load away
+    kind: str  # what runtime.export_worker exports: "embed", "rank" or a transform task family
+    # Whether later calls move to ONNX Runtime once the export is done. Not for generation: a
+    # greedy answer can differ by a token between the engines, and one prompt should get one
+    # answer for the life of a process (docs/DESIGN.md).
+    switch: bool
+
+
+@dataclasses.dataclass(slots=True)
+class _ExportJob:
+    """One model's background export and the torch model serving meanwhile."""
+
+    torch_key: str
+    state: str = "running"  # running | switched | kept (torch for this process) | failed
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    torch_calls: int = 0  # statements served on torch while the export ran
+    task: asyncio.Task[None] | None = None
+
 # Options accepted for compatibility but not applied, with why: each gets a WARNING.
 _EMBED_IGNORED = {
     "batch_size": "the proxy batches every connection's calls itself (runtime.max_batch_size)",
     "token": "downloads use the proxy's own HF_TOKEN, not a per-call token",
     "cache_folder": "models live in the proxy's configured caches (HF_HOME, runtime.cache_dir)",
+}
+# SHOW MODELS' word on a torch model that serves while an ONNX export runs (see Runtime._model).
+_EXPORT_STATUS = {
+    "running": "serving while the ONNX export runs",
+    "switched": "ONNX export done: being replaced",
+    "kept": "generation stays on torch in this process; ONNX export on disk for the next start",
+    "failed": "no ONNX export: on torch",
 }
 _TRAIN_RUNTIME = "pgml.train: runtime {!r} is ignored: the proxy trains with the Python libraries"
 
@@ -66,6 +104,12 @@ class Runtime:
         self.resolver = Resolver(self.config)
         self.executor = ThreadPoolExecutor(self.config.thread_count, thread_name_prefix="pgml-model")
         self.models = ModelCache(self.config, self.executor)
+        # Background ONNX exports run in child processes (runtime/export_worker.py says why),
+        # each waited for by a thread of its own: an export that takes minutes must not hold
+        # one of the model pool's threads, which serve every batch.
+        self._export_executor = ThreadPoolExecutor(1, thread_name_prefix="pgml-export")
+        self._children = export_worker.ChildExports()
+        self._exports: dict[str, _ExportJob] = {}  # by the ONNX model's cache key
         self._tabular: TabularRuntime | None = None
         self._tune: TuneRuntime | None = None
         # Per function: the call arguments that can carry an option accepted but not applied,
@@ -97,24 +141,32 @@ class Runtime:
             await self.preload(name)
 
     async def preload(self, name: str) -> None:
-        """Load `name` now: `embed:<model>`, `transform:<task>:<model>`, or a bare embed model."""
+        """Load `name` now: `embed:<model>`, `transform:<task>:<model>`, or a bare embed model.
+        Its ONNX export is made now too (start-up waits for it), never in the background."""
         kind, _, rest = name.partition(":")
         if kind == "transform":
             task, _, model = rest.partition(":")
             spec = tf.parse_task(task if not model else {"task": task, "model": model}, {}, self.config)
-            await self._pipeline(spec)
+            await self._pipeline(spec, ahead=True)
         elif kind == "rank":
-            await self._rank_model(rest, {})
+            await self._rank_model(rest, {}, ahead=True)
         else:
-            await self._embed_model(rest if kind == "embed" else name, {})
+            await self._embed_model(rest if kind == "embed" else name, {}, ahead=True)
 
     async def close(self) -> None:
         if self._tune is not None:
             await self._tune.close()
         if self._tabular is not None:
             await self._tabular.close()
+        for job in self._exports.values():
+            if job.task is not None:
+                job.task.cancel()
         await self.models.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        # A running export's process is killed; its folder is renamed into place only when
+        # complete, so a stop never leaves half an export where it is read.
+        self._children.kill()
+        self._export_executor.shutdown(wait=False, cancel_futures=True)
 
     def models_info(self) -> list[dict[str, Any]]:
         return self.models.info()
@@ -282,22 +334,111 @@ class Runtime:
 
     # --- embed / rank ---------------------------------------------------------------------------
     async def _model(
-        self, kind: str, name: str, kwargs: Mapping[str, Any], build: _Build, ctx: CallContext | None
+        self,
+        kind: str,
+        name: str,
+        kwargs: Mapping[str, Any],
+        build: _Build,
+        ctx: CallContext | None,
+        export: _Export | None = None,
+        ahead: bool = False,
     ) -> Loaded:
         """The loaded model of `kind` (`embed`, `rank`, `transform:<task>`) for `name`: one
         load per resolved model, engine and device for every connection. Resolution (file
-        walks, hashing, a download whose progress goes to the client) runs off the event loop."""
+        walks, hashing, a download whose progress goes to the client) runs off the event loop.
+
+        Under engine = "auto", a model placed on ONNX Runtime whose export is not on disk is
+        served on torch while `export` runs in the background (unless `ahead`, or
+        export_in_background is off: then this call exports and waits). engine = "onnx" asks
+        for ONNX Runtime only, so it waits too."""
         trust = self._trust(kwargs)  # the rules apply before anything is looked up or fetched
         resolved = await self.resolver.aresolve(name, _revision(kwargs), _progress(ctx))
         placement = choose(self.config, dict(kwargs), onnx_capable=True)
         key = f"{kind}:{resolved.key}:{placement.engine}:{placement.device}"
-        return await self.models.get(key, name, lambda: build(resolved, placement, trust))
+
+        def load() -> Any:
+            return build(resolved, placement, trust)
+
+        if placement.engine != "onnx" or export is None or self.models.peek(key) is not None:
+            return await self.models.get(key, name, load)
+        job = self._exports.get(key)
+        if job is None:
+            background = self.config.export_in_background and self.config.engine == "auto"
+            if ahead or not background or export.ready(resolved):
+                return await self.models.get(key, name, load)
+            torch_key = f"{kind}:{resolved.key}:torch:{placement.device}"
+            job = self._exports[key] = _ExportJob(torch_key)
+            log.info("%s: serving on torch while its ONNX export runs in the background", name)
+        if job.state == "switched":  # evicted since, or not yet listed: the export is on disk
+            return await self.models.get(key, name, load)
+        on_torch = Placement("torch", placement.device)
+        try:
+            entry = await self.models.get(job.torch_key, name, lambda: build(resolved, on_torch, trust))
+        except BaseException:
+            if job.task is None:  # the next call tries again from the start
+                self._exports.pop(key, None)
+            raise
+        if job.task is None:
+            # Started once the torch model is loaded: the first call has the CPU to itself, and
+            # a GGUF model's converted folder, which both need, is made once (by the load).
+            job.task = asyncio.create_task(self._export(job, key, name, resolved, trust, load, export))
+        entry.status = entry.status or _EXPORT_STATUS["running"]
+        job.torch_calls += 1
+        return entry
+
+    async def _export(
+        self,
+        job: _ExportJob,
+        key: str,
+        name: str,
+        resolved: ResolvedModel,
+        trust: bool,
+        load: Callable[[], Any],
+        export: _Export,
+    ) -> None:
+        """Export in a child process, then (where the kind switches) load the ONNX model
+        there too, list it, and unload the torch one once no call is running on it."""
+        loop = asyncio.get_running_loop()
+        try:
+            exported = await loop.run_in_executor(
+                self._export_executor, self._children.run, self.config, resolved, export.kind, trust
+            )
+            if exported and export.switch:
+                await self.models.get(key, name, load, executor=self._export_executor)
+        except Exception as exc:  # any failure leaves the model on torch, still served
+            job.state = "failed"
+            log.warning("%s: ONNX export failed, staying on torch: %s: %s", name, type(exc).__name__, exc)
+        else:
+            job.state = "switched" if exported and export.switch else "kept" if exported else "failed"
+            log.info(
+                "%s: ONNX export done after %.1f s (%d statements served on torch meanwhile); %s",
+                name,
+                time.monotonic() - job.started,
+                job.torch_calls,
+                "later calls run on ONNX Runtime" if job.state == "switched"
+                else "generation stays on torch in this process; the next start loads the export"
+                if exported else "no ONNX export for this model: it stays on torch",
+            )
+        torch_entry = self.models.peek(job.torch_key)
+        if torch_entry is not None:
+            torch_entry.status = _EXPORT_STATUS[job.state]
+        if job.state != "switched":
+            return
+        while (torch_entry := self.models.peek(job.torch_key)) is not None and torch_entry.users:
+            await asyncio.sleep(0.1)
+        await self.models.unload(job.torch_key)
 
     async def _embed_model(
-        self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None
+        self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None, ahead: bool = False
     ) -> Loaded:
+        cfg = self.config
+        export = _Export(
+            ready=lambda r: export_ready(cfg, r, sentence_transformer_suffix(False)),
+            kind="embed",
+            switch=True,
+        )
         return await self._model(
-            "embed", name, kwargs, lambda r, p, trust: EmbedModel(self.config, r, p, trust), ctx
+            "embed", name, kwargs, lambda r, p, trust: EmbedModel(cfg, r, p, trust), ctx, export, ahead
         )
 
     async def _embed_calls(self, calls: Sequence[Mapping[str, Any]], ctx: CallContext) -> list[Any]:
@@ -346,10 +487,16 @@ class Runtime:
         return results
 
     async def _rank_model(
-        self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None
+        self, name: str, kwargs: Mapping[str, Any], ctx: CallContext | None = None, ahead: bool = False
     ) -> Loaded:
+        cfg = self.config
+        export = _Export(
+            ready=lambda r: export_ready(cfg, r, sentence_transformer_suffix(True)),
+            kind="rank",
+            switch=True,
+        )
         return await self._model(
-            "rank", name, kwargs, lambda r, p, trust: RankModel(self.config, r, p, trust), ctx
+            "rank", name, kwargs, lambda r, p, trust: RankModel(cfg, r, p, trust), ctx, export, ahead
         )
 
     async def _rank(self, call: Mapping[str, Any], ctx: CallContext) -> list[tuple[int, float, str]]:
@@ -372,13 +519,23 @@ class Runtime:
         return rank_rows([str(d) for d in documents], scores, top_k)
 
     # --- transform ----------------------------------------------------------------------------------
-    async def _pipeline(self, spec: tf.TaskSpec, ctx: CallContext | None = None) -> Loaded:
+    async def _pipeline(
+        self, spec: tf.TaskSpec, ctx: CallContext | None = None, ahead: bool = False
+    ) -> Loaded:
+        cfg = self.config
+        export = _Export(
+            ready=lambda r: export_ready(cfg, r, pipeline_suffix(spec.base)),
+            kind=spec.base,
+            switch=spec.base not in tf.GENERATIVE,
+        )
         return await self._model(
             f"transform:{spec.pipeline_task}",
             spec.model,
             spec.model_kwargs,
-            lambda r, p, trust: tf.PipelineModel(self.config, r, spec, p, trust),
+            lambda r, p, trust: tf.PipelineModel(cfg, r, spec, p, trust),
             ctx,
+            export,
+            ahead,
         )
 
     async def _transform(self, call: Mapping[str, Any], ctx: CallContext) -> Any:

@@ -43,6 +43,8 @@ class Loaded:
     last_used: float = field(default_factory=time.monotonic)
     users: int = 0  # calls in progress: never evict a model that is running
     names: list[str] = field(default_factory=list)  # every name it was asked by, first first
+    # What SHOW MODELS adds to the precision: a torch model serving while its ONNX export runs.
+    status: str = ""
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -58,15 +60,26 @@ class ModelCache:
         self._models: OrderedDict[str, Loaded] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def get(self, key: str, name: str, loader: Callable[[], Any], run_attr: str = "run") -> Loaded:
-        """The loaded model for `key`, loading it (off the loop) on first use."""
+    def peek(self, key: str) -> Loaded | None:
+        """The loaded model for `key` if there is one; loads nothing and marks nothing used."""
+        return self._models.get(key)
+
+    async def get(
+        self,
+        key: str,
+        name: str,
+        loader: Callable[[], Any],
+        run_attr: str = "run",
+        executor: Executor | None = None,
+    ) -> Loaded:
+        """The loaded model for `key`, loading it (off the loop, in `executor` if given) on first use."""
         entry = self._models.get(key)
         if entry is None:
             lock = self._locks.setdefault(key, asyncio.Lock())
             async with lock:
                 entry = self._models.get(key)
                 if entry is None:
-                    entry = await self._load(key, name, loader, run_attr)
+                    entry = await self._load(key, name, loader, run_attr, executor or self.executor)
         if name not in entry.names:
             # Keys are by content: another alias of a loaded model shares it, and is listed.
             entry.names.append(name)
@@ -74,11 +87,13 @@ class ModelCache:
         entry.last_used = time.monotonic()
         return entry
 
-    async def _load(self, key: str, name: str, loader: Callable[[], Any], run_attr: str) -> Loaded:
+    async def _load(
+        self, key: str, name: str, loader: Callable[[], Any], run_attr: str, executor: Executor
+    ) -> Loaded:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            obj = await loop.run_in_executor(self.executor, loader)
+            obj = await loop.run_in_executor(executor, loader)
         except PgError:
             raise
         except (ValueError, OSError, KeyError, TypeError) as exc:
@@ -142,7 +157,7 @@ class ModelCache:
                     "kind": entry.obj.kind,
                     "engine": placement.engine,
                     "device": placement.device,
-                    "precision": entry.obj.note,
+                    "precision": entry.obj.note + (f"; {entry.status}" if entry.status else ""),
                     "memory_bytes": entry.memory_bytes,
                     "loaded_at": entry.loaded_at,
                     "load_seconds": round(entry.load_seconds, 3),

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,17 +231,33 @@ class Resolver:
 
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """`build(tmp)` into a folder beside `target`, then rename it to `target`: a crash mid-build,
-    or another process building the same folder, never leaves half a folder where it is read."""
+    or another process building the same folder, never leaves half a folder where it is read.
+
+    Within a process one thread builds a folder and the others wait for it: a background ONNX
+    export and the torch load serving meanwhile both need a GGUF model's converted folder, and
+    two threads of one process would otherwise share the temporary folder's name."""
     if target.exists():
         return target
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    if target.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(target)
+    with _BUILD_LOCKS_GUARD:
+        lock = _BUILD_LOCKS.setdefault(str(target), threading.Lock())
+    with lock:
+        if target.exists():
+            return target
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process (a background export's) renamed its own build into place first.
+            if not target.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+_BUILD_LOCKS: dict[str, threading.Lock] = {}
+_BUILD_LOCKS_GUARD = threading.Lock()
 
 
 def model_files(path: Path) -> list[Path]:

@@ -22,7 +22,14 @@ from typing import Any
 
 from core.errors import FeatureNotSupported, InvalidParameterValue, PgError
 from runtime.config import RuntimeConfig
-from runtime.engines import Placement, onnx_files_bytes, onnx_pipeline, torch_precision, weight_mb
+from runtime.engines import (
+    Placement,
+    export_pipeline,
+    onnx_files_bytes,
+    onnx_pipeline,
+    torch_precision,
+    weight_mb,
+)
 from runtime.gguf import ensure_transformers_folder
 from runtime.resolve import ResolvedModel
 
@@ -88,7 +95,7 @@ OPENAI_ONLY_ARGS: Mapping[str, str] = {
     "presence_penalty": "Hugging Face generation has no presence penalty (repetition_penalty is nearest)",
     "frequency_penalty": "Hugging Face generation has no frequency penalty (repetition_penalty is nearest)",
 }
-_GENERATIVE = frozenset(
+GENERATIVE = frozenset(
     {"text-generation", "conversational", "summarization", "translation", "text2text-generation"}
 )
 # HF returns a bare item instead of a one-element list for these tasks (fill-mask, QA).
@@ -130,7 +137,7 @@ def parse_task(task: Any, args: Any, config: RuntimeConfig) -> TaskSpec:
             hint="accepted: " + ", ".join(sorted(TASKS)) + ", translation_xx_to_yy",
         )
     generation = {k: options.pop(k) for k in sorted(set(options) & _GENERATION_OPTIONS)}
-    if generation and base not in _GENERATIVE:
+    if generation and base not in GENERATIVE:
         raise InvalidParameterValue(
             f'pgml.transform: task option "{next(iter(generation))}" applies to text generation, not "{name}"'
         )
@@ -233,6 +240,22 @@ def shape_outputs(spec: TaskSpec, outputs: list[Any]) -> Any:
     if spec.base in _UNWRAP_SINGLE and len(outputs) == 1:
         return outputs[0]
     return outputs
+
+
+def export_ahead(config: RuntimeConfig, model: ResolvedModel, base: str, trust: bool) -> bool:
+    """The ONNX export a PipelineModel on ONNX Runtime would load, made now (in the background
+    or by `models pull`); False where the model would run on torch anyway under engine = "auto"
+    (over runtime.onnx_max_model_mb, or an architecture without an export)."""
+    folder = ensure_transformers_folder(config, model)
+    if config.engine == "auto" and weight_mb(folder) > config.onnx_max_model_mb:
+        return False
+    try:
+        export_pipeline(config, model, folder, base, trust)
+    except FeatureNotSupported:
+        if config.engine == "onnx":
+            raise
+        return False
+    return True
 
 
 class PipelineModel:

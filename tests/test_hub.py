@@ -223,6 +223,7 @@ def test_models_cli_pull_list_remove(hub_server: HubServer, tmp_path: Path) -> N
     assert pulled.returncode == 0, pulled.stderr
     assert "downloading acme/cli" in pulled.stderr and "100%" in pulled.stderr  # progress bar and lines
     assert hub_server.commit in pulled.stdout
+    assert "ONNX export for embed" in pulled.stdout, pulled  # made now, not at the first statement
     listed = cli("list")
     assert listed.returncode == 0 and re.match(r"acme/cli\t[\d.]+M\t0123456789ab\n", listed.stdout), listed
     assert cli("pull", "acme/cli").returncode == 0  # already there: no new download

@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from testing.proxy import ProxyProcess
 from tests.fix_postgres import start_postgres
 from tests.fix_proxy import ROOT, TEST_CONFIG, start_proxy
 
@@ -140,3 +141,12 @@ def _pg_user() -> dict[str, object]:
         return {}
     user = pwd.getpwnam(PG_USER)
     return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
+def test_open_files_limit_raised_and_logged(proxy: ProxyProcess) -> None:
+    """Each client is a socket: the proxy raises its soft RLIMIT_NOFILE to the hard one at start."""
+    limits = Path(f"/proc/{proxy.pid}/limits").read_text().splitlines()
+    [line] = [x for x in limits if x.startswith("Max open files")]
+    soft, hard = line.split()[3:5]
+    assert soft == hard or hard == "unlimited", line
+    assert f"open files limit {soft}" in proxy.log()

@@ -144,7 +144,9 @@ async def test_an_architecture_without_onnx_export(tmp_path: Path) -> None:
     tok.save_pretrained(str(tmp_path / "ctrl"))
     call = {"task": {"task": "text-generation", "model": "ctrl"}, "args": GREEDY, "inputs": ["Hello"]}
     for engine in ("auto", "onnx"):
-        config = {"device": "cpu", "engine": engine, "cache_dir": str(tmp_path / "cache")}
+        # The first call exports and waits (no background export): this is the fallback's test.
+        config = {"device": "cpu", "engine": engine, "cache_dir": str(tmp_path / "cache"),
+                  "export_in_background": False}
         rt = Runtime({**config, "aliases": {"ctrl": str(tmp_path / "ctrl")}}, "")
         await rt.start()
         try:
@@ -163,7 +165,8 @@ async def test_an_architecture_without_onnx_export(tmp_path: Path) -> None:
 
 async def test_models_over_the_export_limit_stay_on_torch(tmp_path: Path) -> None:
     section = tomllib.loads((ROOT / "tests/models.test.toml").read_text())["runtime"]
-    config = {**section, "device": "cpu", "cache_dir": str(tmp_path), "onnx_max_model_mb": 1}
+    config = {**section, "device": "cpu", "cache_dir": str(tmp_path), "onnx_max_model_mb": 1,
+              "export_in_background": False}
     rt = Runtime(config, "")
     await rt.start()
     try:

@@ -127,7 +127,9 @@ def test_show_models_in_admin_database(lm_proxy: ProxyProcess) -> None:
     assert {"name", "engine", "device", "memory_bytes"} <= set(names)
     # One load serves every name of a model; SHOW MODELS lists the names it was asked by.
     mini = [r for r in rows if "all-MiniLM-L6-v2" in r["name"].split(", ")]
-    assert mini and mini[0]["engine"] == "onnx" and mini[0]["device"] == "cpu"
+    # With a fresh cache MiniLM serves on torch while its ONNX export runs in the background.
+    assert mini and mini[0]["engine"] in ("onnx", "torch") and mini[0]["device"] == "cpu"
+    assert mini[0]["engine"] == "onnx" or "ONNX export" in mini[0]["precision"], mini
 
 
 def test_transform_stream_rows(lm_proxy: ProxyProcess) -> None:
