@@ -13,6 +13,7 @@ writes the functions where its time goes to ``benchmarks/results/passthrough-pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pwd
 import re
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,6 +240,32 @@ def profile_proxy(
     return head + markdown_table(["function (file:line)", "samples", "% self"], rows)
 
 
+@contextlib.contextmanager
+def pgbench_targets(scale: int, protocol: str) -> Iterator[tuple[PgServer, list[Target]]]:
+    """A Postgres with pgbench's tables (`scale`) and, in front of it, pgml-proxy and PgBouncer
+    in session and transaction pooling; everything stopped and removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix="pgml-bench-"))
+    work.chmod(0o755)
+    pg = start_postgres(work / "pg", conf={"max_connections": "300"})
+    targets: list[Target] = []
+    try:
+        subprocess.run([str(pg.bin_dir / "pgbench"), "-i", "-q", "-s", str(scale), pg.dsn],
+                       check=True, capture_output=True)
+        for mode in ("session", "transaction"):
+            targets.append(start_proxy(mode, pg, work))
+            if mode == "transaction" and protocol == "prepared":
+                # PgBouncer before 1.21 cannot keep protocol-level prepared statements under
+                # transaction pooling ("prepared statement P_0 already exists"); pgml-proxy can.
+                continue
+            targets.append(start_pgbouncer(mode, pg, work))
+        yield pg, targets
+    finally:
+        for target in targets:
+            target.stop()
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
@@ -252,24 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     name = "passthrough" if args.protocol == "simple" else f"passthrough-{args.protocol}"
 
     load_start = os.getloadavg()
-    work = Path(tempfile.mkdtemp(prefix="pgml-bench-"))
-    work.chmod(0o755)
-    pg = start_postgres(work / "pg", conf={"max_connections": "300"})
-    targets: list[Target] = []
-    try:
-        subprocess.run(
-            [str(pg.bin_dir / "pgbench"), "-i", "-q", "-s", str(args.scale), pg.dsn],
-            check=True,
-            capture_output=True,
-        )
-        targets = [Target("postgres direct", pg.dsn)]
-        for mode in ("session", "transaction"):
-            targets.append(start_proxy(mode, pg, work))
-            if mode == "transaction" and args.protocol == "prepared":
-                # PgBouncer before 1.21 cannot keep protocol-level prepared statements under
-                # transaction pooling ("prepared statement P_0 already exists"); pgml-proxy can.
-                continue
-            targets.append(start_pgbouncer(mode, pg, work))
+    with pgbench_targets(args.scale, args.protocol) as (pg, targets):
+        targets.insert(0, Target("postgres direct", pg.dsn))
         runs: Runs = {}
         for round_no in range(args.rounds):
             order = targets[round_no % len(targets) :] + targets[: round_no % len(targets)]
@@ -328,11 +340,6 @@ def main(argv: list[str] | None = None) -> None:
             session = next(t for t in targets if t.name == "pgml-proxy session")
             profile = profile_proxy(pg, session, max(args.clients), args.duration, args.native, args.protocol)
             write_results(f"{name}-profile", {"profile_markdown": profile}, profile)
-    finally:
-        for target in targets:
-            target.stop()
-        pg.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info, markdown_table, median, write_results
-from benchmarks.passthrough import Target, _wait_ready, pgbench, start_pgbouncer, start_proxy
-from testing.postgres import free_port, start_postgres
+from benchmarks.passthrough import Target, _wait_ready, pgbench, pgbench_targets
+from testing.postgres import free_port
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -53,18 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocol", choices=["simple", "extended", "prepared"], default="simple")
     args = parser.parse_args(argv)
     load_start = os.getloadavg()
-    work = Path(tempfile.mkdtemp(prefix="pgml-bench-"))
-    work.chmod(0o755)
-    pg = start_postgres(work / "pg", conf={"max_connections": "300"})
-    targets: list[Target] = []
-    try:
-        subprocess.run([str(pg.bin_dir / "pgbench"), "-i", "-q", "-s", "10", pg.dsn], check=True,
-                       capture_output=True)
-        targets = [_bare_relay(pg.port)]
-        for mode in ("session", "transaction"):
-            targets.append(start_proxy(mode, pg, work))
-            if not (mode == "transaction" and args.protocol == "prepared"):  # PgBouncer < 1.21 cannot
-                targets.append(start_pgbouncer(mode, pg, work))
+    with pgbench_targets(10, args.protocol) as (pg, targets):
+        targets.insert(0, _bare_relay(pg.port))
         for target in targets:  # warm: connections opened, caches filled
             pgbench(pg, target.dsn, args.clients, 2, args.protocol)
         runs: dict[str, list[dict[str, float]]] = {}
@@ -103,11 +91,6 @@ def main(argv: list[str] | None = None) -> None:
         name = "passthrough-cpu" if args.protocol == "simple" else f"passthrough-cpu-{args.protocol}"
         write_results(name, {"machine": info, "args": vars(args), "loadavg": [load_start, load_end],
                              "runs": runs, "results": rows}, md)
-    finally:
-        for target in targets:
-            target.stop()
-        pg.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -431,6 +431,15 @@ class Frontend(asyncio.Protocol):
         # something elsewhere since, or another client used this connection).
         self._send(conn, self.relay.settings(conn, self.want, self.want_key(), self.s.batch))
 
+    def _relayed(self, t: int, msg: bytes, decide: Callable[[ServerConn], Out]) -> Step:
+        """Carry out TxRelay's decision for message `msg` on the server connection serving this
+        client now, or once one is free."""
+        srv = self._server_now()
+        if srv is None:
+            return self._forward_later(t, msg)
+        self._send(srv, decide(srv))
+        return None
+
     def _send(self, srv: ServerConn, out: Out) -> None:
         """Carry out a TxRelay decision: each message upstream, in order, owing its reply."""
         for data, expect in out:
@@ -539,19 +548,11 @@ class Frontend(asyncio.Protocol):
         """`_parse` of the unnamed statement whose text `plain` clears: no name, nothing to scan."""
         if not self.tx:
             return self._forward(0x50, msg, Reply.PARSE)
-        srv = self._server_now()
-        if srv is None:
-            return self._forward_later(0x50, msg)
-        self._send(srv, self.relay.parse_unnamed(msg, srv, self.s.batch))
-        return None
+        return self._relayed(0x50, msg, lambda srv: self.relay.parse_unnamed(msg, srv, self.s.batch))
 
     def _bind_unnamed(self, msg: bytes) -> Step:
         """`_named` for a Bind of the unnamed statement to the unnamed portal, in transaction mode."""
-        srv = self._server_now()
-        if srv is None:
-            return self._forward_later(0x42, msg)
-        self._send(srv, self.relay.bind_unnamed(msg, srv, self.s.batch))
-        return None
+        return self._relayed(0x42, msg, lambda srv: self.relay.bind_unnamed(msg, srv, self.s.batch))
 
     def _bad_message(self, t: int) -> Step:
         """Postgres's answer to a message whose body it cannot read (no server to ask)."""
@@ -581,11 +582,7 @@ class Frontend(asyncio.Protocol):
 
     def _query(self, msg: bytes) -> Step:
         """A simple Query in transaction mode: put the server in step with the names it uses."""
-        srv = self._server_now()
-        if srv is None:
-            return self._forward_later(0x51, msg)
-        self._send(srv, self.relay.query(msg, srv, self.s.batch))
-        return None
+        return self._relayed(0x51, msg, lambda srv: self.relay.query(msg, srv, self.s.batch))
 
     def _named(self, t: int, msg: bytes) -> Step:
         """Bind, Describe and Close: answer local objects here, rename prepared statements upstream."""
@@ -607,18 +604,11 @@ class Frontend(asyncio.Protocol):
             self.local.forget_portal(portal)
         if not self.tx:
             return self._forward(t, msg, Reply.to(t))
-        srv = self._server_now()
-        if srv is None:
-            return self._forward_later(t, msg)
-        self._send(srv, self.relay.named(t, msg, portal, stmt, msg[5 + r.pos :], srv, self.s.batch))
-        return None
+        rest, batch = msg[5 + r.pos :], self.s.batch
+        return self._relayed(t, msg, lambda srv: self.relay.named(t, msg, portal, stmt, rest, srv, batch))
 
     def _execute(self, msg: bytes) -> Step:
-        srv = self._server_now()
-        if srv is None:
-            return self._forward_later(0x45, msg)
-        self._send(srv, self.relay.execute(msg, srv, self.s.batch))
-        return None
+        return self._relayed(0x45, msg, lambda srv: self.relay.execute(msg, srv, self.s.batch))
 
     def _sync(self) -> Step:
         srv = self.server
