@@ -194,13 +194,9 @@ class Frontend(asyncio.Protocol):
         if (self.s.phase is not Phase.READY or self.framer.buf or self.admin or self.route is not None
                 or _HEAD(data)[0] + 1 != len(data) or not plain(data)):
             return False
-        srv = self.server
+        srv = self._server_now() if self.tx else self.server  # session pooling: its own, always
         if srv is None:
-            if not self.tx:
-                return False
-            srv = self._server_now()
-            if srv is None:
-                return False
+            return False
         self.app.stats.queries += 1
         if self.tx:
             self.relay.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
@@ -241,13 +237,9 @@ class Frontend(asyncio.Protocol):
                     return False
             elif t != 0x45 or (name != 0 and not named):  # Execute of it; nothing else
                 return False
-        srv = self.server
+        srv = self._server_now() if self.tx else self.server  # session pooling: its own, always
         if srv is None:
-            if not self.tx:
-                return False
-            srv = self._server_now()
-            if srv is None:
-                return False
+            return False
         if not named:
             if parse is not None:
                 self.relay.unnamed = srv.unnamed = parse
