@@ -36,7 +36,7 @@ from core.interfaces import CallContext
 from proxy import messages as m
 from proxy import txstate as txs
 from proxy.backend import ServerConn
-from proxy.localexec import Cork, LocalStatements
+from proxy.localexec import Cork, LocalStatements, Step
 from proxy.replicas import LSN_SQL, ClientRoute
 from proxy.session import (
     Expect,
@@ -63,7 +63,6 @@ _PGML = re.compile(rb"[pP][gG][mM][lL]")
 _HEAD = struct.Struct("!xI").unpack_from  # a message's length, after its type byte
 # What each message of an extended batch of the unnamed statement owes (Frontend._relay_batch).
 _BATCH_REPLIES = {0x50: Reply.PARSE, 0x42: Reply.BIND, 0x44: Reply.DESCRIBE, 0x45: Reply.EXECUTE}
-Step = Coroutine[Any, Any, None] | None
 
 
 def _text(value: bytes | None) -> str | None:

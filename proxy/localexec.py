@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from core.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
 from core.interfaces import CallContext, Portal, PreparedStatement, StatementHandler
@@ -35,6 +35,9 @@ _ABORT_BLOCK = "DO $$BEGIN RAISE EXCEPTION 'a pgml statement failed in pgml-prox
 # Statements that may change statement_timeout, and those whose change may not last the session.
 _TIMEOUT_SQL = re.compile(rb"statement_timeout|reset\s+all|discard\s+all", re.IGNORECASE)
 _NOT_SESSION = re.compile(rb"\blocal\b|\bbegin\b|\bstart\s+transaction\b|set_config", re.IGNORECASE)
+
+# What a message handler returns: the coroutine to run when it must wait, None when done now.
+Step = Coroutine[Any, Any, None] | None
 
 if TYPE_CHECKING:
     from proxy.frontend import Frontend
@@ -310,11 +313,14 @@ class LocalStatements:
         return True
 
     # --- simple protocol -----------------------------------------------------------------
-    async def simple_query(self, sql: str) -> None:
+    def simple_query(self, sql: str) -> Step:
+        """A Query calling pgml: answered in this turn when the fast path can (no task), else the
+        coroutine that plans and runs it."""
+        self.fe.app.stats.pgml_queries += 1
+        return None if self._answered_now(sql) else self._simple_query(sql)
+
+    async def _simple_query(self, sql: str) -> None:
         fe = self.fe
-        fe.app.stats.pgml_queries += 1
-        if self._answered_now(sql):
-            return
 
         async def work() -> None:
             handler = self._handler()
@@ -361,10 +367,10 @@ class LocalStatements:
 
         await self._guard(work, extended=True)
 
-    async def bind(self, b: m.Bind) -> None:
-        if self._bound_now(b):
-            return
+    def bind(self, b: m.Bind) -> Step:
+        return None if self._bound_now(b) else self._bind(b)
 
+    async def _bind(self, b: m.Bind) -> None:
         async def work() -> None:
             stmt = self.stmts[b.statement]
             self.forget_portal(b.portal)
@@ -384,21 +390,22 @@ class LocalStatements:
 
         await self._guard(work, extended=True)
 
-    async def describe_portal(self, name: str) -> None:
-        if self._described_now(name):
-            return
+    def describe_portal(self, name: str) -> Step:
+        return None if self._described_now(name) else self._describe_portal(name)
 
+    async def _describe_portal(self, name: str) -> None:
         async def work() -> None:
             cols = await self.portals[name].describe(self.upstream)
             self.fe.write(m.NO_DATA if cols is None else m.RowDescription(tuple(cols)).encode())
 
         await self._guard(work, extended=True)
 
-    async def execute(self, msg: bytes) -> None:
+    def execute(self, msg: bytes) -> Step:
         ex = m.Execute.parse(msg[5:])
+        return None if self._executed_now(ex) else self._execute(ex)
+
+    async def _execute(self, ex: m.Execute) -> None:
         fe = self.fe
-        if self._executed_now(ex):
-            return
 
         async def work() -> None:
             sink = fe.sink()
