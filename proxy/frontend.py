@@ -387,19 +387,21 @@ class Frontend(asyncio.Protocol):
             return self.local.admin_query(m.Query.parse(msg[5:]).sql)
         if self.route is not None and self.route.query(self, msg):
             return None  # SET pgml_proxy.route, answered here
-        if _PGML.search(msg, 5) is not None and not self._passes_through(msg):
-            return self.local.simple_query(m.Query.parse(msg[5:]).sql)
+        if _PGML.search(msg, 5) is not None:
+            sql = m.Query.parse(msg[5:]).sql
+            if not self._passes_through(sql):
+                return self.local.simple_query(sql)
         if self.tx:
             return self._query(msg)
         return self._forward(t, msg, Reply.READY)
 
-    def _passes_through(self, msg: bytes) -> bool:
+    def _passes_through(self, sql: str) -> bool:
         """A Query that names pgml but calls none of it (the planner decides): relayed as bytes."""
         check = getattr(self.app.handler, "passes_through", None)
         if check is None:
             return False
         try:
-            return bool(check(m.Query.parse(msg[5:]).sql))
+            return bool(check(sql))
         except Exception:  # the local path reports whatever is wrong with it
             return False
 

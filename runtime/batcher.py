@@ -41,6 +41,9 @@ RunBatch = Callable[[list[Any]], Sequence[Any]]
 _QUIET_GAP = 0.25
 # How much the newest batch weighs in the seconds-per-cost estimate.
 _RATE_WEIGHT = 0.3
+# Inline runs measure their CPU time once in this many (and always until a first figure): a
+# thread's CPU clock is a system call, not the vDSO, and cost as much as a small model's run.
+_CPU_SAMPLE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._sec_per_cost = 0.0  # measured; 0 until the first batch
         self._inline_sec_per_cost = 0.0  # measured on the loop (no GIL wait in it); 0 until then
+        self._inline_runs = 0
         self.stats = BatcherStats()
 
     @property
@@ -301,7 +305,11 @@ class Batcher:
 
     def _timed(self, payloads: list[Any], cost: int, inline: bool) -> Sequence[Any]:
         """`run(payloads)`, its time per unit of cost folded into the estimates."""
-        started, cpu = time.perf_counter(), time.thread_time()
+        measure = False
+        if inline:
+            self._inline_runs += 1
+            measure = self._inline_sec_per_cost <= 0 or self._inline_runs % _CPU_SAMPLE == 0
+        started, cpu = time.perf_counter(), time.thread_time() if measure else 0.0
         outputs = self._run(payloads)
         rate = (time.perf_counter() - started) / (cost or 1)
         old = self._sec_per_cost
@@ -311,9 +319,9 @@ class Batcher:
         # time a 20 us predict measured 2 ms now and then). A thread's wall time (GIL waits
         # included) is an upper bound, so it may only lower the estimate.
         old = self._inline_sec_per_cost
-        if inline:
+        if measure:
             rate = (time.thread_time() - cpu) / (cost or 1)
-        if inline or (old > 0 and rate < old):
+        if measure or (old > 0 and rate < old):
             self._inline_sec_per_cost = rate if old <= 0 else old + _RATE_WEIGHT * (rate - old)
         return outputs
 
