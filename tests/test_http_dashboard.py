@@ -181,6 +181,8 @@ def test_snapshot_of_text_and_nulls(dash: tuple[ProxyProcess, str], browser: Any
 def test_notebook_cells_are_saved_and_charted(dash: tuple[ProxyProcess, str], browser: Any,
                                               tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(dash[1] + "/dashboard/notebook")
     browser.find_element(By.ID, "notebook-name").send_keys("dash test")
@@ -190,8 +192,13 @@ def test_notebook_cells_are_saved_and_charted(dash: tuple[ProxyProcess, str], br
     cells = ["SELECT array_length(pgml.embed('sentence-transformers/all-MiniLM-L6-v2', 'hello'), 1) AS dims",
              "SELECT g AS x, g * g AS square FROM generate_series(1, 5) g"]
     for text in cells:
-        browser.find_element(By.NAME, "sql").send_keys(text)
+        box = browser.find_element(By.NAME, "sql")
+        box.send_keys(text)
         browser.find_element(By.ID, "run").click()
+        # The form posts and the page comes back with the cell: wait for the new page, or the
+        # next cell is typed into the old one while it goes (a stale element).
+        WebDriverWait(browser, 300).until(EC.staleness_of(box))
+        WebDriverWait(browser, 300).until(EC.presence_of_element_located((By.NAME, "sql")))
     browser.get(page_url)  # a reload: the cells come back from pgml.notebook_cells
     browser.save_screenshot(str(tmp_path / "notebook.png"))
     shown = browser.find_elements(By.CSS_SELECTOR, "section.cell")
