@@ -21,7 +21,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from core.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
 from core.interfaces import CallContext, Portal, PreparedStatement, StatementHandler
@@ -36,6 +36,7 @@ _ABORT_BLOCK = "DO $$BEGIN RAISE EXCEPTION 'a pgml statement failed in pgml-prox
 _TIMEOUT_SQL = re.compile(rb"statement_timeout|reset\s+all|discard\s+all", re.IGNORECASE)
 _NOT_SESSION = re.compile(rb"\blocal\b|\bbegin\b|\bstart\s+transaction\b|set_config", re.IGNORECASE)
 
+T = TypeVar("T")
 # What a message handler returns: the coroutine to run when it must wait, None when done now.
 Step = Coroutine[Any, Any, None] | None
 
@@ -247,16 +248,21 @@ class LocalStatements:
             and self._status() != "E"
         )
 
+    def _now(self, answer: Callable[[], T | None]) -> T | None:
+        """The fast path's answer, or None: it cannot answer now, or failed (a bug: the planned
+        path runs the statement again and reports what is wrong)."""
+        try:
+            return answer()
+        except Exception:
+            log.exception("the fast path failed for client %d", self.fe.id)
+            return None
+
     def _answered_now(self, sql: str) -> bool:
         """A simple Query answered by the planner's fast path (StatementHandler.answer_now)."""
         handler = self.fe.app.handler
         if handler is None or not self._may_answer_now(False):
             return False
-        try:
-            found = handler.answer_now(sql)
-        except Exception:  # a bug: the planned path runs it again and reports it
-            log.exception("the fast path failed for client %d", self.fe.id)
-            return False
+        found = self._now(lambda: handler.answer_now(sql))
         if found is None:
             return False
         columns, row = found
@@ -300,11 +306,7 @@ class LocalStatements:
         portal = self.portals.get(ex.portal)
         if portal is None or ex.max_rows or not self._may_answer_now(True):
             return False
-        try:
-            found = portal.execute_now()
-        except Exception:  # a bug: the planned path runs it again and reports it
-            log.exception("the fast path failed for client %d", self.fe.id)
-            return False
+        found = self._now(portal.execute_now)
         if found is None:
             return False
         row, tag = found

@@ -183,6 +183,17 @@ def _assert_canceled(error: BaseException | None, message: str) -> None:
     assert error.diag.message_primary == message
 
 
+def _cancel_or_time_out(proxy: ProxyProcess, sql: str, how: str, timeout: str, after: float) -> None:
+    """`sql` stopped by the client's cancel (`how` "cancel") or its statement_timeout `timeout`."""
+
+    def setup(conn: psycopg.Connection[Any]) -> None:
+        if how == "timeout":
+            conn.execute(f"SET statement_timeout = '{timeout}'")
+
+    stop = (lambda c: c.cancel()) if how == "cancel" else (lambda c: None)
+    _stop_and_check(proxy, sql, stop, USER_REQUEST if how == "cancel" else TIMEOUT, setup, after=after)
+
+
 def _stop_and_check(
     proxy: ProxyProcess, sql: str, stop: Callable[[psycopg.Connection[Any]], None], message: str,
     setup: Callable[[psycopg.Connection[Any]], None] = lambda _c: None, after: float = 1.5,
@@ -270,14 +281,7 @@ def test_train_stopped_writes_nothing(stop_proxy: ProxyProcess, how: str) -> Non
             _ends_with_timeout(conn, BIG_TRAIN, within=6)
             conn.rollback()
     else:
-
-        def setup(conn: psycopg.Connection[Any]) -> None:
-            if how == "timeout":
-                conn.execute("SET statement_timeout = '3s'")
-
-        stop = (lambda c: c.cancel()) if how == "cancel" else (lambda c: None)
-        message = USER_REQUEST if how == "cancel" else TIMEOUT
-        _stop_and_check(stop_proxy, BIG_TRAIN, stop, message, setup, after=2.0)
+        _cancel_or_time_out(stop_proxy, BIG_TRAIN, how, "3s", after=2.0)
     _cpu_falls(stop_proxy.pid)
     with psycopg.connect(stop_proxy.dsn(), autocommit=True) as conn:
         assert _registry(conn) == before
@@ -298,15 +302,8 @@ def test_fit_without_hooks_stopped(stop_proxy: ProxyProcess, how: str, sql: str)
         running.wait(10)
         conn.close()
     else:
-
-        def setup(conn: psycopg.Connection[Any]) -> None:
-            if how == "timeout":
-                conn.execute("SET statement_timeout = '6s'")
-
-        stop = (lambda c: c.cancel()) if how == "cancel" else (lambda c: None)
-        message = USER_REQUEST if how == "cancel" else TIMEOUT
         # Stopped once the fit runs (a cold fit process first imports scikit-learn for 1-3 s).
-        _stop_and_check(stop_proxy, sql, stop, message, setup, after=4.5)
+        _cancel_or_time_out(stop_proxy, sql, how, "6s", after=4.5)
     _cpu_falls(stop_proxy.pid)
     with psycopg.connect(stop_proxy.dsn(), autocommit=True) as other:
         assert _registry(other) == before
