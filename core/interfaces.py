@@ -230,6 +230,8 @@ class PreparedStatement(Protocol):
 
 
 class Portal(Protocol):
+    name: str  # the client's name for it (set by the proxy at Bind), for Postgres's messages
+
     async def describe(self, upstream: UpstreamSession) -> list[Column] | None: ...
 
     async def execute(

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from core.errors import PgError, SyntaxError_, UndefinedParameter
+from core.errors import ObjectNotInPrerequisiteState, PgError, SyntaxError_, UndefinedParameter
 from core.interfaces import (
     CallContext,
     Column,
@@ -288,6 +288,8 @@ class PlannerPortal:
         self._tag: str | None = None
         self._cursor: str | None = None  # the upstream cursor behind a row-limited portal
         self._cursor_done = False
+        self._completed: str | None = None  # the tag, once an unlimited Execute ran it to the end
+        self.name = ""
 
     async def describe(self, upstream: UpstreamSession) -> list[Column] | None:
         desc = await self.prepared.describe(upstream)
@@ -318,6 +320,7 @@ class PlannerPortal:
         if row is None:
             return None
         self._events = _done()  # run: a later Execute finds it completed, as after `execute`
+        self._completed = "SELECT 1"
         return row, "SELECT 1"
 
     def _start(self, upstream: UpstreamSession, ctx: CallContext) -> AsyncIterator[Event]:
@@ -333,6 +336,9 @@ class PlannerPortal:
     ) -> bool:
         if self._cursor is not None or (max_rows and self._events is None and self._by_cursor(upstream)):
             return await self._execute_by_cursor(upstream, sink, ctx, max_rows)
+        if self._completed is not None:
+            await self._execute_completed(upstream, sink)
+            return False
         if self._events is None:
             if 0 in self.bound.oids and self.prepared.plan.kind != "passthrough":
                 await self.prepared.describe(upstream)  # learn the OIDs the client left to the server
@@ -350,6 +356,7 @@ class PlannerPortal:
                     elif kind == "tag":
                         tag = value
                 await sink.command_complete(tag)
+                self._completed = tag
                 return False
             # With a row limit the first Execute runs the statement to the end and later ones are
             # served from the buffer: an upstream portal left open across the client's Executes
@@ -372,6 +379,16 @@ class PlannerPortal:
             tag = f"SELECT {sent}"  # as Postgres: the rows of this Execute, not of the whole portal
         await sink.command_complete(tag)
         return False
+
+    async def _execute_completed(self, upstream: UpstreamSession, sink: ResultSink) -> None:
+        """An Execute of a portal already run to the end, as Postgres answers it: a statement
+        that returns rows gives none and its tag with a count of 0 (`SELECT 0`, `INSERT 0 0`);
+        any other cannot run again (55000)."""
+        desc = await self.prepared.describe(upstream)
+        if desc.columns is None:
+            raise ObjectNotInPrerequisiteState(f'portal "{self.name}" cannot be run')
+        words = (self._completed or "SELECT").split()
+        await sink.command_complete("INSERT 0 0" if words[0] == "INSERT" else f"{words[0]} 0")
 
     def _by_cursor(self, upstream: UpstreamSession) -> bool:
         """A row-limited SELECT whose pgml calls read rows, inside a transaction block (JDBC's

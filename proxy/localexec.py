@@ -287,6 +287,7 @@ class LocalStatements:
             return False
         if portal is None:
             return False
+        portal.name = b.portal
         self.portals[b.portal] = portal
         Cork.on(self.fe)
         self.fe.write(m.BIND_COMPLETE)
@@ -377,7 +378,9 @@ class LocalStatements:
             stmt = self.stmts[b.statement]
             self.forget_portal(b.portal)
             await self._release_stale()
-            self.portals[b.portal] = await stmt.bind(b.params, b.param_formats, b.result_formats)
+            portal = await stmt.bind(b.params, b.param_formats, b.result_formats)
+            portal.name = b.portal
+            self.portals[b.portal] = portal
             self.fe.write(m.BIND_COMPLETE)
 
         Cork.on(self.fe)

@@ -58,6 +58,7 @@ class EchoPortal:
         return [self._column()]
 
     holds_upstream = False  # nothing upstream to close
+    name = ""
 
     def describe_now(self) -> list[Column] | None:
         return None  # every message through the proxy's task path

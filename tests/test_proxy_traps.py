@@ -270,3 +270,43 @@ def test_pgml_portal_suspension_matches_postgres(px: ProxyProcess, pg_server: An
     assert tags[0] == tags[1] == [b"SELECT 1\x00"]
     vectors = [m.DataRow.parse(b).values[0] for t, b in proxied if t == b"D"]
     assert len(vectors) == 5 and all(v is not None and v.count(b",") == 383 for v in vectors)
+
+
+def test_a_completed_pgml_portal_executed_again_matches_postgres(px: ProxyProcess, pg_server: Any) -> None:
+    """Execute of a portal already run to the end: a statement with rows gives none and
+    `SELECT 0`; one without rows cannot run again (55000, naming the portal). The proxy sent an
+    empty tag before."""
+
+    def run(target: Any, setup: str, sql: str) -> list[tuple[bytes, bytes]]:
+        raw = Raw(target)
+        raw.sock.settimeout(120)  # the first pgml.embed loads MiniLM
+        raw.send(m.Query(setup).encode())
+        raw.until(b"Z")
+        raw.send(m.Parse("", sql).encode(), m.Bind("", "").encode(), m.Execute("").encode(),
+                 m.Execute("").encode(), m.SYNC)
+        got = raw.until(b"Z")
+        raw.close()
+        return got
+
+    def shape(got: list[tuple[bytes, bytes]]) -> list[tuple[bytes, str]]:
+        out = []
+        for t, body in got:
+            if t == b"C":
+                out.append((t, m.CommandComplete.parse(body).tag))
+            elif t == b"E":
+                fields = m.ErrorResponse.parse(body).fields
+                out.append((t, f"{fields['C']} {fields['M']}"))
+            elif t != b"D":
+                out.append((t, ""))
+        return out
+
+    direct = type("Direct", (), {"host": "127.0.0.1", "port": pg_server.port})()
+    table = "CREATE TABLE IF NOT EXISTS again_t (v text)"
+    assert shape(run(direct, table, "SELECT 'x'")) == shape(run(
+        px, table, "SELECT pgml.embed('all-MiniLM-L6-v2', 'x')::text IS NOT NULL")) == [
+        (b"1", ""), (b"2", ""), (b"C", "SELECT 1"), (b"C", "SELECT 0"), (b"Z", "")]
+    without_rows = [(b"1", ""), (b"2", ""), (b"C", "INSERT 0 1"),
+                    (b"E", '55000 portal "" cannot be run'), (b"Z", "")]
+    assert shape(run(direct, table, "INSERT INTO again_t VALUES ('x')")) == without_rows
+    assert shape(run(px, table, "INSERT INTO again_t VALUES (pgml.embed('all-MiniLM-L6-v2', 'x')::text)")) \
+        == without_rows
