@@ -191,7 +191,7 @@ class Frontend(asyncio.Protocol):
         is one whole simple Query that `plain` clears, for the server connection this client
         holds or one free now. False: nothing was done, the general path takes it."""
         if (self.s.phase is not Phase.READY or self.framer.buf or self.admin or self.route is not None
-                or _HEAD(data)[0] + 1 != len(data) or not plain(data)):
+                or len(data) < 5 or _HEAD(data)[0] + 1 != len(data) or not plain(data)):
             return False
         srv = self._server_now() if self.tx else self.server  # session pooling: its own, always
         if srv is None:
@@ -223,6 +223,8 @@ class Frontend(asyncio.Protocol):
         # statements (TxRelay), so only the unnamed ones take this path there.
         named = not self.tx
         for t, start, end in msgs[:-1]:
+            if end - start < 7:  # too short for the names read below: the general path says why
+                return False
             name = data[start + 5]
             if t == 0x50:  # Parse of the unnamed statement
                 if (name != 0 and not named) or not plain(data[start:end]):

@@ -310,3 +310,20 @@ def test_a_completed_pgml_portal_executed_again_matches_postgres(px: ProxyProces
     assert shape(run(direct, table, "INSERT INTO again_t VALUES ('x')")) == without_rows
     assert shape(run(px, table, "INSERT INTO again_t VALUES (pgml.embed('all-MiniLM-L6-v2', 'x')::text)")) \
         == without_rows
+
+
+def test_messages_split_into_single_bytes(px: ProxyProcess) -> None:
+    """A Query and an extended batch arriving a byte at a time (a slow link, a fuzzer): answered
+    as whole ones. The one-step relays must not read a message that has not all arrived."""
+    raw = Raw(px)
+    raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    batch = (m.Parse("", "select $1::int + 1").encode() + m.Bind("", "", (0,), (b"41",), (0,)).encode()
+             + m.Describe("P", "").encode() + m.Execute("").encode() + m.SYNC)
+    for data, want in ((m.Query("select 41 + 1").encode(), b"TDCZ"), (batch, b"12TDCZ")):
+        for i in range(len(data)):
+            raw.sock.sendall(data[i : i + 1])
+            time.sleep(0.001)
+        got = raw.until(b"Z")
+        assert kinds(got) == want
+        assert [m.DataRow.parse(b).values[0] for t, b in got if t == b"D"] == [b"42"]
+    raw.close()
