@@ -186,8 +186,23 @@ class ServerConn(asyncio.Protocol):
 
     def _fast_relay(self, data: bytes) -> bool:
         """The common case, without copying: relay mode, nothing buffered. False: take the slow path."""
-        if self.internal or self.client is None or self.framer.buf or self._ssl_answer is not None:
+        client = self.client
+        if self.internal or client is None or self.framer.buf or self._ssl_answer is not None:
             return False
+        # Every reply of a pass-through statement: framed and decided in one pass (Replies.relay).
+        relayed = self.replies.relay(data, self.framer.max_size)
+        if relayed is not None:
+            used, ready = relayed
+            if used:
+                client.write(data if used == len(data) else data[:used])
+            if used < len(data):
+                self.framer.feed(data[used:])
+            if not self.replies.queue:
+                if self._idle_event is not None:
+                    self._idle_event.set()
+                if ready:
+                    client.server_ready()
+            return True
         try:
             msgs, used = m.scan(data, self.framer.max_size)
         except ProtocolViolation:

@@ -200,8 +200,11 @@ class Frontend(asyncio.Protocol):
         if self.tx:
             self.relay.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
         srv.replies.queue.append(Expect(Reply.READY, self.s.batch))
-        self.up.append(data)
-        self.flush_up()
+        if self.up:  # whatever went before it goes first
+            self.up.append(data)
+            self.flush_up()
+        else:
+            srv.send(data)
         return True
 
     def _relay_batch(self, data: bytes) -> bool:

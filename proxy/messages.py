@@ -139,7 +139,7 @@ class Framer:
                 del buf[:pos]
 
 
-_HEAD = struct.Struct("!BI").unpack_from  # a message's type and length, read in place
+HEAD = struct.Struct("!BI").unpack_from  # a message's type and length, read in place
 
 
 def scan(buf: bytes | bytearray, max_size: int) -> tuple[list[tuple[int, int, int]], int]:
@@ -149,7 +149,7 @@ def scan(buf: bytes | bytearray, max_size: int) -> tuple[list[tuple[int, int, in
     out: list[tuple[int, int, int]] = []
     append = out.append
     while n - pos >= 5:
-        t, length = _HEAD(buf, pos)
+        t, length = HEAD(buf, pos)
         if length < 4 or length > max_size:
             raise ProtocolViolation(
                 f"message of type {chr(t)!r} declares length {length}; "

@@ -56,7 +56,14 @@ class Pool:
 
     def try_acquire(self, startup: Startup = ()) -> ServerConn | None:
         """An idle connection opened with `startup` right now, or None (then await `acquire`)."""
-        for conn in reversed(self.idle):  # LIFO: the warmest connection
+        idle = self.idle
+        if idle:  # the usual case: the warmest connection fits (no search, no removal from the middle)
+            conn = idle[-1]
+            if conn.startup == startup and not conn.closed:
+                idle.pop()
+                self.busy.add(conn)
+                return conn
+        for conn in reversed(idle):  # LIFO: the warmest connection
             if conn.startup == startup and not conn.closed:
                 self.idle.remove(conn)
                 self.busy.add(conn)

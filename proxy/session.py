@@ -334,6 +334,49 @@ class Replies:
     def clear(self) -> None:
         self.queue.clear()
 
+    def relay(self, buf: bytes, max_size: int) -> tuple[int, bool] | None:
+        """`feed`'s first pass fused with the framing, for one read with nothing buffered before
+        it: when every complete message in `buf` is relayed as it came (as `feed`'s common case
+        decides), the bytes they span (the client's, as they are) and whether a ReadyForQuery
+        ended an owed response. None, with nothing changed: `feed` decides (as does a length
+        out of bounds, which the framing refuses). It builds no list of messages and no `Fed`:
+        this is every pass-through reply's path."""
+        q = self.queue
+        for entry in q:
+            if entry.swallow or entry.track is not None or entry.synthetic is not None:
+                return None
+        n = len(buf)
+        pos = 0
+        ends = 0  # owed responses ended here (they leave the queue at the end, as one)
+        owed = len(q)
+        status = -1  # the last ReadyForQuery's status byte
+        copy_ends = False
+        head, relayed = m.HEAD, _RELAYED
+        while n - pos >= 5:
+            t, length = head(buf, pos)
+            if length < 4 or length > max_size:
+                return None
+            end = pos + 1 + length
+            if end > n:
+                break
+            if t != 0x44:
+                if t not in relayed:
+                    return None
+                if t == 0x43 or t == 0x5A:
+                    copy_ends = True  # a COPY ends with its CommandComplete
+                if ends < owed and t in q[ends].terminals:
+                    ends += 1
+                    if t == 0x5A:
+                        status = buf[pos + 5]
+            pos = end
+        if copy_ends:
+            self.copy = Copy.NONE
+        for _ in range(ends):
+            q.popleft()
+        if status >= 0:
+            self.tx_status = chr(status)
+        return pos, status >= 0
+
     def feed(self, buf: bytes | bytearray, msgs: list[tuple[int, int, int]], used: int) -> Fed:
         """The upstream's messages `msgs` (type, start, end in `buf`, spanning `used` bytes)."""
         q = self.queue

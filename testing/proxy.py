@@ -3,7 +3,7 @@
 `start_proxy(upstream, pool_mode, config=None, **overrides)` starts `python -m proxy.main`
 on a free port (config from tests/config.test.toml unless given, overrides as PGML_PROXY_*
 variables), waits until it accepts, and returns a `ProxyProcess` (host, port,
-dsn(database=, user=), pid, log(), stop()). tests/fix_proxy.py makes pytest fixtures of it.
+dsn(database=, user=), pid, log(), wait_log(text), stop()). tests/fix_proxy.py makes pytest fixtures of it.
 """
 
 from __future__ import annotations
@@ -46,6 +46,14 @@ class ProxyProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 60) -> str:
+        """The log once it holds `text` (what background work writes when it ends), or as it is
+        after `timeout` seconds; the caller asserts."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return log
 
     def send_signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

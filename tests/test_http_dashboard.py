@@ -187,8 +187,10 @@ def test_notebook_cells_are_saved_and_charted(dash: tuple[ProxyProcess, str], br
     browser.get(dash[1] + "/dashboard/notebook")
     browser.find_element(By.ID, "notebook-name").send_keys("dash test")
     browser.find_element(By.ID, "create").click()
+    # The form posts and the browser follows the redirect to the new notebook: wait for it, as
+    # current_url read at once may still be the form's page.
+    WebDriverWait(browser, 60).until(EC.url_contains("/dashboard/notebooks/"))
     page_url = browser.current_url
-    assert "/dashboard/notebooks/" in page_url
     cells = ["SELECT array_length(pgml.embed('sentence-transformers/all-MiniLM-L6-v2', 'hello'), 1) AS dims",
              "SELECT g AS x, g * g AS square FROM generate_series(1, 5) g"]
     for text in cells:
@@ -215,6 +217,8 @@ def test_notebook_cells_are_saved_and_charted(dash: tuple[ProxyProcess, str], br
 
 def test_upload_csv_then_query_it(dash: tuple[ProxyProcess, str], browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
 
     csv_path = tmp_path / "cities.csv"
     csv_path.write_text("name,population,area\nParis,2102650,105.4\nLyon,522250,47.87\nNice,,71.92\n")
@@ -222,8 +226,10 @@ def test_upload_csv_then_query_it(dash: tuple[ProxyProcess, str], browser: Any, 
     browser.find_element(By.ID, "table").send_keys("uploaded_cities")
     browser.find_element(By.ID, "file").send_keys(str(csv_path))
     browser.find_element(By.ID, "upload").click()
+    # The posted form's answer is a new page: wait for it (a click does not always wait).
+    uploaded = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.ID, "uploaded")))
     browser.save_screenshot(str(tmp_path / "upload.png"))
-    assert browser.find_element(By.ID, "uploaded").text.startswith("3 rows")
+    assert uploaded.text.startswith("3 rows")
     with psycopg.connect(dash[0].dsn(), autocommit=True) as conn:
         rows = conn.execute("SELECT name, population, area FROM uploaded_cities ORDER BY name").fetchall()
         types = conn.execute("SELECT atttypid::regtype::text FROM pg_attribute WHERE attrelid ="

@@ -12,6 +12,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.interfaces import Column
 from proxy import messages as m
@@ -279,3 +281,51 @@ def test_a_fatal_error_is_remembered_by_its_untranslated_severity() -> None:
     fatal = m.error_message({"S": "FATAL-IN-ANOTHER-LANGUAGE", "V": "FATAL", "C": "57P01", "M": "bye"})
     fed = _feed(r, fatal)
     assert fed.data == fatal and r.said_fatal
+
+
+# Server messages a reply can hold, by type: the plain ones and the ones that need `feed`'s
+# decisions (an error, a ParameterStatus, the start of a COPY).
+_SERVER_MESSAGES = [
+    m.RowDescription((Column("v", 23),)).encode(), m.DataRow((b"1",)).encode(),
+    m.CommandComplete("SELECT 1").encode(), m.PARSE_COMPLETE, m.BIND_COMPLETE, m.CLOSE_COMPLETE,
+    m.frame(b"n", b""), m.frame(b"s", b""), m.frame(b"I", b""), m.ReadyForQuery("T").encode(),
+    m.ReadyForQuery("I").encode(), m.frame(b"G", b"\0\0\0"), m.ParameterStatus("TimeZone", "UTC").encode(),
+    m.error_message({"S": "ERROR", "V": "ERROR", "C": "42P01", "M": "no such table"}),
+]
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(
+    owed=st.lists(st.sampled_from([Reply.PARSE, Reply.BIND, Reply.DESCRIBE, Reply.EXECUTE, Reply.READY]),
+                  max_size=6),
+    tracked=st.integers(min_value=-1, max_value=5),
+    replies=st.lists(st.sampled_from(_SERVER_MESSAGES), max_size=8),
+    cut=st.integers(min_value=0, max_value=8),
+)
+def test_the_one_pass_relay_decides_as_feed_does(owed: list[Reply], tracked: int, replies: list[bytes],
+                                                 cut: int) -> None:
+    """`Replies.relay` (framing and the common case in one pass) either declines, changing
+    nothing, or comes to what `scan` then `feed` come to: the bytes, the end of a response,
+    the queue, the status and the COPY state; a read may end inside a message."""
+    data = b"".join(replies)
+    data = data[: max(0, len(data) - cut)]
+
+    def queued() -> Replies:
+        r = Replies()
+        for i, reply in enumerate(owed):
+            r.expect(Expect(reply, 0, track=_Track() if i == tracked else None))
+        return r
+
+    def state(r: Replies) -> tuple[object, ...]:
+        return [e.terminals for e in r.queue], r.tx_status, r.copy, r.said_fatal
+
+    one, two = queued(), queued()
+    before = state(one)
+    relayed = one.relay(data, 1 << 20)
+    if relayed is None:
+        assert state(one) == before
+        return
+    msgs, used = m.scan(data, 1 << 20)
+    fed = two.feed(data, msgs, used)
+    assert relayed == (used, fed.ready) and bytes(fed.data) == data[:used]
+    assert fed.failed is None and fed.params is None and state(one) == state(two)

@@ -77,10 +77,7 @@ def test_reload_and_sighup_refuse_a_bad_tree_whole(own_proxy: Callable[..., Any]
             config = {r[0]: r[1] for r in console.execute("SHOW CONFIG").fetchall()}
             assert config.get("pool_timeout") in ("3.0", "3"), config
         proxy.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while f"(key {key})" not in proxy.log() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert f"(key {key})" in proxy.log()
+        assert f"(key {key})" in proxy.wait_log(f"(key {key})", timeout=10)
     path.write_text(good)
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
