@@ -39,6 +39,8 @@ Startup = tuple[tuple[str, str], ...]
 class Client(Protocol):
     """What a server connection needs of the client it is attached to (frontend.Frontend)."""
 
+    tx: bool  # transaction pooling: a ReadyForQuery may give the connection back (server_ready)
+
     def write(self, data: bytes | bytearray) -> None: ...
     def server_error(self, batch: int) -> None: ...
     def server_ready(self) -> None: ...
@@ -146,6 +148,22 @@ class ServerConn(asyncio.Protocol):
         if self._ssl_answer is not None and not self._ssl_answer.done():
             self._ssl_answer.set_result(data[:1])
             return
+        client = self.client
+        if client is not None and not self.internal and not self.framer.buf and self._ssl_answer is None:
+            # Every reply of a pass-through statement: framed and decided in one pass.
+            relayed = self.replies.relay(data, self.framer.max_size)
+            if relayed is not None:
+                used, ready = relayed
+                if used:
+                    client.write(data if used == len(data) else data[:used])
+                if used < len(data):
+                    self.framer.feed(data[used:])
+                if not self.replies.queue:
+                    if self._idle_event is not None:
+                        self._idle_event.set()
+                    if ready and client.tx:  # transaction pooling: the connection may go back now
+                        client.server_ready()
+                return
         if self._fast_relay(data):
             return
         fr = self.framer
@@ -189,20 +207,6 @@ class ServerConn(asyncio.Protocol):
         client = self.client
         if self.internal or client is None or self.framer.buf or self._ssl_answer is not None:
             return False
-        # Every reply of a pass-through statement: framed and decided in one pass (Replies.relay).
-        relayed = self.replies.relay(data, self.framer.max_size)
-        if relayed is not None:
-            used, ready = relayed
-            if used:
-                client.write(data if used == len(data) else data[:used])
-            if used < len(data):
-                self.framer.feed(data[used:])
-            if not self.replies.queue:
-                if self._idle_event is not None:
-                    self._idle_event.set()
-                if ready:
-                    client.server_ready()
-            return True
         try:
             msgs, used = m.scan(data, self.framer.max_size)
         except ProtocolViolation:

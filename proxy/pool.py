@@ -142,12 +142,13 @@ class Pool:
         """Take back a connection that is idle and clean (or closed: its slot frees up)."""
         self.busy.discard(conn)
         conn.client = None
-        if conn.closed or conn.tx_status != "I" or conn.replies:
+        replies = conn.replies
+        if conn.closed or replies.tx_status != "I" or replies.queue:
             conn.close()
             self._wake_one(None)
             return
         conn.used_at = time.monotonic()
-        if not self._wake_one(conn):
+        if not self.waiters or not self._wake_one(conn):
             self.idle.append(conn)
 
     async def reset_and_release(self, conn: ServerConn, sync_owed: bool = False) -> None:

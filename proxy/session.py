@@ -174,6 +174,17 @@ class Session:
 _SPECIAL = re.compile(rb"pgml|set|all|timeout|prepare|execute|deallocate|discard|listen|hold|advisory|temp")
 
 
+# `plain`'s answers by the message's shape: its bytes lowered (ASCII, as bytes.lower) with
+# the digits left out, so statements that differ in their numbers only (pgbench's, any
+# application's with literals) share one answer. Leaving digits out never hides a word (none
+# has a digit); it may make one ("se1t"), which only costs the full tests.
+_FOLD = bytes.maketrans(bytes(range(ord("A"), ord("Z") + 1)), bytes(range(ord("a"), ord("z") + 1)))
+_DIGITS = b"0123456789"
+_SHAPES: dict[bytes, bool] = {}
+_SHAPES_MAX = 4096  # then forgotten all at once: a bound, for clients whose every statement differs
+_SHAPE_LEN = 1024  # longer messages (bulk INSERTs) are searched every time, and not kept
+
+
 def plain(msg: bytes) -> bool:
     """Whether a Query's or Parse's bytes hold none of the words that any part of the session
     looks for: pgml calls, statement_timeout, SET/RESET/DISCARD/PREPARE/EXECUTE/DEALLOCATE
@@ -182,7 +193,15 @@ def plain(msg: bytes) -> bool:
     Such a message is relayed with no further test. A word inside another ("offset", "call")
     only costs the full tests, never a wrong answer.
     """
-    return _SPECIAL.search(msg.lower()) is None
+    if len(msg) > _SHAPE_LEN:
+        return _SPECIAL.search(msg.lower()) is None
+    shape = msg.translate(_FOLD, _DIGITS)
+    known = _SHAPES.get(shape)
+    if known is None:  # the regex costs about ten times the lookup
+        if len(_SHAPES) >= _SHAPES_MAX:
+            _SHAPES.clear()
+        known = _SHAPES[shape] = _SPECIAL.search(shape) is None
+    return known
 
 
 # What outlives a transaction on its server connection, so transaction pooling cannot keep it
@@ -250,7 +269,11 @@ class Tracker(Protocol):
 
 
 class Expect:
-    """One response owed by the upstream: the message types that end it, and what to do with it."""
+    """One response owed by the upstream: the message types that end it, and what to do with it.
+
+    Never changed once made, so one plain entry can stand for every simple Query's reply
+    (`OWES_READY`).
+    """
 
     __slots__ = ("batch", "swallow", "synthetic", "terminals", "track")
 
@@ -268,6 +291,11 @@ class Expect:
         """The response ended with message type `t` (0: skipped after an error)."""
         if self.track is not None:
             self.track.close(t)
+
+
+# A simple Query of the client's own, relayed: nothing tracked, and its batch is never read
+# (only the entries of an extended batch say which batch an error skips).
+OWES_READY = Expect(Reply.READY, -1)
 
 
 class Copy(enum.Enum):
@@ -347,8 +375,9 @@ class Replies:
                 return None
         n = len(buf)
         pos = 0
-        ends = 0  # owed responses ended here (they leave the queue at the end, as one)
+        ends = 0  # owed responses ended here (they leave the queue at the end, together)
         owed = len(q)
+        terminals = q[0].terminals if owed else b""  # what ends the next owed response
         status = -1  # the last ReadyForQuery's status byte
         copy_ends = False
         head, relayed = m.HEAD, _RELAYED
@@ -364,18 +393,23 @@ class Replies:
                     return None
                 if t == 0x43 or t == 0x5A:
                     copy_ends = True  # a COPY ends with its CommandComplete
-                if ends < owed and t in q[ends].terminals:
+                if t in terminals:
                     ends += 1
                     if t == 0x5A:
                         status = buf[pos + 5]
+                    terminals = q[ends].terminals if ends < owed else b""
             pos = end
         if copy_ends:
             self.copy = Copy.NONE
-        for _ in range(ends):
+        if ends == 1:
             q.popleft()
-        if status >= 0:
-            self.tx_status = chr(status)
-        return pos, status >= 0
+        else:
+            for _ in range(ends):
+                q.popleft()
+        if status < 0:
+            return pos, False
+        self.tx_status = chr(status)
+        return pos, True
 
     def feed(self, buf: bytes | bytearray, msgs: list[tuple[int, int, int]], used: int) -> Fed:
         """The upstream's messages `msgs` (type, start, end in `buf`, spanning `used` bytes)."""

@@ -11,7 +11,6 @@ load while the native model answers.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -166,7 +165,8 @@ def test_older_model_converted_at_first_load(
     second = proxy_factory("session", upstream=dsn)
     try:
         first = _rows(second, db, batch)
-        assert "is served by ONNX Runtime: checked equal" in second.wait_log("is served by ONNX Runtime: checked equal")
+        converted = "is served by ONNX Runtime: checked equal"
+        assert converted in second.wait_log(converted)
         stored = f"SELECT count(*) FROM pgml.files WHERE path = 'model.onnx' AND {where}"
         assert _rows(second, db, stored) == [(1,)]
         assert _rows(second, db, batch) == first == _rows(native, db, batch)

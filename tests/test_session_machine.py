@@ -29,6 +29,7 @@ from proxy.session import (
     Session,
     Swallow,
     SyncAnswer,
+    plain,
 )
 
 BAD_OID_PARSE = m.Parse("", "select $1", (999999,)).encode() + m.FLUSH
@@ -329,3 +330,24 @@ def test_the_one_pass_relay_decides_as_feed_does(owed: list[Reply], tracked: int
     fed = two.feed(data, msgs, used)
     assert relayed == (used, fed.ready) and bytes(fed.data) == data[:used]
     assert fed.failed is None and fed.params is None and state(one) == state(two)
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(st.lists(st.sampled_from(["SELECT", "set", "Se", "t", "pgML", "all", "a", "1", "42", " ", "x",
+                                 "TEMP", "hold", "Listen", "timeout", "'", ";", "e", "P"]), max_size=12),
+       st.integers(min_value=1, max_value=3))
+def test_plain_answers_as_its_search_by_shape(words: list[str], repeats: int) -> None:
+    """`plain` remembers its answers by shape (lowered, digits left out): asked again, or for
+    a statement differing in its digits, it never clears what the search would not, and it
+    clears what has no digits exactly as the search does."""
+    from proxy.session import _SPECIAL
+
+    text = "".join(words).encode()
+    msg = m.Query(text.decode()).encode()
+    for _ in range(repeats):
+        searched = _SPECIAL.search(msg.lower()) is None
+        if plain(msg):
+            assert searched
+        elif not any(c.isdigit() for c in text.decode()):
+            assert not searched
+        assert plain(msg.replace(b"1", b"7")) is plain(msg)  # the same shape, one answer
