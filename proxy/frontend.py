@@ -645,10 +645,6 @@ class Frontend(asyncio.Protocol):
             self.s.failed(batch)
         self.app.stats.errors += 1
 
-    def server_ready(self) -> None:
-        """A ReadyForQuery ended all that was owed (the one-pass relay calls this under
-        transaction pooling only: session pooling has nothing to do then)."""
-        self.maybe_release()
 
     def server_param(self, name: str, value: str) -> None:
         if name not in UNSETTABLE and self.want.get(name) != value:
@@ -686,6 +682,11 @@ class Frontend(asyncio.Protocol):
         self.server = None
         srv.client = None
         self.pool.release(srv)
+
+    # A ReadyForQuery ended all that was owed (the one-pass relay calls this under transaction
+    # pooling only: session pooling has nothing to do then). One name for the other, not a
+    # call of it: this runs once a transaction.
+    server_ready = maybe_release
 
     def _captured(self, rows: list[bytes]) -> None:
         srv = self.server
