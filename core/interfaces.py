@@ -251,7 +251,7 @@ class Portal(Protocol):
 
     def execute_now(self) -> tuple[list[WireValue], str] | None:
         """The fast path of an unlimited Execute: the one row and the command tag when the
-        portal's statement is answered at once, with no await (see `StatementHandler.answer_now`);
+        portal's statement is answered at once, with no await (see `StatementHandler.now_statement`);
         None when `execute` must run it. Never raises for a statement's own errors: `execute`
         reports those."""
         ...
@@ -264,6 +264,19 @@ class Portal(Protocol):
     async def close(self, upstream: UpstreamSession) -> None:
         """The client closed the portal, or bound another under its name: release what it
         holds upstream. Must not fail the client's transaction."""
+        ...
+
+
+class NowStatement(Protocol):
+    """A simple Query the fast path answers (`StatementHandler.now_statement`), as often as it
+    comes: its columns never change, its one row is computed at each `answer`."""
+
+    @property
+    def columns(self) -> Sequence[Column]: ...
+
+    def answer(self) -> list[WireValue] | None:
+        """The one row, when the runtime answers every call at once; None when `simple_query`
+        must run it (errors included: that path reports them)."""
         ...
 
 
@@ -285,10 +298,11 @@ class StatementHandler(Protocol):
         """Analyse a Parse message's text; raises PgError for SQL it cannot accept."""
         ...
 
-    def answer_now(self, sql: str) -> tuple[list[Column], list[WireValue]] | None:
-        """The fast path of a simple Query: its RowDescription and one row, when the statement
-        can be answered at once, with no task, no await and no upstream round trip (constant
-        pgml calls the runtime answers at once: `Runtime.call_now`). None when `simple_query`
-        must run it; never raises for a statement's own errors (`simple_query` reports them)."""
+    def now_statement(self, sql: str) -> NowStatement | None:
+        """The fast path of a simple Query: the statement when it may be answered at once, with
+        no task, no await and no upstream round trip (its only work is pgml calls on literals:
+        `Runtime.call_now`); None when `simple_query` must run it. Never raises for a
+        statement's own errors (`simple_query` reports them). The same object serves the same
+        text again: the proxy keeps it for the Query that sent it."""
         ...
 

@@ -139,21 +139,17 @@ class Handler:
                 with contextlib.suppress(PgError):
                     await asyncio.shield(upstream.simple("COMMIT" if ok else "ROLLBACK"))
 
-    def answer_now(self, sql: str) -> tuple[list[Column], list[WireValue]] | None:
-        """The fast path of a simple Query: the RowDescription and the one row of a statement
-        analysed before whose only work is pgml calls on literals, when the runtime answers
-        them at once (`Runtime.call_now`). None when `simple_query` must run it, errors
-        included: that path reports them, with what a failure does to a transaction block."""
+    def now_statement(self, sql: str) -> _NowStatement | None:
+        """The fast path of a simple Query analysed before whose only work is pgml calls on
+        literals (`StatementHandler.now_statement`). A plan depends on its text alone, so the
+        statement stays good for as long as anyone keeps it. Its errors are `simple_query`'s
+        to report, with what a failure does to a transaction block."""
         if not self.fast_path:
             return None
         plans = self._cached(sql, ())
         if plans is None or len(plans) != 1 or not self._answerable(plans[0]):
             return None
-        try:
-            row = answer_now(self.executor.runtime, plans[0], _TEXT)
-        except PgError:
-            return None
-        return None if row is None else (now_columns(plans[0], _TEXT), row)
+        return _NowStatement(self, plans[0], now_columns(plans[0], _TEXT))
 
     def _answerable(self, plan: StatementPlan) -> bool:
         found = self._now.get(id(plan))
@@ -171,6 +167,23 @@ class Handler:
         if not plans:
             raise SyntaxError_("empty statement")
         return Prepared(self, sql, list(param_oids), plans[0])
+
+
+class _NowStatement:
+    """A simple Query's plan that the fast path answers (core.interfaces.NowStatement)."""
+
+    __slots__ = ("columns", "handler", "plan")
+
+    def __init__(self, handler: Handler, plan: StatementPlan, columns: list[Column]) -> None:
+        self.handler, self.plan, self.columns = handler, plan, columns
+
+    def answer(self) -> list[WireValue] | None:
+        if not self.handler.fast_path:
+            return None
+        try:
+            return answer_now(self.handler.executor.runtime, self.plan, _TEXT)
+        except PgError:
+            return None
 
 
 async def forward_result(res: QueryResult, sink: ResultSink) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from core.errors import TooManyConnections
-from core.interfaces import StatementHandler
+from core.interfaces import NowStatement, StatementHandler
 from proxy import tls
 from proxy.backend import ServerConn, Target, parse_dsn, send_cancel
 from proxy.config import Config
@@ -107,6 +107,9 @@ class ProxyServer:
         self.upstream_dsn = upstream
         self.target: Target = parse_dsn(upstream, config.upstream_sslmode)
         self.handler = handler
+        # Query messages the planner's fast path answered, with its statement and RowDescription
+        # (LocalStatements.answered_again): the same bytes again need no parsing or planning.
+        self.express: dict[bytes, tuple[NowStatement, bytes]] = {}
         self.pools: dict[tuple[str, str, str], Pool] = {}  # (database, user, server "host:port")
         self.upstreams: Upstreams | None = None
         if config.replicas:

@@ -168,7 +168,7 @@ class Frontend(asyncio.Protocol):
         try:
             if self.task is None:
                 head = data[:1]
-                if head == b"Q" and self._relay_query(data):
+                if head == b"Q" and (self._relay_query(data) or self._answered_again(data)):
                     return
                 if (head == b"P" or head == b"B") and self._relay_batch(data):
                     return
@@ -220,6 +220,14 @@ class Frontend(asyncio.Protocol):
         else:
             srv.send(data)
         return True
+
+    def _answered_again(self, data: bytes) -> bool:
+        """`data` is one whole Query that the fast path answered before (LocalStatements keeps
+        those that nothing else of the session looks at), answered again in one step. False:
+        nothing was done, the general path takes it."""
+        return (self.s.phase is Phase.READY and not self.framer.buf and not self.admin
+                and self.route is None and len(data) >= 5 and _HEAD(data)[0] + 1 == len(data)
+                and self.local.answered_again(data))
 
     def _relay_batch(self, data: bytes) -> bool:
         """`_extended`'s relay in one step for the common extended batch: whole in `data`, on
@@ -409,7 +417,7 @@ class Frontend(asyncio.Protocol):
         if _PGML.search(msg, 5) is not None:
             sql = m.Query.parse(msg[5:]).sql
             if not self._passes_through(sql):
-                return self.local.simple_query(sql)
+                return self.local.simple_query(sql, msg)
         if self.tx:
             return self._query(msg)
         return self._forward(t, msg, Reply.READY)

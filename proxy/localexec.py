@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from core.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
-from core.interfaces import CallContext, Portal, PreparedStatement, StatementHandler
+from core.interfaces import CallContext, NowStatement, Portal, PreparedStatement, StatementHandler
 from core.stop import Stop
 from proxy import messages as m
 from proxy.upstream import HeldUpstream
@@ -35,6 +35,13 @@ _ABORT_BLOCK = "DO $$BEGIN RAISE EXCEPTION 'a pgml statement failed in pgml-prox
 # Statements that may change statement_timeout, and those whose change may not last the session.
 _TIMEOUT_SQL = re.compile(rb"statement_timeout|reset\s+all|discard\s+all", re.IGNORECASE)
 _NOT_SESSION = re.compile(rb"\blocal\b|\bbegin\b|\bstart\s+transaction\b|set_config", re.IGNORECASE)
+
+# The fast path's constant replies, and how many Query messages it keeps, of what length at
+# most (more are forgotten all at once: a bound for clients whose every statement differs).
+_SELECT_1 = m.CommandComplete("SELECT 1").encode()
+_READY = {s: m.ReadyForQuery(s).encode() for s in "ITE"}
+_EXPRESS_MAX = 1024
+_EXPRESS_LEN = 4096
 
 T = TypeVar("T")
 # What a message handler returns: the coroutine to run when it must wait, None when done now.
@@ -257,22 +264,44 @@ class LocalStatements:
             log.exception("the fast path failed for client %d", self.fe.id)
             return None
 
-    def _answered_now(self, sql: str) -> bool:
-        """A simple Query answered by the planner's fast path (StatementHandler.answer_now)."""
+    def _answered_now(self, sql: str, msg: bytes) -> bool:
+        """A simple Query answered by the planner's fast path (StatementHandler.now_statement);
+        the statement is kept for the same Query message (`answered_again`) when nothing else
+        of the session looks at that message (`note_sql`)."""
         handler = self.fe.app.handler
         if handler is None or not self._may_answer_now(False):
             return False
-        found = self._now(lambda: handler.answer_now(sql))
-        if found is None:
+        st = self._now(lambda: handler.now_statement(sql))
+        if st is None:
             return False
-        columns, row = found
+        head = m.RowDescription(tuple(st.columns)).encode()
+        if not self._answer(st, head):
+            return False
+        kept = self.fe.app.express
+        if len(msg) <= _EXPRESS_LEN and _TIMEOUT_SQL.search(msg, 5) is None:
+            if len(kept) >= _EXPRESS_MAX:
+                kept.clear()
+            kept[msg] = (st, head)
+        return True
+
+    def answered_again(self, msg: bytes) -> bool:
+        """A whole Query message answered by the fast path before, answered again with no
+        parsing, planning or encoding of its columns (Frontend.data_received's first test for
+        a Query that calls pgml). False: nothing was done, the general path takes it."""
+        found = self.fe.app.express.get(msg)
+        if found is None or not self._may_answer_now(False) or not self._answer(*found):
+            return False
+        stats = self.fe.app.stats
+        stats.queries += 1
+        stats.pgml_queries += 1
+        return True
+
+    def _answer(self, st: NowStatement, head: bytes) -> bool:
+        row = self._now(st.answer)
+        if row is None:
+            return False
         fe = self.fe
-        fe.write(
-            m.RowDescription(tuple(columns)).encode()
-            + m.encode_data_row(row)
-            + m.CommandComplete("SELECT 1").encode()
-            + m.ReadyForQuery(self._status()).encode()
-        )
+        fe.write(head + m.encode_data_row(row) + _SELECT_1 + _READY[self._status()])
         fe.maybe_release()
         return True
 
@@ -316,11 +345,11 @@ class LocalStatements:
         return True
 
     # --- simple protocol -----------------------------------------------------------------
-    def simple_query(self, sql: str) -> Step:
-        """A Query calling pgml: answered in this turn when the fast path can (no task), else the
-        coroutine that plans and runs it."""
+    def simple_query(self, sql: str, msg: bytes) -> Step:
+        """A Query calling pgml (`msg`, its text `sql`): answered in this turn when the fast path
+        can (no task), else the coroutine that plans and runs it."""
         self.fe.app.stats.pgml_queries += 1
-        return None if self._answered_now(sql) else self._simple_query(sql)
+        return None if self._answered_now(sql, msg) else self._simple_query(sql)
 
     async def _simple_query(self, sql: str) -> None:
         fe = self.fe

@@ -211,3 +211,57 @@ def test_libpq_prepared_same_with_and_without_fast_path(
     got = _libpq_prepared(fast, db)
     assert got == _libpq_prepared(slow, db)
     assert any(r[1] == b"22023" for r in got if isinstance(r, tuple))
+
+
+@pytest.fixture(scope="module")
+def tx_proxies(
+    proxies: tuple[str, ProxyProcess, ProxyProcess],
+    proxy_factory: Callable[..., ProxyProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, ProxyProcess, ProxyProcess]]:
+    """The same database and model behind a fast and a slow proxy in transaction pooling."""
+    db, fast, _ = proxies
+    upstream = fast.upstream.rsplit("/", 1)[0] + "/" + db
+    tx_fast = proxy_factory("transaction", upstream=upstream)
+    config: Path = tmp_path_factory.mktemp("tx-slow") / "config.toml"
+    config.write_text(TEST_CONFIG.read_text().replace("[planner]\n", "[planner]\nfast_path = false\n"))
+    tx_slow = proxy_factory("transaction", upstream=upstream, config=config)
+    yield db, tx_fast, tx_slow
+    tx_slow.stop()
+    tx_fast.stop()
+
+
+def _simple_session(proxy: ProxyProcess, db: str) -> list[Any]:
+    """The same simple Query messages again and again (the second and later are answered from
+    the kept statement, LocalStatements.answered_again): alone, in a block before and after a
+    failing statement (25P02 until ROLLBACK), after statement_timeout changes, and with a
+    plain statement's reply owed before them in the same read."""
+    predict = f"SELECT pgml.predict('{P}', {SETOSA})".encode()
+    out: list[Any] = []
+    with psycopg.connect(proxy.dsn(database=db), autocommit=True) as conn:
+        pgconn = conn.pgconn
+
+        def run(sql: bytes) -> None:
+            res = pgconn.exec_(sql)
+            out.append((res.status, res.error_field(pq.DiagnosticField.SQLSTATE),
+                        [res.ftype(i) for i in range(res.nfields)],
+                        [res.get_value(r, 0) for r in range(res.ntuples)],
+                        pq.TransactionStatus(pgconn.transaction_status).name))
+
+        for sql in (predict, predict, predict, b"BEGIN", predict, predict, b"SELECT 1/0", predict, predict,
+                    b"ROLLBACK", predict, b"SET statement_timeout = '10s'", predict, predict,
+                    b"RESET statement_timeout", predict, b"SELECT 1; " + predict, predict):
+            run(sql)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_repeated_simple_queries_same_with_and_without_fast_path(
+    proxies: tuple[str, ProxyProcess, ProxyProcess], tx_proxies: tuple[str, ProxyProcess, ProxyProcess],
+    mode: str,
+) -> None:
+    db, fast, slow = proxies if mode == "session" else tx_proxies
+    got = _simple_session(fast, db)
+    assert got == _simple_session(slow, db)
+    assert any(r[1] == b"25P02" for r in got) and any(r[1] == b"22012" for r in got)
+    assert sum(r[3] == [b"0.0"] for r in got) >= 10, got  # the predicts answered: setosa, class 0

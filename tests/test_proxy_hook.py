@@ -24,6 +24,7 @@ from core.errors import InvalidParameterValue
 from core.interfaces import (
     CallContext,
     Column,
+    NowStatement,
     Portal,
     PreparedStatement,
     ResultSink,
@@ -147,7 +148,7 @@ class EchoHandler:
         self.calls.append(sql)
         return EchoStatement(sql, param_oids)
 
-    def answer_now(self, sql: str) -> tuple[list[Column], list[WireValue]] | None:
+    def now_statement(self, sql: str) -> NowStatement | None:
         return None
 
 
