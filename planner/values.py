@@ -7,6 +7,7 @@ is ``[1,2,3]`` and binary form is int16 dim, int16 unused, then float4s (pgvecto
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -142,8 +143,10 @@ def _plain(value: Any) -> Any:
     return tolist() if callable(tolist) else value
 
 
+@functools.lru_cache(maxsize=256)
 def encoder(sql_type: str, fmt: int, vector_oid: int = 0) -> Encoder:
-    """A function from a Python result to the field bytes the client asked for."""
+    """A function from a Python result to the field bytes the client asked for (made once per
+    type and format: each result of a one-row statement asks for it)."""
     if sql_type == "vector":
         return _vector_text if fmt == 0 else _vector_binary
     if sql_type == "record":
