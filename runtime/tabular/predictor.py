@@ -13,7 +13,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,10 @@ class Served:
     # a call holding one the model refuses fails alone, before it is batched with others.
     takes_nan: bool = True
     takes_inf: bool = True
+    # The class labels as numbers, by class index (None: text labels, answered by index);
+    # made at the first `labels`, for every later call.
+    _label_table: np.ndarray | None = field(default=None, init=False, repr=False)
+    _label_checked: bool = field(default=False, init=False, repr=False)
 
     def named(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
         """The row keyed by column names.
@@ -77,9 +81,13 @@ class Served:
 
     def labels(self, indices: np.ndarray) -> list[float]:
         """`label` for a whole array of predicted class indices."""
-        if not self.classes or not all(isinstance(c, (int, float, bool)) for c in self.classes):
+        if not self._label_checked:
+            if self.classes and all(isinstance(c, (int, float, bool)) for c in self.classes):
+                self._label_table = np.asarray([float(c) for c in self.classes])
+            self._label_checked = True
+        table = self._label_table
+        if table is None:
             return [float(v) for v in indices.tolist()]
-        table = np.asarray([float(c) for c in self.classes])
         mapped: list[float] = table[indices.astype(np.int64)].tolist()
         return mapped
 
