@@ -295,10 +295,6 @@ class UntranslatableCharacter(PgError):
     sqlstate = "22P05"
 
 
-class DatumVersionMismatch(PgError):
-    sqlstate = "22P07"
-
-
 class NotAnXmlDocument(PgError):
     sqlstate = "2200L"
 

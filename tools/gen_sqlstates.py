@@ -1,7 +1,9 @@
 """Generate core/sqlstates.py from Postgres's errcodes.txt: one PgError class per SQLSTATE.
 
-Run: `python tools/gen_sqlstates.py [/usr/share/postgresql/15/errcodes.txt]` (Debian's
-postgresql-common ships the file). Class names follow the condition names as psycopg
+Run: `python tools/gen_sqlstates.py [errcodes.txt]`; the source is tools/errcodes.txt, a copy of
+Postgres's file as Debian's postgresql-15 (15.18) ships it, kept in the repository so that the
+module does not change with the machine's package (a host's copy once had a code more).
+Class names follow the condition names as psycopg
 spells them (``invalid_text_representation`` -> ``InvalidTextRepresentation``; a second
 condition of the same name gets ``Ext``, as psycopg does; a name that would shadow a
 Python builtin gets a trailing underscore). `tests/test_core.py` cross-checks the result
@@ -14,7 +16,7 @@ import builtins
 import sys
 from pathlib import Path
 
-DEFAULT_SOURCE = Path("/usr/share/postgresql/15/errcodes.txt")
+DEFAULT_SOURCE = Path(__file__).resolve().parent / "errcodes.txt"
 TARGET = Path(__file__).resolve().parent.parent / "core" / "sqlstates.py"
 
 
