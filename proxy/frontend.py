@@ -172,6 +172,8 @@ class Frontend(asyncio.Protocol):
                     return
                 if (head == b"P" or head == b"B") and self._relay_batch(data):
                     return
+                if head == b"B" and self.local.stmts and self._answered_batch(data):
+                    return
             if self.s.phase is Phase.STARTUP:
                 startup_bytes(self, data)
                 return
@@ -228,6 +230,29 @@ class Frontend(asyncio.Protocol):
         return (self.s.phase is Phase.READY and not self.framer.buf and not self.admin
                 and self.route is None and len(data) >= 5 and _HEAD(data)[0] + 1 == len(data)
                 and self.local.answered_again(data))
+
+    def _answered_batch(self, data: bytes) -> bool:
+        """`data` is one whole extended batch on a local statement (Bind to the unnamed portal,
+        Describe of it or not, Execute with no row limit, Sync) that the fast path answers
+        (LocalStatements.answered_batch). False: nothing was done, the general path takes it."""
+        s = self.s
+        if (s.phase is not Phase.READY or self.framer.buf or self.admin or self.route is not None
+                or s.skipping or s.sync_owed or data[-5:] != m.SYNC):
+            return False
+        msgs, used = m.scan(data, self.framer.max_size)
+        kinds = bytes(t for t, _, _ in msgs)
+        if used != len(data) or (kinds != b"BDES" and kinds != b"BES"):
+            return False
+        _, start, end = msgs[0]
+        b = m.Bind.parse(data[start + 5 : end])
+        if b.portal != "":
+            return False
+        if len(msgs) == 4 and data[msgs[1][1] + 5 : msgs[1][2]] != b"P\0":  # Describe of the portal
+            return False
+        _, start, end = msgs[-2]
+        if data[start + 5 : end] != b"\0\0\0\0\0":  # Execute of the unnamed portal, no row limit
+            return False
+        return self.local.answered_batch(b, describe=len(msgs) == 4)
 
     def _relay_batch(self, data: bytes) -> bool:
         """`_extended`'s relay in one step for the common extended batch: whole in `data`, on

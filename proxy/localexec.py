@@ -305,21 +305,54 @@ class LocalStatements:
         fe.maybe_release()
         return True
 
-    def _bound_now(self, b: m.Bind) -> bool:
+    def _bind_now(self, b: m.Bind) -> Portal | None:
+        """The portal of a Bind to a local statement when the fast path may bind it now
+        (nothing registered or written yet); None: the planned path binds it."""
         stmt = self.stmts.get(b.statement)
         old = self.portals.get(b.portal)
         if stmt is None or (old is not None and old.holds_upstream) or not self._may_answer_now(True):
-            return False
+            return None
         try:
             portal = stmt.bind_now(b.params, b.param_formats, b.result_formats)
         except Exception:  # its error, reported by the planned path
-            return False
+            return None
+        if portal is not None:
+            portal.name = b.portal
+        return portal
+
+    def _bound_now(self, b: m.Bind) -> bool:
+        portal = self._bind_now(b)
         if portal is None:
             return False
-        portal.name = b.portal
         self.portals[b.portal] = portal
         Cork.on(self.fe)
         self.fe.write(m.BIND_COMPLETE)
+        return True
+
+    def answered_batch(self, b: m.Bind, describe: bool) -> bool:
+        """A whole extended batch on a local statement, answered in one step: Bind to the
+        unnamed portal, Describe of it when `describe`, Execute with no row limit, Sync (as
+        pgbench -M prepared and drivers' prepared statements send them). Its replies go in one
+        write, as the messages one by one would give them. False: nothing was done (nothing
+        bound, nothing written), the general path takes every message."""
+        portal = self._bind_now(b)
+        if portal is None:
+            return False
+        columns = portal.describe_now() if describe else None
+        if describe and columns is None:
+            return False
+        found = self._now(portal.execute_now)
+        if found is None:
+            return False
+        row, tag = found
+        self.portals[b.portal] = portal
+        fe = self.fe
+        fe.app.stats.queries += 1
+        fe.s.sync(fe.server is not None)  # nothing of the batch went upstream: answered here
+        described = b"" if columns is None else m.RowDescription(tuple(columns)).encode()
+        done = m.CommandComplete(tag).encode() + _READY[self._status()]
+        fe.write(m.BIND_COMPLETE + described + m.encode_data_row(row) + done)
+        fe.maybe_release()
         return True
 
     def _described_now(self, name: str) -> bool:

@@ -265,3 +265,18 @@ def test_repeated_simple_queries_same_with_and_without_fast_path(
     assert got == _simple_session(slow, db)
     assert any(r[1] == b"25P02" for r in got) and any(r[1] == b"22012" for r in got)
     assert sum(r[3] == [b"0.0"] for r in got) >= 10, got  # the predicts answered: setosa, class 0
+
+
+def test_prepared_batches_same_with_and_without_fast_path_in_transaction_pooling(
+    tx_proxies: tuple[str, ProxyProcess, ProxyProcess],
+) -> None:
+    """libpq's prepared Bind/Describe/Execute/Sync (answered as one batch: Frontend
+    ._answered_batch) and psycopg's blocks around a failing statement, under transaction
+    pooling as under session pooling."""
+    db, fast, slow = tx_proxies
+    got = _libpq_prepared(fast, db)
+    assert got == _libpq_prepared(slow, db)
+    assert any(r[1] == b"22023" for r in got if isinstance(r, tuple))
+    got = _block(fast, db)
+    assert got == _block(slow, db)
+    assert ("error", "22023") in got and ("error", "25P02") in got
