@@ -678,7 +678,6 @@ class Frontend(asyncio.Protocol):
             self.s.failed(batch)
         self.app.stats.errors += 1
 
-
     def server_param(self, name: str, value: str) -> None:
         if name not in UNSETTABLE and self.want.get(name) != value:
             self.want[name] = value
