@@ -164,8 +164,8 @@ class ServerConn(asyncio.Protocol):
                     if ready and client.tx:  # transaction pooling: the connection may go back now
                         client.server_ready()
                 return
-        if self._fast_relay(data):
-            return
+            if self._fast_relay(data):
+                return
         fr = self.framer
         fr.buf += data
         try:
@@ -203,10 +203,8 @@ class ServerConn(asyncio.Protocol):
         fr.drop(used)
 
     def _fast_relay(self, data: bytes) -> bool:
-        """The common case, without copying: relay mode, nothing buffered. False: take the slow path."""
-        client = self.client
-        if self.internal or client is None or self.framer.buf or self._ssl_answer is not None:
-            return False
+        """Relay mode with nothing buffered (the caller checked), replies that need `feed`'s
+        decisions: read in place, without copying. False: take the slow path."""
         try:
             msgs, used = m.scan(data, self.framer.max_size)
         except ProtocolViolation:
