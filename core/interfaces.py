@@ -1,4 +1,5 @@
-"""The contracts between proxy/, planner/ and runtime/: typing only, no behaviour.
+"""The contracts between proxy/, planner/ and runtime/: the protocols, and the value types that
+cross them (no behaviour beyond reading those values).
 
 proxy/ implements `UpstreamSession` and `ResultSink` and calls a `StatementHandler`
 (implemented by planner/) for every statement whose text mentions ``pgml``.
@@ -31,12 +32,42 @@ class Column:
     format: int = 0  # 0 text, 1 binary
 
 
+class ColumnCalls(Sequence[Mapping[str, Any]]):
+    """One chunk's calls of one function, given column-wise: `fixed` holds the arguments every
+    row shares, `columns` one array per row-dependent argument, row i's value at index i (a 2-D
+    NumPy matrix for predict's features over a table: no Python object per row).
+
+    A runtime that reads columns takes them whole (`Runtime.call_batch` of a tabular predict);
+    anything else sees it as the per-row mappings it stands for, built on demand.
+    """
+
+    __slots__ = ("columns", "fixed", "rows")
+
+    def __init__(self, fixed: Mapping[str, Any], columns: Mapping[str, Any], rows: int) -> None:
+        self.fixed, self.columns, self.rows = fixed, columns, rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.rows))]
+        if not -self.rows <= i < self.rows:
+            raise IndexError(i)
+        row = dict(self.fixed)
+        for name, values in self.columns.items():
+            row[name] = values[i]
+        return row
+
+
 @dataclass(slots=True)
 class QueryResult:
     """The complete result of one statement run upstream."""
 
     columns: list[Column] | None  # None: the statement returns no rows (no RowDescription)
-    rows: list[list[WireValue]]
+    # A list, or from `UpstreamSession.stream` a `core.datarows.RowBlock`: the rows as their
+    # wire bytes, read column-wise (or row by row, on demand).
+    rows: Sequence[Sequence[WireValue]]
     command_tag: str
     notices: list[dict[str, str]] = field(default_factory=list)
 
@@ -87,8 +118,11 @@ class UpstreamSession(Protocol):
         param_formats: Sequence[int] = (),
         result_formats: Sequence[int] = (),
         chunk_rows: int = 1000,
+        grow_to_bytes: int = 0,
     ) -> AsyncGenerator[QueryResult, None]:
-        """Run one statement and yield its rows in chunks of at most `chunk_rows`.
+        """Run one statement and yield its rows in chunks of at most `chunk_rows`; with
+        `grow_to_bytes`, a chunk of less than half that many bytes makes the next one twice as
+        many rows (per-chunk costs, a model call's among them, shrink for narrow rows).
 
         A generator: a consumer that stops early closes it (`aclose`), which syncs the upstream
         portal, so nothing of this statement's replies is left on the connection.

@@ -44,6 +44,9 @@ CTAS_EMBEDDING_TYPES = ("vector", "real[]")
 @dataclass(frozen=True, slots=True)
 class PlannerSettings:
     chunk_rows: int = 1000  # rows fetched from the upstream per model batch
+    # A stream whose calls give one number per row (predict) doubles its chunks while they stay
+    # under half this many bytes: fewer, larger model calls for narrow rows, memory still bounded.
+    chunk_bytes: int = 4 << 20
     materialise_rows: int = 5000  # argument values per batch when a call is materialised
     parse_cache_size: int = 512  # analysed statements kept by text (0: none)
     # The column type CREATE TABLE AS gives a bare pgml.embed(): pgvector's, or the extension's real[].
@@ -66,7 +69,7 @@ class PlannerSettings:
                         f"planner.{key}", f"expected one of {CTAS_EMBEDDING_TYPES}, got {value!r}"
                     )
             else:
-                _count(f"planner.{key}", value, 0 if key == "parse_cache_size" else 1)
+                _count(f"planner.{key}", value, 0 if key in ("parse_cache_size", "chunk_bytes") else 1)
         return cls(**d)
 
 

@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from core import functions
 from core.errors import DuplicateCursor, InFailedSqlTransaction, NoActiveSqlTransaction, PgError
-from core.interfaces import CallContext, Column, Runtime, UpstreamSession, WireValue
+from core.interfaces import CallContext, Column, ColumnCalls, Runtime, UpstreamSession, WireValue
 from core.stop import Stop, timeout_ms
 from planner.args import coerce
 from planner.catalog import ANY, TYPE_OIDS
@@ -119,9 +121,12 @@ async def cursor_open(up: UpstreamSession, name: str) -> bool:
 
 
 class Executor:
-    def __init__(self, runtime: Runtime, chunk_rows: int, materialise_rows: int) -> None:
+    def __init__(
+        self, runtime: Runtime, chunk_rows: int, materialise_rows: int, chunk_bytes: int = 0
+    ) -> None:
         self.runtime = runtime
         self.chunk_rows = chunk_rows
+        self.chunk_bytes = chunk_bytes
         self.materialise_rows = materialise_rows
         self.vector_oid = 0
 
@@ -306,6 +311,26 @@ class _Run:
                 else []
             )
         return [None if a is None else next(results) for a in args]
+
+    async def batch_columns(self, call: CallPlan, columns: Sequence[Sequence[Any]], rows: int) -> list[Any]:
+        """`batch` for a chunk read column-wise: `columns` in the order of the call's RowColumn
+        indexes. When every row-dependent argument is a NumPy matrix (no NULL anywhere, so no
+        STRICT call to skip) the runtime gets them whole as `ColumnCalls`; else row by row."""
+        if call.sig.name == "transform_stream" or not all(isinstance(c, np.ndarray) for c in columns):
+            return await self.batch(call, list(zip(*columns, strict=True)))
+        fixed: dict[str, Any] = {}
+        by_name: dict[str, Any] = {}
+        for name, src in call.sources.items():
+            if isinstance(src, RowColumn):
+                by_name[name] = columns[src.index]
+                continue
+            value = _task_json(name, self.constant(src))
+            if value is None and call.sig.strict:
+                return [None] * rows
+            fixed[name] = value
+        fixed.update(call.defaults)
+        calls = ColumnCalls(fixed, by_name, rows)
+        return await stoppable(self.ctx, self.ex.runtime.call_batch(call.sig.name, calls, self.ctx))
 
     async def _collect(self, function: str, args: dict[str, Any]) -> list[tuple[Any]]:
         return [(piece,) async for piece in self.ex.runtime.stream(function, args, self.ctx)]

@@ -52,7 +52,7 @@ class Handler:
 
     def __init__(self, runtime: Runtime, settings: Mapping[str, Any]) -> None:
         cfg = validate(settings)
-        self.executor = Executor(runtime, cfg["chunk_rows"], cfg["materialise_rows"])
+        self.executor = Executor(runtime, cfg["chunk_rows"], cfg["materialise_rows"], cfg["chunk_bytes"])
         self.cache_size = cfg["parse_cache_size"]
         self.ctas_embedding = str(cfg["ctas_embedding_type"])
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], list[StatementPlan]] = OrderedDict()

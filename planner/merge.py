@@ -15,13 +15,20 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from core.interfaces import Column, QueryResult, WireValue
+import numpy as np
+
+from core import datarows
+from core.datarows import RowBlock
+from core.interfaces import Column, QueryResult
 from planner.catalog import ANY, TYPE_OIDS
 from planner.plan import RowColumn, StreamCallPlan
 from planner.values import BINARY_ARRAYS, TYPE_SIZES, Encoder, decode_column, encoder, type_oid
 
 if TYPE_CHECKING:
     from planner.execute import Event, _Run
+
+
+_SCALARS = frozenset({"real", "float8", "int", "bigint", "smallint", "boolean"})
 
 
 @dataclass
@@ -67,6 +74,11 @@ class Merger:
                     return True
         return False
 
+    def _scalar(self) -> bool:
+        """Whether every call gives one number per row: a chunk's results are then small
+        whatever its row count, so its chunks may grow (HeldUpstream.stream)."""
+        return all(c.out_type in _SCALARS for c in self.calls.values())
+
     def _layout(self, columns: Sequence[Column]) -> list[_Slot]:
         from planner.execute import arg_column
 
@@ -92,7 +104,7 @@ class Merger:
         slots: list[_Slot] | None = None
         cols: list[Column] = []
         encs: dict[int, Encoder] = {}
-        pending: asyncio.Future[list[list[WireValue]]] | None = None
+        pending: asyncio.Future[RowBlock] | None = None
         tag = ""
         count = 0
         try:
@@ -103,6 +115,7 @@ class Merger:
                 param_formats=run.formats,
                 result_formats=formats,
                 chunk_rows=run.ex.chunk_rows,
+                grow_to_bytes=run.ex.chunk_bytes if self._scalar() else 0,
             )
             # Closed on the way out, whatever ends the loop (a stopped batch raises here while the
             # stream waits at a chunk boundary): its finally syncs the upstream portal before the
@@ -145,20 +158,50 @@ class Merger:
 
     async def _merge(
         self, chunk: QueryResult, slots: list[_Slot], cols: list[Column], encs: dict[int, Encoder]
-    ) -> list[list[WireValue]]:
+    ) -> RowBlock:
         rows = chunk.rows
-        columns: list[list[WireValue]] = []
+        if not isinstance(rows, RowBlock):  # (an UpstreamSession whose chunks are lists)
+            rows = RowBlock(b"".join(datarows.encode_data_row(r) for r in rows))
+        return await self._merge_block(rows, slots, cols, encs)
+
+    async def _merge_block(
+        self, block: RowBlock, slots: list[_Slot], cols: list[Column], encs: dict[int, Encoder]
+    ) -> RowBlock:
+        """A chunk as the server sent it, merged column-wise: pass-through fields are copied as
+        bytes, numeric-array arguments read as one matrix, results encoded once per distinct
+        value, and the client's rows built in a few array operations (core/datarows.py)."""
+        fields = datarows.columns(block, len(cols))
+        n = len(block)
+        segments: list[tuple[datarows.U8, datarows.I64, datarows.I64]] = []
         for slot in slots:
             if slot.call is None:
                 assert slot.upstream is not None
-                columns.append([r[slot.upstream] for r in rows])
+                f = fields[slot.upstream]
+                segments.append((f.raw, *f.spans()))
                 continue
             assert slot.arg_cols is not None
-            decoded = [
-                decode_column(cols[j].type_oid, cols[j].format, [r[j] for r in rows]) for j in slot.arg_cols
-            ]
-            args: list[Sequence[Any]] = list(zip(*decoded, strict=True))
-            results = await self.run.batch(slot.call.call, args)
-            enc = encs[slot.call.call.id]
-            columns.append([enc(v) for v in results])
-        return [list(vals) for vals in zip(*columns, strict=True)] if columns else []
+            args: list[Any] = []
+            for j in slot.arg_cols:
+                element = BINARY_ARRAYS.get(cols[j].type_oid) if cols[j].format == 1 else None
+                matrix = None if element is None else datarows.numeric_matrix(fields[j], element)
+                args.append(
+                    matrix
+                    if matrix is not None
+                    else decode_column(cols[j].type_oid, cols[j].format, fields[j].values())
+                )
+            results = await self.run.batch_columns(slot.call.call, args, n)
+            segments.append(_encoded(results, encs[slot.call.call.id]))
+        return datarows.assemble(segments, n)
+
+
+def _encoded(results: Sequence[Any], enc: Encoder) -> tuple[datarows.U8, datarows.I64, datarows.I64]:
+    """A call's results as fields for `datarows.assemble`. Floats with few distinct values (a
+    classifier's labels) are encoded once per value, told apart by their bits (so -0.0 is not
+    0.0); anything else (a NULL among them) once per row."""
+    if len(results) >= 64 and set(map(type, results)) == {float}:
+        bits = np.asarray(results, dtype=np.float64).view(np.int64)
+        distinct, which = np.unique(bits, return_inverse=True)
+        if len(distinct) * 4 <= len(results):
+            codes = [enc(float(v)) for v in distinct.view(np.float64).tolist()]
+            return datarows.repeated_fields(codes, which.astype(np.int64))
+    return datarows.encoded_fields([enc(v) for v in results])

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from core.datarows import uniform_run
 from core.errors import ConnectionFailure, PgError, ProtocolViolation
 from core.errors import SqlclientUnableToEstablishSqlconnection as CannotConnect
-from core.interfaces import QueryResult
+from core.interfaces import QueryResult, WireValue
 from proxy import messages as m
 from proxy.auth import UpstreamAuthenticator
 from proxy.session import Expect, Replies
@@ -82,6 +83,10 @@ def parse_dsn(dsn: str, sslmode: str = "prefer") -> Target:
                   "disable" if mode == "allow" else mode)
 
 
+# An inbox entry of whole DataRow messages (type byte and length included), back to back.
+ROW_BLOCK = 0x144
+
+
 class ServerConn(asyncio.Protocol):
     """One upstream connection. Relays to `client` unless `internal`, when responses queue up."""
 
@@ -101,6 +106,9 @@ class ServerConn(asyncio.Protocol):
         self.replies = Replies()  # what is owed, the transaction status (proxy.session)
         self.internal = True  # until login completes, responses go to `inbox`
         self.inbox: deque[tuple[int, bytes]] = deque()
+        # While the planner streams a table through a model: runs of DataRows reach `inbox`
+        # as one (ROW_BLOCK, whole messages) entry, read column-wise, not one entry per row.
+        self.row_blocks = False
         self._wakeup: asyncio.Future[None] | None = None
         self._idle_event: asyncio.Event | None = None
         self.txs = ServerTx()  # transaction mode: the named statements and settings it holds
@@ -168,6 +176,12 @@ class ServerConn(asyncio.Protocol):
                 return
         fr = self.framer
         fr.buf += data
+        bulk = 0
+        if self.row_blocks and self.internal:
+            bulk = uniform_run(fr.buf)  # rows of one length: framed in one vectorised pass
+            if bulk:
+                self.inbox.append((ROW_BLOCK, bytes(fr.buf[:bulk])))
+                fr.drop(bulk)
         try:
             msgs, used = fr.scan()
         except ProtocolViolation as exc:
@@ -175,6 +189,8 @@ class ServerConn(asyncio.Protocol):
             self.close()
             return
         if not msgs:
+            if bulk:
+                self._wake()
             return
         if not self.internal and self.client is None:  # idle in the pool: nobody is owed anything
             for t, s, e in msgs:
@@ -187,7 +203,16 @@ class ServerConn(asyncio.Protocol):
             return
         if self.internal or self.client is None:
             buf = fr.buf
+            run = -1  # where the current run of DataRows starts, when grouping them
             for t, s, e in msgs:
+                if t == 0x44 and self.row_blocks:
+                    if run < 0:
+                        run = s
+                    run_end = e
+                    continue
+                if run >= 0:
+                    self.inbox.append((ROW_BLOCK, bytes(buf[run:run_end])))
+                    run = -1
                 if t == 0x41 and self.client is not None:  # NotificationResponse: the client's
                     self.client.write(buf[s:e])
                     continue
@@ -196,6 +221,8 @@ class ServerConn(asyncio.Protocol):
                     if self.client is not None:
                         self.client.write(buf[s:e])
                 self.inbox.append((t, bytes(buf[s + 5 : e])))
+            if run >= 0:
+                self.inbox.append((ROW_BLOCK, bytes(buf[run:run_end])))
             fr.drop(used)
             self._wake()
             return
@@ -296,13 +323,15 @@ class ServerConn(asyncio.Protocol):
         cur: QueryResult | None = None
         notices: list[dict[str, str]] = []
         error: PgError | None = None
+        rows: list[list[WireValue]] = []
         while True:
             t, body = await self.recv()
             if t == 0x54:
-                cur = QueryResult(list(m.RowDescription.parse(body).columns), [], "", notices)
+                rows = []
+                cur = QueryResult(list(m.RowDescription.parse(body).columns), rows, "", notices)
             elif t == 0x44:
                 if cur is not None:
-                    cur.rows.append(list(m.DataRow.parse(body).values))
+                    rows.append(list(m.DataRow.parse(body).values))
             elif t in (0x43, 0x49):
                 tag = m.CommandComplete.parse(body).tag if t == 0x43 else ""
                 if cur is None:

@@ -23,6 +23,7 @@ import re
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from core.datarows import encode_data_row
 from core.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
 from core.interfaces import CallContext, NowStatement, Portal, PreparedStatement, StatementHandler
 from core.stop import Stop
@@ -301,7 +302,7 @@ class LocalStatements:
         if row is None:
             return False
         fe = self.fe
-        fe.write(head + m.encode_data_row(row) + _SELECT_1 + _READY[self._status()])
+        fe.write(head + encode_data_row(row) + _SELECT_1 + _READY[self._status()])
         fe.maybe_release()
         return True
 
@@ -351,7 +352,7 @@ class LocalStatements:
         fe.s.sync(fe.server is not None)  # nothing of the batch went upstream: answered here
         described = b"" if columns is None else m.RowDescription(tuple(columns)).encode()
         done = m.CommandComplete(tag).encode() + _READY[self._status()]
-        fe.write(m.BIND_COMPLETE + described + m.encode_data_row(row) + done)
+        fe.write(m.BIND_COMPLETE + described + encode_data_row(row) + done)
         fe.maybe_release()
         return True
 
@@ -374,7 +375,7 @@ class LocalStatements:
             return False
         row, tag = found
         Cork.on(self.fe)
-        self.fe.write(m.encode_data_row(row) + m.CommandComplete(tag).encode())
+        self.fe.write(encode_data_row(row) + m.CommandComplete(tag).encode())
         return True
 
     # --- simple protocol -----------------------------------------------------------------

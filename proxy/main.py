@@ -31,6 +31,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgml_proxy")
 
+# OpenMP's threads (XGBoost's predict on every core, torch) wait by spinning unless told
+# otherwise, and a spinning thread takes the core the event loop and the upstream need: a
+# 100,000-row XGBoost predict went from 257,000 to 290,000 rows/s on this 2-core machine with
+# them sleeping instead; MiniLM on torch did not change. Read once, when OpenMP starts; the
+# environment still wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(

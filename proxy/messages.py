@@ -11,9 +11,10 @@ layer (frontend/backend) moves bytes and drives this. Peer misbehaviour raises
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from core.datarows import encode_data_row, parse_row_values
 from core.errors import ProtocolViolation
 from core.interfaces import Column, WireValue
 
@@ -453,37 +454,6 @@ class DataRow:
     @classmethod
     def parse(cls, body: bytes | memoryview) -> DataRow:
         return cls(parse_row_values(bytes(body)))
-
-
-def parse_row_values(buf: bytes) -> tuple[WireValue, ...]:
-    """A DataRow body's values: what Reader.value() reads, in one tight loop (the proxy parses
-    every row the planner merges, 100,000 for a batch predict)."""
-    unpack = _I32.unpack_from
-    end = len(buf)
-    try:
-        (count,) = _I16.unpack_from(buf, 0)
-        pos = 2
-        out: list[WireValue] = []
-        for _ in range(count):
-            (size,) = unpack(buf, pos)
-            pos += 4
-            if size == -1:
-                out.append(None)
-                continue
-            if size < 0 or pos + size > end:
-                raise ProtocolViolation("message body is shorter than its fields")
-            out.append(buf[pos : pos + size])
-            pos += size
-    except struct.error:
-        raise ProtocolViolation("message body is shorter than its fields") from None
-    return tuple(out)
-
-
-def encode_data_row(values: Sequence[WireValue]) -> bytes:
-    parts = [_I16.pack(len(values))]
-    for v in values:
-        parts.append(b"\xff\xff\xff\xff" if v is None else _I32.pack(len(v)) + v)
-    return frame(b"D", b"".join(parts))
 
 
 @dataclass(frozen=True, slots=True)

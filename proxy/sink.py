@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from core.datarows import RowBlock, encode_data_row
 from core.interfaces import Column, WireValue
 from proxy import messages as m
 
@@ -24,9 +25,13 @@ class ClientSink:
         self._write(m.RowDescription(tuple(columns)).encode())
 
     async def data_rows(self, rows: Sequence[Sequence[WireValue]]) -> None:
-        if rows:
+        if isinstance(rows, RowBlock):  # rows as the server sent them, or as the planner built them
+            if rows.wire:
+                self.rows_sent += len(rows)
+                self._write(rows.wire)
+        elif rows:
             self.rows_sent += len(rows)
-            self._write(b"".join(m.encode_data_row(r) for r in rows))
+            self._write(b"".join(encode_data_row(r) for r in rows))
 
     async def command_complete(self, tag: str) -> None:
         self._write(m.CommandComplete(tag).encode())

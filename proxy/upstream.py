@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
+from core.datarows import RowBlock
 from core.errors import PgError
 from core.interfaces import Column, QueryResult, StatementDescription, WireValue
 from proxy import messages as m
-from proxy.backend import ServerConn
+from proxy.backend import ROW_BLOCK, ServerConn
 
 
 class HeldUpstream:
@@ -54,40 +55,53 @@ class HeldUpstream:
     async def stream(
         self, sql: str, params: Sequence[WireValue] = (), *, param_oids: Sequence[int] = (),
         param_formats: Sequence[int] = (), result_formats: Sequence[int] = (), chunk_rows: int = 1000,
+        grow_to_bytes: int = 0,
     ) -> AsyncGenerator[QueryResult, None]:
         conn = await self._get()
         self._extended(conn, sql, params, param_oids, param_formats, result_formats)
-        execute = m.Execute("", max(chunk_rows, 1)).encode() + m.FLUSH
+        limit = max(chunk_rows, 1)
+        execute = m.Execute("", limit).encode() + m.FLUSH
+        # The rows stay as the server sent them, one RowBlock per chunk (core/datarows.py).
+        conn.row_blocks = True
         conn.send(execute)
         columns: list[Column] | None = None
-        rows: list[list[WireValue]] = []
+        wire: list[bytes] = []
         done = False
         try:
             while True:
                 t, body = await conn.recv()
-                if t == 0x54:
+                if t == ROW_BLOCK:
+                    wire.append(body)
+                elif t == 0x44:  # (not grouped: the flag came after it arrived)
+                    wire.append(m.frame(b"D", body))
+                elif t == 0x54:
                     columns = list(m.RowDescription.parse(body).columns)
-                elif t == 0x44:
-                    rows.append(list(m.DataRow.parse(body).values))
                 elif t == 0x73:  # PortalSuspended: hand this chunk over, ask for the next
-                    chunk, rows = QueryResult(columns, rows, ""), []
-                    yield chunk
+                    block = RowBlock(b"".join(wire))
+                    wire = []
+                    if len(block.wire) * 2 <= grow_to_bytes:  # small rows: twice as many next time
+                        limit *= 2
+                        execute = m.Execute("", limit).encode() + m.FLUSH
+                    yield QueryResult(columns, block, "")
                     conn.send(execute)
                 elif t in (0x43, 0x49):
                     tag = m.CommandComplete.parse(body).tag if t == 0x43 else ""
                     done = True
                     conn.send(m.SYNC)
                     await _read_until_ready(conn)
-                    yield QueryResult(columns, rows, tag)
+                    yield QueryResult(columns, RowBlock(b"".join(wire)), tag)
                     return
                 elif t == 0x45:
                     done = True
                     err = PgError.from_fields(m.ErrorResponse.parse(body).fields)
                     raise await conn.sync_after_error(err)
         finally:
-            if not done and not conn.closed:  # the consumer stopped early: close the portal cleanly
-                conn.send(m.SYNC)
-                await _read_until_ready(conn)
+            try:
+                if not done and not conn.closed:  # the consumer stopped early: close the portal cleanly
+                    conn.send(m.SYNC)
+                    await _read_until_ready(conn)
+            finally:
+                conn.row_blocks = False
 
     async def copy_out(
         self, sql: str, params: Sequence[WireValue] = (), *, param_oids: Sequence[int] = (),

@@ -172,3 +172,43 @@ def test_older_model_converted_at_first_load(
         assert _rows(second, db, batch) == first == _rows(native, db, batch)
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("project", ["onnx xgboost", "onnx linreg"])
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_table_predict_equals_one_row_predicts(served: Served, project: str, binary: bool) -> None:
+    """`SELECT ..., pgml.predict(p, features) FROM t` over 3,000 rows (chunks that grow, read
+    column-wise: core/datarows.py) answers what one-row statements answer, row for row, with
+    pass-through columns of every length beside it, in text and in binary; chunks holding a
+    NULL array, a NULL element or NaN take the row-by-row path and still agree."""
+    db, onnx, _, _ = served
+    relation = "pgml.iris" if project == "onnx xgboost" else "pgml.diabetes"
+    feats = _features(relation, db, onnx)
+    table = "predict_" + project.split()[1]
+    _rows(onnx, db, f"DROP TABLE IF EXISTS {table}")
+    _rows(onnx, db, f"CREATE TABLE {table} AS SELECT row_number() OVER () AS id,"
+          f" repeat('x', (row_number() OVER ())::int % 7) AS tag, {feats}::real[] AS f"
+          f" FROM {relation}, generate_series(1, 3000 / (SELECT count(*) FROM {relation}) + 1)")
+    _rows(onnx, db, f"UPDATE {table} SET f = NULL WHERE id = 2500")
+    _rows(onnx, db, f"UPDATE {table} SET f[1] = NULL WHERE id = 2600")
+    _rows(onnx, db, f"UPDATE {table} SET f[2] = 'NaN' WHERE id = 2700")
+    sql = f"SELECT id, tag, pgml.predict('{project}', f), length(tag) FROM {table} ORDER BY id"
+    one = "SELECT pgml.predict(%s, f) FROM {} WHERE id = %s".format(table)
+    task = "classification" if project == "onnx xgboost" else "regression"
+    with psycopg.connect(onnx.dsn(database=db), autocommit=True) as conn:
+        if task == "regression":  # a linear model refuses a NULL element, both ways alike
+            with pytest.raises(psycopg.errors.NullValueNotAllowed):
+                conn.execute(one, (project, 2600))
+            with pytest.raises(psycopg.errors.NullValueNotAllowed):
+                conn.cursor(binary=binary).execute(sql)
+            _rows(onnx, db, f"UPDATE {table} SET f = NULL WHERE id IN (2600, 2700)")
+        rows = conn.cursor(binary=binary).execute(sql).fetchall()
+        assert [r[0] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > 3000
+        assert all(r[1] == "x" * (r[0] % 7) and r[3] == r[0] % 7 for r in rows)
+        assert rows[2499][2] is None  # a NULL features array: NULL, as STRICT says
+        for i in [*range(1, len(rows) + 1, 97), 2600, 2700, len(rows)]:
+            (expected,) = conn.execute(one, (project, i)).fetchone() or (None,)
+            if expected is None:
+                assert rows[i - 1][2] is None
+            else:
+                _same(task, [rows[i - 1][2]], [expected])

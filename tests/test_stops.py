@@ -83,8 +83,24 @@ def stop_proxy(
         conn.execute("SELECT pgml.embed('all-MiniLM-L6-v2', 'warm up')")
         conn.execute("DROP TABLE IF EXISTS stops_data")
         conn.execute(DATA)
+    # On a fresh checkout the first embed starts the model's ONNX export in the background;
+    # its CPU after a stop is not the stopped statement's, so the checks start once it is done.
+    _wait_onnx(proxy)
     yield proxy
     proxy.stop()
+
+
+def _wait_onnx(proxy: ProxyProcess, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with psycopg.connect(proxy.dsn(database="pgml_proxy"), autocommit=True) as admin:
+            cur = admin.execute("SHOW MODELS")
+            names = [d.name for d in cur.description or []]
+            models = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        if any("all-MiniLM-L6-v2" in str(m["name"]) and m["engine"] == "onnx" for m in models):
+            return
+        time.sleep(1)
+    pytest.fail(f"all-MiniLM-L6-v2 was not served on ONNX within {timeout} s: {models}")
 
 
 def _stat(pid: int) -> list[str]:

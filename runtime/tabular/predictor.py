@@ -310,6 +310,28 @@ class Predictor:
         )
         return results
 
+    async def run_matrix(
+        self, op: str, fixed: Mapping[str, Any], x: Any, stop: Stop | None = None
+    ) -> list[Any] | None:
+        """`run` for many rows of one project whose features are one matrix (a table streamed
+        through `predict`, core.interfaces.ColumnCalls): no Python object per row on the way
+        in. None when the matrix is not the model's plain case (another width, NaN or
+        infinity, a row): `run` then takes the rows one by one and names what is wrong."""
+        if op != "predict" or not isinstance(x, np.ndarray) or x.ndim != 2 or not len(x):
+            return None
+        key = int(fixed["model_id"]) if fixed.get("model_id") is not None else str(fixed["project_name"])
+        served = await self.served(await self._resolve(key))
+        _check_op(op, served.model.task)
+        if x.shape[1] != served.model.num_features:
+            return None
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            return None
+        out = await self._batcher(served, op).submit_one(x, len(x), stop)
+        results: list[Any] = [None] * len(x)
+        _place(op, served, out, [1] * len(x), list(range(len(x))), results)
+        return results
+
     async def _resolve(self, key: int | str) -> int:
         return key if isinstance(key, int) else await self.model_id(key)
 

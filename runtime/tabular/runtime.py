@@ -20,7 +20,7 @@ from psycopg_pool import PoolTimeout
 
 from core.errors import ConfigError, InvalidParameterValue, UndefinedFunction, lookup
 from core.functions import Served, declaration, served_by
-from core.interfaces import CallContext
+from core.interfaces import CallContext, ColumnCalls
 from core.settings import RuntimeConfig, TabularSettings
 from runtime import hub
 
@@ -165,6 +165,12 @@ class TabularRuntime:
             raise lookup(code)(f"pgml.{function}: {exc}".strip(), fields={"C": code}) from exc
 
     async def serve_predict(self, function: str, calls: _Calls, ctx: CallContext) -> list[Any]:
+        if isinstance(calls, ColumnCalls) and "features" in calls.columns:
+            got = await self._predictor.run_matrix(
+                function, _predict_keys(calls.fixed), calls.columns["features"], ctx.stop
+            )
+            if got is not None:
+                return got
         return await self._predictor.run(function, [_predict_keys(c) for c in calls], ctx.stop)
 
     def call_now(self, function: str, calls: _Calls) -> list[Any] | None:
