@@ -193,7 +193,7 @@ def test_table_predict_equals_one_row_predicts(served: Served, project: str, bin
     _rows(onnx, db, f"UPDATE {table} SET f[1] = NULL WHERE id = 2600")
     _rows(onnx, db, f"UPDATE {table} SET f[2] = 'NaN' WHERE id = 2700")
     sql = f"SELECT id, tag, pgml.predict('{project}', f), length(tag) FROM {table} ORDER BY id"
-    one = "SELECT pgml.predict(%s, f) FROM {} WHERE id = %s".format(table)
+    one = f"SELECT pgml.predict(%s, f) FROM {table} WHERE id = %s"
     task = "classification" if project == "onnx xgboost" else "regression"
     with psycopg.connect(onnx.dsn(database=db), autocommit=True) as conn:
         if task == "regression":  # a linear model refuses a NULL element, both ways alike
