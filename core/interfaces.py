@@ -317,6 +317,13 @@ class NowStatement(Protocol):
 class StatementHandler(Protocol):
     """The planner hook: the one place where the proxy hands over pgml statements."""
 
+    def answer_many(self, statements: Sequence[NowStatement]) -> list[list[WireValue] | None]:
+        """`NowStatement.answer` for statements of many clients at once (those that came in one
+        turn of the event loop): one model call for the rows of the same model, which is what
+        makes one-row statements from many connections cheap. None where `simple_query` must
+        run that statement (its error included)."""
+        ...
+
     async def simple_query(
         self, sql: str, upstream: UpstreamSession, sink: ResultSink, ctx: CallContext
     ) -> None:

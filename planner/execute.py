@@ -66,6 +66,9 @@ class Bound:
         return rf[0] if len(rf) == 1 else (rf[i] if i < len(rf) else 0)
 
 
+TEXT = Bound()  # a simple Query's: no parameters, every result in text
+
+
 async def arm_timeout(up: UpstreamSession, ctx: CallContext) -> None:
     """Start the statement's statement_timeout clock; read the client's setting when unknown.
 
@@ -191,26 +194,71 @@ def answer_now(runtime: Runtime, plan: StatementPlan, bound: Bound) -> list[Wire
     formats = [bound.fmt(i) for i in range(len(params))]
     row: list[WireValue] = []
     for i, tg in enumerate(plan.local or []):
-        call = tg.call
-        args: dict[str, Any] = {}
-        for name, src in call.sources.items():
-            if isinstance(src, Literal):
-                value = _task_json(name, src.value)
-            else:
-                assert isinstance(src, ClientParam)
-                value = _task_json(name, decode_param(bound, params, formats, src))
-            if value is None and call.sig.strict:
-                break  # a NULL argument of a STRICT call: NULL, with no model work
-            args[name] = value
-        else:
-            args.update(call.defaults)
-            out = runtime.call_now(call.sig.name, [args])
-            if out is None:
-                return None
-            row.append(encoder(tg.out_type, bound.result_fmt(i))(out[0]))
+        args = _now_args(tg.call, bound, params, formats)
+        if args is None:  # a NULL argument of a STRICT call: NULL, with no model work
+            row.append(None)
             continue
-        row.append(None)
+        out = runtime.call_now(tg.call.sig.name, [args])
+        if out is None:
+            return None
+        row.append(encoder(tg.out_type, bound.result_fmt(i))(out[0]))
     return row
+
+
+def _now_args(
+    call: CallPlan, bound: Bound, params: Sequence[WireValue], formats: Sequence[int]
+) -> dict[str, Any] | None:
+    args: dict[str, Any] = {}
+    for name, src in call.sources.items():
+        if isinstance(src, Literal):
+            value = _task_json(name, src.value)
+        else:
+            assert isinstance(src, ClientParam)
+            value = _task_json(name, decode_param(bound, params, formats, src))
+        if value is None and call.sig.strict:
+            return None
+        args[name] = value
+    args.update(call.defaults)
+    return args
+
+
+def answer_now_many(runtime: Runtime, plans: Sequence[StatementPlan]) -> list[list[WireValue] | None]:
+    """`answer_now` for the simple Queries (no parameters) of many clients at once: the calls
+    of one function with the same scalar arguments (one project) go to `Runtime.call_now`
+    together, one library call for all their rows. A group the runtime refuses or fails is
+    answered one statement at a time, so each error stays its own statement's."""
+    rows: list[list[WireValue] | None] = [[None] * len(p.local or []) for p in plans]
+    groups: dict[tuple[Any, ...], list[tuple[int, int, dict[str, Any]]]] = {}
+    alone: set[int] = set()
+    for pi, plan in enumerate(plans):
+        if plan.n_params:  # (a simple Query has none; a plan with some is answered alone)
+            alone.add(pi)
+            continue
+        for ti, tg in enumerate(plan.local or []):
+            args = _now_args(tg.call, TEXT, (), ())
+            if args is not None:
+                scalars = tuple(
+                    (k, v) for k, v in args.items() if v is None or isinstance(v, str | int | float)
+                )
+                groups.setdefault((tg.call.sig.name, scalars), []).append((pi, ti, args))
+    for (function, _), items in groups.items():
+        out = None
+        if len(items) > 1:
+            with contextlib.suppress(PgError):
+                out = runtime.call_now(function, [a for _, _, a in items])
+        if out is None:
+            alone.update(pi for pi, _, _ in items)
+            continue
+        for (pi, ti, _), value in zip(items, out, strict=True):
+            row = rows[pi]
+            assert row is not None
+            row[ti] = encoder((plans[pi].local or [])[ti].out_type, 0)(value)
+    for pi in alone:
+        try:
+            rows[pi] = answer_now(runtime, plans[pi], TEXT)
+        except PgError:
+            rows[pi] = None  # the planned path reports it
+    return rows
 
 
 def now_columns(plan: StatementPlan, bound: Bound) -> list[Column]:

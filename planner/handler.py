@@ -20,6 +20,7 @@ from core.errors import ObjectNotInPrerequisiteState, PgError, SyntaxError_, Und
 from core.interfaces import (
     CallContext,
     Column,
+    NowStatement,
     QueryResult,
     ResultSink,
     Runtime,
@@ -30,7 +31,17 @@ from core.interfaces import (
 from core.settings import PlannerSettings
 from planner.analyze import analyze
 from planner.args import fold_array_literals
-from planner.execute import Bound, Event, Executor, answer_now, answerable_now, cursor_open, now_columns
+from planner.execute import (
+    TEXT,
+    Bound,
+    Event,
+    Executor,
+    answer_now,
+    answer_now_many,
+    answerable_now,
+    cursor_open,
+    now_columns,
+)
 from planner.plan import StatementPlan
 from planner.values import check_bind
 
@@ -44,7 +55,6 @@ def validate(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _LARGE_SQL = 1 << 16  # statements longer than this are analysed off the event loop
-_TEXT = Bound()  # a simple Query's: no parameters, every result in text
 
 
 class Handler:
@@ -149,7 +159,18 @@ class Handler:
         plans = self._cached(sql, ())
         if plans is None or len(plans) != 1 or not self._answerable(plans[0]):
             return None
-        return _NowStatement(self, plans[0], now_columns(plans[0], _TEXT))
+        return _NowStatement(self, plans[0], now_columns(plans[0], TEXT))
+
+    def answer_many(self, statements: Sequence[NowStatement]) -> list[list[WireValue] | None]:
+        """`StatementHandler.answer_many`: the rows of statements this handler made, their calls
+        batched across statements (planner/execute.py `answer_now_many`)."""
+        if not self.fast_path:
+            return [None] * len(statements)
+        plans = [st.plan if isinstance(st, _NowStatement) else None for st in statements]
+        known = [p for p in plans if p is not None]
+        if len(known) != len(plans):
+            return [st.answer() for st in statements]
+        return answer_now_many(self.executor.runtime, known)
 
     def _answerable(self, plan: StatementPlan) -> bool:
         found = self._now.get(id(plan))
@@ -181,7 +202,7 @@ class _NowStatement:
         if not self.handler.fast_path:
             return None
         try:
-            return answer_now(self.handler.executor.runtime, self.plan, _TEXT)
+            return answer_now(self.handler.executor.runtime, self.plan, TEXT)
         except PgError:
             return None
 

@@ -22,6 +22,7 @@ from core.interfaces import NowStatement, StatementHandler
 from proxy import tls
 from proxy.backend import ServerConn, Target, parse_dsn, send_cancel
 from proxy.config import Config
+from proxy.localexec import NowBatch
 from proxy.pool import Pool, PoolSettings
 from proxy.replicas import Node, Upstreams, replica_targets, server_key
 from proxy.routing import Dest
@@ -110,6 +111,7 @@ class ProxyServer:
         # Query messages the planner's fast path answered, with its statement and RowDescription
         # (LocalStatements.answered_again): the same bytes again need no parsing or planning.
         self.express: dict[bytes, tuple[NowStatement, bytes]] = {}
+        self.now_batch = NowBatch(lambda: self.handler)  # those answered again, per loop turn
         self.pools: dict[tuple[str, str, str], Pool] = {}  # (database, user, server "host:port")
         self.upstreams: Upstreams | None = None
         if config.replicas:

@@ -98,7 +98,9 @@ class Frontend(asyncio.Protocol):
         self._want_key: tuple[tuple[str, str], ...] | None = None
         self.pending: deque[tuple[int, bytes]] = deque()
         self.auth_queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
-        self.task: asyncio.Task[None] | None = None
+        # The running step, or a future while the client's Query waits for the turn's fast-path
+        # batch (LocalStatements.answered_again): either way, what it sends meanwhile waits.
+        self.task: asyncio.Future[None] | None = None
         self.up: list[bytes] = []
         self.s = Session(app.config.pool_mode == "transaction")  # phase, batch, release decisions
         # Transaction mode: the client's named statements, settings and unnamed statement, and
@@ -383,6 +385,15 @@ class Frontend(asyncio.Protocol):
 
     async def _noop(self) -> None:
         return None
+
+    def handle_query(self, msg: bytes) -> None:
+        """A whole Query message, by the general path (not the fast path's express lookup)."""
+        self._handle(0x51, msg)
+
+    def resume_pending(self) -> None:
+        """What the client sent while it waited, now in order."""
+        if self.task is None and self.pending and self.s.phase is Phase.READY:
+            self.start_task(self._noop())
 
     def _handle(self, t: int, msg: bytes) -> None:
         if self.task is not None:

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from core.datarows import encode_data_row
 from core.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
-from core.interfaces import CallContext, NowStatement, Portal, PreparedStatement, StatementHandler
+from core.interfaces import CallContext, NowStatement, Portal, PreparedStatement, StatementHandler, WireValue
 from core.stop import Stop
 from proxy import messages as m
+from proxy.session import Phase
 from proxy.upstream import HeldUpstream
 
 # Fails on purpose: the only way to put an open transaction block into the aborted state.
@@ -103,6 +104,39 @@ class Cork:
         if self.fe.cork is self:
             self.fe.cork = None
         self.flush()
+
+
+class NowBatch:
+    """The fast-path Queries of every client that came in one turn of the event loop, answered
+    together when the turn ends (`StatementHandler.answer_many`: one model call for the rows of
+    one model). With many clients sending one-row predicts, each turn reads a Query from most
+    of them, so the model's per-call cost and the runtime's per-call steps are paid once."""
+
+    def __init__(self, handler: Callable[[], StatementHandler | None]) -> None:
+        self._handler = handler
+        self._items: list[tuple[LocalStatements, NowStatement, bytes, bytes, asyncio.Future[None]]] = []
+
+    def add(self, local: LocalStatements, st: NowStatement, head: bytes, msg: bytes,
+            held: asyncio.Future[None]) -> None:
+        if not self._items:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._items.append((local, st, head, msg, held))
+
+    def _flush(self) -> None:
+        items, self._items = self._items, []
+        handler = self._handler()
+        rows: list[list[WireValue] | None] = [None] * len(items)
+        if handler is not None:
+            try:
+                rows = handler.answer_many([it[1] for it in items])
+            except Exception:  # a bug: the general path answers each, and reports what is wrong
+                log.exception("the fast path failed for %d statements", len(items))
+        for (local, st, head, msg, held), row in zip(items, rows, strict=True):
+            try:
+                local.answer_held(st, head, msg, held, row)
+            except Exception as exc:  # one client's failure is that client's
+                log.exception("client %d: unexpected failure", local.fe.id)
+                local.fe.fatal(InternalError(f"pgml-proxy internal error: {exc}"))
 
 
 class LocalStatements:
@@ -288,14 +322,36 @@ class LocalStatements:
     def answered_again(self, msg: bytes) -> bool:
         """A whole Query message answered by the fast path before, answered again with no
         parsing, planning or encoding of its columns (Frontend.data_received's first test for
-        a Query that calls pgml). False: nothing was done, the general path takes it."""
+        a Query that calls pgml). It is answered at the end of this turn of the event loop,
+        with those of every other client that came in the same turn (`NowBatch`): one model
+        call for all. False: nothing was done, the general path takes it."""
         found = self.fe.app.express.get(msg)
-        if found is None or not self._may_answer_now(False) or not self._answer(*found):
+        if found is None or not self._may_answer_now(False):
             return False
-        stats = self.fe.app.stats
-        stats.queries += 1
-        stats.pgml_queries += 1
+        fe = self.fe
+        # Held until then: what the client sends meanwhile waits in `pending`, in order.
+        fe.task = asyncio.get_running_loop().create_future()
+        fe.app.now_batch.add(self, found[0], found[1], msg, fe.task)
         return True
+
+    def answer_held(self, st: NowStatement, head: bytes, msg: bytes, held: asyncio.Future[None],
+                    row: list[WireValue] | None) -> None:
+        """The end of `answered_again`: its row, from the batch, goes to the client; None (the
+        fast path could not answer) hands the Query to the general path. Then what the client
+        sent meanwhile."""
+        fe = self.fe
+        if fe.task is not held or fe.s.phase is not Phase.READY:
+            return  # the client went away meanwhile
+        fe.task = None
+        if row is None:
+            fe.handle_query(msg)
+        else:
+            fe.write(head + encode_data_row(row) + _SELECT_1 + _READY[self._status()])
+            fe.maybe_release()
+            stats = fe.app.stats
+            stats.queries += 1
+            stats.pgml_queries += 1
+        fe.resume_pending()
 
     def _answer(self, st: NowStatement, head: bytes) -> bool:
         row = self._now(st.answer)

@@ -109,7 +109,11 @@ class Batcher:
         self._owner: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._sec_per_cost = 0.0  # measured; 0 until the first batch
-        self._inline_sec_per_cost = 0.0  # measured on the loop (no GIL wait in it); 0 until then
+        # An inline run's CPU time on the loop (no GIL wait in it) as a fixed part, a run of cost
+        # 1, and a part per further unit of cost (the rows of several clients' one-row statements
+        # answered together cost little more than one). 0 / -1 until measured.
+        self._inline_first = 0.0
+        self._inline_extra = -1.0
         self._inline_runs = 0
         self.stats = BatcherStats()
 
@@ -308,22 +312,34 @@ class Batcher:
         measure = False
         if inline:
             self._inline_runs += 1
-            measure = self._inline_sec_per_cost <= 0 or self._inline_runs % _CPU_SAMPLE == 0
+            measure = (
+                self._inline_first <= 0
+                or (cost > 1 and self._inline_extra < 0)
+                or self._inline_runs % _CPU_SAMPLE == 0
+            )
         started, cpu = time.perf_counter(), time.thread_time() if measure else 0.0
         outputs = self._run(payloads)
-        rate = (time.perf_counter() - started) / (cost or 1)
+        took = time.perf_counter() - started
+        rate = took / (cost or 1)
         old = self._sec_per_cost
         self._sec_per_cost = rate if old <= 0 else old + _RATE_WEIGHT * (rate - old)
         # The inline estimate learns from runs on the loop, in CPU time: on a loaded machine the
         # loop's thread is often preempted mid-run, and that time is not the model's (by wall
-        # time a 20 us predict measured 2 ms now and then). A thread's wall time (GIL waits
-        # included) is an upper bound, so it may only lower the estimate.
-        old = self._inline_sec_per_cost
-        if measure:
-            rate = (time.thread_time() - cpu) / (cost or 1)
-        if measure or (old > 0 and rate < old):
-            self._inline_sec_per_cost = rate if old <= 0 else old + _RATE_WEIGHT * (rate - old)
+        # time a 20 us predict measured 2 ms now and then). Any run's wall time (GIL waits
+        # included) is an upper bound, so it may only lower the estimate: a slow first run (a
+        # cold model) does not keep the model off the loop for good.
+        self._learn_inline(time.thread_time() - cpu if measure else took, cost, measure)
         return outputs
+
+    def _learn_inline(self, took: float, cost: int, measured: bool) -> None:
+        first = self._inline_first
+        if cost <= 1 or first <= 0:
+            if measured or (first > 0 and took < first):
+                self._inline_first = took if first <= 0 else first + _RATE_WEIGHT * (took - first)
+            return
+        extra, seen = self._inline_extra, max(took - first, 0.0) / (cost - 1)
+        if measured or (extra >= 0 and seen < extra):
+            self._inline_extra = seen if extra < 0 else extra + _RATE_WEIGHT * (seen - extra)
 
     def _run_unless_stopped(self, live: list[_Item]) -> Sequence[Any] | None:
         """In the worker thread: the batch's outputs, or None when every item was stopped
@@ -342,8 +358,9 @@ class Batcher:
         rate on the loop (once there is one) puts them within the inline budget."""
         if self._inline_fn is None or not self._inline_fn(payloads):
             return False
-        budget, rate = self.policy.inline_budget_s, self._inline_sec_per_cost
-        return budget <= 0 or rate * (cost or 1) <= budget
+        budget = self.policy.inline_budget_s
+        # A larger run than any measured yet is tried once, and measured, when one row fits.
+        return budget <= 0 or self._inline_first + max(self._inline_extra, 0.0) * max(cost - 1, 0) <= budget
 
     def _count(self, items: int, cost: int) -> None:
         stats = self.stats

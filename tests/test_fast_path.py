@@ -280,3 +280,49 @@ def test_prepared_batches_same_with_and_without_fast_path_in_transaction_pooling
     got = _block(fast, db)
     assert got == _block(slow, db)
     assert ("error", "22023") in got and ("error", "25P02") in got
+
+
+async def _many_clients(proxy: ProxyProcess, db: str, rounds: int) -> dict[int, list[Any]]:
+    """Twelve clients at once, each sending its own simple Query again and again (answered
+    together, one loop turn at a time: localexec.NowBatch): distinct features per client, a
+    client whose array is the wrong length (22023), one naming no project (42704) and one
+    whose statement has two calls; every answer must be that client's own."""
+    import asyncio
+
+    features = [[4.4 + 0.3 * i, 2.9 + 0.1 * (i % 3), 1.2 + 0.45 * i, 0.1 + 0.2 * i] for i in range(9)]
+    sqls = [f"SELECT pgml.predict('{P}', ARRAY{f})" for f in features]
+    sqls += [
+        f"SELECT pgml.predict('{P}', ARRAY[1.0, 2.0])",
+        f"SELECT pgml.predict('no such project', {SETOSA})",
+        f"SELECT pgml.predict('{P}', {SETOSA}) AS a, pgml.predict_proba('{P}', ARRAY{features[8]}) AS b",
+    ]
+
+    async def client(i: int) -> list[Any]:
+        out: list[Any] = []
+        async with await psycopg.AsyncConnection.connect(
+            proxy.dsn(database=db), autocommit=True, cursor_factory=psycopg.AsyncClientCursor
+        ) as conn:
+            for _ in range(rounds):
+                try:
+                    cur = await conn.execute(sqls[i])
+                    out.append(await cur.fetchall())
+                except psycopg.Error as exc:
+                    out.append(exc.sqlstate)
+        return out
+
+    results = await asyncio.gather(*(client(i) for i in range(len(sqls))))
+    return dict(enumerate(results))
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+async def test_many_clients_answered_together_get_their_own_answers(
+    proxies: tuple[str, ProxyProcess, ProxyProcess], tx_proxies: tuple[str, ProxyProcess, ProxyProcess],
+    mode: str,
+) -> None:
+    db, fast, slow = proxies if mode == "session" else tx_proxies
+    want = await _many_clients(slow, db, 2)
+    got = await _many_clients(fast, db, 25)
+    for i, answers in got.items():
+        assert answers == [want[i][0]] * len(answers), (i, answers[:3], want[i])
+    assert len({str(a[0]) for a in got.values()}) >= 3  # distinct features, distinct answers
+    assert got[9][0] == "22023" and got[10][0] == "42704"
