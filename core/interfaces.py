@@ -283,6 +283,11 @@ class Portal(Protocol):
         """`describe` when the answer is known without asking the upstream; None otherwise."""
         ...
 
+    def may_execute_now(self) -> bool:
+        """Whether `execute_now` (or `StatementHandler.answer_many`) may answer this portal; they
+        may still give None, when the runtime cannot answer at once."""
+        ...
+
     def execute_now(self) -> tuple[list[WireValue], str] | None:
         """The fast path of an unlimited Execute: the one row and the command tag when the
         portal's statement is answered at once, with no await (see `StatementHandler.now_statement`);
@@ -317,11 +322,12 @@ class NowStatement(Protocol):
 class StatementHandler(Protocol):
     """The planner hook: the one place where the proxy hands over pgml statements."""
 
-    def answer_many(self, statements: Sequence[NowStatement]) -> list[list[WireValue] | None]:
-        """`NowStatement.answer` for statements of many clients at once (those that came in one
-        turn of the event loop): one model call for the rows of the same model, which is what
-        makes one-row statements from many connections cheap. None where `simple_query` must
-        run that statement (its error included)."""
+    def answer_many(self, items: Sequence[NowStatement | Portal]) -> list[list[WireValue] | None]:
+        """`NowStatement.answer` and `Portal.execute_now` (a portal answered so is completed, its
+        tag SELECT 1) for the statements of many clients at once, those that came in one turn of
+        the event loop: one model call for the rows of the same model, which is what makes
+        one-row statements from many connections cheap. None where the general path must run
+        that statement or portal (its error included)."""
         ...
 
     async def simple_query(

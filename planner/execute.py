@@ -222,25 +222,33 @@ def _now_args(
     return args
 
 
-def answer_now_many(runtime: Runtime, plans: Sequence[StatementPlan]) -> list[list[WireValue] | None]:
-    """`answer_now` for the simple Queries (no parameters) of many clients at once: the calls
-    of one function with the same scalar arguments (one project) go to `Runtime.call_now`
-    together, one library call for all their rows. A group the runtime refuses or fails is
-    answered one statement at a time, so each error stays its own statement's."""
-    rows: list[list[WireValue] | None] = [[None] * len(p.local or []) for p in plans]
+def answer_now_many(
+    runtime: Runtime, work: Sequence[tuple[StatementPlan, Bound]]
+) -> list[list[WireValue] | None]:
+    """`answer_now` for the statements of many clients at once (simple Queries, or portals of
+    prepared statements with their parameters): the calls of one function with the same
+    scalar arguments (one project) go to `Runtime.call_now` together, one library call for all
+    their rows. A group the runtime refuses or fails is answered one statement at a time, so
+    each error stays its own statement's."""
+    rows: list[list[WireValue] | None] = [[None] * len(p.local or []) for p, _ in work]
     groups: dict[tuple[Any, ...], list[tuple[int, int, dict[str, Any]]]] = {}
     alone: set[int] = set()
-    for pi, plan in enumerate(plans):
-        if plan.n_params:  # (a simple Query has none; a plan with some is answered alone)
-            alone.add(pi)
+    for pi, (plan, bound) in enumerate(work):
+        params = list(bound.params) + [None] * (plan.n_params - len(bound.params))
+        if any(p is not None and len(p) >= _LARGE_PARAM for p in params):
+            rows[pi] = None  # decoded in a thread on the planned path
             continue
-        for ti, tg in enumerate(plan.local or []):
-            args = _now_args(tg.call, TEXT, (), ())
-            if args is not None:
-                scalars = tuple(
-                    (k, v) for k, v in args.items() if v is None or isinstance(v, str | int | float)
-                )
-                groups.setdefault((tg.call.sig.name, scalars), []).append((pi, ti, args))
+        formats = [bound.fmt(i) for i in range(len(params))]
+        try:
+            for ti, tg in enumerate(plan.local or []):
+                args = _now_args(tg.call, bound, params, formats)
+                if args is not None:
+                    scalars = tuple(
+                        (k, v) for k, v in args.items() if v is None or isinstance(v, str | int | float)
+                    )
+                    groups.setdefault((tg.call.sig.name, scalars), []).append((pi, ti, args))
+        except PgError:
+            alone.add(pi)  # a parameter that does not decode: its statement reports it
     for (function, _), items in groups.items():
         out = None
         if len(items) > 1:
@@ -251,11 +259,12 @@ def answer_now_many(runtime: Runtime, plans: Sequence[StatementPlan]) -> list[li
             continue
         for (pi, ti, _), value in zip(items, out, strict=True):
             row = rows[pi]
-            assert row is not None
-            row[ti] = encoder((plans[pi].local or [])[ti].out_type, 0)(value)
+            if row is not None:
+                plan, bound = work[pi]
+                row[ti] = encoder((plan.local or [])[ti].out_type, bound.result_fmt(ti))(value)
     for pi in alone:
         try:
-            rows[pi] = answer_now(runtime, plans[pi], TEXT)
+            rows[pi] = answer_now(runtime, *work[pi])
         except PgError:
             rows[pi] = None  # the planned path reports it
     return rows

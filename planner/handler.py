@@ -21,6 +21,7 @@ from core.interfaces import (
     CallContext,
     Column,
     NowStatement,
+    Portal,
     QueryResult,
     ResultSink,
     Runtime,
@@ -161,16 +162,29 @@ class Handler:
             return None
         return _NowStatement(self, plans[0], now_columns(plans[0], TEXT))
 
-    def answer_many(self, statements: Sequence[NowStatement]) -> list[list[WireValue] | None]:
-        """`StatementHandler.answer_many`: the rows of statements this handler made, their calls
-        batched across statements (planner/execute.py `answer_now_many`)."""
+    def answer_many(self, items: Sequence[NowStatement | Portal]) -> list[list[WireValue] | None]:
+        """`StatementHandler.answer_many`: the rows of statements and portals this handler made,
+        their calls batched across them (planner/execute.py `answer_now_many`)."""
+        out: list[list[WireValue] | None] = [None] * len(items)
         if not self.fast_path:
-            return [None] * len(statements)
-        plans = [st.plan if isinstance(st, _NowStatement) else None for st in statements]
-        known = [p for p in plans if p is not None]
-        if len(known) != len(plans):
-            return [st.answer() for st in statements]
-        return answer_now_many(self.executor.runtime, known)
+            return out
+        work: list[tuple[StatementPlan, Bound]] = []
+        where: list[int] = []
+        for i, item in enumerate(items):
+            found = (
+                (item.plan, TEXT) if isinstance(item, _NowStatement)
+                else item.now_work() if isinstance(item, PlannerPortal)
+                else None
+            )
+            if found is not None:
+                work.append(found)
+                where.append(i)
+        for i, row in zip(where, answer_now_many(self.executor.runtime, work), strict=True):
+            item = items[i]
+            if row is not None and isinstance(item, PlannerPortal):
+                item.ran_now()
+            out[i] = row
+        return out
 
     def _answerable(self, plan: StatementPlan) -> bool:
         found = self._now.get(id(plan))
@@ -342,20 +356,35 @@ class PlannerPortal:
         """The fast path of Execute: the one row and the tag of a portal whose statement is
         `answerable`, when the runtime answers at once and the portal has not started; None
         when `execute` must run it (errors included: that path reports them)."""
+        work = self.now_work()
+        if work is None:
+            return None
+        try:
+            row = answer_now(self.prepared.handler.executor.runtime, *work)
+        except PgError:
+            return None
+        if row is None:
+            return None
+        self.ran_now()
+        return row, "SELECT 1"
+
+    def may_execute_now(self) -> bool:
+        return self.now_work() is not None
+
+    def now_work(self) -> tuple[StatementPlan, Bound] | None:
+        """What `execute_now` would answer (the plan and its bound parameters), or None when the
+        portal is not for the fast path: started already, or its statement not `answerable`."""
         prepared = self.prepared
         if self._events is not None or self._cursor is not None or not prepared.answerable():
             return None
         if 0 in self.bound.oids:  # the types the statement's Describe learnt (answerable says known)
             self.bound = dataclasses.replace(self.bound, oids=prepared.oids)
-        try:
-            row = answer_now(prepared.handler.executor.runtime, prepared.plan, self.bound)
-        except PgError:
-            return None
-        if row is None:
-            return None
-        self._events = _done()  # run: a later Execute finds it completed, as after `execute`
+        return prepared.plan, self.bound
+
+    def ran_now(self) -> None:
+        """The fast path answered this portal: a later Execute finds it completed, as after `execute`."""
+        self._events = _done()
         self._completed = "SELECT 1"
-        return row, "SELECT 1"
 
     def _start(self, upstream: UpstreamSession, ctx: CallContext) -> AsyncIterator[Event]:
         plan = self.prepared.plan

@@ -254,7 +254,7 @@ class Frontend(asyncio.Protocol):
         _, start, end = msgs[-2]
         if data[start + 5 : end] != b"\0\0\0\0\0":  # Execute of the unnamed portal, no row limit
             return False
-        return self.local.answered_batch(b, describe=len(msgs) == 4)
+        return self.local.answered_batch(b, describe=len(msgs) == 4, data=data)
 
     def _relay_batch(self, data: bytes) -> bool:
         """`_extended`'s relay in one step for the common extended batch: whole in `data`, on
@@ -389,6 +389,12 @@ class Frontend(asyncio.Protocol):
     def handle_query(self, msg: bytes) -> None:
         """A whole Query message, by the general path (not the fast path's express lookup)."""
         self._handle(0x51, msg)
+
+    def handle_messages(self, data: bytes) -> None:
+        """Whole messages, by the general path (a fast path gave them back)."""
+        msgs, _ = m.scan(data, self.framer.max_size)
+        for t, s, e in msgs:
+            self._handle(t, data[s:e])
 
     def resume_pending(self) -> None:
         """What the client sent while it waited, now in order."""

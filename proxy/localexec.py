@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Coroutine
@@ -25,7 +26,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from core.datarows import encode_data_row
 from core.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
-from core.interfaces import CallContext, NowStatement, Portal, PreparedStatement, StatementHandler, WireValue
+from core.interfaces import (
+    CallContext,
+    Column,
+    NowStatement,
+    Portal,
+    PreparedStatement,
+    StatementHandler,
+    WireValue,
+)
 from core.stop import Stop
 from proxy import messages as m
 from proxy.session import Phase
@@ -106,34 +115,46 @@ class Cork:
         self.flush()
 
 
+Finish = Callable[[list[WireValue] | None], None]
+
+
+@functools.lru_cache(maxsize=256)
+def _row_description(columns: tuple[Column, ...]) -> bytes:
+    """A fast-path portal's RowDescription, described again at each of its Executes."""
+    return m.RowDescription(columns).encode()
+
+
 class NowBatch:
-    """The fast-path Queries of every client that came in one turn of the event loop, answered
-    together when the turn ends (`StatementHandler.answer_many`: one model call for the rows of
-    one model). With many clients sending one-row predicts, each turn reads a Query from most
-    of them, so the model's per-call cost and the runtime's per-call steps are paid once."""
+    """The fast-path statements of every client that came in one turn of the event loop,
+    answered together when the turn ends (`StatementHandler.answer_many`: one model call for
+    the rows of one model). With many clients sending one-row predicts, each turn reads a
+    statement from most of them, so the model's per-call cost and the runtime's per-call steps
+    are paid once. Each client waits meanwhile (its `task` is a future: what it sends queues)."""
 
     def __init__(self, handler: Callable[[], StatementHandler | None]) -> None:
         self._handler = handler
-        self._items: list[tuple[LocalStatements, NowStatement, bytes, bytes, asyncio.Future[None]]] = []
+        self._items: list[NowStatement | Portal] = []
+        self._finish: list[tuple[LocalStatements, Finish]] = []
 
-    def add(self, local: LocalStatements, st: NowStatement, head: bytes, msg: bytes,
-            held: asyncio.Future[None]) -> None:
+    def add(self, local: LocalStatements, item: NowStatement | Portal, finish: Finish) -> None:
         if not self._items:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._items.append((local, st, head, msg, held))
+        self._items.append(item)
+        self._finish.append((local, finish))
 
     def _flush(self) -> None:
-        items, self._items = self._items, []
+        items, finish = self._items, self._finish
+        self._items, self._finish = [], []
         handler = self._handler()
         rows: list[list[WireValue] | None] = [None] * len(items)
         if handler is not None:
             try:
-                rows = handler.answer_many([it[1] for it in items])
+                rows = handler.answer_many(items)
             except Exception:  # a bug: the general path answers each, and reports what is wrong
                 log.exception("the fast path failed for %d statements", len(items))
-        for (local, st, head, msg, held), row in zip(items, rows, strict=True):
+        for (local, done), row in zip(finish, rows, strict=True):
             try:
-                local.answer_held(st, head, msg, held, row)
+                done(row)
             except Exception as exc:  # one client's failure is that client's
                 log.exception("client %d: unexpected failure", local.fe.id)
                 local.fe.fatal(InternalError(f"pgml-proxy internal error: {exc}"))
@@ -328,30 +349,39 @@ class LocalStatements:
         found = self.fe.app.express.get(msg)
         if found is None or not self._may_answer_now(False):
             return False
-        fe = self.fe
-        # Held until then: what the client sends meanwhile waits in `pending`, in order.
-        fe.task = asyncio.get_running_loop().create_future()
-        fe.app.now_batch.add(self, found[0], found[1], msg, fe.task)
+        st, head = found
+        held = self._hold()
+
+        def finish(row: list[WireValue] | None) -> None:
+            if not self._unheld(held):
+                return
+            fe = self.fe
+            if row is None:
+                fe.handle_query(msg)  # the general path, which reports what is wrong
+            else:
+                fe.write(head + encode_data_row(row) + _SELECT_1 + _READY[self._status()])
+                fe.maybe_release()
+                stats = fe.app.stats
+                stats.queries += 1
+                stats.pgml_queries += 1
+            fe.resume_pending()
+
+        self.fe.app.now_batch.add(self, st, finish)
         return True
 
-    def answer_held(self, st: NowStatement, head: bytes, msg: bytes, held: asyncio.Future[None],
-                    row: list[WireValue] | None) -> None:
-        """The end of `answered_again`: its row, from the batch, goes to the client; None (the
-        fast path could not answer) hands the Query to the general path. Then what the client
-        sent meanwhile."""
+    def _hold(self) -> asyncio.Future[None]:
+        """The client waits for this turn's batch: what it sends meanwhile queues in `pending`."""
+        held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.fe.task = held
+        return held
+
+    def _unheld(self, held: asyncio.Future[None]) -> bool:
+        """The batch is answered: False when the client went away meanwhile."""
         fe = self.fe
         if fe.task is not held or fe.s.phase is not Phase.READY:
-            return  # the client went away meanwhile
+            return False
         fe.task = None
-        if row is None:
-            fe.handle_query(msg)
-        else:
-            fe.write(head + encode_data_row(row) + _SELECT_1 + _READY[self._status()])
-            fe.maybe_release()
-            stats = fe.app.stats
-            stats.queries += 1
-            stats.pgml_queries += 1
-        fe.resume_pending()
+        return True
 
     def _answer(self, st: NowStatement, head: bytes) -> bool:
         row = self._now(st.answer)
@@ -386,30 +416,40 @@ class LocalStatements:
         self.fe.write(m.BIND_COMPLETE)
         return True
 
-    def answered_batch(self, b: m.Bind, describe: bool) -> bool:
+    def answered_batch(self, b: m.Bind, describe: bool, data: bytes) -> bool:
         """A whole extended batch on a local statement, answered in one step: Bind to the
         unnamed portal, Describe of it when `describe`, Execute with no row limit, Sync (as
         pgbench -M prepared and drivers' prepared statements send them). Its replies go in one
-        write, as the messages one by one would give them. False: nothing was done (nothing
-        bound, nothing written), the general path takes every message."""
+        write, as the messages one by one would give them, when this turn's batch is answered
+        (`NowBatch`, as for `answered_again`). False: nothing was done (nothing bound, nothing
+        written), the general path takes every message (`data`)."""
         portal = self._bind_now(b)
         if portal is None:
             return False
         columns = portal.describe_now() if describe else None
         if describe and columns is None:
             return False
-        found = self._now(portal.execute_now)
-        if found is None:
+        if not portal.may_execute_now():
             return False
-        row, tag = found
-        self.portals[b.portal] = portal
-        fe = self.fe
-        fe.app.stats.queries += 1
-        fe.s.sync(fe.server is not None)  # nothing of the batch went upstream: answered here
-        described = b"" if columns is None else m.RowDescription(tuple(columns)).encode()
-        done = m.CommandComplete(tag).encode() + _READY[self._status()]
-        fe.write(m.BIND_COMPLETE + described + encode_data_row(row) + done)
-        fe.maybe_release()
+        described = b"" if columns is None else _row_description(tuple(columns))
+        held = self._hold()
+
+        def finish(row: list[WireValue] | None) -> None:
+            if not self._unheld(held):
+                return
+            fe = self.fe
+            if row is None:
+                fe.handle_messages(data)  # every message of the batch by the general path
+            else:
+                self.portals[b.portal] = portal
+                fe.app.stats.queries += 1
+                fe.s.sync(fe.server is not None)  # nothing of the batch went upstream: answered here
+                done = _SELECT_1 + _READY[self._status()]
+                fe.write(m.BIND_COMPLETE + described + encode_data_row(row) + done)
+                fe.maybe_release()
+            fe.resume_pending()
+
+        self.fe.app.now_batch.add(self, portal, finish)
         return True
 
     def _described_now(self, name: str) -> bool:

@@ -257,12 +257,37 @@ class Bind:
 
     @classmethod
     def parse(cls, body: bytes | memoryview) -> Bind:
-        r = Reader(body)
-        portal, stmt = r.cstr(), r.cstr()
-        pfmt = tuple(r.int16() for _ in range(r.int16()))
-        params = tuple(r.value() for _ in range(r.int16()))
-        rfmt = tuple(r.int16() for _ in range(r.int16()))
-        return cls(portal, stmt, pfmt, params, rfmt)
+        # What Reader would read, in one tight pass: a one-row predict's every Execute has one.
+        buf = bytes(body)
+        end1 = buf.find(b"\0")
+        end2 = buf.find(b"\0", end1 + 1) if end1 >= 0 else -1
+        if end2 < 0:
+            raise ProtocolViolation("string field is not NUL-terminated")
+        portal = buf[:end1].decode("utf-8", "replace")
+        stmt = buf[end1 + 1 : end2].decode("utf-8", "replace")
+        pos, size = end2 + 1, len(buf)
+        try:
+            (n,) = _I16.unpack_from(buf, pos)
+            pfmt = struct.unpack_from(f"!{n}h", buf, pos + 2) if n > 0 else ()
+            pos += 2 + 2 * max(n, 0)
+            (n,) = _I16.unpack_from(buf, pos)
+            pos += 2
+            params: list[WireValue] = []
+            for _ in range(n):
+                (length,) = _I32.unpack_from(buf, pos)
+                pos += 4
+                if length == -1:
+                    params.append(None)
+                    continue
+                if length < 0 or pos + length > size:
+                    raise ProtocolViolation("message body is shorter than its fields")
+                params.append(buf[pos : pos + length])
+                pos += length
+            (n,) = _I16.unpack_from(buf, pos)
+            rfmt = struct.unpack_from(f"!{n}h", buf, pos + 2) if n > 0 else ()
+        except struct.error:
+            raise ProtocolViolation("message body is shorter than its fields") from None
+        return cls(portal, stmt, pfmt, tuple(params), rfmt)
 
 
 @dataclass(frozen=True, slots=True)

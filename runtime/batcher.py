@@ -332,14 +332,16 @@ class Batcher:
         return outputs
 
     def _learn_inline(self, took: float, cost: int, measured: bool) -> None:
-        first = self._inline_first
-        if cost <= 1 or first <= 0:
-            if measured or (first > 0 and took < first):
-                self._inline_first = took if first <= 0 else first + _RATE_WEIGHT * (took - first)
-            return
-        extra, seen = self._inline_extra, max(took - first, 0.0) / (cost - 1)
-        if measured or (extra >= 0 and seen < extra):
-            self._inline_extra = seen if extra < 0 else extra + _RATE_WEIGHT * (seen - extra)
+        """Fold one run into the inline estimate: `took` is CPU time when `measured`, else wall
+        time, an upper bound that may only lower each part (a run of any size bounds the fixed
+        part: the part per row is never negative)."""
+        first, extra = self._inline_first, self._inline_extra
+        if first <= 0 or (measured and cost <= 1) or (not measured and took < first):
+            self._inline_first = first = took if first <= 0 else first + _RATE_WEIGHT * (took - first)
+        if cost > 1:
+            seen = max(took - first, 0.0) / (cost - 1)
+            if measured or (extra >= 0 and seen < extra):
+                self._inline_extra = seen if extra < 0 else extra + _RATE_WEIGHT * (seen - extra)
 
     def _run_unless_stopped(self, live: list[_Item]) -> Sequence[Any] | None:
         """In the worker thread: the batch's outputs, or None when every item was stopped

@@ -310,7 +310,25 @@ async def _many_clients(proxy: ProxyProcess, db: str, rounds: int) -> dict[int, 
                     out.append(exc.sqlstate)
         return out
 
-    results = await asyncio.gather(*(client(i) for i in range(len(sqls))))
+    async def prepared(i: int) -> list[Any]:
+        """The same through prepared statements (Bind/Execute/Sync batches: answered_batch),
+        the project and the features as parameters, some of them in binary."""
+        out: list[Any] = []
+        project, feats = (
+            (P, features[i]) if i < 9 else (P, [1.0, 2.0]) if i == 9 else ("no such project", features[0])
+        )
+        async with await psycopg.AsyncConnection.connect(proxy.dsn(database=db), autocommit=True) as conn:
+            cur = conn.cursor(binary=i % 2 == 0)
+            for _ in range(rounds):
+                try:
+                    await cur.execute("SELECT pgml.predict(%s, %s::real[])", (project, feats), prepare=True)
+                    out.append(await cur.fetchall())
+                except psycopg.Error as exc:
+                    out.append(exc.sqlstate)
+        return out
+
+    n = len(sqls)
+    results = await asyncio.gather(*(client(i) for i in range(n)), *(prepared(i) for i in range(n - 1)))
     return dict(enumerate(results))
 
 
@@ -326,3 +344,5 @@ async def test_many_clients_answered_together_get_their_own_answers(
         assert answers == [want[i][0]] * len(answers), (i, answers[:3], want[i])
     assert len({str(a[0]) for a in got.values()}) >= 3  # distinct features, distinct answers
     assert got[9][0] == "22023" and got[10][0] == "42704"
+    assert got[12 + 9][0] == "22023" and got[12 + 10][0] == "42704"
+    assert [r[0][0] for r in got[12][:1]] == [r[0][0] for r in got[0][:1]]  # the same features, both ways

@@ -64,6 +64,9 @@ class EchoPortal:
     def describe_now(self) -> list[Column] | None:
         return None  # every message through the proxy's task path
 
+    def may_execute_now(self) -> bool:
+        return False
+
     def execute_now(self) -> tuple[list[WireValue], str] | None:
         return None
 
@@ -150,6 +153,9 @@ class EchoHandler:
 
     def now_statement(self, sql: str) -> NowStatement | None:
         return None
+
+    def answer_many(self, items: Sequence[NowStatement | Portal]) -> list[list[WireValue] | None]:
+        return [None] * len(items)
 
 
 @pytest.fixture(scope="module", params=["session", "transaction"])
