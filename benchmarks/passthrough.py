@@ -43,23 +43,26 @@ class Target:
     name: str
     dsn: str
     proc: subprocess.Popen[bytes] | None = None
+    others: tuple[subprocess.Popen[bytes], ...] = ()  # more processes on the same port
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        for proc in (self.proc, *self.others):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def _wait_ready(target: Target, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
-        if target.proc is not None and target.proc.poll() is not None:
-            raise RuntimeError(f"{target.name} exited with {target.proc.returncode}")
+        for proc in (target.proc, *target.others):
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{target.name} exited with {proc.returncode}")
         try:
             with psycopg.connect(target.dsn, connect_timeout=2) as conn:
                 if conn.execute("SELECT 1").fetchone() == (1,):
@@ -75,24 +78,32 @@ def _proxy_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "proxy.main"]
 
 
-def start_proxy(mode: str, pg: PgServer, work: Path) -> Target:
-    """pgml-proxy through its console script, fronting `pg`, in pool `mode`."""
+def start_proxy(mode: str, pg: PgServer, work: Path, processes: int = 1) -> Target:
+    """pgml-proxy through its console script, fronting `pg`, in pool `mode`; with `processes`
+    above 1, that many proxies on one port (`reuse_port`), the kernel spreading the clients."""
     port = free_port()
     env = dict(os.environ, PGML_PROXY_POOL_SIZE=str(POOL_SIZE), PGML_PROXY_LOG_LEVEL="WARNING")
-    log = open(work / f"pgml-proxy-{mode}.log", "wb")
-    cmd = [
-        *_proxy_command(),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--upstream",
-        pg.dsn,
-        "--pool-mode",
-        mode,
-        "--data-dir",
-        str(work / f"data-{mode}"),
-    ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
-    target = Target(f"pgml-proxy {mode}", f"postgresql://postgres@127.0.0.1:{port}/postgres", proc)
+    if processes > 1:
+        env["PGML_PROXY_REUSE_PORT"] = "1"
+    procs = []
+    for k in range(processes):
+        log = open(work / f"pgml-proxy-{mode}-{processes}-{k}.log", "wb")
+        cmd = [
+            *_proxy_command(),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--upstream",
+            pg.dsn,
+            "--pool-mode",
+            mode,
+            "--data-dir",
+            str(work / f"data-{mode}"),
+        ]
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work))
+        if k == 0:  # the first creates the pgml schema; the others start once it has
+            _wait_ready(Target("", f"postgresql://postgres@127.0.0.1:{port}/postgres", procs[0]))
+    name = f"pgml-proxy {mode}" if processes == 1 else f"pgml-proxy x{processes} {mode}"
+    target = Target(name, f"postgresql://postgres@127.0.0.1:{port}/postgres", procs[0], tuple(procs[1:]))
     _wait_ready(target)
     return target
 
@@ -241,7 +252,9 @@ def profile_proxy(
 
 
 @contextlib.contextmanager
-def pgbench_targets(scale: int, protocol: str) -> Iterator[tuple[PgServer, list[Target]]]:
+def pgbench_targets(
+    scale: int, protocol: str, processes: int = 1
+) -> Iterator[tuple[PgServer, list[Target]]]:
     """A Postgres with pgbench's tables (`scale`) and, in front of it, pgml-proxy and PgBouncer
     in session and transaction pooling; everything stopped and removed afterwards."""
     work = Path(tempfile.mkdtemp(prefix="pgml-bench-"))
@@ -253,6 +266,8 @@ def pgbench_targets(scale: int, protocol: str) -> Iterator[tuple[PgServer, list[
                        check=True, capture_output=True)
         for mode in ("session", "transaction"):
             targets.append(start_proxy(mode, pg, work))
+            if processes > 1:
+                targets.append(start_proxy(mode, pg, work, processes))
             if mode == "transaction" and protocol == "prepared":
                 # PgBouncer before 1.21 cannot keep protocol-level prepared statements under
                 # transaction pooling ("prepared statement P_0 already exists"); pgml-proxy can.
@@ -275,12 +290,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy the session-mode proxy afterwards")
     parser.add_argument("--native", action="store_true", help="with --profile: include C frames (syscalls)")
     parser.add_argument("--protocol", choices=["simple", "extended", "prepared"], default="simple")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="also this many pgml-proxy processes sharing one port (reuse_port)")
     args = parser.parse_args(argv)
     # Results of another protocol go to their own files, beside the simple protocol's.
     name = "passthrough" if args.protocol == "simple" else f"passthrough-{args.protocol}"
 
     load_start = os.getloadavg()
-    with pgbench_targets(args.scale, args.protocol) as (pg, targets):
+    with pgbench_targets(args.scale, args.protocol, args.processes) as (pg, targets):
         targets.insert(0, Target("postgres direct", pg.dsn))
         runs: Runs = {}
         for round_no in range(args.rounds):

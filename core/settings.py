@@ -321,6 +321,8 @@ class Config:
     # How a server connection is reset before it goes back to the pool.
     server_reset_query: str = "DISCARD ALL"
     max_client_connections: int = 1000
+    # Several proxy processes listening on one port (SO_REUSEPORT): the kernel spreads the clients.
+    reuse_port: bool = False
     # Largest protocol message accepted from a client (bytes); larger ones are a protocol violation.
     max_message_size: int = 64 * 1024 * 1024
     # Client authentication: trust | cleartext | md5 | scram-sha-256 | passthrough (the upstream checks).

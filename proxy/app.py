@@ -150,7 +150,8 @@ class ProxyServer:
         if self.upstreams is not None:
             await self.upstreams.start()
         self._server = await loop.create_server(
-            lambda: Frontend(self), self.config.listen_host, self.config.listen_port, reuse_address=True
+            lambda: Frontend(self), self.config.listen_host, self.config.listen_port, reuse_address=True,
+            reuse_port=self.config.reuse_port or None,
         )
         self._reaper = loop.create_task(self._reap_idle())
         log.info("pgml-proxy listening on %s (pool_mode=%s)", self.address, self.config.pool_mode)

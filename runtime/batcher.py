@@ -44,6 +44,8 @@ _RATE_WEIGHT = 0.3
 # Inline runs measure their CPU time once in this many (and always until a first figure): a
 # thread's CPU clock is a system call, not the vDSO, and cost as much as a small model's run.
 _CPU_SAMPLE = 16
+# One run in this many that the inline estimate keeps off the loop runs on it anyway, measured.
+_PROBE_EVERY = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,9 @@ class Batcher:
         self._inline_first = 0.0
         self._inline_extra = -1.0
         self._inline_runs = 0
+        self._refused = 0  # runs kept off the loop by the estimate
+        self._probe_every = _PROBE_EVERY
+        self._probe = False  # the next inline run is a probe past the estimate: measure it
         self.stats = BatcherStats()
 
     @property
@@ -309,13 +314,15 @@ class Batcher:
 
     def _timed(self, payloads: list[Any], cost: int, inline: bool) -> Sequence[Any]:
         """`run(payloads)`, its time per unit of cost folded into the estimates."""
-        measure = False
+        measure = probe = False
         if inline:
             self._inline_runs += 1
+            probe, self._probe = self._probe, False
             measure = (
                 self._inline_first <= 0
                 or (cost > 1 and self._inline_extra < 0)
                 or self._inline_runs % _CPU_SAMPLE == 0
+                or probe
             )
         started, cpu = time.perf_counter(), time.thread_time() if measure else 0.0
         outputs = self._run(payloads)
@@ -329,15 +336,20 @@ class Batcher:
         # included) is an upper bound, so it may only lower the estimate: a slow first run (a
         # cold model) does not keep the model off the loop for good.
         self._learn_inline(time.thread_time() - cpu if measure else took, cost, measure)
+        if probe:  # still over the budget: probe half as often (a model that is simply too slow)
+            self._probe_every = _PROBE_EVERY if self._fits(1) else min(self._probe_every * 2, 1 << 16)
         return outputs
 
     def _learn_inline(self, took: float, cost: int, measured: bool) -> None:
         """Fold one run into the inline estimate: `took` is CPU time when `measured`, else wall
         time, an upper bound that may only lower each part (a run of any size bounds the fixed
-        part: the part per row is never negative)."""
+        part: the part per row is never negative). A measured run below the fixed part replaces
+        it: CPU time is not noise on the low side (a cold first run measured 5 ms, 40 us after)."""
         first, extra = self._inline_first, self._inline_extra
-        if first <= 0 or (measured and cost <= 1) or (not measured and took < first):
-            self._inline_first = first = took if first <= 0 else first + _RATE_WEIGHT * (took - first)
+        if first <= 0 or (measured and took < first):
+            self._inline_first = first = took
+        elif (measured and cost <= 1) or took < first:
+            self._inline_first = first = first + _RATE_WEIGHT * (took - first)
         if cost > 1:
             seen = max(took - first, 0.0) / (cost - 1)
             if measured or (extra >= 0 and seen < extra):
@@ -355,14 +367,26 @@ class Batcher:
             return None
         return self._timed([it.payload for it in live], sum(it.cost for it in live), True)
 
+    def _fits(self, cost: int) -> bool:
+        """Whether the inline estimate puts a run of `cost` within the budget. A larger run than
+        any measured yet is tried once, and measured, when one row fits."""
+        budget = self.policy.inline_budget_s
+        return budget <= 0 or self._inline_first + max(self._inline_extra, 0.0) * max(cost - 1, 0) <= budget
+
     def _inline(self, payloads: list[Any], cost: int) -> bool:
         """Whether these payloads run on the loop: the owner says they may, and the measured
         rate on the loop (once there is one) puts them within the inline budget."""
         if self._inline_fn is None or not self._inline_fn(payloads):
             return False
-        budget = self.policy.inline_budget_s
-        # A larger run than any measured yet is tried once, and measured, when one row fits.
-        return budget <= 0 or self._inline_first + max(self._inline_extra, 0.0) * max(cost - 1, 0) <= budget
+        if self._fits(cost):
+            return True
+        # Over the budget: one run in _PROBE_EVERY is still tried on the loop, and measured, so an
+        # estimate that a slow moment raised comes down again.
+        self._refused += 1
+        if self._refused % self._probe_every == 0:
+            self._probe = True
+            return True
+        return False
 
     def _count(self, items: int, cost: int) -> None:
         stats = self.stats

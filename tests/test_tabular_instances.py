@@ -262,3 +262,45 @@ async def test_batcher_runs_batches_inline_when_its_owner_says_so() -> None:
     assert len(small) == 2 and len(big) == 50
     await batcher.close()
     pool.shutdown()
+
+
+async def test_inline_estimate_recovers_from_a_slow_first_run_and_backs_off_a_slow_model() -> None:
+    """The inline estimate (CPU time on the loop, a fixed part and a part per row): a cold
+    first run far over the budget does not keep a fast model off the loop for good (a measured
+    probe brings it back), while a model that is slow every time is probed ever more rarely;
+    a batch of many rows is priced at the fixed part plus its rows, not at rows times one run."""
+    slow = [0.02]  # seconds of CPU a run burns; the first run is cold
+
+    def run(blocks: list[np.ndarray]) -> list[np.ndarray]:
+        end = time.thread_time() + slow[0]
+        while time.thread_time() < end:
+            pass
+        return blocks
+
+    pool = ThreadPoolExecutor(1)
+    policy = _rows_policy(max_batch_tokens=100, inline_budget_s=0.005)
+    batcher = Batcher("estimate", run, pool, policy, lambda xs: True)
+    assert batcher.can_run_now(np.zeros((1, 1)), 1)  # nothing measured yet
+    batcher.run_now(np.zeros((1, 1)), 1)  # cold: 20 ms, four times the budget
+    slow[0] = 0.0002
+    refused = 0
+    while not batcher.can_run_now(np.zeros((1, 1)), 1):
+        refused += 1
+        assert refused < 200
+    batcher.run_now(np.zeros((1, 1)), 1)  # the probe: measured, and the estimate comes down
+    assert batcher.can_run_now(np.zeros((1, 1)), 1) and batcher.can_run_now(np.zeros((8, 1)), 8)
+    batcher.run_now(np.zeros((8, 1)), 8)  # a larger run, measured: its extra rows cost nothing
+    assert batcher.can_run_now(np.zeros((16, 1)), 16)
+    # A model slow at every run: probes, each measured over budget, come ever more rarely.
+    slow[0] = 0.02
+    batcher.run_now(np.zeros((1, 1)), 1)
+    gaps, count = [], 0
+    for _ in range(2000):
+        count += 1
+        if batcher.can_run_now(np.zeros((1, 1)), 1):
+            batcher.run_now(np.zeros((1, 1)), 1)
+            gaps.append(count)
+            count = 0
+    assert len(gaps) >= 3 and gaps[-1] > gaps[0] * 2, gaps
+    await batcher.close()
+    pool.shutdown()
