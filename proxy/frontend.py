@@ -157,8 +157,10 @@ class Frontend(asyncio.Protocol):
         # Session pooling's every plain statement, in as few steps as can be: a whole simple
         # Query that `plain` clears goes to the client's own server connection (each function
         # call and object touched here costs the relay about a microsecond, more on a busy CPU).
+        ss = self.s
         if (srv is not None and not self.tx and self.task is None and data[:1] == b"Q"
-                and self.s.phase is Phase.READY and not self.framer.buf and not self.up
+                and ss.phase is Phase.READY and ss.failed_batch != ss.batch and not self.framer.buf
+                and not self.up
                 and len(data) >= 5 and _HEAD(data)[0] + 1 == len(data) and plain(data)):
             stats = self.app.stats
             stats.bytes_in += len(data)
@@ -208,9 +210,11 @@ class Frontend(asyncio.Protocol):
         """The common case in one step (`_simple`'s relay, without framing and routing): `data`
         is one whole simple Query that `plain` clears, for the server connection this client
         holds or one free now. False: nothing was done, the general path takes it."""
-        if (self.s.phase is not Phase.READY or self.framer.buf or self.admin or self.route is not None
-                or len(data) < 5 or _HEAD(data)[0] + 1 != len(data) or not plain(data)):
-            return False
+        s = self.s
+        if (s.phase is not Phase.READY or s.failed_batch == s.batch or self.framer.buf or self.admin
+                or self.route is not None or len(data) < 5 or _HEAD(data)[0] + 1 != len(data)
+                or not plain(data)):
+            return False  # (skipping to Sync after an error: the general path ignores it)
         srv = self._server_now() if self.tx else self.server  # session pooling: its own, always
         if srv is None:
             return False
@@ -229,9 +233,10 @@ class Frontend(asyncio.Protocol):
         """`data` is one whole Query that the fast path answered before (LocalStatements keeps
         those that nothing else of the session looks at), answered again in one step. False:
         nothing was done, the general path takes it."""
-        return (self.s.phase is Phase.READY and not self.framer.buf and not self.admin
-                and self.route is None and len(data) >= 5 and _HEAD(data)[0] + 1 == len(data)
-                and self.local.answered_again(data))
+        s = self.s
+        return (s.phase is Phase.READY and s.failed_batch != s.batch and not self.framer.buf
+                and not self.admin and self.route is None and len(data) >= 5
+                and _HEAD(data)[0] + 1 == len(data) and self.local.answered_again(data))
 
     def _answered_batch(self, data: bytes) -> bool:
         """`data` is one whole extended batch on a local statement (Bind to the unnamed portal,

@@ -90,6 +90,9 @@ _ROUTES = {
 }
 
 
+_SKIPPED = frozenset({Route.EXTENDED, Route.QUERY, Route.FUNCTION_CALL})
+
+
 class SyncAnswer(enum.Enum):
     FORWARD = "forward"  # the upstream has part of this batch: its ReadyForQuery answers
     ANSWER = "answer"  # nothing of the batch went upstream: the proxy answers ReadyForQuery
@@ -122,7 +125,9 @@ class Session:
     def route(self, t: int) -> Route:
         """Where a client message of type `t` goes."""
         route = _ROUTES.get(t, Route.INVALID)
-        if route is Route.EXTENDED and self.skipping:
+        # Postgres ignores every message but Sync and Terminate then: a simple Query or a
+        # FunctionCall too, which get no reply at all (postgres.c, ignore_till_sync).
+        if self.skipping and route in _SKIPPED:
             return Route.SKIP
         if route is Route.TERMINATE:
             self.phase = Phase.CLOSING
