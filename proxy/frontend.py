@@ -309,7 +309,7 @@ class Frontend(asyncio.Protocol):
             queue.append(Expect(_BATCH_REPLIES[t], batch))
             if t == 0x45:
                 self.app.stats.queries += 1
-        queue.append(Expect(Reply.READY, batch))
+        queue.append(Expect(Reply.READY, batch, sync=True))
         s.relayed_batch()
         self.up.append(data)
         self.flush_up()
@@ -686,7 +686,7 @@ class Frontend(asyncio.Protocol):
         if self.s.sync(srv is not None) is SyncAnswer.FORWARD:
             assert srv is not None
             self.up.append(m.SYNC)
-            srv.expect(Expect(Reply.READY, batch))
+            srv.expect(Expect(Reply.READY, batch, sync=True))
         else:
             self.reply(m.ReadyForQuery(srv.tx_status if srv is not None else "I").encode())
         if srv is not None and not srv.replies:

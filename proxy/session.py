@@ -280,17 +280,21 @@ class Expect:
     (`OWES_READY`).
     """
 
-    __slots__ = ("batch", "swallow", "synthetic", "terminals", "track")
+    __slots__ = ("batch", "swallow", "sync", "synthetic", "terminals", "track")
 
     def __init__(
         self, terminals: Reply, batch: int, swallow: Swallow = Swallow.NONE,
-        synthetic: bytes | None = None, track: Tracker | None = None,
+        synthetic: bytes | None = None, track: Tracker | None = None, sync: bool = False,
     ) -> None:
         self.terminals = terminals
         self.batch = batch  # the client's extended batch it belongs to (Session.batch)
         self.swallow = swallow
         self.synthetic = synthetic  # the proxy's own answer, sent when it reaches the head
         self.track = track
+        # A Sync's ReadyForQuery: where skipping after an error ends. A simple Query's or a
+        # FunctionCall's ReadyForQuery is not: sent after the error, before the Sync, the
+        # upstream ignores it and never answers it.
+        self.sync = sync
 
     def settle(self, t: int) -> None:
         """The response ended with message type `t` (0: skipped after an error)."""
@@ -501,11 +505,12 @@ class Replies:
         return fed
 
     def _skip_to_sync(self) -> int:
-        """After an error in an extended batch the upstream skips to Sync: so do the owed entries."""
+        """After an error in an extended batch the upstream skips to Sync: so do the owed
+        entries, a simple Query's or a FunctionCall's sent before the Sync among them."""
         q = self.queue
         batch = q[0].batch
         skipped = []
-        while q and q[0].terminals is not Reply.READY:
+        while q and not q[0].sync:
             skipped.append(q.popleft())
         for entry in reversed(skipped):  # what failed or never ran is undone, latest first
             entry.settle(0)

@@ -26,7 +26,7 @@ from tests.fix_proxy import ProxyProcess
 SOURCE = Path(__file__).resolve().parent / "drivers" / "java" / "DriverCases.java"
 JAR = Path("/usr/share/java/postgresql.jar")  # Debian's libpostgresql-jdbc-java
 MODES = {"text": 0, "default": 5, "binary": -1}
-# Compared separately below: large objects (a known gap) and pgml (not a direct Postgres feature).
+# Compared separately below: large objects (text mode, both pools) and pgml (not a direct Postgres feature).
 CORE = ["types", "multi_statement", "prepared_past_threshold", "batch_insert", "fetchsize_cursor",
         "transactions", "errors", "metadata"]
 

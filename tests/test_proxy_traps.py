@@ -110,17 +110,22 @@ def test_error_skips_to_sync_and_ready_only_on_sync(px: ProxyProcess) -> None:
     raw.close()
 
 
-def _error_then_query_before_sync(raw: Raw) -> list[bytes]:
-    # The error read first (Flush), then the Query, then Sync: the proxy knows it skips by then.
-    # (Sent in one write with the failing batch, the Query's reply is still owed: see
-    # test_pipelined_query_after_an_extended_error.)
+def _error_then_query_before_sync(raw: Raw, pipelined: bool) -> list[bytes]:
+    # Split: the error read first (Flush), then the Query, then Sync, so the proxy knows it
+    # skips by the time the Query comes. Pipelined: all in one write, so the Query has gone
+    # upstream, owing a reply, before the error comes back.
+    failing = [m.Parse("", "SELECT 1/g FROM generate_series(0, 0) g").encode(), m.Bind("", "").encode(),
+               m.Execute("").encode()]
     out = []
-    raw.send(m.Parse("", "SELECT 1/g FROM generate_series(0, 0) g").encode(), m.Bind("", "").encode(),
-             m.Execute("").encode(), m.FLUSH)
-    out.append(kinds(raw.until(b"E")))
-    raw.send(m.Query("SELECT 5").encode())
-    time.sleep(0.2)
-    raw.send(m.SYNC)
+    if pipelined:
+        call = m.frame(b"F", struct.pack("!IhhH", 1598, 0, 0, 0))  # FunctionCall of random()
+        raw.send(*failing, m.Query("SELECT 5").encode(), call, m.SYNC)
+    else:
+        raw.send(*failing, m.FLUSH)
+        out.append(kinds(raw.until(b"E")))
+        raw.send(m.Query("SELECT 5").encode())
+        time.sleep(0.2)
+        raw.send(m.SYNC)
     out.append(kinds(raw.until(b"Z")))
     raw.send(m.Query("SELECT 6").encode())
     second = raw.until(b"Z")
@@ -128,19 +133,21 @@ def _error_then_query_before_sync(raw: Raw) -> list[bytes]:
     return [*out, kinds(second)]
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["split", "pipelined"])
 def test_simple_query_after_an_extended_error_is_skipped_until_sync(
-    proxy_factory: Callable[..., ProxyProcess], pg_server: Any
+    proxy_factory: Callable[..., ProxyProcess], pg_server: Any, pipelined: bool
 ) -> None:
     """Postgres ignores every message up to Sync after an error in the extended protocol, a
-    simple Query among them (it gets no reply at all): the proxy relays the same replies and
-    owes nothing after, so in transaction pooling the server connection goes back to the pool."""
+    simple Query and a FunctionCall among them (they get no reply at all): the proxy relays the
+    same replies and owes nothing after, so in transaction pooling the server connection goes
+    back to the pool, whether the Query was sent after the error was read or with the batch."""
     target = type("Direct", (), {"host": "127.0.0.1", "port": pg_server.port})()
-    want = _error_then_query_before_sync(Raw(target))  # type: ignore[arg-type]
-    assert want == [b"12E", b"Z", b"TDCZ"]  # the Query before Sync: no reply at all
+    want = _error_then_query_before_sync(Raw(target), pipelined)  # type: ignore[arg-type]
+    assert want == ([b"12EZ"] if pipelined else [b"12E", b"Z"]) + [b"TDCZ"]  # no reply to the Query
     for mode in ("session", "transaction"):
         px = proxy_factory(mode)
         raw = Raw(px)
-        assert _error_then_query_before_sync(raw) == want
+        assert _error_then_query_before_sync(raw, pipelined) == want
         if mode == "transaction":
             time.sleep(0.2)
             with psycopg.connect(px.dsn(database="pgml_proxy"), autocommit=True) as admin:
@@ -148,23 +155,6 @@ def test_simple_query_after_an_extended_error_is_skipped_until_sync(
             assert linked == [], linked  # nothing owed: released, although the client stays
         raw.close()
         px.stop()
-
-
-def test_pipelined_query_after_an_extended_error(px: ProxyProcess, pg_server: Any) -> None:
-    """The same Query sent in one write with the batch that fails: the client gets what
-    Postgres gives. (The proxy still counts a reply for that Query, so in transaction pooling
-    the connection is not released afterwards: a known gap, in README.md.)"""
-
-    def run(raw: Raw) -> list[bytes]:
-        raw.send(m.Parse("", "SELECT 1/g FROM generate_series(0, 0) g").encode(), m.Bind("", "").encode(),
-                 m.Execute("").encode(), m.Query("SELECT 5").encode(), m.SYNC)
-        return [kinds(raw.until(b"Z"))]
-
-    target = type("Direct", (), {"host": "127.0.0.1", "port": pg_server.port})()
-    assert run(Raw(target)) == [b"12EZ"]  # type: ignore[arg-type]
-    raw = Raw(px)
-    assert run(raw) == [b"12EZ"]
-    raw.close()
 
 
 def test_flush_without_sync_is_honoured(px: ProxyProcess) -> None:

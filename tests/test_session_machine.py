@@ -234,7 +234,7 @@ def test_a_failed_replay_is_relayed_and_the_batch_skips_to_sync() -> None:
     r.expect(Expect(Reply.PARSE, 3, Swallow.OK, track=replay))  # the proxy prepares again
     r.expect(Expect(Reply.PARSE, 3, track=parse))
     r.expect(Expect(Reply.BIND, 3, track=bind))
-    r.expect(Expect(Reply.READY, 3))
+    r.expect(Expect(Reply.READY, 3, sync=True))
     error = m.error_message({"S": "ERROR", "V": "ERROR", "C": "42P01", "M": "no such table"})
     fed = _feed(r, error)
     assert fed.data == error and fed.failed == [3]
@@ -242,6 +242,24 @@ def test_a_failed_replay_is_relayed_and_the_batch_skips_to_sync() -> None:
     assert [e.terminals for e in r.queue] == [Reply.READY]
     fed = _feed(r, m.ReadyForQuery("I").encode())
     assert fed.ready and not r.queue
+
+
+def test_a_query_sent_before_the_sync_of_a_failed_batch_is_owed_nothing() -> None:
+    """Execute, Query, FunctionCall, Sync in one write: after the Execute's error Postgres
+    ignores the Query and the FunctionCall (no reply at all) and answers the Sync, so their
+    entries go with the batch's and the Sync's ReadyForQuery ends what is owed; the next
+    Query's entry stays."""
+    r = Replies()
+    query = _Track()
+    r.expect(Expect(Reply.EXECUTE, 2))
+    r.expect(Expect(Reply.READY, 2, track=query))  # the Query (a tracked one, e.g. a SET)
+    r.expect(Expect(Reply.READY, 2))  # the FunctionCall
+    r.expect(Expect(Reply.READY, 2, sync=True))
+    r.expect(Expect(Reply.READY, 3))  # a Query after the Sync: Postgres runs it
+    error = m.error_message({"S": "ERROR", "V": "ERROR", "C": "22012", "M": "division by zero"})
+    fed = _feed(r, error + m.ReadyForQuery("I").encode())
+    assert fed.failed == [2] and fed.ready and query.closed == [0]  # undone: it never ran
+    assert [(e.terminals, e.batch) for e in r.queue] == [(Reply.READY, 3)]
 
 
 def test_a_synthetic_answer_waits_for_what_is_owed_before_it() -> None:
