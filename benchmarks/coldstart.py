@@ -7,7 +7,9 @@ calls run on torch; MiniLM then switches to ONNX Runtime, the chat stays on torc
 then again once those exports are on disk. Each run records the RSS of the idle proxy, the first
 `pgml.embed` (all-MiniLM-L6-v2), the first `pgml.embed` of five new connections once the model is
 loaded (target: under 50 ms), the first chat `pgml.transform` (SmolLM2, 8 new tokens), and the RSS
-after each model; `SHOW MODELS` says which engine served each first call. Results go to
+after each model; `SHOW MODELS` says which engine served each first call. A third run, with a
+memory budget that holds one model, loads and evicts the two in turn and records the RSS after
+each load (an evicted model's memory must come back). Results go to
 benchmarks/results/coldstart.{json,md}, with the machine and the load average.
 """
 
@@ -118,9 +120,37 @@ def _one_run(dsn: str, config: Path, label: str, wait_export: float) -> dict[str
         p.stop()
 
 
+def _eviction_run(dsn: str, config: Path, cycles: int) -> dict[str, Any]:
+    """With `runtime.memory_budget_mb = 1` each model evicts the other as it loads: embed (MiniLM
+    in, SmolLM2 out), chat (SmolLM2 in, MiniLM out), `cycles` times. The RSS after each load says
+    whether an evicted model's memory goes back (it would grow by a model a cycle if not)."""
+    budget = config.with_name("config-evict.toml")
+    budget.write_text(config.read_text().replace("[runtime]\n", "[runtime]\nmemory_budget_mb = 1\n", 1))
+    p = start_proxy(dsn, "session", config=budget)
+    chat = ("SELECT pgml.transform(task => %s::jsonb, inputs => %s::jsonb[],"
+            " args => '{\"max_new_tokens\": 8}')")
+    try:
+        with psycopg.connect(p.dsn(), autocommit=True) as c:
+            c.execute("SELECT 1")
+        out: dict[str, Any] = {"rss_idle_mb": _rss_mb(p.pid), "cycles": []}
+        for _ in range(cycles):
+            _timed(p.dsn(), "SELECT pgml.embed(%s, 'hello')", (MINILM,))
+            minilm = _rss_mb(p.pid)
+            loaded_minilm = sorted(m["name"] for m in _models(p))
+            _timed(p.dsn(), chat, (CHAT, MESSAGES))
+            smollm = _rss_mb(p.pid)
+            loaded_smollm = sorted(m["name"] for m in _models(p))
+            out["cycles"].append({"rss_minilm_only_mb": minilm, "loaded_after_embed": loaded_minilm,
+                                  "rss_smollm2_only_mb": smollm, "loaded_after_chat": loaded_smollm})
+        return out
+    finally:
+        p.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wait-export", type=float, default=300, help="seconds to wait for the export")
+    parser.add_argument("--eviction-cycles", type=int, default=4, help="load/evict cycles of the two models")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = Path(tempfile.mkdtemp(prefix="pgml-bench-coldstart-"))
@@ -133,6 +163,7 @@ def main() -> None:
     try:
         runs = [_one_run(server.dsn, config, "fresh cache (nothing exported)", args.wait_export),
                 _one_run(server.dsn, config, "exports on disk", 0)]
+        eviction = _eviction_run(server.dsn, config, args.eviction_cycles)
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -153,10 +184,17 @@ def main() -> None:
         f" SmolLM2's export was on disk {runs[0].get('chat_export_s', -1):.1f} s after the second chat."
         " Engines at the end of each run: "
         + "; ".join(f"{r['run']}: {r['engines']}" for r in runs)
+        + "\n\n## Memory after eviction\n\n`runtime.memory_budget_mb = 1`, exports on disk: each model"
+        " evicts the other as it loads (embed with MiniLM, then a chat with SmolLM2, repeated). RSS of"
+        f" the idle proxy {eviction['rss_idle_mb']:.0f} MB.\n\n"
+        + markdown_table(["cycle", "RSS, MiniLM alone MB", "loaded", "RSS, SmolLM2 alone MB", "loaded"],
+                         [[i + 1, c["rss_minilm_only_mb"], ", ".join(c["loaded_after_embed"]),
+                           c["rss_smollm2_only_mb"], ", ".join(c["loaded_after_chat"])]
+                          for i, c in enumerate(eviction["cycles"])])
         + f"\n\nLoad average {load_start:.2f} at the start, {info['load_end']:.2f} at the end (2 CPUs shared"
         " with other work: noisy). Command: `.venv/bin/python -m benchmarks.coldstart`.\n"
     )
-    write_results("coldstart", {"machine": info, "runs": runs}, md)
+    write_results("coldstart", {"machine": info, "runs": runs, "eviction": eviction}, md)
 
 
 if __name__ == "__main__":

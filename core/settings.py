@@ -211,6 +211,11 @@ class RuntimeConfig:
     batch_wait_ms: float = 2.0
     queue_size: int = 4096
     memory_budget_mb: int = 4096
+    # glibc serves allocations this large or larger with their own mmap, given back the moment
+    # they are freed: a model's weights are mostly 1-4 MiB tensors, which glibc's default (a
+    # threshold that rises to 32 MiB as large blocks are freed) puts in its heaps, where an
+    # evicted model's pages stay resident. 0: glibc's default. benchmarks/coldstart.py measures it.
+    malloc_mmap_threshold_kb: int = 1024
     # engine = "auto": a transform model with more weight than this stays on torch. Exporting
     # traces the model in memory (several times its size) and a large decoder gains little.
     onnx_max_model_mb: int = 2048

@@ -44,7 +44,7 @@ from runtime.engines import (
     pipeline_suffix,
     sentence_transformer_suffix,
 )
-from runtime.model_cache import Loaded, ModelCache
+from runtime.model_cache import Loaded, ModelCache, set_mmap_threshold
 from runtime.resolve import Progress, ResolvedModel, Resolver
 
 if TYPE_CHECKING:
@@ -124,6 +124,7 @@ class Runtime:
     async def start(self) -> None:
         """Start the tabular side (its migrations) and warm the preload list."""
         optional.check()
+        set_mmap_threshold(self.config.malloc_mmap_threshold_kb)  # before any model loads
         # No upstream (an LM-only runtime, as in unit tests and benchmarks): no tabular side.
         if self.upstream_dsn:
             # Imported here, not at the top: an LM-only runtime (the GPU check) runs without

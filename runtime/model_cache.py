@@ -8,6 +8,8 @@ of idle models), and each model's batcher. `SHOW MODELS` reads `info()`.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import time
 from collections import OrderedDict
@@ -129,8 +131,9 @@ class ModelCache:
         for key in list(self._models):
             if sum(m.memory_bytes for m in self._models.values()) <= budget:
                 break
-            entry = self._models[key]
-            if key == keep or entry.users:
+            # No reference to the entry may outlive this test: held across `unload`, it would
+            # keep the model alive through unload's collection and trim.
+            if key == keep or self._models[key].users:
                 continue
             await self.unload(key)
 
@@ -142,6 +145,7 @@ class ModelCache:
         del entry
         gc.collect()
         _free_cuda_cache()
+        _trim_heap()
 
     async def close(self) -> None:
         for key in list(self._models):
@@ -167,6 +171,32 @@ class ModelCache:
                 }
             )
         return out
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+
+
+def set_mmap_threshold(kb: int) -> None:
+    """Have glibc serve allocations of `kb` KiB and more with mmap (RuntimeConfig says why);
+    0 keeps its default. Process-wide, and once: the runtime owns the process's model memory."""
+    if kb <= 0:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, kb * 1024)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _trim_heap() -> None:
+    """Give the freed heap back to the system: glibc keeps a freed model's pages (its weights
+    are many small and medium allocations) in its arenas, so without this an evicted model's
+    memory stays resident, only reusable by this process (benchmarks/coldstart.py measures it)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _free_cuda_cache() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,11 @@ async def test_lru_eviction_within_memory_budget() -> None:
     try:
         first = await _classify(rt, "tiny-sentiment")
         assert [m["name"] for m in rt.models_info()] == ["tiny-sentiment"]
+        [key] = rt.models._models
+        evicted = weakref.ref(rt.models._models[key].obj)
         await _classify(rt, "tiny-nli")
         assert [m["name"] for m in rt.models_info()] == ["tiny-nli"]  # least recently used went
+        assert evicted() is None  # nothing keeps it: its memory is free (coldstart.py measures RSS)
         assert await _classify(rt, "tiny-sentiment") == first  # reloaded on demand, same answer
         assert [m["name"] for m in rt.models_info()] == ["tiny-sentiment"]
     finally:
