@@ -34,6 +34,8 @@ from testing.proxy import TEST_CONFIG, ProxyProcess, start_proxy
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 CHAT = json.dumps({"task": "conversational", "model": "HuggingFaceTB/SmolLM2-135M-Instruct"})
 MESSAGES = [json.dumps({"role": "user", "content": "Name a colour."})]
+CHAT_SQL = ("SELECT pgml.transform(task => %s::jsonb, inputs => %s::jsonb[],"
+            " args => '{\"max_new_tokens\": 8}')")
 
 
 def _rss_mb(pid: int) -> float:
@@ -106,11 +108,9 @@ def _one_run(dsn: str, config: Path, label: str, wait_export: float) -> dict[str
         news = [_timed(p.dsn(), "SELECT pgml.embed(%s, 'a new connection')", (MINILM,)) for _ in range(5)]
         out["new_connection_embed_ms"] = statistics.median(news)
         out["rss_minilm_mb"] = _rss_mb(p.pid)
-        chat = ("SELECT pgml.transform(task => %s::jsonb, inputs => %s::jsonb[],"
-                " args => '{\"max_new_tokens\": 8}')")
-        out["first_chat_ms"] = _timed(p.dsn(), chat, (CHAT, MESSAGES))
+        out["first_chat_ms"] = _timed(p.dsn(), CHAT_SQL, (CHAT, MESSAGES))
         out["engine_after_first_chat"] = next((e for n, e in _engines(p).items() if "SmolLM2" in n), "?")
-        out["second_chat_ms"] = _timed(p.dsn(), chat, (CHAT, MESSAGES))
+        out["second_chat_ms"] = _timed(p.dsn(), CHAT_SQL, (CHAT, MESSAGES))
         out["rss_smollm2_mb"] = _rss_mb(p.pid)
         if wait_export:
             out["chat_export_s"] = _wait(p, wait_export, _chat_export_done, None)
@@ -127,8 +127,6 @@ def _eviction_run(dsn: str, config: Path, cycles: int) -> dict[str, Any]:
     budget = config.with_name("config-evict.toml")
     budget.write_text(config.read_text().replace("[runtime]\n", "[runtime]\nmemory_budget_mb = 1\n", 1))
     p = start_proxy(dsn, "session", config=budget)
-    chat = ("SELECT pgml.transform(task => %s::jsonb, inputs => %s::jsonb[],"
-            " args => '{\"max_new_tokens\": 8}')")
     try:
         with psycopg.connect(p.dsn(), autocommit=True) as c:
             c.execute("SELECT 1")
@@ -137,7 +135,7 @@ def _eviction_run(dsn: str, config: Path, cycles: int) -> dict[str, Any]:
             _timed(p.dsn(), "SELECT pgml.embed(%s, 'hello')", (MINILM,))
             minilm = _rss_mb(p.pid)
             loaded_minilm = sorted(m["name"] for m in _models(p))
-            _timed(p.dsn(), chat, (CHAT, MESSAGES))
+            _timed(p.dsn(), CHAT_SQL, (CHAT, MESSAGES))
             smollm = _rss_mb(p.pid)
             loaded_smollm = sorted(m["name"] for m in _models(p))
             out["cycles"].append({"rss_minilm_only_mb": minilm, "loaded_after_embed": loaded_minilm,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import gc
 import time
 from collections import OrderedDict
@@ -176,27 +177,31 @@ class ModelCache:
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
 
 
+@functools.cache
+def _glibc() -> Any:
+    """The C library when it is glibc (it has mallopt and malloc_trim); None elsewhere (musl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def set_mmap_threshold(kb: int) -> None:
     """Have glibc serve allocations of `kb` KiB and more with mmap (RuntimeConfig says why);
     0 keeps its default. Process-wide, and once: the runtime owns the process's model memory."""
-    if kb <= 0:
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _glibc()
+    if kb > 0 and libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, kb * 1024)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _trim_heap() -> None:
     """Give the freed heap back to the system: glibc keeps a freed model's pages (its weights
     are many small and medium allocations) in its arenas, so without this an evicted model's
     memory stays resident, only reusable by this process (benchmarks/coldstart.py measures it)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _glibc()
+    if libc is not None:
         libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def _free_cuda_cache() -> None:
