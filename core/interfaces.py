@@ -288,6 +288,11 @@ class Portal(Protocol):
         may still give None, when the runtime cannot answer at once."""
         ...
 
+    def again(self) -> Portal:
+        """A new portal of the same statement with the same parameters and result formats, as
+        the same Bind again would give (the fast path of a repeated batch), named as this one."""
+        ...
+
     def execute_now(self) -> tuple[list[WireValue], str] | None:
         """The fast path of an unlimited Execute: the one row and the command tag when the
         portal's statement is answered at once, with no await (see `StatementHandler.now_statement`);

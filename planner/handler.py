@@ -371,6 +371,11 @@ class PlannerPortal:
     def may_execute_now(self) -> bool:
         return self.now_work() is not None
 
+    def again(self) -> PlannerPortal:
+        portal = PlannerPortal(self.prepared, self.bound)
+        portal.name = self.name
+        return portal
+
     def now_work(self) -> tuple[StatementPlan, Bound] | None:
         """What `execute_now` would answer (the plan and its bound parameters), or None when the
         portal is not for the fast path: started already, or its statement not `answerable`."""

@@ -62,6 +62,9 @@ log = logging.getLogger("pgml_proxy.frontend")
 _ids = itertools.count(1)
 _PGML = re.compile(rb"[pP][gG][mM][lL]")
 _HEAD = struct.Struct("!xI").unpack_from  # a message's length, after its type byte
+# A server connection's `unnamed` when it is known to hold no unnamed statement (None: unknown).
+_NO_UNNAMED = object()
+
 # What each message of an extended batch of the unnamed statement owes (Frontend._relay_batch).
 _BATCH_REPLIES = {0x50: Reply.PARSE, 0x42: Reply.BIND, 0x44: Reply.DESCRIBE, 0x45: Reply.EXECUTE}
 
@@ -174,9 +177,10 @@ class Frontend(asyncio.Protocol):
                 head = data[:1]
                 if head == b"Q" and (self._relay_query(data) or self._answered_again(data)):
                     return
-                if (head == b"P" or head == b"B") and self._relay_batch(data):
-                    return
-                if head == b"B" and self.local.stmts and self._answered_batch(data):
+                if head == b"B" and self.local.stmts:  # (no relay in one step with local statements)
+                    if self._answered_batch(data):
+                        return
+                elif (head == b"P" or head == b"B") and self._relay_batch(data):
                     return
             if self.s.phase is Phase.STARTUP:
                 startup_bytes(self, data)
@@ -241,25 +245,30 @@ class Frontend(asyncio.Protocol):
     def _answered_batch(self, data: bytes) -> bool:
         """`data` is one whole extended batch on a local statement (Bind to the unnamed portal,
         Describe of it or not, Execute with no row limit, Sync) that the fast path answers
-        (LocalStatements.answered_batch). False: nothing was done, the general path takes it."""
+        (LocalStatements.answered_batch, or answered_batch_again for the bytes of one it answered
+        before). False: nothing was done, the general path takes it."""
         s = self.s
         if (s.phase is not Phase.READY or self.framer.buf or self.admin or self.route is not None
-                or s.skipping or s.sync_owed or data[-5:] != m.SYNC):
+                or s.failed_batch == s.batch or s.sync_owed or data[-5:] != m.SYNC):
             return False
+        if self.local.answered_batch_again(data):
+            return True
         msgs, used = m.scan(data, self.framer.max_size)
-        kinds = bytes(t for t, _, _ in msgs)
-        if used != len(data) or (kinds != b"BDES" and kinds != b"BES"):
+        n = len(msgs)
+        if used != len(data) or not (
+            (n == 4 and msgs[1][0] == 0x44 and msgs[2][0] == 0x45) or (n == 3 and msgs[1][0] == 0x45)
+        ) or msgs[0][0] != 0x42:
             return False
         _, start, end = msgs[0]
         b = m.Bind.parse(data[start + 5 : end])
         if b.portal != "":
             return False
-        if len(msgs) == 4 and data[msgs[1][1] + 5 : msgs[1][2]] != b"P\0":  # Describe of the portal
+        if n == 4 and data[msgs[1][1] + 5 : msgs[1][2]] != b"P\0":  # Describe of the portal
             return False
         _, start, end = msgs[-2]
         if data[start + 5 : end] != b"\0\0\0\0\0":  # Execute of the unnamed portal, no row limit
             return False
-        return self.local.answered_batch(b, describe=len(msgs) == 4, data=data)
+        return self.local.answered_batch(b, describe=n == 4, data=data)
 
     def _relay_batch(self, data: bytes) -> bool:
         """`_extended`'s relay in one step for the common extended batch: whole in `data`, on
@@ -279,6 +288,7 @@ class Frontend(asyncio.Protocol):
         # Session pooling relays names as they are; transaction pooling renames named
         # statements (TxRelay), so only the unnamed ones take this path there.
         named = not self.tx
+        unnamed = False  # whether a Bind before any Parse names the unnamed statement
         for t, start, end in msgs[:-1]:
             if end - start < 7:  # too short for the names read below: the general path says why
                 return False
@@ -286,10 +296,13 @@ class Frontend(asyncio.Protocol):
             if t == 0x50:  # Parse of the unnamed statement
                 if (name != 0 and not named) or not plain(data[start:end]):
                     return False
-                parse = data[start:end]
+                if name == 0:
+                    parse = data[start:end]
             elif t == 0x42:  # Bind of the unnamed statement to the unnamed portal
                 if (name != 0 or data[start + 6] != 0) and not named:
                     return False
+                if parse is None and data[data.index(b"\0", start + 5) + 1] == 0:
+                    unnamed = True
             elif t == 0x44:  # Describe of the unnamed portal
                 if (name != 0x50 or data[start + 6] != 0) and not named:
                     return False
@@ -298,11 +311,10 @@ class Frontend(asyncio.Protocol):
         srv = self._server_now() if self.tx else self.server  # session pooling: its own, always
         if srv is None:
             return False
-        if not named:
-            if parse is not None:
-                self.relay.unnamed = srv.unnamed = parse
-            elif self.relay.unnamed is not None and srv.unnamed != self.relay.unnamed:
-                return False  # it must be parsed again there first: the general path does
+        if unnamed and (self.relay.unnamed is None or srv.unnamed != self.relay.unnamed):
+            return False  # parsed again there first, or closed there: the general path does
+        if parse is not None:
+            self.relay.unnamed = srv.unnamed = parse
         batch = s.batch
         queue = srv.replies.queue
         for t, _, _ in msgs[:-1]:
@@ -603,12 +615,14 @@ class Frontend(asyncio.Protocol):
                 return self._parse_unnamed(msg)
             self.local.note_sql(msg, parse=True)
             if _PGML.search(msg, 5) is not None:
+                if msg[5] == 0:  # the client's unnamed statement is a local one now
+                    self.relay.unnamed = self.relay.unnamed_scan = None
                 return local.parse(m.Parse.parse(msg[5:]))
             if not self.tx and not local.stmts:
-                return self._forward(t, msg, Reply.PARSE)
+                return self._forward_parse(msg)
             return self._parse(msg)
         if not self.tx and not local.stmts and not local.portals:
-            return self._forward(t, msg, Reply.to(t))
+            return self._forward_named(t, msg)
         if (t == 0x42 and msg[5] == 0 and msg[6] == 0 and self.relay.unnamed_scan is None and not local.stmts
                 and not local.portals):  # Bind of the unnamed statement to the unnamed portal
             return self._bind_unnamed(msg)
@@ -617,8 +631,39 @@ class Frontend(asyncio.Protocol):
     def _parse_unnamed(self, msg: bytes) -> Step:
         """`_parse` of the unnamed statement whose text `plain` clears: no name, nothing to scan."""
         if not self.tx:
-            return self._forward(0x50, msg, Reply.PARSE)
+            return self._forward_parse(msg)
         return self._relayed(0x50, msg, lambda srv: self.relay.parse_unnamed(msg, srv, self.s.batch))
+
+    def _forward_parse(self, msg: bytes) -> Step:
+        """Session pooling: a Parse, forwarded. The client's unnamed statement is kept, to be
+        parsed again before its next Bind or Describe if the proxy's own requests replaced it
+        meanwhile (`hold`; `_forward_named`)."""
+        if msg[5] == 0:
+            self.relay.unnamed = msg
+            if self.server is not None:
+                self.server.unnamed = msg
+        return self._forward(0x50, msg, Reply.PARSE)
+
+    def _forward_named(self, t: int, msg: bytes) -> Step:
+        """Session pooling: a Bind, Describe or Close, forwarded. One of the unnamed statement
+        finds upstream what the client left there: its own statement, parsed again if the
+        proxy's own requests replaced it (`hold`), or none (closed first upstream, so Postgres
+        answers 26000 as it would the client alone)."""
+        srv = self.server
+        # (a Bind's statement name follows its portal's; Describe and Close of a statement: "S")
+        unnamed = msg[msg.index(b"\0", 5) + 1] == 0 if t == 0x42 else msg[5] == 0x53 and msg[6] == 0
+        if srv is not None and unnamed:
+            if t == 0x43:
+                self.relay.unnamed = srv.unnamed = None
+            elif self.relay.unnamed is not None and srv.unnamed != self.relay.unnamed:
+                self.up.append(self.relay.unnamed)
+                srv.expect(Expect(Reply.PARSE, self.s.batch, Swallow.OK))
+                srv.unnamed = self.relay.unnamed
+            elif self.relay.unnamed is None and srv.unnamed is not _NO_UNNAMED:
+                self.up.append(m.CLOSE_UNNAMED)
+                srv.expect(Expect(Reply.CLOSE, self.s.batch, Swallow.OK))
+                srv.unnamed = _NO_UNNAMED
+        return self._forward(t, msg, Reply.to(t))
 
     def _bind_unnamed(self, msg: bytes) -> Step:
         """`_named` for a Bind of the unnamed statement to the unnamed portal, in transaction mode."""
@@ -633,7 +678,7 @@ class Frontend(asyncio.Protocol):
         p = m.Parse.parse(msg[5:])
         self.local.forget_statement(p.name)
         if not self.tx:
-            return self._forward(0x50, msg, Reply.PARSE)
+            return self._forward_parse(msg)
         srv = self._server_now()
         if srv is None:
             return self._forward_later(0x50, msg)
@@ -673,7 +718,7 @@ class Frontend(asyncio.Protocol):
         if t == 0x42:
             self.local.forget_portal(portal)
         if not self.tx:
-            return self._forward(t, msg, Reply.to(t))
+            return self._forward_named(t, msg)
         rest, batch = msg[5 + r.pos :], self.s.batch
         return self._relayed(t, msg, lambda srv: self.relay.named(t, msg, portal, stmt, rest, srv, batch))
 

@@ -22,7 +22,7 @@ import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from core.datarows import encode_data_row
 from core.errors import FeatureNotSupported, InternalError, PgError, QueryCanceled
@@ -53,6 +53,7 @@ _SELECT_1 = m.CommandComplete("SELECT 1").encode()
 _READY = {s: m.ReadyForQuery(s).encode() for s in "ITE"}
 _EXPRESS_MAX = 1024
 _EXPRESS_LEN = 4096
+_AGAIN_MAX = 32  # per client (`LocalStatements.again`)
 
 T = TypeVar("T")
 # What a message handler returns: the coroutine to run when it must wait, None when done now.
@@ -124,6 +125,17 @@ def _row_description(columns: tuple[Column, ...]) -> bytes:
     return m.RowDescription(columns).encode()
 
 
+class _Again(NamedTuple):
+    """A batch `answered_batch` answered: its statement (by name, and the object the name meant
+    then), its portal, and its replies before the row (BindComplete, and RowDescription when
+    it described the portal)."""
+
+    statement: str
+    stmt: PreparedStatement
+    portal: Portal
+    head: bytes
+
+
 class NowBatch:
     """The fast-path statements of every client that came in one turn of the event loop,
     answered together when the turn ends (`StatementHandler.answer_many`: one model call for
@@ -172,6 +184,8 @@ class LocalStatements:
         self.scope: Stop | None = None  # the running local statement's
         self.timeout: float | None = None  # the client's statement_timeout (ms); None: unknown
         self.timeout_always_read = False
+        # Extended batches the fast path answered, by their bytes (`answered_batch_again`).
+        self.again: dict[bytes, _Again] = {}
 
     def note_sql(self, msg: bytes, parse: bool) -> None:
         """A Query or Parse message of the client's: forget the statement_timeout it may change."""
@@ -423,15 +437,35 @@ class LocalStatements:
         write, as the messages one by one would give them, when this turn's batch is answered
         (`NowBatch`, as for `answered_again`). False: nothing was done (nothing bound, nothing
         written), the general path takes every message (`data`)."""
+        stmt = self.stmts.get(b.statement)
         portal = self._bind_now(b)
-        if portal is None:
+        if stmt is None or portal is None:
             return False
         columns = portal.describe_now() if describe else None
         if describe and columns is None:
             return False
         if not portal.may_execute_now():
             return False
-        described = b"" if columns is None else _row_description(tuple(columns))
+        head = m.BIND_COMPLETE + (b"" if columns is None else _row_description(tuple(columns)))
+        self._answer_batch(_Again(b.statement, stmt, portal, head), portal, data)
+        return True
+
+    def answered_batch_again(self, data: bytes) -> bool:
+        """`answered_batch` for the exact bytes of a batch it answered before (a prepared
+        statement executed again with the same parameters, or with none): the portal is bound
+        again from the first one's parameters, with no parsing or checking of the Bind, and its
+        replies' head is the first one's. False: nothing was done, `answered_batch` or the
+        general path takes it."""
+        found = self.again.get(data)
+        if found is None or self.stmts.get(found.statement) is not found.stmt:
+            return False  # (its statement was closed or replaced since)
+        old = self.portals.get("")
+        if (old is not None and old.holds_upstream) or not self._may_answer_now(True):
+            return False
+        self._answer_batch(found, found.portal.again(), data)
+        return True
+
+    def _answer_batch(self, entry: _Again, portal: Portal, data: bytes) -> None:
         held = self._hold()
 
         def finish(row: list[WireValue] | None) -> None:
@@ -441,16 +475,19 @@ class LocalStatements:
             if row is None:
                 fe.handle_messages(data)  # every message of the batch by the general path
             else:
-                self.portals[b.portal] = portal
+                self.portals[""] = portal
                 fe.app.stats.queries += 1
                 fe.s.sync(fe.server is not None)  # nothing of the batch went upstream: answered here
-                done = _SELECT_1 + _READY[self._status()]
-                fe.write(m.BIND_COMPLETE + described + encode_data_row(row) + done)
+                fe.write(entry.head + encode_data_row(row) + _SELECT_1 + _READY[self._status()])
                 fe.maybe_release()
+                kept = self.again
+                if data not in kept:
+                    if len(kept) >= _AGAIN_MAX:
+                        kept.clear()
+                    kept[data] = entry
             fe.resume_pending()
 
         self.fe.app.now_batch.add(self, portal, finish)
-        return True
 
     def _described_now(self, name: str) -> bool:
         portal = self.portals.get(name)

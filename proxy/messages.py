@@ -350,6 +350,7 @@ def copy_data(data: bytes) -> bytes:
 PARSE_COMPLETE = frame(b"1")
 BIND_COMPLETE = frame(b"2")
 CLOSE_COMPLETE = frame(b"3")
+CLOSE_UNNAMED = frame(b"C", b"S\0")  # Close of the unnamed statement
 NO_DATA = frame(b"n")
 PORTAL_SUSPENDED = frame(b"s")
 EMPTY_QUERY = frame(b"I")

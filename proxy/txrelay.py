@@ -154,10 +154,16 @@ class TxRelay:
         return out, None
 
     def _unnamed_again(self, srv: Server, batch: int, out: Out) -> None:
-        """The server gets the client's unnamed statement if it holds another (or none)."""
+        """Before a Bind or Describe of the unnamed statement: the server gets the client's own
+        if it holds another (or none), and none when the client has none (it never parsed one
+        upstream, closed it, or its simple Query or a local Parse replaced it), so that Postgres
+        answers 26000 as to the client alone, not with what another client or the proxy left."""
         if self.unnamed is not None and srv.unnamed != self.unnamed:
             out.append((self.unnamed, Expect(Reply.PARSE, batch, Swallow.OK)))
             srv.unnamed = self.unnamed
+        elif self.unnamed is None:
+            out.append((m.CLOSE_UNNAMED, Expect(Reply.CLOSE, batch, Swallow.OK)))
+            srv.unnamed = None
 
     def bind_unnamed(self, msg: bytes, srv: Server, batch: int) -> Out:
         """A Bind of the unnamed statement to the unnamed portal, when nothing is scanned."""
@@ -171,6 +177,10 @@ class TxRelay:
     def named(self, t: int, msg: bytes, portal: str, stmt: str, rest: bytes, srv: Server, batch: int) -> Out:
         """A Bind or Describe of statement `stmt` (`rest`: the message after its names), or a
         Close of it: under the upstream name, with what the server must hold first."""
+        if t == 0x43 and stmt == "":  # the client's unnamed statement is gone; the server's goes too
+            self.unnamed = self.unnamed_scan = None
+            srv.unnamed = None
+            return [(msg, Expect(Reply.CLOSE, batch))]
         if t == 0x43:  # Close: answered here; what is prepared upstream stays for the next user
             # In its turn, and undone if the batch fails before it is due.
             return [(None, Expect(Reply.NOTHING, batch, synthetic=m.CLOSE_COMPLETE,

@@ -213,6 +213,47 @@ def test_libpq_prepared_same_with_and_without_fast_path(
     assert any(r[1] == b"22023" for r in got if isinstance(r, tuple))
 
 
+def _outcome(pgconn: pq.abc.PGconn, res: pq.abc.PGresult) -> tuple[Any, ...]:
+    """What a client sees of one result: status, SQLSTATE, column types, first column, and the
+    transaction status after it."""
+    return (res.status, res.error_field(pq.DiagnosticField.SQLSTATE),
+            [res.ftype(i) for i in range(res.nfields)],
+            [res.get_value(r, 0) for r in range(res.ntuples)],
+            pq.TransactionStatus(pgconn.transaction_status).name)
+
+
+def _libpq_again(proxy: ProxyProcess, db: str) -> list[Any]:
+    """The same Bind/Describe/Execute/Sync bytes again and again (the second and later are
+    answered from the batch kept by LocalStatements.answered_batch_again): after the statement
+    under that name is closed and prepared again with other SQL (the same bytes, another
+    answer: an error), after it is closed for good (26000), and in a block around a failing
+    statement (25P02 until ROLLBACK)."""
+    good = f"SELECT pgml.predict('{P}', {SETOSA})".encode()
+    bad = f"SELECT pgml.predict('{P}', ARRAY[1.0, 2.0])".encode()
+    out: list[Any] = []
+    with psycopg.connect(proxy.dsn(database=db), autocommit=True) as conn:
+        pgconn = conn.pgconn
+
+        def run(res: pq.abc.PGresult) -> None:
+            out.append(_outcome(pgconn, res))
+
+        for name in (b"a", b""):  # a named statement, and the unnamed one
+            run(pgconn.prepare(name, good))
+            for _ in range(3):
+                run(pgconn.exec_prepared(name, []))
+            run(pgconn.close_prepared(name))
+            run(pgconn.prepare(name, bad))
+            for _ in range(2):
+                run(pgconn.exec_prepared(name, []))
+            run(pgconn.close_prepared(name))
+            run(pgconn.exec_prepared(name, []))
+            run(pgconn.prepare(name, good))
+            for sql in (b"BEGIN", None, None, b"SELECT 1/0", None, b"ROLLBACK", None, None):
+                run(pgconn.exec_(sql) if sql is not None else pgconn.exec_prepared(name, []))
+        out.append(conn.execute("SELECT 4").fetchall())
+    return out
+
+
 @pytest.fixture(scope="module")
 def tx_proxies(
     proxies: tuple[str, ProxyProcess, ProxyProcess],
@@ -242,11 +283,7 @@ def _simple_session(proxy: ProxyProcess, db: str) -> list[Any]:
         pgconn = conn.pgconn
 
         def run(sql: bytes) -> None:
-            res = pgconn.exec_(sql)
-            out.append((res.status, res.error_field(pq.DiagnosticField.SQLSTATE),
-                        [res.ftype(i) for i in range(res.nfields)],
-                        [res.get_value(r, 0) for r in range(res.ntuples)],
-                        pq.TransactionStatus(pgconn.transaction_status).name))
+            out.append(_outcome(pgconn, pgconn.exec_(sql)))
 
         for sql in (predict, predict, predict, b"BEGIN", predict, predict, b"SELECT 1/0", predict, predict,
                     b"ROLLBACK", predict, b"SET statement_timeout = '10s'", predict, predict,
@@ -256,15 +293,21 @@ def _simple_session(proxy: ProxyProcess, db: str) -> list[Any]:
 
 
 @pytest.mark.parametrize("mode", ["session", "transaction"])
-def test_repeated_simple_queries_same_with_and_without_fast_path(
+@pytest.mark.parametrize("protocol", ["simple", "prepared"])
+def test_repeated_statements_same_with_and_without_fast_path(
     proxies: tuple[str, ProxyProcess, ProxyProcess], tx_proxies: tuple[str, ProxyProcess, ProxyProcess],
-    mode: str,
+    mode: str, protocol: str,
 ) -> None:
     db, fast, slow = proxies if mode == "session" else tx_proxies
-    got = _simple_session(fast, db)
-    assert got == _simple_session(slow, db)
-    assert any(r[1] == b"25P02" for r in got) and any(r[1] == b"22012" for r in got)
-    assert sum(r[3] == [b"0.0"] for r in got) >= 10, got  # the predicts answered: setosa, class 0
+    session = _simple_session if protocol == "simple" else _libpq_again
+    got = session(fast, db)
+    assert got == session(slow, db)
+    codes = [r[1] for r in got if isinstance(r, tuple)]
+    if protocol == "simple":
+        assert b"25P02" in codes and b"22012" in codes
+    else:
+        assert codes.count(b"22023") == 4 and b"26000" in codes and b"25P02" in codes, got
+    assert sum(r[3] == [b"0.0"] for r in got if isinstance(r, tuple)) >= 10, got  # setosa, class 0
 
 
 def test_prepared_batches_same_with_and_without_fast_path_in_transaction_pooling(

@@ -67,6 +67,9 @@ class EchoPortal:
     def may_execute_now(self) -> bool:
         return False
 
+    def again(self) -> EchoPortal:
+        return self
+
     def execute_now(self) -> tuple[list[WireValue], str] | None:
         return None
 

@@ -157,6 +157,61 @@ def test_simple_query_after_an_extended_error_is_skipped_until_sync(
         px.stop()
 
 
+def _unnamed_statement_life(first: Raw, second: Raw, pgml: bool) -> list[bytes]:
+    """The unnamed statement as two clients see it: `first` parses one and binds it again
+    after a pgml statement of its own in the extended protocol (the proxy's requests use the
+    unnamed statement upstream), after the other client's turn, and after a simple Query
+    (which drops it: 26000), parses it again, closes it and binds it (26000); `second`, which
+    never parsed one, binds and describes it (26000, not `first`'s statement)."""
+    out: list[bytes] = []
+
+    def run(raw: Raw, *msgs: bytes) -> None:
+        raw.send(*msgs, *([] if msgs[0][:1] == b"Q" else [m.SYNC]))
+        got = raw.until(b"Z")
+        code = {t: m.ErrorResponse.parse(body).fields["C"].encode() for t, body in got if t == b"E"}
+        out.append(b" ".join(t + code.get(t, body if t == b"D" else b"") for t, body in got))
+
+    parse, bind_exec = m.Parse("", "SELECT 42").encode(), (m.Bind("", "").encode(), m.Execute("").encode())
+    run(first, parse, *bind_exec)
+    run(first, *bind_exec)
+    if pgml:  # not on a direct connection: its answer is the proxy's alone
+        first.send(m.Parse("p", "SELECT pgml.version() IS NOT NULL").encode(), m.Bind("", "p").encode(),
+                   m.Execute("").encode(), m.SYNC)
+        assert kinds(first.until(b"Z")) == b"12DCZ"
+    run(first, *bind_exec)
+    run(second, *bind_exec)
+    run(second, m.Describe("S", "").encode())
+    run(first, *bind_exec)
+    run(first, m.Query("SELECT 1").encode())
+    run(first, *bind_exec)
+    run(first, parse, *bind_exec)
+    run(first, m.Close("S", "").encode())
+    run(first, *bind_exec)
+    return out
+
+
+def test_the_unnamed_statement_is_each_clients_own(
+    proxy_factory: Callable[..., ProxyProcess], pg_server: Any
+) -> None:
+    """A Bind or Describe of the unnamed statement finds what this client left there, as on a
+    direct connection: its own statement although the proxy's requests or another client used
+    the server's meanwhile, and none (26000) once closed, dropped by a simple Query, or never
+    parsed."""
+    target = type("Direct", (), {"host": "127.0.0.1", "port": pg_server.port})()
+    direct = [Raw(target), Raw(target)]  # type: ignore[arg-type]
+    want = _unnamed_statement_life(direct[0], direct[1], pgml=False)
+    for raw in direct:
+        raw.close()
+    assert sum(b"E26000" in r for r in want) == 4 and want[1] == b"2 D\x00\x01\x00\x00\x00\x0242 C Z", want
+    for mode in ("session", "transaction"):
+        px = proxy_factory(mode, pool_size=2 if mode == "session" else 1)  # transaction: one server for both
+        clients = [Raw(px), Raw(px)]
+        assert _unnamed_statement_life(clients[0], clients[1], pgml=True) == want, mode
+        for raw in clients:
+            raw.close()
+        px.stop()
+
+
 def test_flush_without_sync_is_honoured(px: ProxyProcess) -> None:
     raw = Raw(px)
     raw.send(m.Parse("", "SELECT $1::int").encode(), m.Describe("S", "").encode(), m.FLUSH)
