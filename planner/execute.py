@@ -222,6 +222,39 @@ def _now_args(
     return args
 
 
+def _group(call: CallPlan, args: dict[str, Any]) -> tuple[Any, ...]:
+    """The calls that go to the runtime together: one function, the same scalar arguments."""
+    scalars = tuple((k, v) for k, v in args.items() if v is None or isinstance(v, str | int | float))
+    return call.sig.name, scalars
+
+
+# Plans with no client parameters: each local target's group and arguments, by the plan's id
+# (the entry keeps the plan alive, so its id is not reused while it is here).
+_CONSTANT: dict[int, tuple[StatementPlan, list[tuple[tuple[Any, ...], dict[str, Any]] | None]]] = {}
+_CONSTANT_MAX = 1024
+
+
+def _constant_calls(plan: StatementPlan) -> list[tuple[tuple[Any, ...], dict[str, Any]] | None] | None:
+    """`_now_args` and `_group` of each local target of a plan that takes no client
+    parameters, worked out once (None for a strict call given a NULL: its column is NULL).
+    None when an argument does not convert: each such statement is answered alone, which
+    reports it. The runtime only reads the arguments, so every statement shares them."""
+    found = _CONSTANT.get(id(plan))
+    if found is not None and found[0] is plan:
+        return found[1]
+    out: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = []
+    try:
+        for tg in plan.local or []:
+            args = _now_args(tg.call, TEXT, (), ())
+            out.append(None if args is None else (_group(tg.call, args), args))
+    except PgError:
+        return None
+    if len(_CONSTANT) >= _CONSTANT_MAX:
+        _CONSTANT.clear()
+    _CONSTANT[id(plan)] = (plan, out)
+    return out
+
+
 def answer_now_many(
     runtime: Runtime, work: Sequence[tuple[StatementPlan, Bound]]
 ) -> list[list[WireValue] | None]:
@@ -234,6 +267,12 @@ def answer_now_many(
     groups: dict[tuple[Any, ...], list[tuple[int, int, dict[str, Any]]]] = {}
     alone: set[int] = set()
     for pi, (plan, bound) in enumerate(work):
+        constant = None if plan.n_params or bound.params else _constant_calls(plan)
+        if constant is not None:
+            for ti, found in enumerate(constant):
+                if found is not None:
+                    groups.setdefault(found[0], []).append((pi, ti, found[1]))
+            continue
         params = list(bound.params) + [None] * (plan.n_params - len(bound.params))
         if any(p is not None and len(p) >= _LARGE_PARAM for p in params):
             rows[pi] = None  # decoded in a thread on the planned path
@@ -243,10 +282,7 @@ def answer_now_many(
             for ti, tg in enumerate(plan.local or []):
                 args = _now_args(tg.call, bound, params, formats)
                 if args is not None:
-                    scalars = tuple(
-                        (k, v) for k, v in args.items() if v is None or isinstance(v, str | int | float)
-                    )
-                    groups.setdefault((tg.call.sig.name, scalars), []).append((pi, ti, args))
+                    groups.setdefault(_group(tg.call, args), []).append((pi, ti, args))
         except PgError:
             alone.add(pi)  # a parameter that does not decode: its statement reports it
     for (function, _), items in groups.items():
