@@ -45,11 +45,11 @@ def parse_row_values(buf: bytes) -> tuple[WireValue, ...]:
                 out.append(None)
                 continue
             if size < 0 or pos + size > end:
-                raise ProtocolViolation("message body is shorter than its fields")
+                raise ProtocolViolation("insufficient data left in message")
             out.append(buf[pos : pos + size])
             pos += size
     except struct.error:
-        raise ProtocolViolation("message body is shorter than its fields") from None
+        raise ProtocolViolation("insufficient data left in message") from None
     return tuple(out)
 
 
@@ -207,14 +207,14 @@ def columns(block: RowBlock, count: int) -> list[Fields]:
     ends = starts[1:]
     for _ in range(count):
         if len(at) and (at + 4 > ends).any():
-            raise ProtocolViolation("message body is shorter than its fields")
+            raise ProtocolViolation("insufficient data left in message")
         lengths = _int32s(raw, at) if len(at) else np.zeros(0, dtype=np.int64)
         if (lengths < -1).any():
             raise ProtocolViolation("a DataRow field has a negative length")
         out.append(Fields(raw, at, lengths))
         at = at + 4 + np.maximum(lengths, 0)
     if len(at) and (at != ends).any():
-        raise ProtocolViolation("message body is shorter than its fields")
+        raise ProtocolViolation("insufficient data left in message")
     return out
 
 

@@ -65,6 +65,16 @@ _HEAD = struct.Struct("!xI").unpack_from  # a message's length, after its type b
 # A server connection's `unnamed` when it is known to hold no unnamed statement (None: unknown).
 _NO_UNNAMED = object()
 
+def _of_unnamed(t: int, data: bytes, start: int, end: int) -> bool:
+    """Whether the Bind, or the Describe or Close of a statement, framed at data[start:end]
+    names the unnamed statement (a Bind's statement name follows its portal's). False for a
+    malformed one: it goes upstream as sent, and Postgres says what is wrong."""
+    if t != 0x42:
+        return end - start >= 7 and data[start + 5] == 0x53 and data[start + 6] == 0
+    nul = data.find(b"\0", start + 5, end)
+    return 0 <= nul < end - 1 and data[nul + 1] == 0
+
+
 # What each message of an extended batch of the unnamed statement owes (Frontend._relay_batch).
 _BATCH_REPLIES = {0x50: Reply.PARSE, 0x42: Reply.BIND, 0x44: Reply.DESCRIBE, 0x45: Reply.EXECUTE}
 
@@ -301,7 +311,7 @@ class Frontend(asyncio.Protocol):
             elif t == 0x42:  # Bind of the unnamed statement to the unnamed portal
                 if (name != 0 or data[start + 6] != 0) and not named:
                     return False
-                if parse is None and data[data.index(b"\0", start + 5) + 1] == 0:
+                if parse is None and _of_unnamed(t, data, start, end):
                     unnamed = True
             elif t == 0x44:  # Describe of the unnamed portal
                 if (name != 0x50 or data[start + 6] != 0) and not named:
@@ -434,7 +444,13 @@ class Frontend(asyncio.Protocol):
             case Route.QUERY:
                 return self._simple(t, msg)
             case Route.EXTENDED | Route.FLUSH:
-                return self.local.refuse_extended(t) if self.admin else self._extended(t, msg)
+                if self.admin:
+                    return self.local.refuse_extended(t)
+                try:
+                    return self._extended(t, msg)
+                except ProtocolViolation as unreadable:  # a body it cannot read: ERROR, skip to Sync
+                    self._batch_error(unreadable)
+                    return None
             case Route.SYNC:
                 return self._sync()
             case Route.SKIP:
@@ -623,7 +639,7 @@ class Frontend(asyncio.Protocol):
             return self._parse(msg)
         if not self.tx and not local.stmts and not local.portals:
             return self._forward_named(t, msg)
-        if (t == 0x42 and msg[5] == 0 and msg[6] == 0 and self.relay.unnamed_scan is None and not local.stmts
+        if (t == 0x42 and msg[5:7] == b"\0\0" and self.relay.unnamed_scan is None and not local.stmts
                 and not local.portals):  # Bind of the unnamed statement to the unnamed portal
             return self._bind_unnamed(msg)
         return self._named(t, msg)
@@ -650,11 +666,10 @@ class Frontend(asyncio.Protocol):
         proxy's own requests replaced it (`hold`), or none (closed first upstream, so Postgres
         answers 26000 as it would the client alone)."""
         srv = self.server
-        # (a Bind's statement name follows its portal's; Describe and Close of a statement: "S")
-        unnamed = msg[msg.index(b"\0", 5) + 1] == 0 if t == 0x42 else msg[5] == 0x53 and msg[6] == 0
-        if srv is not None and unnamed:
+        if srv is not None and _of_unnamed(t, msg, 0, len(msg)):
             if t == 0x43:
-                self.relay.unnamed = srv.unnamed = None
+                self.relay.unnamed = None
+                srv.unnamed = _NO_UNNAMED
             elif self.relay.unnamed is not None and srv.unnamed != self.relay.unnamed:
                 self.up.append(self.relay.unnamed)
                 srv.expect(Expect(Reply.PARSE, self.s.batch, Swallow.OK))
@@ -692,7 +707,10 @@ class Frontend(asyncio.Protocol):
     def _batch_error(self, exc: PgError) -> None:
         """An error of the proxy's own in an extended batch: sent in order, then skip to Sync."""
         self.app.stats.errors += 1
-        self.reply(m.error_message(exc.fields))
+        fields = exc.fields
+        if fields["S"] == "FATAL":  # (08P01's usual severity) the session goes on: an ERROR, as Postgres's
+            fields = {**fields, "S": "ERROR", "V": "ERROR"}
+        self.reply(m.error_message(fields))
         self.s.failed()
 
     def _query(self, msg: bytes) -> Step:

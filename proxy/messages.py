@@ -48,7 +48,7 @@ class Reader:
 
     def _need(self, n: int) -> None:
         if n < 0 or self.pos + n > len(self.buf):
-            raise ProtocolViolation("message body is shorter than its fields")
+            raise ProtocolViolation("insufficient data left in message")
 
     def int32(self) -> int:
         self._need(4)
@@ -70,7 +70,7 @@ class Reader:
     def cstr(self) -> str:
         end = self.buf.find(b"\0", self.pos)
         if end < 0:
-            raise ProtocolViolation("string field is not NUL-terminated")
+            raise ProtocolViolation("invalid string in message")
         text = self.buf[self.pos : end].decode("utf-8", "replace")
         self.pos = end + 1
         return text
@@ -262,7 +262,7 @@ class Bind:
         end1 = buf.find(b"\0")
         end2 = buf.find(b"\0", end1 + 1) if end1 >= 0 else -1
         if end2 < 0:
-            raise ProtocolViolation("string field is not NUL-terminated")
+            raise ProtocolViolation("invalid string in message")
         portal = buf[:end1].decode("utf-8", "replace")
         stmt = buf[end1 + 1 : end2].decode("utf-8", "replace")
         pos, size = end2 + 1, len(buf)
@@ -280,13 +280,13 @@ class Bind:
                     params.append(None)
                     continue
                 if length < 0 or pos + length > size:
-                    raise ProtocolViolation("message body is shorter than its fields")
+                    raise ProtocolViolation("insufficient data left in message")
                 params.append(buf[pos : pos + length])
                 pos += length
             (n,) = _I16.unpack_from(buf, pos)
             rfmt = struct.unpack_from(f"!{n}h", buf, pos + 2) if n > 0 else ()
         except struct.error:
-            raise ProtocolViolation("message body is shorter than its fields") from None
+            raise ProtocolViolation("insufficient data left in message") from None
         return cls(portal, stmt, pfmt, tuple(params), rfmt)
 
 

@@ -212,6 +212,37 @@ def test_the_unnamed_statement_is_each_clients_own(
         px.stop()
 
 
+def _malformed_names(raw: Raw) -> list[bytes]:
+    """Bind, Describe and Close whose names end before their message does, each then Sync:
+    Postgres answers an ERROR (08P01), skips to the Sync and goes on."""
+    out = []
+    for msg in (m.frame(b"B", b"x"), m.frame(b"B", b"\0"), m.frame(b"D"), m.frame(b"D", b"S"),
+                m.frame(b"C", b"S"), m.frame(b"C", b"Sx")):
+        raw.send(msg, m.SYNC)
+        got = raw.until(b"Z")
+        fields = [m.ErrorResponse.parse(body).fields for t, body in got if t == b"E"]
+        out.append(b" ".join(t for t, _ in got) + b"".join(f"{f['S']} {f['C']}".encode() for f in fields))
+    return out
+
+
+def test_malformed_names_of_extended_messages_get_what_postgres_says(
+    proxy_factory: Callable[..., ProxyProcess], pg_server: Any
+) -> None:
+    target = type("Direct", (), {"host": "127.0.0.1", "port": pg_server.port})()
+    direct = Raw(target)  # type: ignore[arg-type]
+    want = _malformed_names(direct)
+    direct.close()
+    assert all(r == b"E ZERROR 08P01" for r in want), want
+    for mode in ("session", "transaction"):
+        px = proxy_factory(mode)
+        raw = Raw(px)
+        assert _malformed_names(raw) == want, mode
+        raw.send(m.Query("SELECT 1").encode())
+        assert kinds(raw.until(b"Z")) == b"TDCZ"  # the connection goes on
+        raw.close()
+        px.stop()
+
+
 def test_flush_without_sync_is_honoured(px: ProxyProcess) -> None:
     raw = Raw(px)
     raw.send(m.Parse("", "SELECT $1::int").encode(), m.Describe("S", "").encode(), m.FLUSH)
