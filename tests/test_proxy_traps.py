@@ -214,8 +214,7 @@ def test_the_unnamed_statement_is_each_clients_own(
 
 def _malformed_names(raw: Raw) -> list[bytes]:
     """Bind, Describe, Close, Parse and Execute whose fields end before their message does, each
-    then Sync:
-    Postgres answers an ERROR (08P01), skips to the Sync and goes on."""
+    then Sync: Postgres answers an ERROR (08P01), skips to the Sync and goes on."""
     out = []
     for msg in (m.frame(b"B", b"x"), m.frame(b"B", b"\0"), m.frame(b"D"), m.frame(b"D", b"S"),
                 m.frame(b"C", b"S"), m.frame(b"C", b"Sx"), m.frame(b"P", b"\0SELECT 1"),
