@@ -52,7 +52,7 @@ from proxy.session import (
 )
 from proxy.sink import ClientSink
 from proxy.startup import UNSETTABLE, startup_bytes
-from proxy.txrelay import Out, TxRelay
+from proxy.txrelay import Out, TxRelay, UnnamedChange
 
 if TYPE_CHECKING:
     from proxy.app import ProxyServer
@@ -307,6 +307,8 @@ class Frontend(asyncio.Protocol):
                 if (name != 0 and not named) or not plain(data[start:end]):
                     return False
                 if name == 0:
+                    if start:  # one that an error before it may skip: the general path tracks it
+                        return False
                     parse = data[start:end]
             elif t == 0x42:  # Bind of the unnamed statement to the unnamed portal
                 if (name != 0 or data[start + 6] != 0) and not named:
@@ -585,6 +587,10 @@ class Frontend(asyncio.Protocol):
         if srv is None:
             return self._forward_later(t, msg)
         self.up.append(msg)
+        if t == 0x50 and msg[5:6] == b"\0" and not self.tx:  # session pooling: the client's unnamed statement
+            srv.expect(Expect(terminals, self.s.batch, track=UnnamedChange(self.relay, srv, msg)))
+            self.s.forwarded(terminals)
+            return None
         srv.expect(Expect(terminals, self.s.batch))
         self.s.forwarded(terminals)
         return None
@@ -651,13 +657,9 @@ class Frontend(asyncio.Protocol):
         return self._relayed(0x50, msg, lambda srv: self.relay.parse_unnamed(msg, srv, self.s.batch))
 
     def _forward_parse(self, msg: bytes) -> Step:
-        """Session pooling: a Parse, forwarded. The client's unnamed statement is kept, to be
-        parsed again before its next Bind or Describe if the proxy's own requests replaced it
-        meanwhile (`hold`; `_forward_named`)."""
-        if msg[5] == 0:
-            self.relay.unnamed = msg
-            if self.server is not None:
-                self.server.unnamed = msg
+        """Session pooling: a Parse, forwarded (`_forward` keeps the client's unnamed statement,
+        to be parsed again before its next Bind or Describe if the proxy's own requests
+        replaced it meanwhile: `hold`, `_forward_named`)."""
         return self._forward(0x50, msg, Reply.PARSE)
 
     def _forward_named(self, t: int, msg: bytes) -> Step:
@@ -668,8 +670,11 @@ class Frontend(asyncio.Protocol):
         srv = self.server
         if srv is not None and _of_unnamed(t, msg, 0, len(msg)):
             if t == 0x43:
-                self.relay.unnamed = None
-                srv.unnamed = _NO_UNNAMED
+                self.up.append(msg)
+                srv.expect(Expect(Reply.CLOSE, self.s.batch,
+                                  track=UnnamedChange(self.relay, srv, None, closed=_NO_UNNAMED)))
+                self.s.forwarded(Reply.CLOSE)
+                return None
             elif self.relay.unnamed is not None and srv.unnamed != self.relay.unnamed:
                 self.up.append(self.relay.unnamed)
                 srv.expect(Expect(Reply.PARSE, self.s.batch, Swallow.OK))

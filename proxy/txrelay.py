@@ -39,6 +39,41 @@ class Server(Protocol):
     replies: Replies
 
 
+class UnnamedChange:
+    """A Parse (`parse`) or a Close (None) of the client's unnamed statement: the books
+    (`TxRelay.unnamed`, the server connection's `unnamed`) change as it is sent, and it is
+    settled as its reply arrives. ParseComplete or CloseComplete: it stands. Skipped after an
+    error earlier in its batch (0): it never ran, and the books are as they were. Refused (an
+    ErrorResponse): none is left, as Postgres drops the old statement before it parses."""
+
+    __slots__ = ("after", "before", "ok", "relay", "srv")
+
+    def __init__(self, relay: TxRelay, srv: Server, parse: bytes | None,
+                 scan: tuple[txstate.Stmt, ...] | None = None, closed: object = None) -> None:
+        self.relay, self.srv = relay, srv
+        self.before = (relay.unnamed, relay.unnamed_scan, srv.unnamed)
+        self.ok = txstate.PARSE_COMPLETE if parse is not None else txstate.CLOSE_COMPLETE
+        relay.unnamed, relay.unnamed_scan = parse, scan
+        srv.unnamed = parse if parse is not None else closed  # (`closed`: what "none" is there)
+        self.after = (parse, srv.unnamed)
+
+    def row(self, body: bytes) -> None:
+        return None
+
+    def complete(self) -> None:
+        return None
+
+    def close(self, t: int) -> None:
+        if t == self.ok:
+            return
+        relay, srv = self.relay, self.srv
+        unnamed, scan, held = self.before if t == 0 else (None, None, None)
+        if relay.unnamed is self.after[0]:  # (not if a later Parse or Close changed it since)
+            relay.unnamed, relay.unnamed_scan = unnamed, scan
+        if srv.unnamed is self.after[1]:
+            srv.unnamed = held
+
+
 @dataclass
 class TxRelay:
     """One transaction-pooled client's relay state and decisions (see the module docstring)."""
@@ -116,9 +151,7 @@ class TxRelay:
 
     def parse_unnamed(self, msg: bytes, srv: Server, batch: int) -> Out:
         """A Parse of the unnamed statement whose text `session.plain` clears."""
-        self.unnamed, self.unnamed_scan = msg, None
-        srv.unnamed = msg
-        return [(msg, Expect(Reply.PARSE, batch))]
+        return [(msg, Expect(Reply.PARSE, batch, track=UnnamedChange(self, srv, msg)))]
 
     def parse(self, msg: bytes, p: m.Parse, srv: Server, batch: int,
               search_path: str) -> tuple[Out, PgError | None]:
@@ -136,9 +169,7 @@ class TxRelay:
         if scan is not None:
             self._sync_extended(srv, scan, batch, out)
         if p.name == "":
-            self.unnamed, self.unnamed_scan = msg, scan
-            srv.unnamed = msg
-            out.append((msg, Expect(Reply.PARSE, batch)))
+            out.append((msg, Expect(Reply.PARSE, batch, track=UnnamedChange(self, srv, msg, scan))))
             return out, None
         if p.name in self.txs.stmts or p.name in self.txs.sql:  # one namespace, as upstream
             return out, DuplicatePreparedStatement(f'prepared statement "{p.name}" already exists')
@@ -177,10 +208,8 @@ class TxRelay:
     def named(self, t: int, msg: bytes, portal: str, stmt: str, rest: bytes, srv: Server, batch: int) -> Out:
         """A Bind or Describe of statement `stmt` (`rest`: the message after its names), or a
         Close of it: under the upstream name, with what the server must hold first."""
-        if t == 0x43 and stmt == "":  # the client's unnamed statement is gone; the server's goes too
-            self.unnamed = self.unnamed_scan = None
-            srv.unnamed = None
-            return [(msg, Expect(Reply.CLOSE, batch))]
+        if t == 0x43 and stmt == "":  # the client's unnamed statement goes, and so does the server's
+            return [(msg, Expect(Reply.CLOSE, batch, track=UnnamedChange(self, srv, None)))]
         if t == 0x43:  # Close: answered here; what is prepared upstream stays for the next user
             # In its turn, and undone if the batch fails before it is due.
             return [(None, Expect(Reply.NOTHING, batch, synthetic=m.CLOSE_COMPLETE,

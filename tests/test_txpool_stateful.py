@@ -34,7 +34,8 @@ POOL_SIZE = 2
 EXAMPLES = int(os.environ.get("TXPOOL_EXAMPLES", "8"))
 STEPS = int(os.environ.get("TXPOOL_STEPS", "25"))
 
-NAMES = ["s1", "s2", "q1"]  # q1 is also a SQL-level name below: the namespaces are one
+# q1 is also a SQL-level name below: the namespaces are one. "": the unnamed statement.
+NAMES = ["s1", "s2", "q1", ""]
 TEXTS = ["select $1::int + 1", "select $1::text || 'x'", "select 10 / $1::int"]
 SIMPLE = [
     "DEALLOCATE ALL", "DEALLOCATE s1", "DEALLOCATE q1", "DEALLOCATE PREPARE q2", "DISCARD ALL",
