@@ -5,10 +5,11 @@ test's choice) share fewer server connections than there are clients, through th
 proxy in transaction mode; each client has a twin connected straight to Postgres that gets
 the same operations. Every result is compared with its twin's: rows, command tags, and the
 SQLSTATE of every error. Operations: protocol Parse/Bind/Execute/Describe/Close of named
-statements, pipelines (with an error inside, so that the rest is skipped to Sync),
+statements and of the unnamed one, pipelines (with an error inside, so that the rest is skipped to Sync),
 transactions that commit or roll back (SET LOCAL, set_config(..., true), PREPARE inside),
 SQL-level PREPARE/EXECUTE/DEALLOCATE (simple Query, and inside pipelines), DEALLOCATE ALL,
-DISCARD ALL, SET/RESET/RESET ALL and set_config, SHOW, and clients that reconnect.
+DISCARD ALL, SET/RESET/RESET ALL and set_config, SHOW, and clients that reconnect. The same
+machine runs through session pooling too (one server connection per client).
 
 CI runs a fixed seed and a bounded number of examples; TXPOOL_EXAMPLES=2000 (and
 TXPOOL_STEPS) runs longer (see README.md). Not compared, by design: pg_prepared_statements
@@ -184,15 +185,20 @@ class Pooling(RuleBasedStateMachine):
                 pg.finish()
 
 
-@pytest.fixture(scope="module")
-def tx_small(proxy_factory: Callable[..., ProxyProcess]) -> Iterator[ProxyProcess]:
-    p = proxy_factory("transaction", pool_size=POOL_SIZE, pool_timeout=10.0)
+@pytest.fixture(scope="module", params=["transaction", "session"])
+def small_pool(
+    request: pytest.FixtureRequest, proxy_factory: Callable[..., ProxyProcess]
+) -> Iterator[ProxyProcess]:
+    """Transaction pooling on fewer server connections than clients; session pooling (each
+    client its own server connection, as many as the clients) runs the same operations."""
+    size = POOL_SIZE if request.param == "transaction" else CLIENTS + 1
+    p = proxy_factory(request.param, pool_size=size, pool_timeout=10.0)
     yield p
     p.stop()
 
 
-def test_transaction_pooling_matches_postgres(tx_small: ProxyProcess, pg_dsn: str) -> None:
-    Pooling.direct_dsn, Pooling.proxy_dsn = pg_dsn, tx_small.dsn()
+def test_pooling_matches_postgres(small_pool: ProxyProcess, pg_dsn: str) -> None:
+    Pooling.direct_dsn, Pooling.proxy_dsn = pg_dsn, small_pool.dsn()
     run_state_machine_as_test(Pooling, settings=settings(
         max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=True,
         database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
