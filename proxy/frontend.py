@@ -48,6 +48,7 @@ from proxy.session import (
     Session,
     Swallow,
     SyncAnswer,
+    Tracker,
     plain,
 )
 from proxy.sink import ClientSink
@@ -62,8 +63,7 @@ log = logging.getLogger("pgml_proxy.frontend")
 _ids = itertools.count(1)
 _PGML = re.compile(rb"[pP][gG][mM][lL]")
 _HEAD = struct.Struct("!xI").unpack_from  # a message's length, after its type byte
-# A server connection's `unnamed` when it is known to hold no unnamed statement (None: unknown).
-_NO_UNNAMED = object()
+
 
 def _of_unnamed(t: int, data: bytes, start: int, end: int) -> bool:
     """Whether the Bind, or the Describe or Close of a statement, framed at data[start:end]
@@ -582,16 +582,16 @@ class Frontend(asyncio.Protocol):
         self.flush_up()
         return conn
 
-    def _forward(self, t: int, msg: bytes, terminals: Reply) -> Step:
+    def _forward(self, t: int, msg: bytes, terminals: Reply, track: Tracker | None = None) -> Step:
         srv = self._server_now()
         if srv is None:
             return self._forward_later(t, msg)
+        # Session pooling keeps the client's unnamed statement, to parse it again before its next
+        # Bind or Describe if the proxy's own requests replace it meanwhile (`_forward_named`).
+        if t == 0x50 and msg[5:6] == b"\0" and not self.tx:
+            track = UnnamedChange(self.relay, srv, msg)
         self.up.append(msg)
-        if t == 0x50 and msg[5:6] == b"\0" and not self.tx:  # session pooling: the client's unnamed statement
-            srv.expect(Expect(terminals, self.s.batch, track=UnnamedChange(self.relay, srv, msg)))
-            self.s.forwarded(terminals)
-            return None
-        srv.expect(Expect(terminals, self.s.batch))
+        srv.expect(Expect(terminals, self.s.batch, track=track))
         self.s.forwarded(terminals)
         return None
 
@@ -641,7 +641,7 @@ class Frontend(asyncio.Protocol):
                     self.relay.unnamed = self.relay.unnamed_scan = None
                 return local.parse(m.Parse.parse(msg[5:]))
             if not self.tx and not local.stmts:
-                return self._forward_parse(msg)
+                return self._forward(0x50, msg, Reply.PARSE)
             return self._parse(msg)
         if not self.tx and not local.stmts and not local.portals:
             return self._forward_named(t, msg)
@@ -653,14 +653,8 @@ class Frontend(asyncio.Protocol):
     def _parse_unnamed(self, msg: bytes) -> Step:
         """`_parse` of the unnamed statement whose text `plain` clears: no name, nothing to scan."""
         if not self.tx:
-            return self._forward_parse(msg)
+            return self._forward(0x50, msg, Reply.PARSE)
         return self._relayed(0x50, msg, lambda srv: self.relay.parse_unnamed(msg, srv, self.s.batch))
-
-    def _forward_parse(self, msg: bytes) -> Step:
-        """Session pooling: a Parse, forwarded (`_forward` keeps the client's unnamed statement,
-        to be parsed again before its next Bind or Describe if the proxy's own requests
-        replaced it meanwhile: `hold`, `_forward_named`)."""
-        return self._forward(0x50, msg, Reply.PARSE)
 
     def _forward_named(self, t: int, msg: bytes) -> Step:
         """Session pooling: a Bind, Describe or Close, forwarded. One of the unnamed statement
@@ -670,19 +664,10 @@ class Frontend(asyncio.Protocol):
         srv = self.server
         if srv is not None and _of_unnamed(t, msg, 0, len(msg)):
             if t == 0x43:
-                self.up.append(msg)
-                srv.expect(Expect(Reply.CLOSE, self.s.batch,
-                                  track=UnnamedChange(self.relay, srv, None, closed=_NO_UNNAMED)))
-                self.s.forwarded(Reply.CLOSE)
-                return None
-            elif self.relay.unnamed is not None and srv.unnamed != self.relay.unnamed:
-                self.up.append(self.relay.unnamed)
-                srv.expect(Expect(Reply.PARSE, self.s.batch, Swallow.OK))
-                srv.unnamed = self.relay.unnamed
-            elif self.relay.unnamed is None and srv.unnamed is not _NO_UNNAMED:
-                self.up.append(m.CLOSE_UNNAMED)
-                srv.expect(Expect(Reply.CLOSE, self.s.batch, Swallow.OK))
-                srv.unnamed = _NO_UNNAMED
+                return self._forward(t, msg, Reply.CLOSE, UnnamedChange(self.relay, srv, None))
+            out: Out = []
+            self.relay.unnamed_again(srv, self.s.batch, out)
+            self._send(srv, out)
         return self._forward(t, msg, Reply.to(t))
 
     def _bind_unnamed(self, msg: bytes) -> Step:
@@ -698,7 +683,7 @@ class Frontend(asyncio.Protocol):
         p = m.Parse.parse(msg[5:])
         self.local.forget_statement(p.name)
         if not self.tx:
-            return self._forward_parse(msg)
+            return self._forward(0x50, msg, Reply.PARSE)
         srv = self._server_now()
         if srv is None:
             return self._forward_later(0x50, msg)

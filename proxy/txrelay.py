@@ -39,6 +39,10 @@ class Server(Protocol):
     replies: Replies
 
 
+# A server connection's `unnamed` when it is known to hold none (None: unknown, or none).
+NO_UNNAMED = object()
+
+
 class UnnamedChange:
     """A Parse (`parse`) or a Close (None) of the client's unnamed statement: the books
     (`TxRelay.unnamed`, the server connection's `unnamed`) change as it is sent, and it is
@@ -49,12 +53,12 @@ class UnnamedChange:
     __slots__ = ("after", "before", "ok", "relay", "srv")
 
     def __init__(self, relay: TxRelay, srv: Server, parse: bytes | None,
-                 scan: tuple[txstate.Stmt, ...] | None = None, closed: object = None) -> None:
+                 scan: tuple[txstate.Stmt, ...] | None = None) -> None:
         self.relay, self.srv = relay, srv
         self.before = (relay.unnamed, relay.unnamed_scan, srv.unnamed)
         self.ok = txstate.PARSE_COMPLETE if parse is not None else txstate.CLOSE_COMPLETE
         relay.unnamed, relay.unnamed_scan = parse, scan
-        srv.unnamed = parse if parse is not None else closed  # (`closed`: what "none" is there)
+        srv.unnamed = parse if parse is not None else NO_UNNAMED
         self.after = (parse, srv.unnamed)
 
     def row(self, body: bytes) -> None:
@@ -67,7 +71,7 @@ class UnnamedChange:
         if t == self.ok:
             return
         relay, srv = self.relay, self.srv
-        unnamed, scan, held = self.before if t == 0 else (None, None, None)
+        unnamed, scan, held = self.before if t == 0 else (None, None, NO_UNNAMED)
         if relay.unnamed is self.after[0]:  # (not if a later Parse or Close changed it since)
             relay.unnamed, relay.unnamed_scan = unnamed, scan
         if srv.unnamed is self.after[1]:
@@ -184,22 +188,23 @@ class TxRelay:
             out.append((prep.parse, Expect(Reply.PARSE, batch, track=track)))
         return out, None
 
-    def _unnamed_again(self, srv: Server, batch: int, out: Out) -> None:
-        """Before a Bind or Describe of the unnamed statement: the server gets the client's own
-        if it holds another (or none), and none when the client has none (it never parsed one
-        upstream, closed it, or its simple Query or a local Parse replaced it), so that Postgres
-        answers 26000 as to the client alone, not with what another client or the proxy left."""
+    def unnamed_again(self, srv: Server, batch: int, out: Out) -> None:
+        """Before a Bind or Describe of the unnamed statement (both pool modes): the server gets
+        the client's own if it holds another (or none), and none when the client has none (it
+        never parsed one upstream, closed it, or its simple Query or a local Parse replaced it),
+        so that Postgres answers 26000 as to the client alone, not with what another client or
+        the proxy's own requests left."""
         if self.unnamed is not None and srv.unnamed != self.unnamed:
             out.append((self.unnamed, Expect(Reply.PARSE, batch, Swallow.OK)))
             srv.unnamed = self.unnamed
-        elif self.unnamed is None:
+        elif self.unnamed is None and srv.unnamed is not NO_UNNAMED:
             out.append((m.CLOSE_UNNAMED, Expect(Reply.CLOSE, batch, Swallow.OK)))
-            srv.unnamed = None
+            srv.unnamed = NO_UNNAMED
 
     def bind_unnamed(self, msg: bytes, srv: Server, batch: int) -> Out:
         """A Bind of the unnamed statement to the unnamed portal, when nothing is scanned."""
         out: Out = []
-        self._unnamed_again(srv, batch, out)
+        self.unnamed_again(srv, batch, out)
         if self.portal_scan:
             self.portal_scan.pop("", None)
         out.append((msg, Expect(Reply.BIND, batch)))
@@ -224,7 +229,7 @@ class TxRelay:
         if scan is not None:  # a Describe too: Postgres looks up EXECUTE's statement for it
             self._sync_extended(srv, scan, batch, out)
         if stmt == "":
-            self._unnamed_again(srv, batch, out)
+            self.unnamed_again(srv, batch, out)
         elif prep is not None:
             if prep.srvname not in srv.txs.prepared:  # prepared again on this connection
                 out.append((prep.parse, Expect(Reply.PARSE, batch, Swallow.OK,
