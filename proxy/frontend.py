@@ -166,26 +166,35 @@ class Frontend(asyncio.Protocol):
             self.server.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        srv = self.server
-        # Session pooling's every plain statement, in as few steps as can be: a whole simple
-        # Query that `plain` clears goes to the client's own server connection (each function
-        # call and object touched here costs the relay about a microsecond, more on a busy CPU).
+        # Every plain statement, in as few steps as can be: a whole simple Query that `plain`
+        # clears goes to the client's own server connection, or in transaction pooling to one
+        # free now (each function call and object touched here costs the relay about a
+        # microsecond, more on a busy CPU). Anything else, or no server free: the general path.
+        # (Skipping to Sync after an error: the general path ignores the Query.)
         ss = self.s
-        if (srv is not None and not self.tx and self.task is None and data[:1] == b"Q"
-                and ss.phase is Phase.READY and ss.failed_batch != ss.batch and not self.framer.buf
-                and not self.up
-                and len(data) >= 5 and _HEAD(data)[0] + 1 == len(data) and plain(data)):
+        srv = self.server
+        if (data[:1] == b"Q" and self.task is None and ss.phase is Phase.READY and ss.failed_batch != ss.batch
+                and not self.framer.buf and len(data) >= 5 and _HEAD(data)[0] + 1 == len(data)
+                and self.route is None and plain(data)
+                and (srv is not None
+                     or (self.tx and not self.admin and (srv := self._server_now()) is not None))):
             stats = self.app.stats
             stats.bytes_in += len(data)
             stats.queries += 1
+            if self.tx:
+                self.relay.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
             srv.replies.queue.append(OWES_READY)
-            srv.send(data)
+            if self.up:  # whatever went before it goes first (settings for a server just taken)
+                self.up.append(data)
+                self.flush_up()
+            else:
+                srv.send(data)
             return
         self.app.stats.bytes_in += len(data)
         try:
             if self.task is None:
                 head = data[:1]
-                if head == b"Q" and (self._relay_query(data) or self._answered_again(data)):
+                if head == b"Q" and self._answered_again(data):
                     return
                 if head == b"B" and self.local.stmts:  # (no relay in one step with local statements)
                     if self._answered_batch(data):
@@ -219,29 +228,6 @@ class Frontend(asyncio.Protocol):
             log.exception("client %d: unexpected failure", self.id)
             self.fatal(InternalError(f"pgml-proxy internal error: {exc}"))
         self.flush_up()
-
-    def _relay_query(self, data: bytes) -> bool:
-        """The common case in one step (`_simple`'s relay, without framing and routing): `data`
-        is one whole simple Query that `plain` clears, for the server connection this client
-        holds or one free now. False: nothing was done, the general path takes it."""
-        s = self.s
-        if (s.phase is not Phase.READY or s.failed_batch == s.batch or self.framer.buf or self.admin
-                or self.route is not None or len(data) < 5 or _HEAD(data)[0] + 1 != len(data)
-                or not plain(data)):
-            return False  # (skipping to Sync after an error: the general path ignores it)
-        srv = self._server_now() if self.tx else self.server  # session pooling: its own, always
-        if srv is None:
-            return False
-        self.app.stats.queries += 1
-        if self.tx:
-            self.relay.unnamed = srv.unnamed = None  # a simple Query drops the unnamed statement upstream
-        srv.replies.queue.append(OWES_READY)
-        if self.up:  # whatever went before it goes first
-            self.up.append(data)
-            self.flush_up()
-        else:
-            srv.send(data)
-        return True
 
     def _answered_again(self, data: bytes) -> bool:
         """`data` is one whole Query that the fast path answered before (LocalStatements keeps
@@ -510,15 +496,32 @@ class Frontend(asyncio.Protocol):
             return False
 
     def _server_now(self) -> ServerConn | None:
+        """The server connection serving this client: its own, or one free now (None: none is)."""
         if self.server is not None:
             return self.server
         if self.route is not None:
             self.pool = self.route.pool(self)
-        assert self.pool is not None
-        conn = self.pool.try_acquire()
-        if conn is not None:
-            self._attach(conn)
-        return conn
+        pool = self.pool
+        assert pool is not None
+        idle, key = pool.idle, self._want_key
+        if idle and key is not None and self.tx:
+            # Transaction pooling's every statement: the usual case in place, as no call costs
+            # less (about a microsecond each on a busy CPU, and this runs once a transaction).
+            # The warmest idle connection (Pool.try_acquire's first choice) carries this
+            # client's settings already (TxRelay.settings' first test): it is taken and attached.
+            conn = idle[-1]
+            if (conn.applied is key and not conn.startup and not conn.closed
+                    and conn.txs.settings == self.relay.txs.settings):
+                idle.pop()
+                pool.busy.add(conn)
+                conn.client = self
+                conn.internal = False
+                self.server = conn
+                return conn
+        got = pool.try_acquire()
+        if got is not None:
+            self._attach(got)
+        return got
 
     def _attach(self, conn: ServerConn) -> None:
         conn.client = self
@@ -790,10 +793,26 @@ class Frontend(asyncio.Protocol):
         srv.client = None
         self.pool.release(srv)
 
-    # A ReadyForQuery ended all that was owed (the one-pass relay calls this under transaction
-    # pooling only: session pooling has nothing to do then). One name for the other, not a
-    # call of it: this runs once a transaction.
-    server_ready = maybe_release
+    def server_ready(self) -> None:
+        """A ReadyForQuery ended all that was owed: in transaction pooling the server
+        connection may go back (session pooling has nothing to do then). This runs once a
+        transaction, so the usual case is done in place, as no call costs less: the client is
+        between transactions (Session.may_release's test, nothing owed), nothing runs before
+        the release (TxRelay.before_release's), and no one waits for the pool (Pool.release's
+        usual case). Anything else: `maybe_release`."""
+        if not self.tx:  # (the general relay calls it in both modes)
+            return
+        srv, pool, relay, s = self.server, self.pool, self.relay, self.s
+        if (srv is None or pool is None or pool.waiters or srv.internal or s.holding or s.sync_owed
+                or srv.replies.tx_status != "I" or relay.temp_objects or relay.txs.dirty
+                or self.route is not None or srv.closed or srv.replies.queue):
+            self.maybe_release()
+            return
+        self.server = None
+        srv.client = None
+        pool.busy.discard(srv)
+        srv.used_at = time.monotonic()
+        pool.idle.append(srv)
 
     def _captured(self, rows: list[bytes]) -> None:
         srv = self.server
