@@ -282,9 +282,11 @@ class Frontend(asyncio.Protocol):
             return False
         parse = None
         # Session pooling relays names as they are; transaction pooling renames named
-        # statements (TxRelay), so only the unnamed ones take this path there.
+        # statements (TxRelay), so there only the unnamed ones take this path, and a Bind of a
+        # named statement the server holds already (renamed below: `_renamed_bind`).
         named = not self.tx
         unnamed = False  # whether a Bind before any Parse names the unnamed statement
+        bind = -1  # transaction pooling: where the Bind of a named statement starts
         for t, start, end in msgs[:-1]:
             if end - start < 7:  # too short for the names read below: the general path says why
                 return False
@@ -296,21 +298,30 @@ class Frontend(asyncio.Protocol):
                     if start:  # one that an error before it may skip: the general path tracks it
                         return False
                     parse = data[start:end]
-            elif t == 0x42:  # Bind of the unnamed statement to the unnamed portal
+            elif t == 0x42:  # Bind to the unnamed portal
                 if (name != 0 or data[start + 6] != 0) and not named:
-                    return False
-                if parse is None and _of_unnamed(t, data, start, end):
+                    if name != 0 or start or bind >= 0:  # to the unnamed portal, first, alone
+                        return False
+                    bind = start
+                elif parse is None and _of_unnamed(t, data, start, end):
                     unnamed = True
             elif t == 0x44:  # Describe of the unnamed portal
                 if (name != 0x50 or data[start + 6] != 0) and not named:
                     return False
             elif t != 0x45 or (name != 0 and not named):  # Execute of it; nothing else
                 return False
+        if bind >= 0 and parse is not None:
+            return False
         srv = self._server_now() if self.tx else self.server  # session pooling: its own, always
         if srv is None:
             return False
         if unnamed and (self.relay.unnamed is None or srv.unnamed != self.relay.unnamed):
             return False  # parsed again there first, or closed there: the general path does
+        if bind >= 0:
+            renamed = self._renamed_bind(data, msgs[0][2], srv)
+            if renamed is None:
+                return False
+            data = renamed
         if parse is not None:
             self.relay.unnamed = srv.unnamed = parse
         batch = s.batch
@@ -324,6 +335,20 @@ class Frontend(asyncio.Protocol):
         self.up.append(data)
         self.flush_up()
         return True
+
+    def _renamed_bind(self, data: bytes, end: int, srv: ServerConn) -> bytes | None:
+        """`data` with its first message, a Bind of a named statement to the unnamed portal
+        (ending at `end`), under the statement's upstream name, when `srv` holds it already and
+        nothing of the statement's is tracked (TxRelay.named's usual case, in place: no name
+        to prepare first, no scan); None: the general path takes the batch."""
+        nul = data.find(b"\0", 6, end)
+        if nul < 0:
+            return None
+        prep = self.relay.txs.stmts.get(data[6:nul].decode("utf-8", "replace"))
+        if prep is None or prep.stmts is not None or prep.srvname not in srv.txs.prepared:
+            return None
+        bind = m.frame(b"B", b"\0" + m.cstr(prep.srvname) + data[nul + 1 : end])
+        return bind + data[end:]
 
     # --- writing -------------------------------------------------------------------------
     def write(self, data: bytes | bytearray) -> None:

@@ -45,6 +45,25 @@ def test_failed_discard_all_leaves_statements_prepared(tx1: ProxyProcess) -> Non
             assert b.execute(BYTEA_SQL, [b"x", 120]).fetchone() == (True,)
 
 
+def test_same_statement_name_two_clients_one_connection(tx1: ProxyProcess) -> None:
+    """Two clients' `_pg3_0` are different statements on the one server connection: each
+    re-execution (Bind, Describe, Execute, Sync in one batch, relayed in one step under the
+    statement's upstream name when the connection holds it) runs the client's own, and an
+    error in one leaves both going on."""
+    with psycopg.connect(tx1.dsn(), autocommit=True, prepare_threshold=0) as a, \
+            psycopg.connect(tx1.dsn(), autocommit=True, prepare_threshold=0) as b:
+        for i in range(1, 30):
+            assert a.execute("select 100 / %s::int", [i]).fetchone() == (100 // i,)
+            assert b.execute("select %s::text || 'b'", [str(i)]).fetchone() == (f"{i}b",)
+            if i % 10 == 0:
+                with pytest.raises(pe.DivisionByZero):
+                    a.execute("select 100 / %s::int", [0])
+                b.execute("deallocate all")  # b's statements go; a's stay prepared upstream
+        assert a.execute("select 100 / %s::int", [4]).fetchone() == (25,)
+        names = {r[0] for r in b.execute("select name from pg_prepared_statements")}
+        assert "_pg3_0" not in names  # the upstream names are the proxy's shared ones
+
+
 def test_psycopg_reexecution_prepares_once(tx3: ProxyProcess) -> None:
     """psycopg prepares on the 5th execution; DDL makes it send DEALLOCATE ALL; re-execution goes on."""
     conns = [psycopg.connect(tx3.dsn(), autocommit=True) for _ in range(4)]
