@@ -3,9 +3,11 @@
 `pgbench -S` through the proxy mixes the relay's Python with socket calls, Postgres and pgbench
 on one shared CPU, and its TPS moves by ±20% between rounds on the development machine. This
 drives the real `proxy.frontend.Frontend` and `proxy.backend.ServerConn` callbacks (a simple
-Query in, its RowDescription, DataRow, CommandComplete and ReadyForQuery back) with transports
-that only count writes, so what it measures is the Python of the path alone, in both pool modes:
-transaction pooling takes a server connection from the pool and gives it back each time.
+Query in, its RowDescription, DataRow, CommandComplete and ReadyForQuery back; or, as
+`pgbench -M prepared` sends it, a prepared statement's Bind, Describe, Execute and Sync, with
+BindComplete before the same reply) with transports that only count writes, so what it measures
+is the Python of the path alone, in both pool modes: transaction pooling takes a server
+connection from the pool and gives it back each time.
 On the busy machine each microsecond here is several (caches go to Postgres and pgbench between
 reads), so it is a guide for the order of changes, not a figure of speed.
 
@@ -46,6 +48,20 @@ REPLY = (
     + _frame(b"C", b"SELECT 1\0")
     + _frame(b"Z", b"I")
 )
+
+
+# pgbench -M prepared: the statement is parsed once (ParseComplete, ReadyForQuery), then each
+# transaction binds it to the unnamed portal with one text parameter.
+PARSE = m.Parse("P0_1", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;", (23,)).encode() + m.SYNC
+PARSED = _frame(b"1", b"") + _frame(b"Z", b"I")
+BATCH = (
+    # unnamed portal, P0_1, no parameter formats (text), one parameter, no result formats
+    _frame(b"B", b"\0P0_1\0" + struct.pack("!HHI", 0, 1, 5) + b"12345" + struct.pack("!H", 0))
+    + _frame(b"D", b"P\0")
+    + _frame(b"E", b"\0" + struct.pack("!I", 0))
+    + m.SYNC
+)
+BATCH_REPLY = _frame(b"2", b"") + REPLY
 
 
 class _Transport:
@@ -91,13 +107,17 @@ def _client(mode: str) -> tuple[Frontend, ServerConn]:
     return fe, srv
 
 
-def _per_transaction(mode: str, n: int) -> float:
+def _per_transaction(mode: str, protocol: str, n: int) -> float:
     """µs of the relay's Python per transaction, over `n` after a warm-up."""
     fe, srv = _client(mode)
+    sent, answer = (QUERY, REPLY) if protocol == "simple" else (BATCH, BATCH_REPLY)
+    if protocol == "prepared":
+        fe.data_received(PARSE)
+        srv.data_received(PARSED)
 
     def one() -> None:
-        fe.data_received(QUERY)
-        srv.data_received(REPLY)
+        fe.data_received(sent)
+        srv.data_received(answer)
 
     for _ in range(1000):
         one()
@@ -111,10 +131,13 @@ def _per_transaction(mode: str, n: int) -> float:
 
 
 async def _measure(n: int, rounds: int) -> dict[str, list[float]]:
-    runs: dict[str, list[float]] = {"session": [], "transaction": []}
-    for _ in range(rounds):  # interleaved, so a slow moment costs both modes alike
-        for mode, values in runs.items():
-            values.append(_per_transaction(mode, n))
+    runs: dict[str, list[float]] = {
+        f"{mode} {protocol}": [] for protocol in ("simple", "prepared") for mode in ("session", "transaction")
+    }
+    for _ in range(rounds):  # interleaved, so a slow moment costs every target alike
+        for target, values in runs.items():
+            mode, protocol = target.split()
+            values.append(_per_transaction(mode, protocol, n))
     return runs
 
 
@@ -132,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.rounds} interleaved rounds)\n\nMachine: {info['cpu']}, {info['cpus']} CPUs; load average "
         f"{load:.1f} at the start. Command: `.venv/bin/python -m benchmarks.relay_python --transactions "
         f"{args.transactions} --rounds {args.rounds}`.\n\n"
-        + markdown_table(["pool mode", "µs / tx (min)", "µs / tx (median)", "µs / tx (max)"], rows)
+        + markdown_table(["pool mode, protocol", "µs / tx (min)", "µs / tx (median)", "µs / tx (max)"], rows)
     )
     write_results("relay-python", {"machine": info, "args": vars(args), "loadavg": load, "runs": runs}, md)
 

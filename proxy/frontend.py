@@ -310,8 +310,6 @@ class Frontend(asyncio.Protocol):
                     return False
             elif t != 0x45 or (name != 0 and not named):  # Execute of it; nothing else
                 return False
-        if bind >= 0 and parse is not None:
-            return False
         srv = self._server_now() if self.tx else self.server  # session pooling: its own, always
         if srv is None:
             return False
