@@ -37,31 +37,27 @@ from proxy.session import Phase
 QUERY = m.Query("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;").encode()
 
 
-def _frame(t: bytes, body: bytes) -> bytes:
-    return t + struct.pack("!I", len(body) + 4) + body
-
-
 # What Postgres answers pgbench -S: one int4 column, one row.
 REPLY = (
-    _frame(b"T", struct.pack("!H", 1) + b"abalance\0" + struct.pack("!IHIhih", 16400, 3, 23, 4, -1, 0))
-    + _frame(b"D", struct.pack("!HI", 1, 1) + b"0")
-    + _frame(b"C", b"SELECT 1\0")
-    + _frame(b"Z", b"I")
+    m.frame(b"T", struct.pack("!H", 1) + b"abalance\0" + struct.pack("!IHIhih", 16400, 3, 23, 4, -1, 0))
+    + m.frame(b"D", struct.pack("!HI", 1, 1) + b"0")
+    + m.frame(b"C", b"SELECT 1\0")
+    + m.frame(b"Z", b"I")
 )
 
 
 # pgbench -M prepared: the statement is parsed once (ParseComplete, ReadyForQuery), then each
 # transaction binds it to the unnamed portal with one text parameter.
 PARSE = m.Parse("P0_1", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;", (23,)).encode() + m.SYNC
-PARSED = _frame(b"1", b"") + _frame(b"Z", b"I")
+PARSED = m.frame(b"1", b"") + m.frame(b"Z", b"I")
 BATCH = (
     # unnamed portal, P0_1, no parameter formats (text), one parameter, no result formats
-    _frame(b"B", b"\0P0_1\0" + struct.pack("!HHI", 0, 1, 5) + b"12345" + struct.pack("!H", 0))
-    + _frame(b"D", b"P\0")
-    + _frame(b"E", b"\0" + struct.pack("!I", 0))
+    m.frame(b"B", b"\0P0_1\0" + struct.pack("!HHI", 0, 1, 5) + b"12345" + struct.pack("!H", 0))
+    + m.frame(b"D", b"P\0")
+    + m.frame(b"E", b"\0" + struct.pack("!I", 0))
     + m.SYNC
 )
-BATCH_REPLY = _frame(b"2", b"") + REPLY
+BATCH_REPLY = m.frame(b"2", b"") + REPLY
 
 
 class _Transport:

@@ -300,7 +300,7 @@ class Frontend(asyncio.Protocol):
                     parse = data[start:end]
             elif t == 0x42:  # Bind to the unnamed portal
                 if (name != 0 or data[start + 6] != 0) and not named:
-                    if name != 0 or start or bind >= 0:  # to the unnamed portal, first, alone
+                    if name != 0 or start:  # to the unnamed portal, first (so the only one)
                         return False
                     bind = start
                 elif parse is None and _of_unnamed(t, data, start, end):
