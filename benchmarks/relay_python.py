@@ -3,9 +3,11 @@
 `pgbench -S` through the proxy mixes the relay's Python with socket calls, Postgres and pgbench
 on one shared CPU, and its TPS moves by ±20% between rounds on the development machine. This
 drives the real `proxy.frontend.Frontend` and `proxy.backend.ServerConn` callbacks (a simple
-Query in, its RowDescription, DataRow, CommandComplete and ReadyForQuery back; or, as
-`pgbench -M prepared` sends it, a prepared statement's Bind, Describe, Execute and Sync, with
-BindComplete before the same reply) with transports that only count writes, so what it measures
+Query in, its RowDescription, DataRow, CommandComplete and ReadyForQuery back; as `pgbench -M
+extended` sends it, the unnamed statement parsed, bound, described and executed in one batch,
+with ParseComplete and BindComplete before the same reply; or, as `pgbench -M prepared` sends
+it, a prepared statement's Bind, Describe, Execute and Sync, with BindComplete before the same
+reply) with transports that only count writes, so what it measures
 is the Python of the path alone, in both pool modes: transaction pooling takes a server
 connection from the pool and gives it back each time.
 On the busy machine each microsecond here is several (caches go to Postgres and pgbench between
@@ -58,6 +60,15 @@ BATCH = (
     + m.SYNC
 )
 BATCH_REPLY = m.frame(b"2", b"") + REPLY
+# pgbench -M extended: each transaction parses the statement again, unnamed, in its batch.
+EXTENDED = (
+    m.Parse("", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;", (23,)).encode()
+    + m.frame(b"B", b"\0\0" + struct.pack("!HHI", 0, 1, 5) + b"12345" + struct.pack("!H", 0))
+    + m.frame(b"D", b"P\0")
+    + m.frame(b"E", b"\0" + struct.pack("!I", 0))
+    + m.SYNC
+)
+EXTENDED_REPLY = m.frame(b"1", b"") + BATCH_REPLY
 
 
 class _Transport:
@@ -106,7 +117,8 @@ def _client(mode: str) -> tuple[Frontend, ServerConn]:
 def _per_transaction(mode: str, protocol: str, n: int) -> float:
     """µs of the relay's Python per transaction, over `n` after a warm-up."""
     fe, srv = _client(mode)
-    sent, answer = (QUERY, REPLY) if protocol == "simple" else (BATCH, BATCH_REPLY)
+    sent, answer = {"simple": (QUERY, REPLY), "extended": (EXTENDED, EXTENDED_REPLY),
+                    "prepared": (BATCH, BATCH_REPLY)}[protocol]
     if protocol == "prepared":
         fe.data_received(PARSE)
         srv.data_received(PARSED)
@@ -128,7 +140,9 @@ def _per_transaction(mode: str, protocol: str, n: int) -> float:
 
 async def _measure(n: int, rounds: int) -> dict[str, list[float]]:
     runs: dict[str, list[float]] = {
-        f"{mode} {protocol}": [] for protocol in ("simple", "prepared") for mode in ("session", "transaction")
+        f"{mode} {protocol}": []
+        for protocol in ("simple", "extended", "prepared")
+        for mode in ("session", "transaction")
     }
     for _ in range(rounds):  # interleaved, so a slow moment costs every target alike
         for target, values in runs.items():

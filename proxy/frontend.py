@@ -75,8 +75,15 @@ def _of_unnamed(t: int, data: bytes, start: int, end: int) -> bool:
     return 0 <= nul < end - 1 and data[nul + 1] == 0
 
 
-# What each message of an extended batch of the unnamed statement owes (Frontend._relay_batch).
-_BATCH_REPLIES = {0x50: Reply.PARSE, 0x42: Reply.BIND, 0x44: Reply.DESCRIBE, 0x45: Reply.EXECUTE}
+# What each message of an extended batch relayed whole owes (Frontend._relay_batch), one entry
+# shared by every such batch (an Expect never changes). Their batch is -1, a simple Query's: the
+# batch went upstream with its Sync, so an error in it leaves nothing of the client's to skip
+# (Postgres skips to that Sync itself; the client's next batch has begun).
+_BATCH_OWES = {
+    0x50: Expect(Reply.PARSE, -1), 0x42: Expect(Reply.BIND, -1),
+    0x44: Expect(Reply.DESCRIBE, -1), 0x45: Expect(Reply.EXECUTE, -1),
+}
+_BATCH_SYNC = Expect(Reply.READY, -1, sync=True)
 
 
 def _text(value: bytes | None) -> str | None:
@@ -277,18 +284,32 @@ class Frontend(asyncio.Protocol):
                 or s.skipping or self.local.stmts or self.local.portals or data[-5:] != m.SYNC
                 or self.relay.unnamed_scan is not None or self.relay.portal_scan):
             return False
-        msgs, used = m.scan(data, self.framer.max_size)
-        if used != len(data) or msgs[-1][0] != 0x53:
-            return False
+        # One walk over the batch's messages, nothing changed until all of it is known good (a
+        # length out of bounds: the general path, whose framing refuses it, says why).
+        n = len(data)
+        head, max_size = m.HEAD, self.framer.max_size
+        pos = 0
+        owed: list[Expect] = []
+        executes = 0
         parse = None
         # Session pooling relays names as they are; transaction pooling renames named
         # statements (TxRelay), so there only the unnamed ones take this path, and a Bind of a
         # named statement the server holds already (renamed below: `_renamed_bind`).
         named = not self.tx
         unnamed = False  # whether a Bind before any Parse names the unnamed statement
-        bind = -1  # transaction pooling: where the Bind of a named statement starts
-        for t, start, end in msgs[:-1]:
-            if end - start < 7:  # too short for the names read below: the general path says why
+        bind = -1  # transaction pooling: where the Bind of a named statement ends
+        while True:
+            if n - pos < 5:
+                return False
+            t, length = head(data, pos)
+            start, end = pos, pos + 1 + length
+            if length < 4 or end > n or length > max_size:
+                return False
+            if t == 0x53:  # the Sync: the last message
+                if end != n:
+                    return False
+                break
+            if length < 6:  # too short for the names read below: the general path says why
                 return False
             name = data[start + 5]
             if t == 0x50:  # Parse of the unnamed statement
@@ -302,33 +323,34 @@ class Frontend(asyncio.Protocol):
                 if (name != 0 or data[start + 6] != 0) and not named:
                     if name != 0 or start:  # to the unnamed portal, first (so the only one)
                         return False
-                    bind = start
+                    bind = end
                 elif parse is None and _of_unnamed(t, data, start, end):
                     unnamed = True
             elif t == 0x44:  # Describe of the unnamed portal
                 if (name != 0x50 or data[start + 6] != 0) and not named:
                     return False
-            elif t != 0x45 or (name != 0 and not named):  # Execute of it; nothing else
+            elif t == 0x45 and (name == 0 or named):  # Execute of it; nothing else
+                executes += 1
+            else:
                 return False
+            owed.append(_BATCH_OWES[t])
+            pos = end
         srv = self._server_now() if self.tx else self.server  # session pooling: its own, always
         if srv is None:
             return False
         if unnamed and (self.relay.unnamed is None or srv.unnamed != self.relay.unnamed):
             return False  # parsed again there first, or closed there: the general path does
         if bind >= 0:
-            renamed = self._renamed_bind(data, msgs[0][2], srv)
+            renamed = self._renamed_bind(data, bind, srv)
             if renamed is None:
                 return False
             data = renamed
         if parse is not None:
             self.relay.unnamed = srv.unnamed = parse
-        batch = s.batch
         queue = srv.replies.queue
-        for t, _, _ in msgs[:-1]:
-            queue.append(Expect(_BATCH_REPLIES[t], batch))
-            if t == 0x45:
-                self.app.stats.queries += 1
-        queue.append(Expect(Reply.READY, batch, sync=True))
+        queue.extend(owed)
+        queue.append(_BATCH_SYNC)
+        self.app.stats.queries += executes
         s.relayed_batch()
         self.up.append(data)
         self.flush_up()

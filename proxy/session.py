@@ -280,7 +280,7 @@ class Expect:
     (`OWES_READY`).
     """
 
-    __slots__ = ("batch", "swallow", "sync", "synthetic", "terminals", "track")
+    __slots__ = ("batch", "plain", "swallow", "sync", "synthetic", "terminals", "track")
 
     def __init__(
         self, terminals: Reply, batch: int, swallow: Swallow = Swallow.NONE,
@@ -295,6 +295,8 @@ class Expect:
         # FunctionCall's ReadyForQuery is not: sent after the error, before the Sync, the
         # upstream ignores it and never answers it.
         self.sync = sync
+        # Relayed as it comes, with nothing to do at its end (Replies.relay's one test).
+        self.plain = not swallow and synthetic is None and track is None
 
     def settle(self, t: int) -> None:
         """The response ended with message type `t` (0: skipped after an error)."""
@@ -380,7 +382,7 @@ class Replies:
         this is every pass-through reply's path."""
         q = self.queue
         for entry in q:
-            if entry.swallow or entry.track is not None or entry.synthetic is not None:
+            if not entry.plain:
                 return None
         n = len(buf)
         pos = 0
@@ -430,7 +432,7 @@ class Replies:
             if t not in _RELAYED:
                 return self._feed(buf, msgs, used)
         for entry in q:
-            if entry.swallow or entry.track is not None or entry.synthetic is not None:
+            if not entry.plain:
                 return self._feed(buf, msgs, used)
         ready = False
         for t, s, _ in msgs:
