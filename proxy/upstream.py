@@ -82,8 +82,10 @@ class HeldUpstream:
                     if len(block.wire) * 2 <= grow_to_bytes:  # small rows: twice as many next time
                         limit *= 2
                         execute = m.Execute("", limit).encode() + m.FLUSH
-                    yield QueryResult(columns, block, "")
+                    # The next chunk is asked for before this one is handed over, so the upstream
+                    # makes it while the consumer works (one chunk ahead at most).
                     conn.send(execute)
+                    yield QueryResult(columns, block, "")
                 elif t in (0x43, 0x49):
                     tag = m.CommandComplete.parse(body).tag if t == 0x43 else ""
                     done = True
