@@ -157,6 +157,40 @@ def test_simple_query_after_an_extended_error_is_skipped_until_sync(
         px.stop()
 
 
+def _batches_back_to_back(raw: Raw) -> list[bytes]:
+    """Whole extended batches, each with its Sync and in its own write, sent without waiting
+    for the replies (as a pipelining driver does): the first fails, the rest run. Each kind of
+    message is read with its payload, so the rows are compared too."""
+    batch = [m.Describe("P", "").encode(), m.Execute("").encode(), m.SYNC]
+    raw.send(m.Parse("", "SELECT 1/g FROM generate_series(0, 0) g").encode(), m.Bind("", "").encode(), *batch)
+    raw.send(m.Parse("", "SELECT $1::int + 1", (23,)).encode(), m.Bind("", "", (0,), (b"41",)).encode(), *batch)
+    raw.send(m.Bind("", "", (0,), (b"1",)).encode(), *batch)  # the unnamed statement again
+    raw.send(m.Parse("", "SELECT 1/0").encode(), m.Bind("", "").encode(), *batch)
+    raw.send(m.Query("SELECT 7").encode())
+    out = []
+    for _ in range(5):
+        for t, body in raw.until(b"Z"):
+            out.append(t + (body if t in (b"D", b"Z") else m.ErrorResponse.parse(body).fields["C"].encode()
+                            if t == b"E" else b""))
+    return out
+
+
+def test_whole_batches_back_to_back_after_an_error_match_postgres(px: ProxyProcess, pg_server: Any) -> None:
+    """Extended batches relayed whole (`Frontend._relay_batch`) owe shared entries with no
+    batch of their own: an error in one must not make the proxy skip any of the next."""
+    target = type("Direct", (), {"host": "127.0.0.1", "port": pg_server.port})()
+    direct = Raw(target)  # type: ignore[arg-type]
+    want = _batches_back_to_back(direct)
+    direct.close()
+    assert [w[:1] for w in want] == [b"1", b"2", b"T", b"E", b"Z", b"1", b"2", b"T", b"D", b"C", b"Z",
+                                      b"2", b"T", b"D", b"C", b"Z", b"1", b"E", b"Z",  # 1/0 fails at Bind
+                                      b"T", b"D", b"C", b"Z"], want
+    raw = Raw(px)
+    for _ in range(3):  # again on the same connection: nothing left over from the errors
+        assert _batches_back_to_back(raw) == want
+    raw.close()
+
+
 def _unnamed_statement_life(first: Raw, second: Raw, pgml: bool) -> list[bytes]:
     """The unnamed statement as two clients see it: `first` parses one and binds it again
     after a pgml statement of its own in the extended protocol (the proxy's requests use the
