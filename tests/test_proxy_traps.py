@@ -163,7 +163,8 @@ def _batches_back_to_back(raw: Raw) -> list[bytes]:
     message is read with its payload, so the rows are compared too."""
     batch = [m.Describe("P", "").encode(), m.Execute("").encode(), m.SYNC]
     raw.send(m.Parse("", "SELECT 1/g FROM generate_series(0, 0) g").encode(), m.Bind("", "").encode(), *batch)
-    raw.send(m.Parse("", "SELECT $1::int + 1", (23,)).encode(), m.Bind("", "", (0,), (b"41",)).encode(), *batch)
+    plus_one = m.Parse("", "SELECT $1::int + 1", (23,)).encode()
+    raw.send(plus_one, m.Bind("", "", (0,), (b"41",)).encode(), *batch)
     raw.send(m.Bind("", "", (0,), (b"1",)).encode(), *batch)  # the unnamed statement again
     raw.send(m.Parse("", "SELECT 1/0").encode(), m.Bind("", "").encode(), *batch)
     raw.send(m.Query("SELECT 7").encode())
