@@ -395,7 +395,9 @@ async def _batch(dsn: str, x: np.ndarray, model_path: Path, proxy: Any) -> list[
     booster.load_model(str(model_path))
     rows: list[dict[str, Any]] = []
     ceiling = booster.inplace_predict(x)  # warm: OpenMP threads, caches
-    t = _best_of(3, lambda: booster.inplace_predict(x))
+    # The best of ten, and again after the proxy's run (below): the ceiling is one 50 ms call on
+    # both cores, so a moment of anyone else's work (a proxy's background export) would lower it.
+    t = _best_of(10, lambda: booster.inplace_predict(x))
     rows.append(
         {
             "target": "xgboost Booster.inplace_predict on the whole matrix (ceiling)",
@@ -469,6 +471,9 @@ async def _batch(dsn: str, x: np.ndarray, model_path: Path, proxy: Any) -> list[
             )
         except Exception as exc:
             rows.append({"target": "pgml-proxy: SELECT pgml.predict(...) FROM t", "error": str(exc)[:300]})
+    again = _best_of(10, lambda: booster.inplace_predict(x))
+    if again < rows[0]["seconds"]:
+        rows[0].update(seconds=again, rows_per_s=len(x) / again)
     for row in rows:
         if "rows_per_s" in row:
             row["share_of_ceiling"] = row["rows_per_s"] / rows[0]["rows_per_s"]
